@@ -1,0 +1,130 @@
+"""A tenant's side of a round, in plain functions (no Flower imports).
+
+The base model is loaded once per process and reused across rounds and messages; the
+tenant's data once per process too. A round sets the global adapter, trains locally with
+``client.train.train`` and returns only the LoRA **delta** (local - global).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from common import messages as keys
+from common.adapter import get_state, set_state, subtract
+from common.config import Config
+from common.data import Example, Tokenized, holdout_for, read_examples, tenant_paths, tokenize_examples
+from common.evaluate import evaluate
+from common.model import Loaded, load_model, set_threads
+
+
+class TenantConfigError(ValueError):
+    """The node config does not say where this tenant's data is."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tenant_id: int
+    train_path: Path
+    holdout_path: Path | None
+
+
+@dataclass
+class TenantData:
+    tenant: Tenant
+    train: list[Example]
+    holdout: list[Example]
+    tokenized: Tokenized
+
+
+def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> Tenant:
+    """Deployment: ``data-path`` (and optional ``holdout-path``, ``tenant-id``);
+    simulation: ``partition-id`` inside ``data.dir``."""
+    if "data-path" in node_config:
+        train = Path(str(node_config["data-path"]))
+        holdout = Path(str(node_config["holdout-path"])) if "holdout-path" in node_config else holdout_for(train)
+        return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None)
+    if "partition-id" in node_config:
+        if not cfg.data.dir:
+            raise TenantConfigError("simulation node has a partition-id but data.dir is empty; "
+                                    "run through `fedlora simulate`, or set data.dir to a directory of "
+                                    "tenant_XXX/ folders")
+        pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+        train, holdout = tenant_paths(cfg.data.dir, pid)
+        return Tenant(pid, train, holdout)
+    raise TenantConfigError("node config has neither data-path (deployment) nor partition-id (simulation); "
+                            "start the SuperNode with --node-config 'data-path=\"/path/train.jsonl\"'")
+
+
+_MODELS: dict[tuple, Loaded] = {}
+_DATA: dict[tuple, TenantData] = {}
+
+
+def session(cfg: Config) -> Loaded:
+    """The process's base model with one adapter slot, loaded once."""
+    key = (cfg.model, cfg.adapter, cfg.train.seed)
+    if key not in _MODELS:
+        set_threads(cfg.train.threads)
+        _MODELS.clear()
+        _MODELS[key] = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
+    return _MODELS[key]
+
+
+def tenant_data(tenant: Tenant, cfg: Config, tokenizer) -> TenantData:
+    key = (tenant, cfg.data)
+    if key not in _DATA:
+        train = read_examples(tenant.train_path, fmt=cfg.data.format)
+        holdout = read_examples(tenant.holdout_path, fmt=cfg.data.format) if tenant.holdout_path else []
+        tok = tokenize_examples(train, tokenizer, max_length=cfg.data.max_length)
+        _DATA[key] = TenantData(tenant, train, holdout, tok)
+    return _DATA[key]
+
+
+def round_seed(base_seed: int, tenant_id: int, server_round: int) -> int:
+    return (base_seed * 1_000_003 + tenant_id * 10_007 + server_round) % (2**31 - 1)
+
+
+def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.ndarray], cfg: Config, *,
+                server_round: int, seed: int, progress: bool = False):
+    """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors."""
+    from client.train import train
+
+    set_state(loaded.model, global_state)
+    result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
+                   device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
+                   progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}")
+    delta = subtract(get_state(loaded.model), global_state)
+    metrics = {
+        keys.NUM_EXAMPLES: len(data.train),
+        keys.TENANT: data.tenant.tenant_id,
+        "train-loss": result.loss,
+        "train-first-loss": result.first_loss,
+        "train-steps": result.steps,
+        "train-tokens": result.tokens,
+        "train-seconds": result.seconds,
+        "truncated": data.tokenized.truncated,
+    }
+    return delta, metrics
+
+
+def evaluate_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.ndarray],
+                   cfg: Config) -> dict[str, float]:
+    if not data.holdout:
+        raise TenantConfigError(f"tenant {data.tenant.tenant_id} has no holdout file "
+                                f"(looked for {holdout_for(data.tenant.train_path)}); evaluation needs one")
+    start = time.perf_counter()
+    set_state(loaded.model, global_state)
+    m = evaluate(loaded.model, loaded.tokenizer, data.holdout, cfg.eval, max_length=cfg.data.max_length,
+                 device=loaded.device)
+    return {
+        keys.NUM_EXAMPLES: m.n,
+        keys.TENANT: data.tenant.tenant_id,
+        "eval-exact-match": m.exact_match,
+        "eval-json-valid": m.json_valid,
+        "eval-loss": m.loss,
+        "eval-seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,117 @@
+"""The one local training function: tenants' clients, local-only and pooled baselines all use it.
+
+``train(model, data, cfg)`` knows nothing about Flower. It runs ``cfg.local_steps``
+optimizer steps of AdamW over shuffled micro-batches (gradient accumulation, warm-up and
+a decaying schedule), seeded and deterministic on CPU, with a progress bar, and returns
+plain metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import TrainConfig
+from common.data import Tokenized, collate
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    loss: float        # mean training loss over the last quarter of the steps
+    first_loss: float  # loss of the first step
+    steps: int         # optimizer steps taken
+    examples: int      # examples seen (with repeats)
+    tokens: int        # tokens seen (with repeats, padding excluded)
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+class _Rows(Dataset):
+    def __init__(self, data: Tokenized) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data.input_ids[i], self.data.labels[i]
+
+
+def make_loader(data: Tokenized, batch_size: int, pad_id: int, seed: int) -> DataLoader:
+    """Shuffled micro-batches, reproducible for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def _collate(rows):
+        ids, mask, labels = collate([r[0] for r in rows], [r[1] for r in rows], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return DataLoader(_Rows(data), batch_size=min(batch_size, len(data)), shuffle=True,
+                      generator=gen, collate_fn=_collate, drop_last=False)
+
+
+def _forever(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def make_schedule(optimizer, cfg: TrainConfig, steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                         num_training_steps=steps)
+
+
+def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
+          steps: int | None = None, seed: int | None = None, progress: bool = True,
+          desc: str = "train") -> TrainMetrics:
+    """Train the trainable (adapter) parameters of ``model`` in place.
+
+    ``steps`` overrides ``cfg.local_steps`` (the pooled baseline takes the summed budget);
+    ``seed`` overrides ``cfg.seed`` (clients fold in their tenant id and the round).
+    """
+    from tqdm.auto import tqdm
+
+    if len(data) == 0:
+        raise ValueError("no training examples")
+    steps = cfg.local_steps if steps is None else steps
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach an adapter first")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    schedule = make_schedule(optimizer, cfg, steps)
+    batches = _forever(make_loader(data, cfg.batch_size, pad_id, seed))
+    model.train()
+    losses: list[float] = []
+    examples = tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+    for _ in bar:
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _micro in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            (out.loss / cfg.grad_accum).backward()
+            step_loss += out.loss.item() / cfg.grad_accum
+            examples += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss}; lower train.learning-rate")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+    model.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return TrainMetrics(loss=sum(tail) / len(tail), first_loss=losses[0], steps=steps,
+                        examples=examples, tokens=tokens, seconds=time.perf_counter() - start)

@@ -1,0 +1,408 @@
+"""Key and certificate generation for fedlora.
+
+Three kinds of credentials are produced here, all with the ``cryptography``
+package and all written without ever overwriting an existing file unless the
+caller passes ``force=True`` (the CLI's ``--force``):
+
+* an Ed25519 *signing* key pair, used to sign published model versions
+  (PEM: PKCS8 private key, SubjectPublicKeyInfo public key);
+* an ECDSA P-384 *SuperNode authentication* key pair in the OpenSSH formats
+  that Flower 1.42 loads (``flwr supernode register <name>.pub`` and
+  ``flower-supernode --auth-supernode-private-key <name>``);
+* a self-signed *TLS* CA plus a SuperLink server certificate signed by it,
+  for ``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt
+  --ssl-keyfile server.key`` and ``flower-supernode --root-certificates ca.crt``.
+
+Private keys are created with ``os.open(..., 0o600)`` so that they are never
+readable by other users, not even for an instant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_FILE_MODE = 0o644
+NEW_DIR_MODE = 0o700
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+# --------------------------------------------------------------------------- #
+# Low-level file writing
+# --------------------------------------------------------------------------- #
+def _check_name(name: str) -> str:
+    """Return ``name`` if it is a safe file name, else raise ``ValueError``."""
+    if not _SAFE_NAME.match(name) or name.endswith((".pub", ".key")):
+        raise ValueError(
+            f"Invalid key name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(no path separators, not starting with '.' and without a "
+            "'.pub'/'.key' suffix, which is added automatically)."
+        )
+    return name
+
+
+def _prepare_targets(out_dir: Path | str, names: Iterable[str], *, force: bool) -> list[Path]:
+    """Create ``out_dir`` (mode 0700 if new) and refuse existing targets unless ``force``.
+
+    All targets are checked before anything is written, so a refused call
+    leaves the directory exactly as it was.
+    """
+    directory = Path(out_dir).expanduser()
+    directory.mkdir(mode=NEW_DIR_MODE, parents=True, exist_ok=True)
+    targets = [directory / name for name in names]
+    if not force:
+        existing = [str(path) for path in targets if os.path.lexists(path)]
+        if existing:
+            raise FileExistsError(
+                f"Refusing to overwrite existing file(s): {', '.join(existing)}. "
+                "Pass --force (force=True) to replace them, or choose another "
+                "output directory."
+            )
+    return targets
+
+
+def _write_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to a fresh file created with ``mode``.
+
+    An existing file (or symlink) at ``path`` is unlinked first; the caller has
+    already decided that overwriting is allowed. ``O_EXCL`` plus ``O_NOFOLLOW``
+    guarantee we create a new inode rather than writing through a planted
+    symlink, and ``fchmod`` makes the mode exact regardless of the umask.
+    """
+    if os.path.lexists(path):
+        path.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            fd = -1  # now owned by the file object
+            handle.write(data)
+    finally:
+        if fd != -1:
+            os.close(fd)
+
+
+def _write_private_key(path: Path, data: bytes) -> None:
+    _write_file(path, data, mode=PRIVATE_KEY_MODE)
+
+
+def _write_public_file(path: Path, data: bytes) -> None:
+    _write_file(path, data, mode=PUBLIC_FILE_MODE)
+
+
+# --------------------------------------------------------------------------- #
+# Ed25519 signing keys (publishing registry)
+# --------------------------------------------------------------------------- #
+def write_signing_keypair(
+    out_dir: Path | str, *, name: str = "fedlora-signing", force: bool = False
+) -> tuple[Path, Path]:
+    """Generate an Ed25519 key pair for signing published versions.
+
+    Writes ``<name>.key`` (PKCS8 PEM, unencrypted, mode 0600) and
+    ``<name>.pub`` (SubjectPublicKeyInfo PEM) into ``out_dir``.
+
+    Returns:
+        ``(private_key_path, public_key_path)``.
+
+    Raises:
+        FileExistsError: if either file exists and ``force`` is false.
+        ValueError: if ``name`` is not a plain file name.
+    """
+    _check_name(name)
+    private_path, public_path = _prepare_targets(
+        out_dir, (f"{name}.key", f"{name}.pub"), force=force
+    )
+    private_key = ed25519.Ed25519PrivateKey.generate()
+    private_pem = private_key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    public_pem = private_key.public_key().public_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    _write_private_key(private_path, private_pem)
+    _write_public_file(public_path, public_pem)
+    return private_path, public_path
+
+
+def load_private_key(path: Path | str) -> ed25519.Ed25519PrivateKey:
+    """Load an Ed25519 signing private key (PKCS8 PEM) written by :func:`write_signing_keypair`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is not an unencrypted Ed25519 PEM private key.
+    """
+    key_path = Path(path).expanduser()
+    if not key_path.is_file():
+        raise FileNotFoundError(
+            f"Signing private key {key_path} does not exist; create one with "
+            "write_signing_keypair (the CLI's key generation command)."
+        )
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{key_path}: not an unencrypted PEM private key ({err})."
+        ) from err
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(
+            f"{key_path}: expected an Ed25519 signing key, got {type(key).__name__}. "
+            "Use the '.key' file written by write_signing_keypair."
+        )
+    return key
+
+
+def load_public_key(path: Path | str) -> ed25519.Ed25519PublicKey:
+    """Load an Ed25519 signing public key (PEM) written by :func:`write_signing_keypair`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is not an Ed25519 PEM public key.
+    """
+    key_path = Path(path).expanduser()
+    if not key_path.is_file():
+        raise FileNotFoundError(
+            f"Signing public key {key_path} does not exist; pass the '.pub' file "
+            "written next to the signing private key."
+        )
+    try:
+        key = serialization.load_pem_public_key(key_path.read_bytes())
+    except ValueError as err:
+        raise ValueError(f"{key_path}: not a PEM public key ({err}).") from err
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ValueError(
+            f"{key_path}: expected an Ed25519 public key, got {type(key).__name__}. "
+            "Use the '.pub' file written by write_signing_keypair."
+        )
+    return key
+
+
+# --------------------------------------------------------------------------- #
+# SuperNode authentication keys (Flower node auth)
+# --------------------------------------------------------------------------- #
+def write_node_keypair(
+    out_dir: Path | str, name: str, *, force: bool = False
+) -> tuple[Path, Path]:
+    """Generate a SuperNode authentication key pair in Flower's format.
+
+    Flower 1.42 loads the private key with
+    ``serialization.load_ssh_private_key(data, None)`` and requires an
+    ``EllipticCurvePrivateKey`` (``flwr/supernode/cli/flower_supernode.py``);
+    ``flwr supernode register`` loads the public key with
+    ``serialization.load_ssh_public_key`` and requires a NIST curve
+    (``flwr/cli/supernode/register.py``). We use ECDSA P-384 (SECP384R1), the
+    curve Flower itself generates.
+
+    Writes ``<name>`` (OpenSSH private key, unencrypted, mode 0600) and
+    ``<name>.pub`` (one ``ecdsa-sha2-nistp384 ...`` line) into ``out_dir``.
+
+    Returns:
+        ``(private_key_path, public_key_path)``.
+
+    Raises:
+        FileExistsError: if either file exists and ``force`` is false.
+        ValueError: if ``name`` is not a plain file name.
+    """
+    _check_name(name)
+    private_path, public_path = _prepare_targets(out_dir, (name, f"{name}.pub"), force=force)
+    private_key = ec.generate_private_key(ec.SECP384R1())
+    private_ssh = private_key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.OpenSSH,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    public_ssh = private_key.public_key().public_bytes(
+        encoding=serialization.Encoding.OpenSSH,
+        format=serialization.PublicFormat.OpenSSH,
+    )
+    _write_private_key(private_path, private_ssh)
+    _write_public_file(public_path, public_ssh + f" {name}\n".encode())
+    return private_path, public_path
+
+
+# --------------------------------------------------------------------------- #
+# TLS certificates (SuperLink)
+# --------------------------------------------------------------------------- #
+def _san_entries(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """Turn host strings into SAN entries: IPs as IPAddress, the rest as DNSName."""
+    entries: list[x509.GeneralName] = []
+    for host in hosts:
+        host = host.strip()
+        if not host:
+            raise ValueError("Empty host name in hosts; list IP addresses or DNS names.")
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            entries.append(x509.DNSName(host))
+    if not entries:
+        raise ValueError(
+            "hosts is empty: the server certificate needs at least one IP address "
+            "or DNS name the SuperNodes will connect to."
+        )
+    return entries
+
+
+def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """digitalSignature always; keyCertSign and cRLSign only for the CA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _build_ca(
+    key: ec.EllipticCurvePrivateKey, *, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "fedlora local CA"),
+        ]
+    )
+    public_key = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _build_server_cert(
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    sans: list[x509.GeneralName],
+    common_name: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def write_tls_certificates(
+    out_dir: Path | str,
+    *,
+    hosts: Iterable[str] = ("127.0.0.1", "localhost"),
+    days: int = 365,
+    force: bool = False,
+) -> dict[str, Path]:
+    """Create a self-signed CA and a SuperLink server certificate signed by it.
+
+    Keys are ECDSA P-256 (accepted by gRPC/BoringSSL), PKCS8 PEM, mode 0600.
+    The server certificate carries a SubjectAlternativeName for every entry of
+    ``hosts`` (IP addresses as ``IPAddress``, everything else as ``DNSName``),
+    ``basicConstraints CA:FALSE``, ``keyUsage digitalSignature`` and
+    ``extendedKeyUsage serverAuth``; the CA has ``CA:TRUE, pathlen:0`` and
+    ``keyCertSign``. Both are valid from five minutes ago (clock skew) for
+    ``days`` days.
+
+    Returns:
+        ``{"ca_cert": ca.crt, "ca_key": ca.key, "server_cert": server.crt,
+        "server_key": server.key}``. Give ``ca.crt`` to the SuperNodes
+        (``--root-certificates``); keep ``ca.key`` offline.
+
+    Raises:
+        FileExistsError: if any of the four files exists and ``force`` is false.
+        ValueError: if ``hosts`` is empty or ``days`` is not positive.
+    """
+    if isinstance(hosts, str):
+        hosts = (hosts,)
+    sans = _san_entries(hosts)
+    if days <= 0:
+        raise ValueError(f"days must be a positive number of days, got {days}.")
+    ca_cert_path, ca_key_path, server_cert_path, server_key_path = _prepare_targets(
+        out_dir, ("ca.crt", "ca.key", "server.crt", "server.key"), force=force
+    )
+
+    now = dt.datetime.now(dt.timezone.utc)
+    not_before, not_after = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _build_ca(ca_key, not_before=not_before, not_after=not_after)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    first = sans[0]
+    common_name = str(first.value)
+    server_cert = _build_server_cert(
+        server_key,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        sans=sans,
+        common_name=common_name,
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+    _write_private_key(ca_key_path, _pem_private_key(ca_key))
+    _write_private_key(server_key_path, _pem_private_key(server_key))
+    _write_public_file(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_public_file(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
+    return {
+        "ca_cert": ca_cert_path,
+        "ca_key": ca_key_path,
+        "server_cert": server_cert_path,
+        "server_key": server_key_path,
+    }

@@ -1,0 +1,28 @@
+"""Keys of the records that travel between the ServerApp and the ClientApps.
+
+Both sides import these names so a reply can be validated against exactly what a
+well-behaved client sends: the adapter delta, the example count and a fixed set of
+scalar metrics — no text, no token ids, no base weights.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"    # ArrayRecord: global adapter (server -> client) or delta (client -> server)
+CONFIG = "config"    # ConfigRecord: per-round instructions (server -> client)
+METRICS = "metrics"  # MetricRecord: scalar results (client -> server)
+
+# ConfigRecord keys sent by the server.
+ROUND = "server-round"
+SEED = "seed"
+
+# MetricRecord keys in every reply.
+NUM_EXAMPLES = "num-examples"  # FedAvg weight (training) / holdout size (evaluation)
+TENANT = "tenant-id"           # the tenant's number (partition id or node-config tenant-id)
+
+TRAIN_METRICS = frozenset({
+    NUM_EXAMPLES, TENANT, "train-loss", "train-first-loss", "train-steps", "train-tokens",
+    "train-seconds", "truncated",
+})
+EVAL_METRICS = frozenset({
+    NUM_EXAMPLES, TENANT, "eval-exact-match", "eval-json-valid", "eval-loss", "eval-seconds",
+})

@@ -1,0 +1,205 @@
+"""Base-model loading and PEFT attachment — the only place fedlora builds a model.
+
+The embedded tiny base, a user's local directory and a cached hub id all go through the
+same ``from_pretrained`` path. Precision is fp32, bf16 or 4-bit NF4 with double
+quantization (QLoRA, via bitsandbytes); 4-bit layers compute in fp32 on CPU and bf16 on
+CUDA unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import AdapterConfig, ModelConfig
+EMBEDDED = "embedded"
+_WEIGHTS = "model.safetensors"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The base model is neither a local directory nor in the local Hugging Face cache."""
+
+
+def embedded_base_dir() -> Path:
+    """Directory of the tiny base model that ships with fedlora.
+
+    A Flower app bundle carries the code but not the weights, so when the copy next
+    to this module lacks them, the installed ``fedlora`` distribution is asked.
+    """
+    candidates = [Path(__file__).resolve().parent.parent / "simulations" / "base_model"]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        dist = distribution("fedlora")
+        candidates.append(Path(dist.locate_file("simulations/base_model")))
+        for f in dist.files or []:
+            if str(f).endswith(f"base_model/{_WEIGHTS}"):
+                candidates.append(Path(f.locate()).parent)
+        direct = dist.read_text("direct_url.json")
+        if direct and '"file://' in direct:  # editable install: the source tree
+            import json
+
+            url = json.loads(direct)["url"]
+            candidates.append(Path(url.removeprefix("file://")) / "simulations" / "base_model")
+    except (PackageNotFoundError, ImportError, KeyError, ValueError):
+        pass
+    for cand in candidates:
+        if (cand / _WEIGHTS).is_file():
+            return cand
+    raise ModelNotFoundError(
+        "the embedded base model (simulations/base_model/model.safetensors) was not found; "
+        "reinstall fedlora (`pip install -e .`) or rebuild it with `python -m simulations.build_base`"
+    )
+
+
+def resolve_base(name: str) -> str:
+    """A path or hub id that ``from_pretrained`` can open offline, or a clear error."""
+    if name == EMBEDDED:
+        return str(embedded_base_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory {path} has no config.json; "
+                                     "point model.base at a Hugging Face model directory")
+        return str(path)
+    if path.is_absolute() or name.startswith("."):
+        raise ModelNotFoundError(f"model directory {name} does not exist")
+    from huggingface_hub import try_to_load_from_cache
+
+    if try_to_load_from_cache(name, "config.json") is None:
+        raise ModelNotFoundError(
+            f"model {name!r} is not in the local Hugging Face cache and fedlora runs offline; "
+            f"download it on a connected machine (huggingface-cli download {name}) and copy the "
+            "cache over, or set model.base to a local directory"
+        )
+    return name
+
+
+def base_fingerprint(name: str) -> str:
+    """SHA-256 over the base's config and weight files, recorded beside every artifact."""
+    root = Path(resolve_base(name))
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(name, local_files_only=True))
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*")):
+        if path.suffix in (".json", ".safetensors", ".model", ".txt") and path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.device=cuda but no CUDA device is visible; use auto or cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.compute_dtype]
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, *, for_training: bool = True, precision: str | None = None):
+    """The frozen base model on its device, in the configured precision."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(cfg)
+    precision = precision or cfg.precision
+    kwargs: dict = {}
+    if precision == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(cfg, device),
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+        kwargs["dtype"] = compute_dtype(cfg, device)
+    else:
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolve_base(cfg.base), **kwargs)
+    if precision != "nf4":
+        model.to(device)
+    if precision == "nf4" and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = not for_training
+    return model
+
+
+def peft_config(cfg: AdapterConfig):
+    """The PEFT config object for the configured method."""
+    from peft import IA3Config, LoraConfig, TaskType
+
+    targets = "all-linear" if cfg.target_modules == "all-linear" else [
+        t.strip() for t in cfg.target_modules.split(",") if t.strip()]
+    if cfg.method == "ia3":
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets,
+                         feedforward_modules=[] if targets != "all-linear" else None)
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
+                      lora_dropout=cfg.dropout, target_modules=targets,
+                      use_dora=cfg.method == "dora", bias="none")
+
+
+def attach_adapter(base, cfg: AdapterConfig, *, seed: int = 0):
+    """Wrap ``base`` in a fresh trainable PEFT adapter (deterministic init)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(base, peft_config(cfg))
+
+
+@dataclass
+class Loaded:
+    """A base with one adapter attached, plus its tokenizer."""
+
+    model: object
+    tokenizer: object
+    device: torch.device
+
+
+def load_model(mcfg: ModelConfig, acfg: AdapterConfig, *, seed: int = 0,
+               for_training: bool = True) -> Loaded:
+    tok = load_tokenizer(mcfg.base)
+    base = load_base(mcfg, for_training=for_training)
+    model = attach_adapter(base, acfg, seed=seed)
+    return Loaded(model=model, tokenizer=tok, device=pick_device(mcfg))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+    elif os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

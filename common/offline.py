@@ -1,0 +1,30 @@
+"""Nothing fedlora starts calls home: set the switches before the libraries read them."""
+
+from __future__ import annotations
+
+import os
+
+# Switches that stop telemetry, update checks, runtime installs and hub look-ups.
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_and_offline() -> dict[str, str]:
+    """Set every switch not already set by the user; returns the environment to pass on.
+
+    A user may still opt in to the hub by exporting ``HF_HUB_OFFLINE=0`` themselves.
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in OFFLINE_ENV}

@@ -1,0 +1,100 @@
+"""What a run leaves behind, round by round: checkpoints and metrics files.
+
+``RoundRecorder`` is fed by the strategy and knows nothing about Flower. Each round
+writes ``checkpoints/round_XXX/`` (a PEFT adapter directory, atomically) and
+``metrics/round_XXX.json`` (who was sampled, who was dropped and why, per-tenant
+training and evaluation metrics, bytes down/up, seconds).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from common import messages as keys
+from common.adapter import save_adapter, write_json_atomic
+
+
+@dataclass
+class _Round:
+    number: int
+    sampled: list[int]
+    connected: int
+    started: float = field(default_factory=time.perf_counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train: dict[str, dict] = field(default_factory=dict)
+    eval: dict[str, dict] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+    aggregated: bool = False
+    checkpoint: str | None = None
+
+
+class RoundRecorder:
+    """Writes per-round checkpoints and metrics into ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, *, save: Callable[[Path, Mapping[str, np.ndarray], int], None]) -> None:
+        self.run_dir = Path(run_dir)
+        self._save = save
+        self.rounds: list[dict[str, Any]] = []
+        self._cur: _Round | None = None
+        self._nodes: dict[int, int] = {}  # node id -> tenant id
+
+    def _tenant(self, node: int) -> str:
+        return str(self._nodes.get(node, f"node-{node}"))
+
+    def start_round(self, number: int, *, sampled: list[int], connected: int) -> None:
+        self._cur = _Round(number, sampled, connected)
+
+    def add_bytes(self, *, down: int = 0, up: int = 0) -> None:
+        assert self._cur is not None
+        self._cur.bytes_down += down
+        self._cur.bytes_up += up
+
+    def drop(self, node: int, reason: str) -> None:
+        assert self._cur is not None
+        self._cur.dropped.append({"node": node, "tenant": self._tenant(node), "reason": reason})
+
+    def train_reply(self, node: int, update) -> None:
+        assert self._cur is not None
+        self._nodes[node] = int(update.metrics[keys.TENANT])
+        self._cur.train[self._tenant(node)] = {**update.metrics, "weight": update.weight}
+
+    def eval_reply(self, node: int, metrics: Mapping[str, float]) -> None:
+        assert self._cur is not None
+        self._nodes[node] = int(metrics[keys.TENANT])
+        self._cur.eval[self._tenant(node)] = dict(metrics)
+
+    def end_train(self, new_global: Mapping[str, np.ndarray] | None) -> None:
+        assert self._cur is not None
+        if new_global is not None:
+            path = self.run_dir / "checkpoints" / f"round_{self._cur.number:03d}"
+            self._save(path, new_global, self._cur.number)
+            self._cur.aggregated = True
+            self._cur.checkpoint = str(path.relative_to(self.run_dir))
+
+    def end_round(self) -> dict[str, Any]:
+        cur = self._cur
+        assert cur is not None
+        record = {
+            "round": cur.number,
+            "connected": cur.connected,
+            "sampled": [self._tenant(n) for n in cur.sampled],
+            "finished": sorted(cur.train),
+            "dropped": cur.dropped,
+            "aggregated": cur.aggregated,
+            "checkpoint": cur.checkpoint,
+            "bytes_down": cur.bytes_down,
+            "bytes_up": cur.bytes_up,
+            "seconds": round(time.perf_counter() - cur.started, 3),
+            "train": cur.train,
+            "eval": cur.eval,
+        }
+        write_json_atomic(self.run_dir / "metrics" / f"round_{cur.number:03d}.json", record)
+        self.rounds.append(record)
+        self._cur = None
+        return record

@@ -1,0 +1,80 @@
+"""Server-side set-up and wrap-up of a federated run, in plain functions.
+
+``prepare`` makes the run directory, the initial adapter and the strategy's recorder;
+``finish`` writes the final adapter and a summary. The ServerApp only wires these to
+Flower.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.adapter import get_state, save_adapter, write_json_atomic
+from common.config import Config
+from common.model import attach_adapter, base_fingerprint, load_base, resolve_base
+from server.records import RoundRecorder
+
+
+@dataclass
+class ServerRun:
+    cfg: Config
+    run_dir: Path
+    initial: dict[str, np.ndarray]
+    peft_cfg: object
+    base_path: str
+    base_sha256: str
+    recorder: RoundRecorder
+
+    def metadata(self, **extra) -> dict:
+        return {"fedlora": 1, "base_model": self.cfg.model.base, "base_sha256": self.base_sha256,
+                "config": self.cfg.to_flat(), **extra}
+
+    def save(self, path: Path, state, round_number: int, **extra) -> Path:
+        return save_adapter(path, state, self.peft_cfg, base_model=self.base_path,
+                            metadata=self.metadata(round=round_number, **extra))
+
+
+def default_run_dir() -> Path:
+    return Path.cwd() / "runs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare(cfg: Config) -> ServerRun:
+    """Run directory, resolved config, the initial global adapter and the recorder."""
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", cfg.to_flat())
+    # The server never trains: load the base in fp32 on CPU just to build the adapter.
+    base = load_base(cfg.model, for_training=False, precision="fp32" if cfg.model.precision == "nf4"
+                     else cfg.model.precision)
+    model = attach_adapter(base, cfg.adapter, seed=cfg.train.seed)
+    holder: dict = {}
+    run = ServerRun(cfg=cfg, run_dir=run_dir, initial=get_state(model),
+                    peft_cfg=model.peft_config["default"], base_path=resolve_base(cfg.model.base),
+                    base_sha256=base_fingerprint(cfg.model.base),
+                    recorder=RoundRecorder(run_dir, save=lambda p, s, r: holder["run"].save(p, s, r)))
+    holder["run"] = run
+    run.save(run_dir / "checkpoints" / "round_000", run.initial, 0)
+    return run
+
+
+def finish(run: ServerRun, final_state, *, seconds: float) -> Path:
+    """Final adapter and the federated summary (``federation.json``)."""
+    rounds = run.recorder.rounds
+    tenants = sorted({t for r in rounds for t in r["finished"]}, key=str)
+    out = run.save(run.run_dir / "adapter", final_state, len(rounds), tenants=len(tenants))
+    write_json_atomic(run.run_dir / "federation.json", {
+        "rounds": len(rounds),
+        "tenants": tenants,
+        "seconds": round(seconds, 2),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "adapter_bytes": int(sum(v.nbytes for v in run.initial.values())),
+        "dropped": [{"round": r["round"], **d} for r in rounds for d in r["dropped"]],
+    })
+    (run.run_dir / "FEDERATION_DONE").write_text(json.dumps({"adapter": str(out.relative_to(run.run_dir))}))
+    return out

@@ -1,0 +1,102 @@
+"""The comparison every report carries: untuned base | each tenant's local-only adapter |
+the federated adapter | a pooled (all data centralised) adapter, with the same budget.
+
+Baselines use the same training function as the tenants (``client.train.train``) and the
+same evaluation function (``common.evaluate``). Budgets: a local-only adapter takes the
+steps its tenant took in the federation (rounds x local steps); the pooled adapter takes
+the federation's total steps over all tenants' data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from client.train import train
+from common.adapter import get_state, load_adapter_file, set_state
+from common.config import Config
+from common.data import Example, read_examples, read_texts, tenant_paths, tokenize_examples
+from common.evaluate import evaluate, probe_loss
+from common.model import Loaded, load_model
+
+
+@dataclass
+class TenantSets:
+    train: dict[int, list[Example]]
+    holdout: dict[int, list[Example]]
+    probe: list[str]
+
+
+def load_sets(cfg: Config, data_dir: Path, tenants: list[int]) -> TenantSets:
+    train, holdout = {}, {}
+    for t in tenants:
+        tr, ho = tenant_paths(data_dir, t)
+        train[t] = read_examples(tr, fmt=cfg.data.format)
+        holdout[t] = read_examples(ho, fmt=cfg.data.format)
+    return TenantSets(train, holdout, read_texts(data_dir / "probe.jsonl")[: cfg.eval.probe_size])
+
+
+def _train_from(loaded: Loaded, init: Mapping[str, np.ndarray], examples: list[Example], cfg: Config, *,
+                steps: int, seed: int, desc: str):
+    set_state(loaded.model, init)
+    tok = tokenize_examples(examples, loaded.tokenizer, max_length=cfg.data.max_length)
+    metrics = train(loaded.model, tok, cfg.train, pad_id=loaded.tokenizer.pad_token_id, device=loaded.device,
+                    steps=steps, seed=seed, progress=True, desc=desc)
+    return get_state(loaded.model), metrics
+
+
+def train_baselines(loaded: Loaded, init: Mapping[str, np.ndarray], sets: TenantSets, cfg: Config, *,
+                    steps_per_tenant: int, pooled_steps: int) -> "OrderedDict[str, OrderedDict]":
+    """Local-only adapters (one per tenant) and the pooled adapter."""
+    out: OrderedDict = OrderedDict()
+    for t, rows in sets.train.items():
+        out[f"local-only {t}"], _ = _train_from(loaded, init, rows, cfg, steps=steps_per_tenant,
+                                                seed=cfg.train.seed + 101 * (t + 1), desc=f"local-only tenant {t}")
+    pooled = [ex for rows in sets.train.values() for ex in rows]
+    out["pooled"], _ = _train_from(loaded, init, pooled, cfg, steps=pooled_steps, seed=cfg.train.seed + 7,
+                                   desc="pooled")
+    return out
+
+
+def evaluate_table(loaded: Loaded, models: Mapping[str, Mapping[str, np.ndarray]], sets: TenantSets,
+                   cfg: Config) -> list[dict]:
+    """Every model on every tenant's holdout and on the forgetting probe."""
+    rows = []
+    for name, state in tqdm(list(models.items()), desc="evaluate models", leave=False):
+        set_state(loaded.model, state)
+        row: dict = {"model": name, "per_tenant": {}}
+        for t, holdout in sets.holdout.items():
+            m = evaluate(loaded.model, loaded.tokenizer, holdout, cfg.eval, max_length=cfg.data.max_length,
+                         device=loaded.device)
+            row["per_tenant"][str(t)] = m.as_dict()
+        per = row["per_tenant"].values()
+        row["mean_exact_match"] = float(np.mean([m["exact_match"] for m in per]))
+        row["mean_json_valid"] = float(np.mean([m["json_valid"] for m in per]))
+        row["mean_loss"] = float(np.mean([m["loss"] for m in per]))
+        row["probe_loss"] = probe_loss(loaded.model, loaded.tokenizer, sets.probe, batch_size=cfg.eval.batch_size,
+                                       max_length=cfg.data.max_length, device=loaded.device)
+        rows.append(row)
+    return rows
+
+
+def compare(cfg: Config, run_dir: Path, data_dir: Path, tenants: list[int], *, rounds_done: int,
+            total_tenant_rounds: int, with_baselines: bool) -> list[dict]:
+    """Train the baselines and evaluate all models; returns the comparison rows."""
+    loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
+    init = load_adapter_file(run_dir / "checkpoints" / "round_000")
+    sets = load_sets(cfg, data_dir, tenants)
+    models: OrderedDict = OrderedDict([("untuned base", init)])
+    baselines = OrderedDict()
+    if with_baselines:
+        baselines = train_baselines(loaded, init, sets, cfg, steps_per_tenant=rounds_done * cfg.train.local_steps,
+                                    pooled_steps=total_tenant_rounds * cfg.train.local_steps)
+    models.update((k, v) for k, v in baselines.items() if k != "pooled")
+    models["federated"] = load_adapter_file(run_dir / "adapter")
+    if "pooled" in baselines:
+        models["pooled"] = baselines["pooled"]
+    return evaluate_table(loaded, models, sets, cfg)

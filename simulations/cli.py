@@ -1,0 +1,128 @@
+"""The ``fedlora`` command line: the outer layer; nothing imports it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.offline import quiet_and_offline
+
+quiet_and_offline()
+
+EPILOG = """\
+examples:
+  fedlora simulate                          # default scenario: 4 synthetic tenants, embedded tiny base
+  fedlora simulate --scenario non_iid       # a shipped scenario (see simulations/scenarios/)
+  fedlora simulate --set federation.rounds=2 --set adapter.r=16
+  fedlora config                            # every run-config key, its default and meaning
+  fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
+  fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
+  fedlora certs --out certs/ --host 127.0.0.1 --host superlink.example.org
+  fedlora verify registry/model/v1 --public-key keys/fedlora-signing.pub
+"""
+
+
+def _cmd_config(args) -> int:
+    from common.config import describe
+
+    for key, default, text in describe():
+        print(f"{key:32} {default!r:>14}  {text}")
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from common.credentials import write_node_keypair, write_signing_keypair
+
+    try:
+        if args.kind == "signing":
+            priv, pub = write_signing_keypair(args.out, name=args.name or "fedlora-signing", force=args.force)
+        else:
+            if not args.name:
+                print("fedlora keys node: give the node's NAME, e.g. `fedlora keys node hospital-a`", file=sys.stderr)
+                return 2
+            priv, pub = write_node_keypair(args.out, args.name, force=args.force)
+    except (FileExistsError, ValueError) as err:
+        print(f"fedlora keys: {err}", file=sys.stderr)
+        return 2
+    print(f"private key (mode 0600, keep it on this machine): {priv}\npublic key: {pub}")
+    return 0
+
+
+def _cmd_certs(args) -> int:
+    from common.credentials import write_tls_certificates
+
+    try:
+        paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),
+                                       days=args.days, force=args.force)
+    except (FileExistsError, ValueError) as err:
+        print(f"fedlora certs: {err}", file=sys.stderr)
+        return 2
+    for role, path in paths.items():
+        print(f"{role:12} {path}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from server.publish_manifest import verify_version
+
+    result = verify_version(args.path, args.public_key)
+    if result.ok:
+        print(f"verified: {result.files_checked} files match the signed manifest")
+        return 0
+    print(f"verification FAILED for {args.path}:", file=sys.stderr)
+    for problem in result.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlora",
+        description="Federated, privacy-preserving LoRA/QLoRA fine-tuning on Flower. Tenants train locally; "
+                    "only adapter deltas travel; the server aggregates them.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="run a local multi-tenant federation on Flower's simulation engine",
+                         description="Run the fedlora ServerApp and ClientApps on Flower's simulation engine with "
+                                     "synthetic tenants, then train baselines, evaluate every model on every "
+                                     "tenant's holdout and write a report with plots.")
+    sim.add_argument("--scenario", default="default",
+                     help="scenario name in simulations/scenarios/ or a .toml path (default: default)")
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override one run-config key (repeatable); `fedlora config` lists the keys")
+    sim.add_argument("--run-dir", help="where to write the run (default: ./runs/<timestamp>)")
+    sim.add_argument("--port", type=int, default=0, help="SuperLink HTTP port (default: a free port)")
+    sim.add_argument("--control-port", type=int, default=0, help="SuperLink control port (default: a free port)")
+
+    sub.add_parser("config", help="list every run-config key with its default and meaning")
+
+    keys = sub.add_parser("keys", help="make a key pair: 'signing' (Ed25519) or 'node NAME' (SuperNode auth)")
+    keys.add_argument("kind", choices=("signing", "node"))
+    keys.add_argument("name", nargs="?", help="node name (for 'node'), or the signing key's file name")
+    keys.add_argument("--out", default="keys", help="directory for the key files (default: keys/)")
+    keys.add_argument("--force", action="store_true", help="overwrite existing key files")
+
+    certs = sub.add_parser("certs", help="make a CA and a SuperLink TLS certificate")
+    certs.add_argument("--out", default="certs", help="directory for the certificates (default: certs/)")
+    certs.add_argument("--host", action="append", help="a name or IP the SuperLink is reached at (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    ver = sub.add_parser("verify", help="check a published version's hashes and signature")
+    ver.add_argument("path", help="the version directory (<registry>/<name>/<version>)")
+    ver.add_argument("--public-key", required=True, help="the publisher's Ed25519 public key (PEM)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from simulations.simulate import main_simulate
+
+        return main_simulate(args)
+    return {"config": _cmd_config, "keys": _cmd_keys, "certs": _cmd_certs, "verify": _cmd_verify}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

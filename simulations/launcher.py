@@ -1,0 +1,148 @@
+"""Run the fedlora apps on Flower's simulation engine, and leave nothing behind.
+
+``flwr run`` submits the app bundle to a SuperLink started with ``--simulation``. We start
+that SuperLink ourselves — on ports of our choosing, from a neutral working directory,
+with a private ``FLWR_HOME`` and with telemetry, update checks and runtime dependency
+installation off — and stop its whole process group when the run ends, fails or is
+interrupted. Two runs (or a test and a run) coexist when they use different ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from common.offline import quiet_and_offline
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the directory holding pyproject.toml
+
+
+class SimulationError(RuntimeError):
+    """The Flower simulation did not complete."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not open port {port} within {timeout:.0f}s; see {log}")
+
+
+def stop_group(proc: subprocess.Popen, *, grace: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    if proc.poll() is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans of an exited leader
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=5)
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    return {**os.environ, **quiet_and_offline(), "FLWR_HOME": str(flwr_home)}
+
+
+@dataclass(frozen=True)
+class SimulationLink:
+    """A running simulation SuperLink and how ``flwr`` reaches it."""
+
+    connection: str
+    flwr_home: Path
+    http_port: int
+    control_port: int
+    log: Path
+
+
+@contextmanager
+def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: int = 0) -> Iterator[SimulationLink]:
+    """Start ``flower-superlink --simulation`` and stop its process group on exit."""
+    flwr_home = state_dir / "flwr-home"
+    work = flwr_home / "superlink-cwd"
+    work.mkdir(parents=True, exist_ok=True)
+    http_port = http_port or free_port()
+    control_port = control_port or free_port()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedlora-sim"\n\n'
+        f'[superlink.fedlora-sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n')
+    log = state_dir / "superlink.log"
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+           "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(http_port),
+           "--control-api-address", f"127.0.0.1:{control_port}",
+           "--disable-runtime-dependency-installation"]
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(cmd, cwd=work, env=flower_env(flwr_home), stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_port(http_port, proc, log)
+        yield SimulationLink("fedlora-sim", flwr_home, http_port, control_port, log)
+    finally:
+        stop_group(proc)
+
+
+def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: int, cpus_per_client: int = 1,
+                   http_port: int = 0, control_port: int = 0, timeout: float = 3600.0,
+                   on_line: Callable[[str], None] | None = None, app_dir: Path = APP_DIR) -> None:
+    """Submit the fedlora apps to a fresh simulation SuperLink and stream the run's log.
+
+    ``on_line`` receives every log line (the caller shows progress); the full log is
+    also written to ``state_dir/flower.log``.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with simulation_superlink(state_dir, http_port=http_port, control_port=control_port) as link:
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), link.connection,
+               "--run-config", str(run_config_toml),
+               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+               "--stream"]
+        flog = state_dir / "flower.log"
+        deadline = time.monotonic() + timeout
+        with flog.open("w") as fh:
+            proc = subprocess.Popen(cmd, cwd=state_dir, env=flower_env(link.flwr_home), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                    start_new_session=True)
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    fh.write(line)
+                    fh.flush()
+                    if on_line:
+                        on_line(line.rstrip("\n"))
+                    if time.monotonic() > deadline:
+                        raise SimulationError(f"simulation exceeded {timeout:.0f}s; see {flog}")
+                proc.wait()
+            finally:
+                stop_group(proc, grace=5)
+        text = flog.read_text()
+        if proc.returncode != 0 or "Simulation raised an exception" in text or "Exit Code:" in text:
+            raise SimulationError(f"the Flower run failed (exit code {proc.returncode}); see {flog}\n"
+                                  + "\n".join(text.splitlines()[-25:]))

@@ -1,0 +1,137 @@
+"""Plots and the Markdown report of a run directory.
+
+Everything is read back from files the run wrote (``config.json``, ``metrics/round_*.json``,
+``federation.json``, ``comparison.json``), so a report can be rebuilt without re-running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+
+
+def _per_tenant_series(rounds: list[dict], section: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in rounds:
+        for tenant, m in r[section].items():
+            xs, ys = series.setdefault(tenant, ([], []))
+            xs.append(r["round"])
+            ys.append(m[key])
+    return series
+
+
+def plot(run_dir: Path, *, max_tenants_drawn: int = 12) -> list[Path]:
+    """PNG plots: loss and exact match per tenant per round; bytes per round."""
+    rounds = read_rounds(run_dir)
+    out = []
+    if not rounds:
+        return out
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (section, key, title) in zip(axes, [("train", "train-loss", "training loss (end of local run)"),
+                                              ("eval", "eval-loss", "holdout loss (global adapter)"),
+                                              ("eval", "eval-exact-match", "holdout exact match (global adapter)")]):
+        series = _per_tenant_series(rounds, section, key)
+        for tenant in sorted(series, key=lambda t: (len(t), t))[:max_tenants_drawn]:
+            xs, ys = series[tenant]
+            ax.plot(xs, ys, marker="o", label=f"tenant {tenant}")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(-0.02, 1.02)
+    handles, labels = axes[2].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = run_dir / "plots" / "tenants_per_round.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [r["round"] for r in rounds]
+    ax.bar([x - 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], width=0.4, label="server -> tenants")
+    ax.bar([x + 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], width=0.4, label="tenants -> server")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB")
+    ax.set_title("bytes on the wire per round (adapter tensors)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = run_dir / "plots" / "bytes_per_round.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(path)
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def comparison_table(rows: list[dict]) -> str:
+    tenants = list(rows[0]["per_tenant"])
+    head = "| model | " + " | ".join(f"tenant {t} EM %" for t in tenants) + \
+        " | mean EM % | mean JSON valid % | mean holdout loss | probe loss (forgetting) |"
+    sep = "|" + "---|" * (len(tenants) + 5)
+    lines = [head, sep]
+    for r in rows:
+        cells = [_pct(r["per_tenant"][t]["exact_match"]) for t in tenants]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) +
+                     f" | **{_pct(r['mean_exact_match'])}** | {_pct(r['mean_json_valid'])} | "
+                     f"{r['mean_loss']:.3f} | {r['probe_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[str] = ()) -> Path:
+    """``report.md`` with the comparison table, rounds, drops, bytes and plots."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    fed = json.loads((run_dir / "federation.json").read_text())
+    rounds = read_rounds(run_dir)
+    lines = ["# fedlora run report", ""]
+    lines += [f"- base model: `{cfg['model.base']}` ({cfg['model.precision']}), adapter: {cfg['adapter.method']} "
+              f"r={cfg['adapter.r']} alpha={cfg['adapter.alpha']} on `{cfg['adapter.target-modules']}`",
+              f"- engine: Flower simulation, {cfg['simulation.tenants']} tenants, {fed['rounds']} rounds, "
+              f"{cfg['train.local-steps']} local steps per round, aggregator `{cfg['federation.aggregator']}`",
+              f"- federated wall time: {fed['seconds']:.1f} s; adapter size {fed['adapter_bytes'] / 1e6:.3f} MB",
+              ""]
+    if comparison:
+        lines += ["## Every model on every tenant's holdout", "",
+                  "Exact match (EM) by greedy decoding; JSON compared as objects. The probe loss is the "
+                  "token loss on the base model's own kind of text (lower is better; a rise means forgetting).", "",
+                  comparison_table(comparison), ""]
+        by = {r["model"]: r for r in comparison}
+        if "federated" in by and "pooled" in by:
+            fed_em, pool_em = by["federated"]["mean_exact_match"], by["pooled"]["mean_exact_match"]
+            locals_ = [r["mean_exact_match"] for r in comparison if r["model"].startswith("local-only")]
+            ratio = fed_em / pool_em if pool_em else float("nan")
+            lines += [f"Federated / pooled mean EM: **{ratio:.3f}**; best local-only mean EM: "
+                      f"{_pct(max(locals_)) if locals_ else 'n/a'} % vs federated {_pct(fed_em)} %.", ""]
+    lines += ["## Rounds", "",
+              "| round | sampled | finished | dropped | mean holdout EM % | MB down | MB up | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        ems = [m["eval-exact-match"] for m in r["eval"].values()]
+        em = _pct(sum(ems) / len(ems)) if ems else "-"
+        lines.append(f"| {r['round']} | {len(r['sampled'])} | {len(r['finished'])} | {len(r['dropped'])} | {em} | "
+                     f"{r['bytes_down'] / 1e6:.3f} | {r['bytes_up'] / 1e6:.3f} | {r['seconds']:.1f} |")
+    lines.append("")
+    if fed["dropped"]:
+        lines += ["## Dropped replies", "", "| round | tenant | reason |", "|---|---|---|"]
+        lines += [f"| {d['round']} | {d['tenant']} | {d['reason']} |" for d in fed["dropped"]]
+        lines.append("")
+    lines += list(extra_sections)
+    lines += ["## Plots", "", "![per tenant](plots/tenants_per_round.png)", "",
+              "![bytes](plots/bytes_per_round.png)", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,202 @@
+"""``fedlora simulate``: one local multi-tenant run, end to end.
+
+1. resolve the scenario and overrides into one validated config;
+2. write synthetic tenants (unless ``data.dir`` points at real ones);
+3. run the *same* ServerApp and ClientApp as a deployment on Flower's simulation engine;
+4. train the baselines and evaluate every model on every tenant's holdout;
+5. write plots and the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.adapter import write_json_atomic
+from common.config import Config, ConfigError, parse_config
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def scenario_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    cand = SCENARIOS / f"{name}.toml"
+    if not cand.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+        raise FileNotFoundError(f"scenario {name!r} not found; shipped scenarios: {known} (or pass a .toml path)")
+    return cand
+
+
+def load_scenario(name: str) -> dict[str, Any]:
+    path = scenario_path(name)
+    try:
+        return flatten(tomllib.loads(path.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{err}"], source=str(path)) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as TOML scalars, bare words as strings."""
+    out, problems = {}, []
+    for pair in pairs:
+        if "=" not in pair:
+            problems.append(f"{pair!r}: expected key=value")
+            continue
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    if problems:
+        raise ConfigError(problems, source="--set")
+    return out
+
+
+def resolve(scenario: str, overrides: Mapping[str, Any], run_dir: str | None) -> Config:
+    flat = {**load_scenario(scenario), **overrides}
+    cfg = parse_config(flat, source=f"scenario {scenario!r} with overrides")
+    if run_dir:
+        flat["run.dir"] = str(Path(run_dir).resolve())
+    elif not cfg.run.dir:
+        flat["run.dir"] = str((Path.cwd() / "runs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve())
+    return parse_config(flat)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def write_run_config(cfg: Config, path: Path) -> Path:
+    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in cfg.to_flat().items()))
+    return path
+
+
+class RoundProgress:
+    """A progress bar over rounds, fed by the Flower log lines."""
+
+    _round = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+    def __init__(self, rounds: int, run_dir: Path) -> None:
+        from tqdm.auto import tqdm
+
+        self.run_dir = run_dir
+        self.bar = tqdm(total=rounds, desc="federated rounds", unit="round")
+        self.phase = "starting Flower simulation"
+        self.bar.set_postfix_str(self.phase)
+        self.done = 0
+
+    def __call__(self, line: str) -> None:
+        m = self._round.search(line)
+        if m:
+            k = int(m.group(1))
+            self._finish_upto(k - 1)
+            self.bar.set_postfix_str(f"round {k}: training")
+        elif "configure_evaluate" in line or "aggregate_evaluate" in line:
+            self.bar.set_postfix_str(f"round {self.done + 1}: evaluating")
+        elif "dropped" in line:
+            self.bar.write(line.split("]", 1)[-1].strip() if "]" in line else line)
+        elif "Traceback" in line or "ERROR" in line:
+            self.bar.write(line)
+
+    def _finish_upto(self, k: int) -> None:
+        while self.done < k:
+            self.done += 1
+            path = self.run_dir / "metrics" / f"round_{self.done:03d}.json"
+            msg = ""
+            if path.is_file():
+                r = json.loads(path.read_text())
+                ems = [m["eval-exact-match"] for m in r["eval"].values()]
+                msg = (f"round {self.done}: {len(r['finished'])}/{len(r['sampled'])} tenants finished"
+                       + (f", mean holdout EM {100 * sum(ems) / len(ems):.1f} %" if ems else "")
+                       + (f", {len(r['dropped'])} dropped" if r["dropped"] else ""))
+                self.bar.write(msg)
+            self.bar.update(1)
+
+    def close(self, rounds: int) -> None:
+        self._finish_upto(rounds)
+        self.bar.close()
+
+
+def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0, quiet: bool = False) -> Path:
+    """Run the whole job; returns the report path."""
+    from simulations.baselines import compare
+    from simulations.launcher import run_simulation
+    from simulations.report import plot, write_report
+    from simulations.synthetic import write_tenants
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    if not cfg.data.dir:
+        data_dir = run_dir / "data"
+        write_tenants(data_dir, num_tenants=cfg.simulation.tenants, train_size=cfg.data.train_size,
+                      holdout_size=cfg.data.holdout_size, own_fraction=cfg.data.own_fraction,
+                      preference_size=cfg.data.preference_size, seed=cfg.data.seed)
+        cfg = cfg.replace(**{"data.dir": str(data_dir)})
+    data_dir = Path(cfg.data.dir)
+    rc = write_run_config(cfg, run_dir / "run_config.toml")
+    print(f"fedlora: run directory {run_dir}", flush=True)
+
+    progress = RoundProgress(cfg.federation.rounds, run_dir)
+    t = time.perf_counter()
+    try:
+        run_simulation(rc, state_dir=run_dir / "flower", num_supernodes=cfg.simulation.tenants,
+                       cpus_per_client=cfg.simulation.cpus_per_tenant, http_port=http_port,
+                       control_port=control_port, on_line=progress,
+                       timeout=cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600)
+    finally:
+        progress.close(cfg.federation.rounds if (run_dir / "FEDERATION_DONE").exists() else progress.done)
+    if not (run_dir / "FEDERATION_DONE").exists():
+        raise RuntimeError(f"the federated run ended without a final adapter; see {run_dir / 'flower' / 'flower.log'}")
+    timings["federated_seconds"] = time.perf_counter() - t
+
+    fed = json.loads((run_dir / "federation.json").read_text())
+    rounds = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+    tenant_rounds = sum(len(r["finished"]) for r in rounds)
+    tenants = list(range(cfg.simulation.tenants))
+    t = time.perf_counter()
+    comparison = compare(cfg, run_dir, data_dir, tenants, rounds_done=fed["rounds"],
+                         total_tenant_rounds=tenant_rounds, with_baselines=cfg.run.baselines)
+    timings["baselines_and_evaluation_seconds"] = time.perf_counter() - t
+    write_json_atomic(run_dir / "comparison.json", comparison)
+    plot(run_dir)
+    timings["total_seconds"] = time.perf_counter() - t0
+    write_json_atomic(run_dir / "timings.json", timings)
+    report = write_report(run_dir, comparison=comparison, extra_sections=[
+        "## Timings", "", *[f"- {k.replace('_', ' ')}: {v:.1f}" for k, v in timings.items()], ""])
+    return report
+
+
+def main_simulate(args) -> int:
+    try:
+        cfg = resolve(args.scenario, parse_overrides(args.set or []), args.run_dir)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"fedlora simulate: {err}", file=sys.stderr)
+        return 2
+    report = simulate(cfg, http_port=args.port, control_port=args.control_port)
+    print(f"fedlora: report written to {report}")
+    return 0
