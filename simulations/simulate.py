@@ -140,8 +140,16 @@ class RoundProgress:
         self.bar.close()
 
 
-def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0, quiet: bool = False) -> Path:
+def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
     """Run the whole job; returns the report path."""
+    from simulations.memory import PeakTreeMemory
+
+    with PeakTreeMemory() as memory:
+        report = _simulate(cfg, http_port=http_port, control_port=control_port, memory=memory)
+    return report
+
+
+def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path:
     from simulations.baselines import compare
     from simulations.launcher import run_simulation
     from simulations.report import plot, write_report
@@ -185,9 +193,12 @@ def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0, quiet: b
     write_json_atomic(run_dir / "comparison.json", comparison)
     plot(run_dir)
     timings["total_seconds"] = time.perf_counter() - t0
+    timings["peak_memory_gb"] = memory.peak_bytes / 2**30
     write_json_atomic(run_dir / "timings.json", timings)
     report = write_report(run_dir, comparison=comparison, extra_sections=[
-        "## Timings", "", *[f"- {k.replace('_', ' ')}: {v:.1f}" for k, v in timings.items()], ""])
+        "## Time and memory", "", *[f"- {k.replace('_', ' ')}: {v:.2f}" for k, v in timings.items()],
+        "", "Peak memory is the summed resident memory of the whole process tree (SuperLink, Ray workers, "
+        "ClientApps, this process), sampled every 0.5 s.", ""])
     return report
 
 

@@ -1,0 +1,92 @@
+"""Benchmark: orchestration overhead of a federated run, and bytes on the wire.
+
+    python -m simulations.bench_federation [--scenario default] [--out runs/bench]
+
+1. Runs the scenario through Flower's simulation engine (``fedlora simulate`` without
+   baselines) and takes the federated wall time (SuperLink start to final adapter).
+2. Runs the *same* local training steps and per-round evaluations sequentially in one
+   process with the same functions (no Flower): the baseline.
+3. Reports federated / sequential wall time (target <= 1.5x) and the uplink bytes per
+   tenant-round over the full model's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def sequential(cfg, data_dir: Path, rounds: int) -> float:
+    """The federation's work without Flower: same functions, same steps, one process."""
+    from client.task import Tenant, TenantData, evaluate_round, train_round
+    from common.adapter import get_state
+    from common.data import read_examples, tenant_paths, tokenize_examples
+    from common.model import load_model
+    from server.aggregation import FedAvg, validate_update, weighted_sum
+    from common.messages import TRAIN_METRICS
+
+    start = time.perf_counter()
+    loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
+    glob = get_state(loaded.model)
+    tenants = []
+    for t in range(cfg.simulation.tenants):
+        tr, ho = tenant_paths(data_dir, t)
+        train = read_examples(tr)
+        tenants.append(TenantData(Tenant(t, tr, ho), train, read_examples(ho),
+                                  tokenize_examples(train, loaded.tokenizer, max_length=cfg.data.max_length)))
+    agg = FedAvg(server_lr=cfg.federation.server_lr)
+    for r in range(1, rounds + 1):
+        updates = []
+        for data in tenants:
+            delta, metrics = train_round(loaded, data, glob, cfg, server_round=r, seed=cfg.train.seed)
+            updates.append(validate_update(delta, metrics, reference=glob, expected_metrics=TRAIN_METRICS,
+                                           max_examples=cfg.federation.max_examples,
+                                           max_weight=cfg.federation.max_weight))
+        glob = agg.apply(glob, weighted_sum(updates))
+        for data in tenants:
+            evaluate_round(loaded, data, glob, cfg)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simulations.simulate import parse_overrides, resolve, simulate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", default="default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = p.parse_args(argv)
+    run_dir = (args.out / "federation_run").resolve()
+    cfg = resolve(args.scenario, {**parse_overrides(args.set), "run.baselines": False}, str(run_dir))
+    simulate(cfg)
+    timings = json.loads((run_dir / "timings.json").read_text())
+    fed = json.loads((run_dir / "federation.json").read_text())
+    rounds = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+    tenant_rounds = sum(len(r["finished"]) for r in rounds)
+    seq = sequential(cfg, run_dir / "data", fed["rounds"])
+    from common.model import embedded_base_dir, resolve_base
+
+    base_dir = Path(resolve_base(cfg.model.base)) if cfg.model.base != "embedded" else embedded_base_dir()
+    full_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    summary = {
+        "federated_seconds": timings["federated_seconds"],
+        "sequential_seconds": seq,
+        "overhead_ratio": timings["federated_seconds"] / seq,
+        "uplink_bytes_per_tenant_round": fed["bytes_up"] / tenant_rounds,
+        "full_model_bytes": full_bytes,
+        "uplink_over_full_model": fed["bytes_up"] / tenant_rounds / full_bytes,
+        "rounds": fed["rounds"], "tenant_rounds": tenant_rounds,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "federation.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"federated / sequential wall time: {summary['overhead_ratio']:.2f}x (target <= 1.5x); uplink per "
+          f"tenant-round {summary['uplink_bytes_per_tenant_round'] / 1e6:.3f} MB = "
+          f"{100 * summary['uplink_over_full_model']:.2f} % of the full model")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The strategy drops bad replies with their reason and completes the round with the rest."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common import messages as keys
+from common.adapter import from_arrayrecord, to_arrayrecord
+from common.config import FederationConfig
+from server.aggregation import FedAvg
+from server.records import RoundRecorder
+from server.strategy import FedLoraStrategy, NotEnoughTenants
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages are created inside a run; the SuperLink sets this identity in a real one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+GLOBAL = OrderedDict([("x.lora_A.weight", np.zeros((2, 4), np.float32)),
+                      ("x.lora_B.weight", np.zeros((4, 2), np.float32))])
+
+
+class FakeGrid:
+    """Answers each message with ``behaviour[node](message)``; the real Grid does this over Flower."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def get_node_ids(self):
+        return list(self.behaviour)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.behaviour[m.metadata.dst_node_id](m) for m in messages]
+
+
+def good(value, n=10, tenant=0):
+    def reply(msg):
+        if msg.metadata.message_type == "evaluate":
+            m = {k: 0.5 for k in keys.EVAL_METRICS}
+            m.update({keys.NUM_EXAMPLES: 4, keys.TENANT: tenant})
+            return Message(RecordDict({keys.METRICS: MetricRecord(m)}), reply_to=msg)
+        delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in GLOBAL.items())
+        m = {k: 1.0 for k in keys.TRAIN_METRICS}
+        m.update({keys.NUM_EXAMPLES: n, keys.TENANT: tenant})
+        return Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
+    return reply
+
+
+def bad(kind, tenant):
+    def reply(msg):
+        if msg.metadata.message_type == "evaluate":
+            return good(0.0, tenant=tenant)(msg)
+        delta = OrderedDict((k, np.full(v.shape, 100.0, np.float32)) for k, v in GLOBAL.items())
+        m = {k: 1.0 for k in keys.TRAIN_METRICS}
+        m.update({keys.NUM_EXAMPLES: 10, keys.TENANT: tenant})
+        if kind == "nan":
+            delta["x.lora_A.weight"][0, 0] = np.nan
+        elif kind == "shape":
+            delta["x.lora_B.weight"] = np.zeros((4, 3), np.float32)
+        elif kind == "extra-tensor":
+            delta["model.embed_tokens.weight"] = np.zeros((8, 2), np.float32)
+        elif kind == "extra-metric":
+            m["first-prompt-length"] = 12.0
+        elif kind == "inflated":
+            m[keys.NUM_EXAMPLES] = 10**12
+        return Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
+    return reply
+
+
+def _strategy(tmp_path, **cfg):
+    saved = {}
+    rec = RoundRecorder(tmp_path, save=lambda p, s, r: saved.__setitem__(r, s))
+    fed = FederationConfig(**{"min_train_nodes": 2, "round_timeout": 2.0, **cfg})
+    return FedLoraStrategy(fed, FedAvg(), rec, seed=0), saved
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("nan", "NaN or Inf"), ("shape", "shape (4, 3)"), ("extra-tensor", "unknown ['model.embed_tokens.weight']"),
+    ("extra-metric", "extra ['first-prompt-length']"), ("inflated", "out of range"),
+])
+def test_bad_reply_dropped_round_completes_with_the_rest(tmp_path, kind, reason):
+    # Prepare: tenants 0 and 1 send deltas 1 and 3 (10 examples each); tenant 2 misbehaves
+    strategy, saved = _strategy(tmp_path)
+    grid = FakeGrid({101: good(1.0, tenant=0), 102: good(3.0, tenant=1), 103: bad(kind, tenant=2)})
+    # Execute: one full round through Flower's Strategy.start
+    result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    # Assert: the bad reply is dropped with its reason; the mean of the good ones is applied
+    final = from_arrayrecord(result.arrays)
+    for v in final.values():
+        assert np.all(np.isfinite(v))
+        np.testing.assert_allclose(v, 2.0)
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert record["finished"] == ["0", "1"]
+    assert len(record["dropped"]) == 1 and record["dropped"][0]["node"] == 103
+    assert reason in record["dropped"][0]["reason"]
+    assert 1 in saved  # the round's checkpoint was written
+
+
+def test_client_error_reply_is_dropped(tmp_path):
+    from flwr.app import Error
+
+    strategy, _ = _strategy(tmp_path)
+    grid = FakeGrid({1: good(2.0), 2: lambda m: Message(Error(code=0, reason="out of memory"), reply_to=m)})
+    result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    np.testing.assert_allclose(from_arrayrecord(result.arrays)["x.lora_A.weight"], 2.0)
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert "out of memory" in record["dropped"][0]["reason"]
+
+
+def test_no_valid_reply_keeps_global_adapter(tmp_path):
+    strategy, saved = _strategy(tmp_path)
+    grid = FakeGrid({1: bad("nan", 0), 2: bad("shape", 1)})
+    result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    assert len(result.arrays) == 0 or np.all(from_arrayrecord(result.arrays)["x.lora_A.weight"] == 0)
+    assert saved == {}
+
+
+def test_sampling_fraction_with_minimum(tmp_path):
+    strategy, _ = _strategy(tmp_path, fraction_train=0.1, min_train_nodes=3)
+    grid = FakeGrid({n: good(1.0, tenant=n) for n in range(1, 21)})
+    msgs = list(strategy.configure_train(1, to_arrayrecord(GLOBAL), ConfigRecord(), grid))
+    assert len(msgs) == 3  # 10 % of 20 = 2, raised to the minimum
+
+
+def test_sampling_waits_only_up_to_the_timeout(tmp_path):
+    strategy, _ = _strategy(tmp_path, min_train_nodes=3, round_timeout=1.0)
+    with pytest.raises(NotEnoughTenants, match="only 1 tenant"):
+        list(strategy.configure_train(1, to_arrayrecord(GLOBAL), ConfigRecord(), FakeGrid({1: good(1.0)})))
+
+
+def test_bytes_are_counted(tmp_path):
+    strategy, _ = _strategy(tmp_path)
+    grid = FakeGrid({1: good(1.0, tenant=0), 2: good(1.0, tenant=1)})
+    strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    adapter_bytes = to_arrayrecord(GLOBAL).count_bytes()
+    assert record["bytes_down"] == 4 * adapter_bytes  # train + evaluate to 2 tenants
+    assert record["bytes_up"] == 2 * adapter_bytes
