@@ -31,6 +31,15 @@ class Tenant:
     tenant_id: int
     train_path: Path
     holdout_path: Path | None
+    # Where the node keeps state that outlives runs (the privacy ledger): node config
+    # ``state-dir``, else ``.fedlora-state/`` beside the training file.
+    state_dir: Path | None = None
+
+
+def _state_dir(node_config: Mapping[str, object], train: Path) -> Path:
+    from client.ledger import STATE_DIR_NAME
+
+    return Path(str(node_config["state-dir"])) if "state-dir" in node_config else train.parent / STATE_DIR_NAME
 
 
 @dataclass
@@ -47,7 +56,8 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
     if "data-path" in node_config:
         train = Path(str(node_config["data-path"]))
         holdout = Path(str(node_config["holdout-path"])) if "holdout-path" in node_config else holdout_for(train)
-        return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None)
+        return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None,
+                      _state_dir(node_config, train))
     if "partition-id" in node_config:
         if not cfg.data.dir:
             raise TenantConfigError("simulation node has a partition-id but data.dir is empty; "
@@ -55,7 +65,7 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
                                     "tenant_XXX/ folders")
         pid = int(node_config["partition-id"])  # type: ignore[arg-type]
         train, holdout = tenant_paths(cfg.data.dir, pid)
-        return Tenant(pid, train, holdout)
+        return Tenant(pid, train, holdout, _state_dir(node_config, train))
     raise TenantConfigError("node config has neither data-path (deployment) nor partition-id (simulation); "
                             "start the SuperNode with --node-config 'data-path=\"/path/train.jsonl\"'")
 
@@ -90,15 +100,27 @@ def round_seed(base_seed: int, tenant_id: int, server_round: int) -> int:
 
 def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.ndarray], cfg: Config, *,
                 server_round: int, seed: int, progress: bool = False):
-    """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors."""
+    """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
+
+    The privacy mechanism may decline (``client.ledger.BudgetExhausted``) before any
+    training, and accounts for the update (writes the ledger) before it is returned."""
+    from client.privacy import make_client_privacy
     from client.train import train
 
+    state_dir = data.tenant.state_dir or _state_dir({}, data.tenant.train_path)
+    privacy = make_client_privacy(cfg, state_dir=state_dir, num_examples=len(data.tokenized))
+    privacy.before_round()
     set_state(loaded.model, global_state)
-    result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
-                   device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
-                   progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}")
-    delta = subtract(get_state(loaded.model), global_state)
-    metrics = {
+    try:
+        result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
+                       device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
+                       progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}",
+                       privacy=privacy)
+    finally:
+        privacy.after_train()  # the process-cached model leaves unwrapped even after an error
+    delta = privacy.finalize_delta(subtract(get_state(loaded.model), global_state))
+    epsilon = privacy.commit(round=server_round, tenant=data.tenant.tenant_id, examples=len(data.train))
+    metrics = privacy.public_metrics({
         keys.NUM_EXAMPLES: len(data.train),
         keys.TENANT: data.tenant.tenant_id,
         "train-loss": result.loss,
@@ -107,7 +129,8 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
         "train-tokens": result.tokens,
         "train-seconds": result.seconds,
         "truncated": data.tokenized.truncated,
-    }
+        keys.DP_EPSILON: epsilon,
+    })
     return delta, metrics
 
 

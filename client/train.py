@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from client.privacy import ClientPrivacy, NoPrivacy
 from common.config import TrainConfig
 from common.data import Tokenized, collate
 
@@ -69,11 +70,13 @@ def make_schedule(optimizer, cfg: TrainConfig, steps: int):
 
 def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
           steps: int | None = None, seed: int | None = None, progress: bool = True,
-          desc: str = "train") -> TrainMetrics:
+          desc: str = "train", privacy: ClientPrivacy | None = None) -> TrainMetrics:
     """Train the trainable (adapter) parameters of ``model`` in place.
 
     ``steps`` overrides ``cfg.local_steps`` (the pooled baseline takes the summed budget);
     ``seed`` overrides ``cfg.seed`` (clients fold in their tenant id and the round).
+    ``privacy`` wraps model, optimizer and batches and chooses the loss (default
+    :class:`client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
     """
     from tqdm.auto import tqdm
 
@@ -87,7 +90,9 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
         raise ValueError("the model has no trainable parameters; attach an adapter first")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     schedule = make_schedule(optimizer, cfg, steps)
-    batches = _forever(make_loader(data, cfg.batch_size, pad_id, seed))
+    privacy = NoPrivacy() if privacy is None else privacy
+    model, optimizer, loader = privacy.prepare(model, optimizer, make_loader(data, cfg.batch_size, pad_id, seed))
+    batches = _forever(loader)
     model.train()
     losses: list[float] = []
     examples = tokens = 0
@@ -99,8 +104,9 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
         for _micro in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            (out.loss / cfg.grad_accum).backward()
-            step_loss += out.loss.item() / cfg.grad_accum
+            loss = privacy.loss(out, batch)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
             examples += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(step_loss):
@@ -112,6 +118,7 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
         losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.3f}")
     model.eval()
+    privacy.after_train()
     tail = losses[-max(1, len(losses) // 4):]
     return TrainMetrics(loss=sum(tail) / len(tail), first_loss=losses[0], steps=steps,
                         examples=examples, tokens=tokens, seconds=time.perf_counter() - start)

@@ -148,6 +148,105 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # none: no differential privacy; local: record-level DP-SGD (Opacus) on every tenant,
+    # with a persistent per-tenant ledger; central: tenant-level DP (clients clip their
+    # delta, the server adds Gaussian noise once to the sum and accounts epsilon).
+    mode: str = _opt("none", "differential privacy", choices=("none", "local", "central"))
+    # Local DP: epsilon one run may spend per tenant (noise is calibrated for
+    # federation.rounds x train.local-steps steps); 0 = use noise-multiplier instead.
+    target_epsilon: float = _opt(8.0, "local DP: epsilon per tenant per run (0 = use noise-multiplier)", lo=0.0)
+    # Delta of every (epsilon, delta) guarantee, local and central.
+    delta: float = _opt(1e-5, "DP delta", lo=0.0, hi=0.1)
+    # Local DP: Gaussian noise std / clip norm, used only when target-epsilon is 0.
+    noise_multiplier: float = _opt(1.0, "local DP noise multiplier (when target-epsilon = 0)", lo=0.0)
+    # Local DP: L2 clip of each example's gradient.
+    max_grad_norm: float = _opt(1.0, "local DP per-example gradient clip norm", lo=0.0)
+    # Local DP: most epsilon a tenant may ever spend (its ledger, across rounds and runs);
+    # a tenant whose next round would exceed it declines to train.
+    budget: float = _opt(10.0, "local DP: lifetime epsilon budget per tenant", lo=0.0)
+    # Local DP batch sampling: poisson (what the accountant assumes) or shuffle
+    # (fixed-size batches; refused unless allow-non-poisson is true).
+    sampling: str = _opt("poisson", "local DP batch sampling", choices=("poisson", "shuffle"))
+    # Accept shuffle sampling although the reported epsilon is then not a guarantee.
+    allow_non_poisson: bool = _opt(False, "accept non-Poisson sampling (epsilon no longer guaranteed)")
+    # Opacus per-sample gradient engine.
+    grad_sample_mode: str = _opt("ew", "Opacus grad-sample mode", choices=("ew", "hooks", "functorch"))
+    # Central DP: L2 clip of each tenant's whole adapter delta (done on the client).
+    central_clip: float = _opt(0.5, "central DP: clip norm of a tenant's delta", lo=0.0)
+    # Central DP: noise std on the sum of deltas / central-clip.
+    central_noise_multiplier: float = _opt(1.0, "central DP noise multiplier", lo=0.0)
+    # Report: also run the federation without DP (no baselines) to compare quality.
+    compare_without_dp: bool = _opt(True, "also run without DP to report quality with vs without")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    # Secure aggregation (SecAgg+): the server learns only the sum of the sampled
+    # tenants' weighted deltas and their total weight.
+    enabled: bool = _opt(False, "secure aggregation (SecAgg+)")
+    # Neighbours each tenant masks with and shares its secrets among (k of the k-regular
+    # graph); 0 = every other sampled tenant (the complete graph).
+    neighbours: int = _opt(0, "SecAgg+ neighbours per tenant (0 = all)", lo=0)
+    # A tenant's secrets are rebuilt from strictly more than this share of its share
+    # holders (itself and its neighbours); >= 0.5 so no two disjoint sets both succeed.
+    threshold: float = _opt(0.5, "share of holders needed to rebuild a secret (strictly more than)",
+                            lo=0.5, hi=0.99)
+    # Largest |(weight / federation.max-weight) * delta| a tenant may send; larger is refused.
+    clip: float = _opt(8.0, "quantization clipping range (+-)", lo=1.0)
+    # Quantization levels 2**bits over [-clip, clip]; error per tenant <= clip / (2**bits - 1).
+    quantization_bits: int = _opt(22, "quantization bits", lo=4, hi=52)
+    # Masked arithmetic is mod 2**modulus-bits (32: uint32 on the wire, as many bytes as fp32).
+    modulus_bits: int = _opt(32, "bits of the masking modulus", lo=16, hi=64)
+    # Seconds to wait for replies in the setup, key-sharing and unmasking stages (the
+    # masked upload, which trains, waits federation.round-timeout).
+    stage_timeout: float = _opt(300.0, "seconds per secure-aggregation stage", lo=1.0)
+    # When a round cannot be unmasked: keep the global adapter and go on, or stop the run.
+    on_failure: str = _opt("continue", "after a failed secure round", choices=("continue", "stop"))
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    # Refine the aggregated adapter with DPO on the central preference set after the rounds.
+    enabled: bool = _opt(True, "run central DPO after the federated rounds")
+    # DPO temperature: larger keeps the policy closer to the reference (the aggregate).
+    beta: float = _opt(0.1, "DPO beta", lo=0.0)
+    # Peak learning rate of the DPO optimizer (linear decay).
+    learning_rate: float = _opt(5e-4, "DPO learning rate", lo=0.0, hi=1.0)
+    # Optimizer steps over the preference pairs.
+    steps: int = _opt(40, "DPO optimizer steps", lo=1)
+    # Preference pairs per step.
+    batch_size: int = _opt(8, "preference pairs per DPO step", lo=1)
+    # Longest prompt + answer in tokens; longer pairs are truncated at the end.
+    max_length: int = _opt(192, "max tokens of prompt + answer", lo=8)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    # Merge the final adapter into an fp32 base and publish a signed version after the run.
+    enabled: bool = _opt(True, "merge and publish a signed version after the run")
+    # Registry root; versions go to <registry>/<name>/<version>/. Empty: <run dir>/registry.
+    registry: str = _opt("", "registry directory (empty: <run dir>/registry)")
+    # Model name in the registry.
+    name: str = _opt("fedlora-model", "model name in the registry")
+    # Version label; empty picks the next free v1, v2, ...
+    version: str = _opt("", "version label (empty: next free vN)")
+    # Ed25519 private key (from `fedlora keys signing`); empty: a key made in <run dir>/keys.
+    signing_key: str = _opt("", "Ed25519 signing key file (empty: one made in <run dir>/keys)")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    # Flower engine running the apps; set by the launcher (`fedlora simulate` or
+    # `fedlora deploy run`) and stated in the report.
+    engine: str = _opt("simulation", "Flower engine running the apps", choices=("simulation", "deployment"))
+    # SuperNodes reach the SuperLink over TLS (stated by the launcher; reported).
+    tls: bool = _opt(False, "SuperNodes connect over TLS (deployment)")
+    # The SuperLink admits only registered SuperNode keys (--enable-supernode-auth; reported).
+    node_auth: bool = _opt(False, "SuperNode authentication on (deployment)")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -156,6 +255,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_flat(self) -> dict[str, Scalar]:
@@ -276,7 +380,67 @@ def _cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> No
     adapter = sections.get("adapter", {})
     if adapter.get("method") == "ia3" and adapter.get("dropout", 0.0) > 0:
         problems.append("adapter.dropout: IA3 has no dropout; set it to 0 or use lora/dora")
+    _check_privacy(sections, problems)
+    _check_secagg(sections, problems)
     run_dir = sections.get("run", {}).get("dir", "")
     if run_dir and not run_dir.startswith("/") and ":" not in run_dir[:3]:
         problems.append(f"run.dir: {run_dir!r} must be an absolute path (the ServerApp runs in the "
                         "SuperLink's working directory)")
+
+
+def _check_privacy(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Privacy settings that would make a guarantee unsound or unreachable."""
+    def get(sec: str, name: str, cls: type) -> Any:
+        return sections.get(sec, {}).get(name, getattr(cls(), name))
+
+    mode = get("privacy", "mode", PrivacyConfig)
+    if mode == "local":
+        if get("train", "grad_accum", TrainConfig) != 1:
+            problems.append("train.grad-accum: local DP needs 1 (the accountant counts one Poisson batch per "
+                            "optimizer step); raise train.batch-size instead")
+        if get("privacy", "sampling", PrivacyConfig) != "poisson" and not get("privacy", "allow_non_poisson",
+                                                                               PrivacyConfig):
+            problems.append("privacy.sampling: 'shuffle' breaks the RDP accountant's Poisson-sampling assumption "
+                            "(the reported epsilon would not be a guarantee); use 'poisson' or set "
+                            "privacy.allow-non-poisson = true")
+        target = get("privacy", "target_epsilon", PrivacyConfig)
+        if target == 0 and get("privacy", "noise_multiplier", PrivacyConfig) <= 0:
+            problems.append("privacy.noise-multiplier: must be > 0 when privacy.target-epsilon is 0")
+        if target > get("privacy", "budget", PrivacyConfig):
+            problems.append(f"privacy.target-epsilon: {target} exceeds privacy.budget "
+                            f"{get('privacy', 'budget', PrivacyConfig)}; every tenant would decline")
+        if get("privacy", "max_grad_norm", PrivacyConfig) <= 0:
+            problems.append("privacy.max-grad-norm: local DP needs a positive per-example clip norm")
+    if mode == "central":
+        if get("federation", "max_weight", FederationConfig) != 1:
+            problems.append("federation.max-weight: central DP needs 1 (equal tenant weights bound one tenant's "
+                            "influence on the sum by privacy.central-clip)")
+        if get("privacy", "central_clip", PrivacyConfig) <= 0 or get("privacy", "central_noise_multiplier",
+                                                                     PrivacyConfig) <= 0:
+            problems.append("privacy.central-clip and privacy.central-noise-multiplier: central DP needs both > 0")
+
+
+# Aggregators that need every individual update; secure aggregation reveals only sums.
+INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "fedmedian", "trimmed-mean", "trimmedmean",
+                                           "fedtrimmedavg", "krum", "multi-krum", "multikrum", "bulyan"})
+
+
+def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Secure-aggregation settings that cannot work together."""
+    sec = {**dataclasses.asdict(SecAggConfig()), **sections.get("secagg", {})}
+    fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
+    if not sec["enabled"]:
+        return
+    if fed["aggregator"] in INDIVIDUAL_UPDATE_AGGREGATORS:
+        problems.append(f"federation.aggregator: {fed['aggregator']!r} needs individual updates, but secure "
+                        "aggregation reveals only their sum; use fedavg or set secagg.enabled = false")
+    if sec["quantization_bits"] >= sec["modulus_bits"]:
+        problems.append(f"secagg.quantization-bits: {sec['quantization_bits']} must be below "
+                        f"secagg.modulus-bits {sec['modulus_bits']} (the sum must fit the modulus)")
+    if fed["max_weight"] >= 2 ** sec["modulus_bits"]:
+        problems.append("federation.max-weight: does not fit secagg.modulus-bits")
+    tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
+    capacity = (2 ** sec["modulus_bits"] - 1) // max(2 ** sec["quantization_bits"] - 1, fed["max_weight"], 1)
+    if tenants > capacity:
+        problems.append(f"secagg.modulus-bits: the sum of {tenants} tenants' vectors would overflow 2^"
+                        f"{sec['modulus_bits']} (at most {capacity}); raise it or lower secagg.quantization-bits")

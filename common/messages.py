@@ -19,10 +19,23 @@ SEED = "seed"
 NUM_EXAMPLES = "num-examples"  # FedAvg weight (training) / holdout size (evaluation)
 TENANT = "tenant-id"           # the tenant's number (partition id or node-config tenant-id)
 
+# The tenant's cumulative local-DP epsilon (its privacy ledger, across rounds and runs) after
+# this update; 0 when local DP is off.
+DP_EPSILON = "dp-epsilon"
+
+# Error code of a train reply from a tenant that declines (its privacy budget is spent).
+DECLINED = 4030
+
 TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, TENANT, "train-loss", "train-first-loss", "train-steps", "train-tokens",
-    "train-seconds", "truncated",
+    "train-seconds", "truncated", DP_EPSILON,
 })
 EVAL_METRICS = frozenset({
     NUM_EXAMPLES, TENANT, "eval-exact-match", "eval-json-valid", "eval-loss", "eval-seconds",
 })
+
+# Under secure aggregation the example count (the FedAvg weight) travels only inside the
+# masked vector, and counts that reveal data size are not sent at all.
+SECAGG_TRAIN_METRICS = TRAIN_METRICS - {NUM_EXAMPLES, "train-tokens", "truncated"}
+# Error code of a secure-aggregation stage reply from a tenant that refuses the request.
+SECAGG_REFUSED = 4031

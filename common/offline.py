@@ -16,7 +16,12 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_UPDATE_CHECK": "1",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray otherwise finds its node address by "connecting" towards a public DNS server
+    # and binds to that interface; this keeps the simulation engine on 127.0.0.1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # Quiet: no per-file "Loading weights" bars inside every tenant's log.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

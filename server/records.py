@@ -32,6 +32,8 @@ class _Round:
     dropped: list[dict] = field(default_factory=list)
     aggregated: bool = False
     checkpoint: str | None = None
+    privacy: dict = field(default_factory=dict)
+    secagg: dict | None = None  # secure-aggregation summary; None when it was off
 
 
 class RoundRecorder:
@@ -59,6 +61,16 @@ class RoundRecorder:
         assert self._cur is not None
         self._cur.dropped.append({"node": node, "tenant": self._tenant(node), "reason": reason})
 
+    def secure_reply(self, node: int, metrics: Mapping[str, float]) -> None:
+        """A tenant that finished a secure round (its weight stays inside the masked sum)."""
+        assert self._cur is not None
+        self._nodes[node] = int(metrics[keys.TENANT])
+        self._cur.train[self._tenant(node)] = dict(metrics)
+
+    def secagg(self, summary: Mapping[str, object]) -> None:
+        assert self._cur is not None
+        self._cur.secagg = dict(summary)
+
     def train_reply(self, node: int, update) -> None:
         assert self._cur is not None
         self._nodes[node] = int(update.metrics[keys.TENANT])
@@ -68,6 +80,11 @@ class RoundRecorder:
         assert self._cur is not None
         self._nodes[node] = int(metrics[keys.TENANT])
         self._cur.eval[self._tenant(node)] = dict(metrics)
+
+    def privacy(self, report: Mapping[str, Any]) -> None:
+        """What central DP spent this round (empty without it)."""
+        assert self._cur is not None
+        self._cur.privacy = dict(report)
 
     def end_train(self, new_global: Mapping[str, np.ndarray] | None) -> None:
         assert self._cur is not None
@@ -93,6 +110,8 @@ class RoundRecorder:
             "seconds": round(time.perf_counter() - cur.started, 3),
             "train": cur.train,
             "eval": cur.eval,
+            "secagg": cur.secagg or {"enabled": False},
+            "privacy": cur.privacy,
         }
         write_json_atomic(self.run_dir / "metrics" / f"round_{cur.number:03d}.json", record)
         self.rounds.append(record)

@@ -10,8 +10,9 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import parse_config
 from server.aggregation import make_aggregator
+from server.central_dp import make_server_privacy
 from server.run import finish, prepare
-from server.strategy import FedLoraStrategy
+from server.secagg import make_strategy
 
 app = ServerApp()
 
@@ -21,11 +22,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     start = time.perf_counter()
     run = prepare(cfg)
-    strategy = FedLoraStrategy(
+    strategy = make_strategy(
         cfg.federation,
         make_aggregator(cfg.federation.aggregator, server_lr=cfg.federation.server_lr),
         run.recorder,
         seed=cfg.train.seed,
+        secagg=cfg.secagg,
+        privacy=make_server_privacy(cfg.privacy),
     )
     result = strategy.start(
         grid=grid,

@@ -30,6 +30,7 @@ from common import messages as keys
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
 from server.aggregation import Aggregator, Rejected, Update, validate_update, weighted_sum
+from server.central_dp import NoServerPrivacy, ServerPrivacy
 from server.records import RoundRecorder
 
 
@@ -63,13 +64,16 @@ class FedLoraStrategy(Strategy):
     """LoRA-delta FedAvg with validation, capped weights, bounded sampling and recording."""
 
     def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
-                 seed: int = 0) -> None:
+                 seed: int = 0, privacy: ServerPrivacy | None = None) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
         self.rng = random.Random(seed)
         self.seed = seed
         self._global: dict | None = None
+        self._sent: list[Message] = []  # this stage's messages, to match replies to nodes
+        self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
+        self._sampled = self._connected = 0
 
     def summary(self) -> None:
         log(INFO, "\t├── Aggregator: %s (server lr %.3g)", self.aggregator.name, self.aggregator.server_lr)
@@ -80,7 +84,17 @@ class FedLoraStrategy(Strategy):
                   message_type: str, server_round: int) -> list[Message]:
         config = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed})
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
-        return [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
+        self._sent = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
+        return self._sent
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply answers for. An error reply made by the SuperLink (e.g. "Node
+        Unavailable" for a dead tenant) carries the SuperLink as its source, so the reply
+        is matched to the message it answers instead."""
+        for sent in self._sent:
+            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     # -- training -----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -90,6 +104,7 @@ class FedLoraStrategy(Strategy):
                                         minimum=self.cfg.min_train_nodes,
                                         timeout=self.cfg.round_timeout, rng=self.rng)
         self.recorder.start_round(server_round, sampled=nodes, connected=connected)
+        self._sampled, self._connected = len(nodes), connected
         msgs = self._messages(arrays, config, nodes, MessageType.TRAIN, server_round)
         self.recorder.add_bytes(down=arrays.count_bytes() * len(msgs))
         log(INFO, "Round %d: %d of %d tenants sampled", server_round, len(nodes), connected)
@@ -100,7 +115,7 @@ class FedLoraStrategy(Strategy):
         assert self._global is not None
         updates: list[Update] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             self.recorder.add_bytes(up=_array_bytes(msg))
             try:
                 if msg.has_error():
@@ -123,7 +138,10 @@ class FedLoraStrategy(Strategy):
             log(WARNING, "Round %d: no valid update; the global adapter stays as it was", server_round)
             self.recorder.end_train(None)
             return None, None
-        new_global = self.aggregator.apply(self._global, weighted_sum(updates))
+        summed = self.privacy.on_server_aggregate(weighted_sum(updates), received=len(updates),
+                                                  sampled=self._sampled, connected=self._connected)
+        self.recorder.privacy(self.privacy.round_report())
+        new_global = self.aggregator.apply(self._global, summed)
         self._global = new_global
         self.recorder.end_train(new_global)
         return to_arrayrecord(new_global), MetricRecord(_weighted_metrics(
@@ -143,7 +161,7 @@ class FedLoraStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error() or keys.METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "reply lacks metrics"
                 log(WARNING, "Round %d: evaluation from node %d dropped: %s", server_round, node, reason)

@@ -18,6 +18,10 @@ examples:
   fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
   fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
   fedlora certs --out certs/ --host 127.0.0.1 --host superlink.example.org
+  fedlora deploy supernode --superlink superlink.example.org:9093 --ca ca.crt --key keys/hospital-a \
+      --data /data/train.jsonl           # a tenant joins (README, section Deployment)
+  fedlora dpo runs/20260101-120000          # DPO-refine a run's aggregate (also: merge, publish)
+  fedlora publish runs/x --registry registry/ --signing-key keys/fedlora-signing.key
   fedlora verify registry/model/v1 --public-key keys/fedlora-signing.pub
 """
 
@@ -112,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check a published version's hashes and signature")
     ver.add_argument("path", help="the version directory (<registry>/<name>/<version>)")
     ver.add_argument("--public-key", required=True, help="the publisher's Ed25519 public key (PEM)")
+
+    from simulations.deploy_cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)
+
+    from simulations.release_cli import add_commands as add_release_commands
+
+    add_release_commands(sub)
     return parser
 
 
@@ -121,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.simulate import main_simulate
 
         return main_simulate(args)
+    if args.command == "deploy":
+        from simulations.deploy_cli import main_deploy
+
+        return main_deploy(args)
+    if args.command in ("dpo", "merge", "publish"):
+        from simulations.release_cli import main_release
+
+        return main_release(args)
     return {"config": _cmd_config, "keys": _cmd_keys, "certs": _cmd_certs, "verify": _cmd_verify}[args.command](args)
 
 

@@ -92,6 +92,15 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _engine(cfg: dict, fed: dict) -> str:
+    """Which Flower engine ran the apps, and with which transport security."""
+    if cfg.get("deployment.engine") != "deployment":
+        return f"Flower simulation, {cfg['simulation.tenants']} tenants"
+    on = {True: "on", False: "OFF"}
+    return (f"Flower Deployment Engine (SuperLink + SuperNodes), TLS {on[bool(cfg['deployment.tls'])]}, "
+            f"SuperNode authentication {on[bool(cfg['deployment.node-auth'])]}, {len(fed['tenants'])} tenants")
+
+
 def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[str] = ()) -> Path:
     """``report.md`` with the comparison table, rounds, drops, bytes and plots."""
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -100,7 +109,7 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
     lines = ["# fedlora run report", ""]
     lines += [f"- base model: `{cfg['model.base']}` ({cfg['model.precision']}), adapter: {cfg['adapter.method']} "
               f"r={cfg['adapter.r']} alpha={cfg['adapter.alpha']} on `{cfg['adapter.target-modules']}`",
-              f"- engine: Flower simulation, {cfg['simulation.tenants']} tenants, {fed['rounds']} rounds, "
+              f"- engine: {_engine(cfg, fed)}, {fed['rounds']} rounds, "
               f"{cfg['train.local-steps']} local steps per round, aggregator `{cfg['federation.aggregator']}`",
               f"- federated wall time: {fed['seconds']:.1f} s; adapter size {fed['adapter_bytes'] / 1e6:.3f} MB",
               ""]
@@ -129,9 +138,73 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
         lines += ["## Dropped replies", "", "| round | tenant | reason |", "|---|---|---|"]
         lines += [f"| {d['round']} | {d['tenant']} | {d['reason']} |" for d in fed["dropped"]]
         lines.append("")
+    lines += privacy_section(run_dir, cfg, rounds, comparison)
+    lines += secagg_section(cfg, rounds)
     lines += list(extra_sections)
     lines += ["## Plots", "", "![per tenant](plots/tenants_per_round.png)", "",
               "![bytes](plots/bytes_per_round.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def privacy_section(run_dir: Path, cfg: dict, rounds: list[dict], comparison: list[dict]) -> list[str]:
+    """Epsilon per tenant (local DP), central epsilon per round, delta, and quality with vs without DP."""
+    mode = cfg.get("privacy.mode", "none")
+    if mode == "none":
+        return []
+    lines = ["## Differential privacy", "", f"- mode: **{mode}**, delta = {cfg['privacy.delta']:g}"]
+    if mode == "local":
+        last: dict[str, float] = {}
+        for r in rounds:
+            last.update({t: m["dp-epsilon"] for t, m in r["train"].items() if "dp-epsilon" in m})
+        declined = [(r["round"], d["tenant"]) for r in rounds for d in r["dropped"]
+                    if "privacy budget exhausted" in d["reason"]]
+        noise = (f"target epsilon {cfg['privacy.target-epsilon']:g} per run" if cfg["privacy.target-epsilon"] > 0
+                 else f"noise multiplier {cfg['privacy.noise-multiplier']:g}")
+        lines += [f"- local DP-SGD (record level): {noise}, "
+                  f"per-example clip {cfg['privacy.max-grad-norm']:g}, lifetime budget "
+                  f"{cfg['privacy.budget']:g} per tenant, {cfg['privacy.sampling']} sampling", "",
+                  "| tenant | epsilon spent (ledger, all runs) |", "|---|---|"]
+        lines += [f"| {t} | {eps:.3f} |" for t, eps in sorted(last.items(), key=lambda kv: (len(kv[0]), kv[0]))]
+        lines += ["", f"Declined for budget: {', '.join(f'tenant {t} (round {n})' for n, t in declined) or 'none'}."]
+    else:
+        lines += [f"- central DP (tenant level): delta clip {cfg['privacy.central-clip']:g} on every client, "
+                  f"noise multiplier {cfg['privacy.central-noise-multiplier']:g} on the sum, calibrated to "
+                  "the updates received", "",
+                  "| round | received | sampled | sampling rate | noise std on the mean | central epsilon |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {p['received']} | {p['sampled']} | {p['sample_rate']:.3f} | "
+                  f"{p['noise_std_mean']:.4g} | {p['epsilon']:.3f} |" for r in rounds if (p := r.get("privacy"))]
+    by = {r["model"]: r for r in comparison}
+    ref_path = run_dir / "without_dp" / "comparison.json"
+    if "federated" in by and ref_path.is_file():
+        ref = {r["model"]: r for r in json.loads(ref_path.read_text())}["federated"]
+        with_dp, without = by["federated"]["mean_exact_match"], ref["mean_exact_match"]
+        ratio = with_dp / without if without else float("nan")
+        lines += ["", "| federated adapter | mean EM % | mean holdout loss |", "|---|---|---|",
+                  f"| with DP | {_pct(with_dp)} | {by['federated']['mean_loss']:.3f} |",
+                  f"| without DP (same data, same seeds) | {_pct(without)} | {ref['mean_loss']:.3f} |", "",
+                  f"With / without DP mean EM: **{ratio:.3f}**. Local-only and pooled baselines above train "
+                  "without DP."]
+    return lines + [""]
+
+
+def secagg_section(cfg: dict, rounds: list[dict]) -> list[str]:
+    """Whether secure aggregation was on; per round: attempts, finishers, drops per stage, failure."""
+    if not cfg.get("secagg.enabled", False):
+        return ["## Secure aggregation", "", "Off: the server saw each tenant's individual delta.", ""]
+    stages = ("setup", "key sharing", "masked upload", "unmasking")
+    lines = ["## Secure aggregation", "",
+             f"On (SecAgg+): the server learned only the sum of the weighted deltas and the total weight. "
+             f"Neighbours per tenant: {cfg['secagg.neighbours'] or 'all'}; a secret needs more than "
+             f"{cfg['secagg.threshold']:g} of its holders; values clipped to +-{cfg['secagg.clip']:g}, "
+             f"{cfg['secagg.quantization-bits']} bits, mod 2^{cfg['secagg.modulus-bits']}.", "",
+             "| round | attempts | finished | " + " | ".join(f"dropped in {s}" for s in stages) + " | failure |",
+             "|---|---|---|" + "---|" * len(stages) + "---|"]
+    for r in rounds:
+        s = r.get("secagg") or {}
+        per = s.get("dropped_per_stage", {})
+        lines.append(f"| {r['round']} | {s.get('attempts', '-')} | {s.get('finished', '-')} | "
+                     + " | ".join(str(per.get(st, 0)) for st in stages) + f" | {s.get('failure') or '-'} |")
+    return lines + [""]

@@ -4,7 +4,8 @@
 2. write synthetic tenants (unless ``data.dir`` points at real ones);
 3. run the *same* ServerApp and ClientApp as a deployment on Flower's simulation engine;
 4. train the baselines and evaluate every model on every tenant's holdout;
-5. write plots and the report.
+5. refine the aggregate with DPO, merge it into the fp32 base, publish a signed version;
+6. write plots and the report.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
 def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path:
     from simulations.baselines import compare
     from simulations.launcher import run_simulation
+    from simulations.release import report_sections, run_stages
     from simulations.report import plot, write_report
     from simulations.synthetic import write_tenants
 
@@ -192,10 +194,17 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
     timings["baselines_and_evaluation_seconds"] = time.perf_counter() - t
     write_json_atomic(run_dir / "comparison.json", comparison)
     plot(run_dir)
+    t = time.perf_counter()
+    release = run_stages(cfg, run_dir)  # DPO -> fp32 merge -> signed publish (simulations/release.py)
+    timings["dpo_merge_publish_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
     timings["peak_memory_gb"] = memory.peak_bytes / 2**30
     write_json_atomic(run_dir / "timings.json", timings)
+    if cfg.privacy.mode != "none" and cfg.privacy.compare_without_dp:  # the report's quality with vs without DP
+        simulate(cfg.replace(**{"privacy.mode": "none", "run.baselines": False, "dpo.enabled": False,
+                                "publish.enabled": False, "run.dir": str(run_dir / "without_dp")}))
     report = write_report(run_dir, comparison=comparison, extra_sections=[
+        *report_sections(release),
         "## Time and memory", "", *[f"- {k.replace('_', ' ')}: {v:.2f}" for k, v in timings.items()],
         "", "Peak memory is the summed resident memory of the whole process tree (SuperLink, Ray workers, "
         "ClientApps, this process), sampled every 0.5 s.", ""])

@@ -39,6 +39,9 @@ class FakeGrid:
         return list(self.behaviour)
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:  # as Flower's grid does when it pushes a message
+            m.metadata.__dict__["_message_id"] = m.object_id
         return [self.behaviour[m.metadata.dst_node_id](m) for m in messages]
 
 
@@ -114,6 +117,25 @@ def test_client_error_reply_is_dropped(tmp_path):
     np.testing.assert_allclose(from_arrayrecord(result.arrays)["x.lora_A.weight"], 2.0)
     record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
     assert "out of memory" in record["dropped"][0]["reason"]
+
+
+def test_superlink_error_reply_is_filed_under_the_dead_tenant(tmp_path):
+    # Prepare: the SuperLink answers for a dead node; such a reply's source is the SuperLink
+    from flwr.app import Error
+
+    def dead(m):
+        reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink made it
+        return reply
+
+    strategy, _ = _strategy(tmp_path)
+    grid = FakeGrid({11: good(2.0, tenant=0), 12: good(2.0, tenant=1), 13: dead})
+    # Execute
+    strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    # Assert
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert [d["node"] for d in record["dropped"]] == [13, 13]  # train and evaluate
+    assert "Node Unavailable" in record["dropped"][0]["reason"]
 
 
 def test_no_valid_reply_keeps_global_adapter(tmp_path):

@@ -1,0 +1,196 @@
+"""A tenant's side of secure aggregation: one state machine, four stages, no Flower.
+
+setup -> share keys -> masked upload -> unmask, all within one (round, attempt). The
+per-round secrets live in ``store`` — the node's ``context.state`` record in the
+ClientApp, which Flower keeps per node between messages in simulation and deployment —
+serialized as one JSON blob, and are wiped after the unmask stage.
+
+Every stage checks before it acts and refuses (:class:`SecAggRefused`, with the reason)
+rather than guess: messages out of order or from a stale attempt, a weak threshold,
+public keys that are not exactly the neighbourhood, a missing neighbour's shares, an
+update that is not finite, outside the clipping range or over the weight cap, a second
+masked upload in the same round, and an unmask request that names a node as both
+active and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, MutableMapping
+
+import numpy as np
+
+from common import secagg_crypto as crypto
+from common.secagg import Quantizer, UpdateRefused, check_update, mask_sign, pack, prg_mask
+
+STATE_KEY = "state"
+
+
+class SecAggRefused(RuntimeError):
+    """This tenant will not take part in the stage; the message says why."""
+
+
+@dataclass
+class _State:
+    node: int
+    round: int
+    attempt: int
+    stage: str
+    neighbours: list[int]
+    threshold: int
+    c_sk: str = ""
+    s_sk: str = ""
+    b: str = ""
+    c_pk: dict[str, str] = field(default_factory=dict)   # node -> hex public key (self included)
+    s_pk: dict[str, str] = field(default_factory=dict)
+    c_keys: dict[str, str] = field(default_factory=dict)     # node -> agreed encryption key (kept for replies)
+    b_shares: dict[str, str] = field(default_factory=dict)   # src -> hex share held for src
+    sk_shares: dict[str, str] = field(default_factory=dict)
+    uploaded_round: int = 0
+
+    @property
+    def holders(self) -> list[int]:
+        return sorted([*self.neighbours, self.node])
+
+
+def _load(store: Mapping[str, bytes]) -> _State | None:
+    raw = store.get(STATE_KEY)
+    return _State(**json.loads(raw)) if raw else None
+
+
+def _save(store: MutableMapping[str, bytes], st: _State) -> None:
+    store[STATE_KEY] = json.dumps(asdict(st)).encode()
+
+
+def _expect(store: Mapping[str, bytes], stage: str, server_round: int, attempt: int) -> _State:
+    st = _load(store)
+    if st is None or (st.round, st.attempt) != (server_round, attempt):
+        have = "nothing" if st is None else f"round {st.round} attempt {st.attempt}"
+        raise SecAggRefused(f"message for round {server_round} attempt {attempt}, but this tenant holds {have}")
+    if st.stage != stage:
+        raise SecAggRefused(f"stage out of order: expected after '{stage}', this tenant is at '{st.stage}'")
+    return st
+
+
+def setup(store: MutableMapping[str, bytes], *, node: int, server_round: int, attempt: int,
+          neighbours: list[int], threshold: int) -> tuple[bytes, bytes]:
+    """Fresh key pairs and self-mask seed for this attempt; returns (c_pk, s_pk)."""
+    old = _load(store)
+    if old is not None and (old.round, old.attempt) >= (server_round, attempt):
+        raise SecAggRefused(f"stale setup: round {server_round} attempt {attempt} is not after "
+                            f"round {old.round} attempt {old.attempt}")
+    uploaded = old.uploaded_round if old is not None else 0
+    if uploaded == server_round:
+        raise SecAggRefused(f"already sent a masked update in round {server_round}; it must not count twice")
+    if node in neighbours or len(set(neighbours)) != len(neighbours) or not neighbours:
+        raise SecAggRefused(f"bad neighbourhood {neighbours} for node {node}")
+    holders = len(neighbours) + 1
+    if not holders // 2 + 1 <= threshold <= holders:
+        raise SecAggRefused(f"threshold {threshold} for {holders} share holders must be a strict majority "
+                            f"({holders // 2 + 1}..{holders})")
+    c_sk, s_sk = crypto.new_private_key(), crypto.new_private_key()
+    st = _State(node=node, round=server_round, attempt=attempt, stage="setup", neighbours=sorted(neighbours),
+                threshold=threshold, c_sk=crypto.private_bytes(c_sk).hex(), s_sk=crypto.private_bytes(s_sk).hex(),
+                b=crypto.new_seed().hex(), uploaded_round=uploaded)
+    _save(store, st)
+    return crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)
+
+
+def share_keys(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
+               public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+    """Shamir-share the self-mask seed and the mask key among the neighbourhood;
+    returns {neighbour: ciphertext only that neighbour can open}."""
+    st = _expect(store, "setup", server_round, attempt)
+    if set(public_keys) != set(st.holders):
+        raise SecAggRefused(f"public keys for {sorted(public_keys)} but the neighbourhood is {st.holders}")
+    c_sk, s_sk = crypto.load_private(bytes.fromhex(st.c_sk)), crypto.load_private(bytes.fromhex(st.s_sk))
+    if public_keys[st.node] != (crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)):
+        raise SecAggRefused("the server relayed public keys for this tenant that it did not send")
+    holders = st.holders
+    b_sh = crypto.split(bytes.fromhex(st.b), threshold=st.threshold, holders=len(holders))
+    sk_sh = crypto.split(bytes.fromhex(st.s_sk), threshold=st.threshold, holders=len(holders))
+    out = {}
+    for i, dst in enumerate(holders):
+        if dst == st.node:
+            st.b_shares[str(dst)], st.sk_shares[str(dst)] = b_sh[i].hex(), sk_sh[i].hex()
+            continue
+        key = crypto.agree(c_sk, public_keys[dst][0])
+        st.c_keys[str(dst)] = key.decode()
+        out[dst] = crypto.seal_shares(key, src=st.node, dst=dst, b_share=b_sh[i], sk_share=sk_sh[i])
+    st.c_pk = {str(n): pk[0].hex() for n, pk in public_keys.items()}
+    st.s_pk = {str(n): pk[1].hex() for n, pk in public_keys.items()}
+    st.stage = "share"
+    _save(store, st)
+    return out
+
+
+def receive_shares(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
+                   ciphertexts: Mapping[int, bytes]) -> None:
+    """Open and keep the neighbours' shares; every neighbour must have sent them."""
+    st = _expect(store, "share", server_round, attempt)
+    if st.uploaded_round == server_round:
+        raise SecAggRefused(f"already sent a masked update in round {server_round}; it must not count twice")
+    if set(ciphertexts) != set(st.neighbours):
+        raise SecAggRefused(f"shares from {sorted(ciphertexts)} but the neighbours are {st.neighbours}")
+    for src, ct in ciphertexts.items():
+        key = st.c_keys[str(src)].encode()  # agreed in share_keys: same pair, same key
+        try:
+            b_share, sk_share = crypto.open_shares(key, ct, src=src, dst=st.node)
+        except crypto.ShareError as err:
+            raise SecAggRefused(str(err)) from None
+        st.b_shares[str(src)], st.sk_shares[str(src)] = b_share.hex(), sk_share.hex()
+    st.stage = "received"
+    _save(store, st)
+
+
+def masked_upload(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
+                  ciphertexts: Mapping[int, bytes], quantizer: Quantizer,
+                  train: Callable[[], tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
+    """Check the stage, train (``train() -> (delta, num_examples)``), check the update,
+    and return ``pack(update) + self mask + pairwise masks`` mod the modulus."""
+    receive_shares(store, server_round=server_round, attempt=attempt, ciphertexts=ciphertexts)
+    delta, num_examples = train()
+    try:
+        weight = check_update(delta, num_examples, clip=quantizer.clip, max_weight=quantizer.max_weight)
+        vector = pack(delta, weight, quantizer)
+    except UpdateRefused as why:
+        raise SecAggRefused(f"update refused before masking: {why}") from None
+    st = _expect(store, "received", server_round, attempt)
+    vector += prg_mask(bytes.fromhex(st.b), vector.size, quantizer)
+    s_sk = crypto.load_private(bytes.fromhex(st.s_sk))
+    for v in st.neighbours:
+        mask = prg_mask(crypto.mask_seed(s_sk, bytes.fromhex(st.s_pk[str(v)])), vector.size, quantizer)
+        if mask_sign(st.node, v) > 0:
+            vector += mask
+        else:
+            vector -= mask
+    st.stage, st.uploaded_round = "upload", server_round
+    _save(store, st)
+    return quantizer.reduce(vector)
+
+
+def unmask(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
+           active: list[int], dead: list[int]) -> dict[int, bytes]:
+    """Shares of the self-mask seed of each active node and of the mask key of each
+    dropped node — never both for one node; then forget this round's secrets."""
+    st = _expect(store, "upload", server_round, attempt)
+    both = sorted(set(active) & set(dead))
+    if both:
+        raise SecAggRefused(f"contradictory unmask request: node(s) {both} listed as both active and dropped")
+    unknown = sorted((set(active) | set(dead)) - set(st.holders))
+    if unknown:
+        raise SecAggRefused(f"unmask request names node(s) {unknown} outside this tenant's neighbourhood")
+    if st.node not in active:
+        raise SecAggRefused("unmask request does not list this tenant as active, but it uploaded")
+    if set(active) | set(dead) != set(st.holders):
+        raise SecAggRefused(f"unmask request covers {sorted(set(active) | set(dead))}, "
+                            f"the neighbourhood is {st.holders}")
+    if len(active) < st.threshold:
+        raise SecAggRefused(f"only {len(active)} active node(s) in the neighbourhood, below the threshold "
+                            f"{st.threshold}; revealing shares could expose an individual update")
+    out = {n: bytes.fromhex(st.b_shares[str(n)]) for n in active}
+    out.update({n: bytes.fromhex(st.sk_shares[str(n)]) for n in dead})
+    _save(store, _State(node=st.node, round=st.round, attempt=st.attempt, stage="done", neighbours=[],
+                        threshold=0, uploaded_round=st.uploaded_round))
+    return out

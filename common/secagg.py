@@ -1,0 +1,170 @@
+"""Secure aggregation (SecAgg+, Bell et al. 2020): the arithmetic both sides share.
+
+The server must learn only ``sum_k w_k * delta_k`` and ``sum_k w_k``. Each tenant turns its
+delta and its capped FedAvg weight into one integer vector (:func:`pack`), adds masks
+that cancel in the sum (:func:`prg_mask`), and the server removes what is left of the
+masks after the others reveal shares of the seeds (see ``server.secagg``).
+
+Vector layout (``n`` adapter floats, one weight element)::
+
+    [ quantize((w / max_weight) * delta) ... ,  w ]   mod 2**modulus_bits
+
+Quantization: each value ``x`` in ``[-clip, clip]`` becomes
+``q = rint((x + clip) / step)`` with ``step = 2 * clip / (2**bits - 1)``, so
+``|x - (q * step - clip)| <= step / 2``. The weight ``w`` (an integer, at most
+``max_weight``) travels unquantized, so the total weight is exact. For ``n`` finishers
+with total weight ``W`` the recovered weighted sum is off by at most
+``n * max_weight * step / 2`` per element, and the weighted **mean** by at most
+:func:`mean_error_bound` ``= n * max_weight * step / (2 * W)`` (plus float32 rounding
+of the result). The modulus must hold the sum: ``n * max(2**bits - 1, max_weight) <
+2**modulus_bits`` (:func:`capacity`).
+
+Masks are the AES-256-CTR keystream (``cryptography``) keyed with the full 256-bit seed,
+never folded to 32 bits: seeds that differ anywhere give unrelated masks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+SEED_BYTES = 32
+
+
+class UpdateRefused(ValueError):
+    """A tenant's update that must not be masked and sent, with the reason."""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Fixed-point encoding of the masked vector (see the module docstring)."""
+
+    clip: float          # values must lie in [-clip, clip]
+    bits: int            # quantization levels: 2**bits
+    modulus_bits: int    # arithmetic is mod 2**modulus_bits
+    max_weight: int      # cap on one tenant's FedAvg weight
+
+    @property
+    def step(self) -> float:
+        return 2.0 * self.clip / (2**self.bits - 1)
+
+    @property
+    def dtype(self) -> type:
+        return np.uint32 if self.modulus_bits <= 32 else np.uint64
+
+    def reduce(self, v: np.ndarray) -> np.ndarray:
+        """``v mod 2**modulus_bits`` (the dtype wraps; smaller moduli are masked)."""
+        if self.modulus_bits in (32, 64):
+            return v
+        return v & self.dtype((1 << self.modulus_bits) - 1)
+
+    def capacity(self) -> int:
+        """Most tenants whose vectors can be summed without wrapping the modulus."""
+        return (2**self.modulus_bits - 1) // max(2**self.bits - 1, self.max_weight)
+
+    def mean_error_bound(self, n: int, total_weight: float) -> float:
+        """Largest per-element error of the recovered weighted mean of ``n`` finishers."""
+        return n * self.max_weight * self.step / (2.0 * total_weight)
+
+
+def quantizer_for(secagg, federation) -> Quantizer:
+    """The quantizer of a run (``Config.secagg``, ``Config.federation``); both sides build the same one."""
+    return Quantizer(clip=secagg.clip, bits=secagg.quantization_bits, modulus_bits=secagg.modulus_bits,
+                     max_weight=federation.max_weight)
+
+
+def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: float, max_weight: int) -> int:
+    """Client-side checks before masking; returns the capped weight or raises :class:`UpdateRefused`."""
+    if isinstance(num_examples, bool) or int(num_examples) != num_examples or num_examples < 1:
+        raise UpdateRefused(f"num-examples {num_examples!r} is not a positive integer")
+    weight = min(int(num_examples), max_weight)
+    scale = weight / max_weight
+    for name, arr in delta.items():
+        if not np.all(np.isfinite(arr)):
+            raise UpdateRefused(f"update tensor {name} contains NaN or Inf; nothing was sent")
+        peak = float(np.max(np.abs(arr))) * scale if arr.size else 0.0
+        if peak > clip:
+            raise UpdateRefused(f"update tensor {name} reaches {peak:.4g} after weighting, outside the "
+                                f"clipping range +-{clip:g}; raise secagg.clip or lower the learning rate")
+    return weight
+
+
+def pack(delta: Mapping[str, np.ndarray], weight: int, q: Quantizer) -> np.ndarray:
+    """The integer vector a tenant masks: quantized ``(w / max_weight) * delta``, then ``w``."""
+    if not 1 <= weight <= q.max_weight:
+        raise UpdateRefused(f"weight {weight} outside [1, {q.max_weight}] (federation.max-weight)")
+    flat = np.concatenate([np.ravel(a) for a in delta.values()] or [np.zeros(0, np.float32)])
+    x = np.multiply(flat, weight / q.max_weight / q.step, dtype=np.float64)  # (x / step), in float64
+    x += q.clip / q.step
+    top = 2**q.bits - 1
+    if x.size and not (-0.5 <= x.min() and x.max() <= top + 0.5):  # NaN fails both comparisons
+        raise UpdateRefused("update outside the clipping range or not finite")
+    out = np.empty(x.size + 1, dtype=q.dtype)
+    np.rint(x, out=x)
+    np.clip(x, 0, top, out=x)  # only float rounding at the very edges can reach past 0 or top
+    out[:-1] = x
+    out[-1] = weight
+    return out
+
+
+def unpack(total: np.ndarray, n: int, shapes: Mapping[str, tuple[int, ...]], q: Quantizer
+           ) -> tuple["OrderedDict[str, np.ndarray]", float]:
+    """From the unmasked sum of ``n`` vectors: (``sum_k w_k * delta_k`` by tensor, ``sum_k w_k``)."""
+    x = total[:-1].astype(np.float64) * q.step - n * q.clip
+    weighted = x * q.max_weight
+    out, offset = OrderedDict(), 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = weighted[offset:offset + size].reshape(shape).astype(np.float32)
+        offset += size
+    if offset != x.size:
+        raise ValueError(f"unmasked vector has {x.size} values, the adapter {offset}")
+    return out, float(total[-1])
+
+
+def prg_mask(seed: bytes, length: int, q: Quantizer) -> np.ndarray:
+    """``length`` uniform values mod ``2**modulus_bits`` from a 32-byte seed: the AES-256-CTR
+    keystream under that key (a CTR-DRBG-style expansion; AES-NI makes it cheap)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"mask seeds are {SEED_BYTES} bytes, got {len(seed)}")
+    itemsize = np.dtype(q.dtype).itemsize
+    enc = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    stream = enc.update(bytes(length * itemsize))
+    return q.reduce(np.frombuffer(stream, dtype=q.dtype))  # read-only view, no copy
+
+
+def neighbour_graph(nodes: list[int], k: int, *, seed: int) -> dict[int, list[int]]:
+    """A k-regular ring (Harary-style) over a seeded shuffle of ``nodes``; ``k = 0`` or
+    ``k >= len(nodes) - 1`` is the complete graph. Symmetric: v in g[u] iff u in g[v]."""
+    n = len(nodes)
+    if k <= 0 or k >= n - 1:
+        return {u: sorted(v for v in nodes if v != u) for u in nodes}
+    order = sorted(nodes)
+    random.Random(seed).shuffle(order)
+    half = (k + 1) // 2
+    graph: dict[int, set[int]] = {u: set() for u in nodes}
+    for i, u in enumerate(order):
+        for d in range(1, half + 1):
+            v = order[(i + d) % n]
+            graph[u].add(v)
+            graph[v].add(u)
+    return {u: sorted(vs) for u, vs in graph.items()}
+
+
+def threshold(holders: int, share: float) -> int:
+    """Shares needed to rebuild a secret held by ``holders`` nodes: strictly more than
+    ``share`` of them (``share >= 0.5`` keeps any two disjoint answer sets from both
+    succeeding, so the server never learns a tenant's self-mask *and* its pairwise key)."""
+    return min(holders, math.floor(share * holders) + 1)
+
+
+def mask_sign(me: int, other: int) -> int:
+    """Pairwise masks are added by the smaller node id and subtracted by the larger."""
+    return 1 if me < other else -1

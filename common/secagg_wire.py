@@ -1,0 +1,161 @@
+"""Secure-aggregation stage payloads <-> Flower records, for both apps.
+
+Message types are ``train.secagg_<stage>``. Node ids travel as JSON lists in a
+string (they are unsigned 64-bit, Flower's ConfigRecord integers are signed). Every ``read_*``
+raises ``ValueError`` naming what is missing or malformed, so the server drops a bad
+reply with the reason and the client refuses a bad request.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+SETUP, SHARE, UPLOAD, UNMASK = "secagg_setup", "secagg_share", "secagg_upload", "secagg_unmask"
+STAGE_NAMES = {SETUP: "setup", SHARE: "key sharing", UPLOAD: "masked upload", UNMASK: "unmasking"}
+RECORD = "secagg"   # ConfigRecord with the stage payload, both directions
+MASKED = "masked"   # ArrayRecord key of the masked vector
+
+
+def message_type(stage: str) -> str:
+    return f"train.{stage}"
+
+
+def _ids(text: str) -> list[int]:
+    ids = json.loads(text) if isinstance(text, str) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"node ids must be a JSON list of integers, got {text!r:.60}")
+    return ids
+
+
+def _strs(ids) -> str:
+    """A JSON list of ids (Flower's ConfigRecord cannot size an empty list or string)."""
+    return json.dumps([int(i) for i in ids])
+
+
+def _get(content: RecordDict, key: str) -> Any:
+    if RECORD not in content.config_records:
+        raise ValueError(f"message lacks the '{RECORD}' record")
+    rec = content.config_records[RECORD]
+    if key not in rec:
+        raise ValueError(f"'{RECORD}' record lacks '{key}'")
+    return rec[key]
+
+
+def _record(**values) -> RecordDict:
+    return RecordDict({RECORD: ConfigRecord(values)})
+
+
+def header(content: RecordDict) -> tuple[int, int]:
+    """(round, attempt) of a server request."""
+    return int(_get(content, "round")), int(_get(content, "attempt"))
+
+
+# -- setup --------------------------------------------------------------------------
+def setup_request(server_round: int, attempt: int, neighbours: list[int], threshold: int) -> RecordDict:
+    return _record(round=server_round, attempt=attempt, neighbours=_strs(neighbours), threshold=threshold)
+
+
+def read_setup_request(content: RecordDict) -> dict:
+    r, a = header(content)
+    return {"server_round": r, "attempt": a, "neighbours": _ids(_get(content, "neighbours")),
+            "threshold": int(_get(content, "threshold"))}
+
+
+def setup_reply(c_pk: bytes, s_pk: bytes) -> RecordDict:
+    return _record(c_pk=c_pk, s_pk=s_pk)
+
+
+def read_setup_reply(content: RecordDict) -> tuple[bytes, bytes]:
+    c_pk, s_pk = _get(content, "c_pk"), _get(content, "s_pk")
+    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
+        raise ValueError("public keys are not bytes")
+    return c_pk, s_pk
+
+
+# -- key sharing --------------------------------------------------------------------
+def share_request(server_round: int, attempt: int, keys: dict[int, tuple[bytes, bytes]]) -> RecordDict:
+    nodes = sorted(keys)
+    return _record(round=server_round, attempt=attempt, nodes=_strs(nodes),
+                   c_pk=[keys[n][0] for n in nodes], s_pk=[keys[n][1] for n in nodes])
+
+
+def read_share_request(content: RecordDict) -> dict:
+    r, a = header(content)
+    nodes, c_pk, s_pk = _ids(_get(content, "nodes")), _get(content, "c_pk"), _get(content, "s_pk")
+    if not len(nodes) == len(c_pk) == len(s_pk):
+        raise ValueError("public key lists differ in length")
+    return {"server_round": r, "attempt": a, "public_keys": {n: (c, s) for n, c, s in zip(nodes, c_pk, s_pk)}}
+
+
+def share_reply(ciphertexts: dict[int, bytes]) -> RecordDict:
+    dst = sorted(ciphertexts)
+    return _record(dst=_strs(dst), ct=[ciphertexts[d] for d in dst])
+
+
+def read_share_reply(content: RecordDict) -> dict[int, bytes]:
+    dst, ct = _ids(_get(content, "dst")), _get(content, "ct")
+    if len(dst) != len(ct) or not all(isinstance(c, bytes) for c in ct):
+        raise ValueError("ciphertext list malformed")
+    return dict(zip(dst, ct))
+
+
+# -- masked upload ------------------------------------------------------------------
+def upload_request(server_round: int, attempt: int, ciphertexts: dict[int, bytes]) -> RecordDict:
+    """Shares addressed to one node (the caller adds the global adapter and train config)."""
+    src = sorted(ciphertexts)
+    return _record(round=server_round, attempt=attempt, src=_strs(src), ct=[ciphertexts[s] for s in src])
+
+
+def read_upload_request(content: RecordDict) -> dict:
+    r, a = header(content)
+    src, ct = _ids(_get(content, "src")), _get(content, "ct")
+    if len(src) != len(ct):
+        raise ValueError("ciphertext list malformed")
+    return {"server_round": r, "attempt": a, "ciphertexts": dict(zip(src, ct))}
+
+
+def upload_array(vector: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({MASKED: Array(np.ascontiguousarray(vector))})
+
+
+def read_upload_array(content: RecordDict, *, size: int, dtype) -> np.ndarray:
+    recs = content.array_records
+    if len(recs) != 1 or MASKED not in next(iter(recs.values())):
+        raise ValueError(f"reply must hold exactly one array record with '{MASKED}'")
+    vec = next(iter(recs.values()))[MASKED].numpy()
+    if vec.dtype != np.dtype(dtype) or vec.shape != (size,):
+        raise ValueError(f"masked vector {vec.dtype}{vec.shape} != expected {np.dtype(dtype)}({size},)")
+    return vec
+
+
+# -- unmasking ----------------------------------------------------------------------
+def unmask_request(server_round: int, attempt: int, active: list[int], dead: list[int]) -> RecordDict:
+    return _record(round=server_round, attempt=attempt, active=_strs(sorted(active)), dead=_strs(sorted(dead)))
+
+
+def read_unmask_request(content: RecordDict) -> dict:
+    r, a = header(content)
+    return {"server_round": r, "attempt": a, "active": _ids(_get(content, "active")),
+            "dead": _ids(_get(content, "dead"))}
+
+
+def unmask_reply(shares: dict[int, bytes]) -> RecordDict:
+    nodes = sorted(shares)
+    return _record(nodes=_strs(nodes), shares=[shares[n] for n in nodes])
+
+
+def read_unmask_reply(content: RecordDict) -> dict[int, bytes]:
+    nodes, shares = _ids(_get(content, "nodes")), _get(content, "shares")
+    if len(nodes) != len(shares) or not all(isinstance(s, bytes) for s in shares):
+        raise ValueError("share list malformed")
+    return dict(zip(nodes, shares))
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of arrays and config values in a message (what the report counts)."""
+    return (sum(r.count_bytes() for r in content.array_records.values())
+            + sum(r.count_bytes() for r in content.config_records.values()))

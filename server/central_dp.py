@@ -1,0 +1,114 @@
+"""Central (tenant-level) differential privacy on the server, as a pluggable mechanism.
+
+The strategy calls ``privacy.on_server_aggregate(weighted_sum, received=..., sampled=...,
+connected=...)`` right before the aggregator applies the sum, and records
+``privacy.round_report()``; :class:`NoServerPrivacy` (the default) returns the sum
+unchanged, so the strategy has no ``if dp`` branch.
+
+:class:`CentralGaussian` is DP-FedAvg's Gaussian mechanism (McMahan et al., 2018) on the
+**sum** of deltas, which is all secure aggregation reveals:
+
+* every tenant clips its whole delta to L2 norm ``C`` on the client
+  (``client.privacy.CentralClip``), before anything leaves the node;
+* every tenant weighs 1 (``federation.max-weight = 1``, enforced at config time and
+  checked here), so adding or removing one tenant changes the sum by at most ``C``:
+  the sensitivity of the sum is ``C`` whatever the number of replies;
+* Gaussian noise ``N(0, (sigma * C)^2)`` is added once to the sum; the aggregator then
+  divides by the number of updates **actually received**, so the noise on the mean is
+  ``sigma * C / received``, matched to the mean's sensitivity ``C / received``. (Scaling
+  noise by the *sampled* count, as Flower's wrappers do, under-noises a round in which
+  tenants drop out.)
+* epsilon is accounted over rounds by Opacus' RDP accountant with sampling rate
+  ``sampled / connected``. Flower samples a fixed number of tenants without replacement,
+  whereas the accountant assumes Poisson sampling; with ``fraction-train = 1`` (rate 1,
+  no amplification) the accounting is exact, below 1 it is the usual DP-FedAvg
+  approximation.
+
+Noise comes from the OS entropy pool, never from the run seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from server.aggregation import WeightedSum
+
+
+class ServerPrivacy:
+    """The interface, which is also the no-privacy behaviour."""
+
+    name = "none"
+
+    def on_server_aggregate(self, agg: WeightedSum, *, received: int, sampled: int, connected: int) -> WeightedSum:
+        return agg
+
+    def round_report(self) -> dict[str, Any]:
+        """What this round spent, for ``metrics/round_XXX.json`` (empty without privacy)."""
+        return {}
+
+
+class NoServerPrivacy(ServerPrivacy):
+    """No central differential privacy (the default)."""
+
+
+class CentralGaussian(ServerPrivacy):
+    """Gaussian noise once on the sum of clipped, equally weighted deltas; RDP accounting."""
+
+    name = "central"
+
+    def __init__(self, *, noise_multiplier: float, clip: float, delta: float,
+                 rng: np.random.Generator | None = None) -> None:
+        if noise_multiplier <= 0 or clip <= 0:
+            raise ValueError("central DP needs noise_multiplier > 0 and clip > 0")
+        from opacus.accountants import RDPAccountant
+
+        self.noise_multiplier = noise_multiplier
+        self.clip = clip
+        self.delta = delta
+        self.rng = rng if rng is not None else np.random.default_rng()  # OS entropy
+        self.accountant = RDPAccountant()
+        self._report: dict[str, Any] = {}
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on the sum (sensitivity ``clip`` times sigma)."""
+        return self.noise_multiplier * self.clip
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(delta=self.delta)) if self.accountant.history else 0.0
+
+    def on_server_aggregate(self, agg: WeightedSum, *, received: int, sampled: int, connected: int) -> WeightedSum:
+        if not math.isclose(agg.weight, agg.count):
+            raise ValueError(f"central DP needs every tenant to weigh 1 (total weight {agg.weight} for {agg.count} "
+                             "updates): set federation.max-weight = 1")
+        if agg.count != received:
+            raise ValueError(f"the sum holds {agg.count} updates but {received} were received")
+        if not 0 < sampled <= connected:
+            raise ValueError(f"sampled {sampled} of {connected} connected tenants is not a valid sampling rate")
+        noisy = OrderedDict(
+            (k, (v.astype(np.float64) + self.rng.normal(0.0, self.noise_std, size=v.shape)).astype(v.dtype))
+            for k, v in agg.total.items())
+        rate = sampled / connected
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=rate)
+        self._report = {
+            "mechanism": self.name, "noise_multiplier": self.noise_multiplier, "clip": self.clip,
+            "received": received, "sampled": sampled, "sample_rate": rate,
+            "noise_std_sum": self.noise_std, "noise_std_mean": self.noise_std / received,
+            "delta": self.delta, "epsilon": self.epsilon(),
+        }
+        return WeightedSum(noisy, agg.weight, agg.count)
+
+    def round_report(self) -> dict[str, Any]:
+        report, self._report = self._report, {}
+        return report
+
+
+def make_server_privacy(cfg) -> ServerPrivacy:
+    """The server-side mechanism for a :class:`common.config.PrivacyConfig`."""
+    if cfg.mode == "central":
+        return CentralGaussian(noise_multiplier=cfg.central_noise_multiplier, clip=cfg.central_clip, delta=cfg.delta)
+    return NoServerPrivacy()

@@ -1,0 +1,177 @@
+"""Benchmark: seconds per round on the Deployment Engine vs the simulation engine, and
+where a deployment message's round trip goes.
+
+    python -m simulations.bench_deployment [--tenants 3] [--rounds 2] [--set KEY=VALUE ...]
+
+1. Writes synthetic tenants once; both runs use the same files and the same config.
+2. Deployment: a SuperLink with TLS + node auth + SQLite and one SuperNode per tenant on
+   127.0.0.1 (``simulations.deploy.LocalFederation``); 2 rounds.
+3. Simulation: the same run through ``fedlora simulate`` (no baselines).
+4. From the time-stamped SuperNode and run logs, splits each message's round trip into:
+   waiting for the SuperNode's poll, the ClientApp process (start, imports, model load,
+   the work itself) and waiting for the ServerApp's poll; and times a cold ClientApp
+   start (imports + model load) on its own.
+
+Writes ``bench.json`` and prints a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_SAMPLED = re.compile(r"^(\d+\.\d+) .*Round (\d+): \d+ of \d+ tenants sampled")
+_AGGREGATED = re.compile(r"^(\d+\.\d+) .*Aggregated MetricRecord")
+_NODE = re.compile(r"^(\d+\.\d+) .*(Receiving|Sending): (train|evaluate) message")
+_SPAWNED = re.compile(r"^(\d+\.\d+) .*Start `flwr-clientapp` process")
+_SENT = re.compile(r"^(\d+\.\d+) .*Sent successfully")
+
+
+def _stamps(path: Path, pattern: re.Pattern) -> list[tuple]:
+    return [m.groups() for line in path.read_text(errors="replace").splitlines() if (m := pattern.match(line))]
+
+
+def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[dict]) -> dict[str, float]:
+    """Median seconds per message: SuperNode poll wait, ClientApp process, reply upload, ServerApp pickup."""
+    sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
+    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]  # train, evaluate per round
+    pushed = {}  # (round, kind) -> when the ServerApp sent the messages
+    for k in sorted(sampled):
+        pushed[(k, "train")] = sampled[k]
+        pushed[(k, "evaluate")] = aggregated[2 * (k - 1)] if len(aggregated) >= 2 * k - 1 else None
+    wait, spawn, process, upload, pickup, work = [], [], [], [], [], []
+    work_by_kind = {"train": [m["train-seconds"] for r in rounds for m in r["train"].values()],
+                    "evaluate": [m["eval-seconds"] for r in rounds for m in r["eval"].values()]}
+    for log in node_logs:
+        events = _stamps(log, _NODE)
+        received = [(float(t), kind) for t, what, kind in events if what == "Receiving"]
+        sent = [(float(t), kind) for t, what, kind in events if what == "Sending"]
+        spawned = [float(t) for (t,) in _stamps(log, _SPAWNED)]
+        spawn += [t_up - t_in for (t_in, _), t_up in zip(received, spawned)]
+        uploaded = [float(t) for (t,) in _stamps(log, _SENT)]
+        upload += [t_ok - t_out for (t_out, _), t_ok in zip(sent, uploaded)]
+        for i, ((t_in, kind), (t_out, _), t_ok) in enumerate(zip(received, sent, uploaded)):
+            k = i // 2 + 1
+            t_push = pushed.get((k, kind))
+            if t_push is None:
+                continue
+            wait.append(t_in - t_push)
+            process.append(t_out - t_in)
+            done = aggregated[2 * (k - 1) + (kind == "evaluate")] if len(aggregated) > 2 * (k - 1) else None
+            if done is not None:
+                pickup.append(done - t_ok)
+    for values in work_by_kind.values():
+        work += values
+    med = lambda xs: round(statistics.median(xs), 2) if xs else float("nan")  # noqa: E731
+    return {"supernode_poll_wait": med(wait), "clientapp_process": med(process),
+            "of_which_until_clientapp_logs": med(spawn), "of_which_work": med(work),
+            "reply_upload": med(upload), "serverapp_pickup": med(pickup), "messages": len(process)}
+
+
+def cold_clientapp_seconds(cfg, data_path: Path) -> dict[str, float]:
+    """A fresh process: import the ClientApp, load base + adapter, read and tokenize the data."""
+    code = f"""
+import json, time
+t0 = time.perf_counter()
+import client.client_app
+t1 = time.perf_counter()
+from client.task import session, tenant_data, tenant_from_node_config
+from common.config import parse_config
+cfg = parse_config({json.dumps({"model.base": cfg.model.base, "train.threads": cfg.train.threads})})
+loaded = session(cfg)
+t2 = time.perf_counter()
+tenant_data(tenant_from_node_config({{"data-path": {json.dumps(str(data_path))}}}, cfg), cfg, loaded.tokenizer)
+t3 = time.perf_counter()
+print(json.dumps({{"import_clientapp": t1 - t0, "load_model": t2 - t1, "load_data": t3 - t2}}))
+"""
+    from simulations.deploy import flower_env
+
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=flower_env(Path("/nonexistent-flwr-home")))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["whole_process"] = time.perf_counter() - start
+    return {k: round(v, 2) for k, v in result.items()}
+
+
+def per_round(run_dir: Path) -> list[float]:
+    return [json.loads(p.read_text())["seconds"] for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.offline import quiet_and_offline
+    from simulations.deploy import LocalFederation, Tenant
+    from simulations.simulate import parse_overrides, resolve, simulate
+    from simulations.synthetic import write_tenants
+
+    quiet_and_offline()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tenants", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_deployment"))
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    flat = {"simulation.tenants": args.tenants, "federation.rounds": args.rounds,
+            "federation.min-train-nodes": args.tenants, "federation.round-timeout": 300.0,
+            "train.local-steps": 10, "data.train-size": 64, "data.holdout-size": 16, "run.baselines": False,
+            "dpo.enabled": False, "publish.enabled": False,  # only the federated rounds are compared
+            # Simulation gives each tenant one core; so do we, or three ClientApps on one host
+            # each take every core and thrash.
+            "train.threads": 1,
+            **parse_overrides(args.set)}
+    data = out / "data"
+    cfg = resolve("default", flat, str(out / "deployment_run"))
+    write_tenants(data, num_tenants=args.tenants, train_size=cfg.data.train_size,
+                  holdout_size=cfg.data.holdout_size, preference_size=8, seed=cfg.data.seed)
+
+    t = time.perf_counter()
+    with LocalFederation(out / "federation") as fed:
+        for i in range(args.tenants):
+            fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"))
+        fed.wait_online(args.tenants)
+        up = time.perf_counter() - t
+        fed.run(cfg)
+        node_logs = [fed.procs[f"supernode-tenant-{i}"].log for i in range(args.tenants)]
+    dep_dir = Path(cfg.run.dir)
+    dep_rounds = [json.loads(p.read_text()) for p in sorted((dep_dir / "metrics").glob("round_*.json"))]
+    breakdown = message_breakdown(dep_dir / "flower.log", node_logs, dep_rounds)
+
+    sim_cfg = cfg.replace(**{"run.dir": str(out / "simulation_run"), "data.dir": str(data)})
+    simulate(sim_cfg)
+    sim_dir = Path(sim_cfg.run.dir)
+    summary = {
+        "tenants": args.tenants, "rounds": args.rounds, "local_steps": cfg.train.local_steps,
+        "deployment_seconds_per_round": per_round(dep_dir),
+        "simulation_seconds_per_round": per_round(sim_dir),
+        "deployment_federated_seconds": json.loads((dep_dir / "federation.json").read_text())["seconds"],
+        "simulation_federated_seconds": json.loads((sim_dir / "federation.json").read_text())["seconds"],
+        "deployment_startup_seconds": round(up, 1),
+        "message_breakdown_median_seconds": breakdown,
+        "cold_clientapp_seconds": cold_clientapp_seconds(cfg, data / "tenant_000" / "train.jsonl"),
+    }
+    (out / "bench.json").write_text(json.dumps(summary, indent=2))
+    b, c = breakdown, summary["cold_clientapp_seconds"]
+    print(f"""
+| engine | seconds per round | federated seconds |
+|---|---|---|
+| deployment (TLS + node auth) | {', '.join(f'{s:.1f}' for s in summary['deployment_seconds_per_round'])} | {summary['deployment_federated_seconds']:.1f} |
+| simulation | {', '.join(f'{s:.1f}' for s in summary['simulation_seconds_per_round'])} | {summary['simulation_federated_seconds']:.1f} |
+
+Per deployment message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, ClientApp
+process {b['clientapp_process']} s (of which {b['of_which_until_clientapp_logs']} s until the new process logs its
+start, and the work itself {b['of_which_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup
+(after the last upload of the round, incl. aggregation) {b['serverapp_pickup']} s. A cold ClientApp process alone: imports {c['import_clientapp']} s, model load
+{c['load_model']} s, data {c['load_data']} s, whole process {c['whole_process']} s.
+Written to {out / 'bench.json'}""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Benchmark: the DP-SGD step over the non-DP step, on the default model, in the same run.
+
+    python -m simulations.bench_dp [--steps 20] [--repeats 3] [--modes ew,hooks] [--out runs/bench]
+
+Both arms use the one training function (``client.train.train``) on the same synthetic
+tenant, the default config (embedded base, LoRA r=8 on all linear layers, batch 16,
+128 tokens); the DP arm adds ``client.privacy.LocalDP`` (Opacus, Poisson sampling,
+noise calibrated for the default target epsilon). Arms are interleaved ``--repeats``
+times so that machine load hits both alike; the ratio is of median seconds per step
+(timed inside ``train``, after the Opacus wrapping). Target: <= 1.15x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import common  # noqa: F401  (offline switches)
+    import torch
+
+    from client.privacy import LocalDP, NoPrivacy, noise_for_target, sample_rate_for
+    from client.train import train
+    from common.config import parse_config
+    from common.data import read_examples, tenant_paths, tokenize_examples
+    from common.model import load_model
+    from simulations.synthetic import write_tenants
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per arm")
+    p.add_argument("--modes", default="ew,hooks", help="Opacus grad-sample modes to time")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from simulations.simulate import parse_overrides
+
+    cfg = parse_config(parse_overrides(args.set))
+    loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tenants(Path(tmp), num_tenants=1, train_size=cfg.data.train_size, holdout_size=4, preference_size=4,
+                      seed=cfg.data.seed)
+        examples = read_examples(tenant_paths(tmp, 0)[0])
+    data = tokenize_examples(examples, loaded.tokenizer, max_length=cfg.data.max_length)
+    q = sample_rate_for(len(data), cfg.train.batch_size)
+    sigma = noise_for_target(target_epsilon=cfg.privacy.target_epsilon, delta=cfg.privacy.delta, sample_rate=q,
+                             steps=cfg.federation.rounds * cfg.train.local_steps)
+    modes = [m for m in args.modes.split(",") if m]
+
+    def arm(mode: str | None) -> float:
+        privacy = NoPrivacy() if mode is None else LocalDP(
+            noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, sample_rate=q, delta=cfg.privacy.delta,
+            planned_steps=args.steps, grad_sample_mode=mode)
+        m = train(loaded.model, data, cfg.train, pad_id=loaded.tokenizer.pad_token_id, device=loaded.device,
+                  steps=args.steps, progress=False, privacy=privacy)
+        return m.seconds / m.steps
+
+    arm(None)  # warm-up: allocator, kernels, Opacus import
+    for mode in modes:
+        arm(mode)
+    times: dict[str, list[float]] = {"no-dp": [], **{m: [] for m in modes}}
+    for _ in range(args.repeats):
+        times["no-dp"].append(arm(None))
+        for mode in modes:
+            times[mode].append(arm(mode))
+    base = statistics.median(times["no-dp"])
+    summary = {
+        "model": cfg.model.base, "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length,
+        "noise_multiplier": sigma, "sample_rate": q, "threads": args.threads, "steps": args.steps,
+        "repeats": args.repeats, "seconds_per_step": {k: statistics.median(v) for k, v in times.items()},
+        "ratio": {m: statistics.median(times[m]) / base for m in modes},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dp.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    for m in modes:
+        print(f"DP-SGD ({m}) step / non-DP step: {summary['ratio'][m]:.3f}x (target <= 1.15x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

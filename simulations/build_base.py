@@ -1,0 +1,439 @@
+"""Build the embedded tiny base model: corpus -> byte-level BPE tokenizer -> pretrained Llama.
+
+    python -m simulations.build_base            # rebuilds simulations/base_model/ (seed 0)
+    python -m simulations.build_base --help
+
+Everything is seeded (corpus, tokenizer, weights, data order). The corpus is prose records
+of the four synthetic sub-domains (see ``simulations.synthetic.pretrain_corpus``), many
+followed or preceded by a structured restatement in a non-JSON format so that the model
+learns to copy entities; it never contains the instruction template or the task JSON.
+Training runs in fp32 on CPU; the output is saved with safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "base_model"
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")  # ids 0, 1, 2, 3
+SAMPLE_PREFIXES = ("Outpatient visit on", "Lab report for", "Card ending", "Loan application #")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m simulations.build_base", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (replaced)")
+    p.add_argument("--seed", type=int, default=0, help="seed of corpus, tokenizer, weights and data order")
+    p.add_argument("--docs", type=int, default=60000, help="pretraining corpus size in documents")
+    p.add_argument("--eval-docs", type=int, default=400, help="held-out documents for the eval loss")
+    p.add_argument("--vocab-size", type=int, default=3072, help="BPE vocabulary size (incl. special tokens)")
+    p.add_argument("--hidden", type=int, default=192, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--intermediate", type=int, default=512, help="MLP intermediate size")
+    p.add_argument("--seq-len", type=int, default=128, help="packed training sequence length")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    p.add_argument("--steps", type=int, default=1400, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine, 4%% warmup)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--copy-warmup", type=int, default=300,
+                   help="first steps in which --copy-warmup-fraction of the rows are copy drills")
+    p.add_argument("--copy-warmup-fraction", type=float, default=0.5, help="copy-drill share during the warm-up")
+    p.add_argument("--copy-fraction", type=float, default=0.1, help="copy-drill share after the warm-up")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# Words and numbers never carry a neighbouring space: a value is the same token in prose
+# ("patient Maria Lopez, age 54") and in JSON ('"name": "Maria Lopez", "age": 54'), so the
+# model can copy it by identity. Spaces next to punctuation join the punctuation run; a
+# space between two words is its own token. Digits are grouped by at most three.
+PRETOKENIZE_PATTERN = r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+ ?|\s+"
+
+
+def scaffold_texts() -> list[str]:
+    """The prompt scaffolding (template + task instructions), given to the tokenizer only.
+
+    The base model never trains on these; they only get compact token ids (instead of a
+    spray of single characters) so fine-tuning examples stay short.
+    """
+    from simulations import synthetic
+
+    texts = []
+    for instructions in synthetic.INSTRUCTIONS.values():
+        for instruction in instructions:
+            texts.append(synthetic._format_prompt(instruction, "\u2026"))
+    texts.append(synthetic._format_prompt("Continue the conversation as the assistant.", "user:"))
+    return texts * 20
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    """Byte-level BPE on the corpus, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = corpus + scaffold_texts()
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=256, padding_side="right",
+                                   clean_up_tokenization_spaces=False)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert fast.convert_tokens_to_ids(t) == i, (t, fast.convert_tokens_to_ids(t))
+    return fast
+
+
+def check_tokenizer(tokenizer) -> dict:
+    """Round trip task prompts/answers and report their token lengths."""
+    from simulations import synthetic
+
+    rng = random.Random("tokenizer-check")
+    lengths, out_lengths = [], []
+    for i in range(400):
+        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
+        prompt = synthetic._format_prompt(ex["instruction"], ex["input"])
+        for text in (prompt, ex["output"]):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            back = tokenizer.decode(ids)
+            if back != text:
+                raise AssertionError(f"tokenizer round trip failed: {text!r} -> {back!r}")
+        p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        o = len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"])
+        lengths.append(1 + p + o + 1)
+        out_lengths.append(o + 1)
+    return {"example_tokens_mean": sum(lengths) / len(lengths), "example_tokens_max": max(lengths),
+            "output_tokens_mean": sum(out_lengths) / len(out_lengths), "output_tokens_max": max(out_lengths)}
+
+
+def pack(tokenizer, docs: list[str], seq_len: int):
+    """<s> doc </s> streams concatenated and cut into rows of seq_len tokens."""
+    import torch
+
+    stream: list[int] = []
+    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    for ids in enc:
+        stream.extend([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
+    rows = len(stream) // seq_len
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len), len(stream)
+
+
+def copy_drills(tokens: list[int], rows: int, seq_len: int, bos: int, eos: int, seed: str):
+    """Rows of "<s> x x </s> <s> y y </s> ..." with x a random string of 8-40 corpus tokens,
+    and their labels: only the second copy (and its </s>) is scored.
+
+    Only copying predicts the second copy, so these rows grow induction/copy heads fast;
+    the prose corpus alone rewards copying too sparsely for a short CPU pretraining.
+    """
+    import torch
+
+    g = random.Random(f"copy-drills|{seed}")
+    ids_out, lab_out = [], []
+    for _ in range(rows):
+        ids: list[int] = []
+        labels: list[int] = []
+        while len(ids) < seq_len:
+            x = [g.choice(tokens) for _ in range(g.randint(8, 40))]
+            ids.extend([bos, *x, *x, eos])
+            labels.extend([-100] * (1 + len(x)) + [*x, eos])
+        ids_out.append(ids[:seq_len])
+        lab_out.append(labels[:seq_len])
+    return torch.tensor(ids_out, dtype=torch.long), torch.tensor(lab_out, dtype=torch.long)
+
+
+def drill_loss(model, drills) -> float:
+    """Mean loss on the scored (second-copy) tokens of some drill rows: ~0 once the model copies."""
+    import torch
+
+    ids, labels = drills
+    model.eval()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss.item()
+    model.train()
+    return loss
+
+
+def token_counts(tokenizer, docs: list[str]):
+    from collections import Counter
+
+    c: Counter = Counter()
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        c.update(ids)
+    return c
+
+
+def build_model(args, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="silu", attention_bias=False, mlp_bias=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def evaluate(model, rows, batch_size: int) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i: i + batch_size]
+            out = model(input_ids=batch, labels=batch)
+            n = batch.numel() - batch.shape[0]
+            total += out.loss.item() * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def copy_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
+    """Share of unseen records whose brace restatement the model completes exactly (greedy).
+
+    The prompt is the record's prose followed by a new line and "{"; the answer is every
+    field copied (or normalized) from the prose: a direct measure of the copy ability the
+    extraction tasks build on.
+    """
+    import torch
+
+    from simulations import synthetic
+
+    rng = random.Random(f"copy-eval|{seed}")
+    prompts, golds = [], []
+    for i in range(n):
+        domain = synthetic.DOMAINS[i % len(synthetic.DOMAINS)]
+        while True:
+            facts, prose = synthetic._record(domain, rng)
+            if synthetic._bucket(prose) == "probe":
+                break
+        ans = synthetic._answer(domain, facts)
+        golds.append(";".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ans.items()) + "}")
+        prompts.append([tokenizer.bos_token_id] + tokenizer(prose + "\n{", add_special_tokens=False)["input_ids"])
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            chunk, gold = prompts[i: i + 16], golds[i: i + 16]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, row in enumerate(chunk):
+                ids[j, width - len(row):] = torch.tensor(row)
+                mask[j, width - len(row):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=36, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for j, g in enumerate(gold):
+                hits += tokenizer.decode(gen[j, width:], skip_special_tokens=True).startswith(g)
+    model.train()
+    return hits / n
+
+
+def samples(model, tokenizer, max_new_tokens: int = 60) -> list[str]:
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for prefix in SAMPLE_PREFIXES:
+            ids = tokenizer(prefix, return_tensors="pt")["input_ids"]
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
+    return out
+
+
+def write_card(out: Path, args, info: dict) -> None:
+    cmd = ("python -m simulations.build_base" + (f" --seed {args.seed}" if args.seed else "")
+           + "".join(f" --{k.replace('_', '-')} {v}" for k, v in info["non_default_args"].items()))
+    sample_md = "\n".join(f"    {s!r}" for s in info["samples"])
+    text = f"""# fedlora embedded tiny base model
+
+A tiny Llama pretrained from scratch on synthetic prose so that fedlora's simulations and
+tests run offline on a CPU. It is a fluent writer of the four synthetic sub-domains
+(outpatient visit notes, lab reports, card transactions, loan applications) and has never
+seen the `### Instruction` prompt template or the extraction tasks' JSON answers, so an
+untuned base scores ~0 exact match and LoRA has real headroom.
+
+| | |
+|---|---|
+| architecture | `LlamaForCausalLM`: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, MLP {args.intermediate}, RoPE, RMSNorm, tied embeddings, max positions 256 |
+| parameters | {info['params']:,} |
+| weights | fp32, `model.safetensors` ({info['weights_mb']:.1f} MB) |
+| tokenizer | byte-level BPE, vocab {info['vocab']}, specials `<s>`=0 (bos), `</s>`=1 (eos), `<pad>`=2, `<unk>`=3; `model_max_length` 256 |
+| corpus | `simulations.synthetic.pretrain_corpus(n={args.docs}, seed={args.seed})`: {info['corpus_tokens']:,} tokens of prose records in all surface forms, ~70% with a structured restatement (`Summary - ...`, `Record {{...}}`, quoted or `|` lines) that teaches copying; no holdout or probe records |
+| training | {args.steps} steps x {args.batch_size} x {args.seq_len} packed tokens ({info['train_tokens']:,} tokens, {info['epochs']:.2f} epochs), AdamW lr {args.lr} cosine, wd {args.weight_decay}, fp32 CPU, {args.threads} threads, {info['minutes']:.1f} min |
+| final loss | train {info['final_train_loss']:.4f} (mean of last 50 steps), held-out {info['final_eval_loss']:.4f} (probe-bucket documents) |
+| seed | {args.seed} |
+
+Rebuild (deterministic for a given seed and thread count):
+
+    {cmd}
+
+Greedy samples:
+
+{sample_md}
+"""
+    (out / "README.md").write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm import tqdm
+
+    from simulations import synthetic
+
+    torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    t0 = time.time()
+
+    corpus = synthetic.pretrain_corpus(n=args.docs, seed=args.seed)
+    eval_docs = synthetic.probe_texts(n=args.eval_docs, seed=args.seed + 10_000)
+    tokenizer = train_tokenizer(corpus, args.vocab_size)
+    tok_info = check_tokenizer(tokenizer)
+    print(f"tokenizer: vocab {len(tokenizer)}; task examples {tok_info['example_tokens_mean']:.1f} tokens "
+          f"(max {tok_info['example_tokens_max']}), answers {tok_info['output_tokens_mean']:.1f} "
+          f"(max {tok_info['output_tokens_max']})")
+
+    # every token a task answer uses must be trained, not a decayed random row
+    counts = token_counts(tokenizer, corpus)
+    rng = random.Random("answer-tokens")
+    rare = set()
+    for i in range(400):
+        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
+        for t in tokenizer(ex["output"], add_special_tokens=False)["input_ids"]:
+            if counts[t] < 20:
+                rare.add(tokenizer.convert_ids_to_tokens(t))
+    if rare:
+        print(f"warning: answer tokens rare in the corpus: {sorted(rare)}")
+
+    rows, n_tokens = pack(tokenizer, corpus, args.seq_len)
+    eval_rows, _ = pack(tokenizer, eval_docs, args.seq_len)
+    print(f"corpus: {len(corpus)} docs, {n_tokens:,} tokens, {len(rows)} rows of {args.seq_len}; "
+          f"eval {len(eval_rows)} rows")
+
+    model = build_model(args, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    warmup = max(1, int(0.04 * args.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        prog = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    drill_vocab = [t for t, c in counts.items() if c >= 50 and t > 3]
+    n_drill_rows = int(args.copy_warmup * args.batch_size * args.copy_warmup_fraction
+                       + (args.steps - args.copy_warmup) * args.batch_size * args.copy_fraction) + args.batch_size
+    drills, drill_labels = copy_drills(drill_vocab, n_drill_rows, args.seq_len, tokenizer.bos_token_id,
+                                       tokenizer.eos_token_id, str(args.seed))
+    drill_eval = copy_drills(drill_vocab, 32, args.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                             f"eval|{args.seed}")
+    drill_pos = 0
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(rows), generator=g)
+    pos = 0
+    losses: list[float] = []
+    model.train()
+    t_train = time.time()
+    bar = tqdm(range(args.steps), desc="pretrain", unit="step", dynamic_ncols=True)
+    for step in bar:
+        if pos + args.batch_size > len(order):  # next epoch
+            order, pos = torch.randperm(len(rows), generator=g), 0
+        frac = args.copy_warmup_fraction if step < args.copy_warmup else args.copy_fraction
+        n_drill = min(int(round(frac * args.batch_size)), len(drills) - drill_pos)
+        n_prose = args.batch_size - n_drill
+        prose_rows = rows[order[pos: pos + n_prose]]
+        batch = torch.cat([prose_rows, drills[drill_pos: drill_pos + n_drill]])
+        labels = torch.cat([prose_rows, drill_labels[drill_pos: drill_pos + n_drill]])
+        pos += n_prose
+        drill_pos += n_drill
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tps = (step + 1) * args.batch_size * args.seq_len / (time.time() - t_train)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", tok_s=f"{tps:,.0f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            tqdm.write(f"step {step + 1}: train {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
+                       f"held-out {evaluate(model, eval_rows, 64):.4f}, drill {drill_loss(model, drill_eval):.3f}, "
+                       f"copy {copy_accuracy(model, tokenizer):.2f}")
+    bar.close()
+    train_s = time.time() - t_train
+    final_train = sum(losses[-50:]) / len(losses[-50:])
+    final_eval = evaluate(model, eval_rows, 64)
+
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for stray in out.glob("*.bin"):
+        raise RuntimeError(f"unexpected non-safetensors file {stray}")
+    weights_mb = (out / "model.safetensors").stat().st_size / 1e6
+
+    texts = samples(model, tokenizer)
+    defaults = vars(parse_args([]))
+    non_default = {k: v for k, v in vars(args).items() if k not in ("out", "seed") and v != defaults[k]}
+    total_s = time.time() - t0
+    info = {"params": n_params, "weights_mb": weights_mb, "vocab": len(tokenizer), "corpus_tokens": n_tokens,
+            "train_tokens": args.steps * args.batch_size * args.seq_len,
+            "epochs": args.steps * args.batch_size / len(rows), "minutes": train_s / 60,
+            "final_train_loss": final_train, "final_eval_loss": final_eval, "samples": texts,
+            "non_default_args": non_default}
+    write_card(out, args, info)
+
+    print(f"final loss: train {final_train:.4f}, held-out {final_eval:.4f}")
+    print(f"throughput: {info['train_tokens'] / train_s:,.0f} tokens/s; pretraining took {train_s / 60:.1f} min, "
+          f"total {total_s / 60:.1f} min")
+    print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    for s in texts:
+        print("sample:", json.dumps(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""fedlora on Flower's Deployment Engine: command lines, processes and runs.
+
+A federation operator runs one SuperLink (TLS, SuperNode authentication, SQLite state);
+each tenant runs one SuperNode next to its own JSONL file. This module builds the exact
+``flower-superlink`` / ``flower-supernode`` / ``flwr`` command lines — with telemetry,
+update checks and runtime dependency installation off, internal APIs on loopback — and,
+for local tests and benchmarks, starts them on 127.0.0.1 and stops every process it
+started (each carries a private tag in its environment, so even processes Flower detaches
+into their own sessions are found and ended).
+
+The apps are the same as in simulation; only the engine differs. ``run.dir`` must be
+absolute because the ServerApp runs in the SuperLink's working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from common.offline import quiet_and_offline
+from simulations.launcher import APP_DIR, free_port, stop_group
+
+BIN = Path(sys.executable).parent
+TAG_ENV = "FEDLORA_DEPLOY_TAG"
+CONNECTION = "fedlora"
+TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
+
+
+class DeploymentError(RuntimeError):
+    """A deployment process or run did not do what was asked."""
+
+
+# --------------------------------------------------------------------------- #
+# Command lines (printed by the CLI, run by the helpers below and by docker/)
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA and the SuperLink's server certificate, as ``fedlora certs`` writes them."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+    @classmethod
+    def from_dir(cls, certs_dir: Path | str) -> "TlsFiles":
+        d = Path(certs_dir).resolve()
+        files = cls(d / "ca.crt", d / "server.crt", d / "server.key")
+        missing = [str(p) for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
+        if missing:
+            raise DeploymentError(f"missing TLS file(s): {', '.join(missing)}; create them with "
+                                  f"`fedlora certs --out {d} --host <address the tenants dial>`")
+        return files
+
+
+def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1", port: int = 9093,
+                      node_auth: bool = True, health_port: int | None = None) -> list[str]:
+    """``flower-superlink`` with TLS, node authentication, SQLite state and no runtime installs.
+
+    Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port (``host``:
+    ``port``); the optional health server is bound to loopback.
+    """
+    cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert),
+           "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
+           "--database", str(database), "--host", host, "--port", str(port),
+           "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+    if node_auth:
+        cmd.append("--enable-supernode-auth")
+    if health_port:
+        cmd += ["--health-server-address", f"127.0.0.1:{health_port}"]
+    return cmd
+
+
+def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None) -> str:
+    """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``)."""
+    data_path = Path(data_path)
+    if not data_path.is_absolute():
+        raise DeploymentError(f"data path {data_path} must be absolute (the ClientApp runs in another directory)")
+    parts = [f"data-path={json.dumps(str(data_path))}", f"tenant-id={int(tenant_id)}"]
+    if holdout_path is not None:
+        parts.append(f"holdout-path={json.dumps(str(Path(holdout_path).resolve()))}")
+    return " ".join(parts)
+
+
+def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path | None, data_path: Path | str,
+                      tenant_id: int, holdout_path: Path | str | None = None, runtime_port: int = 9094,
+                      max_retries: int | None = None) -> list[str]:
+    """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
+
+    The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
+    ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals).
+    """
+    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink]
+    if ca_cert is not None:
+        cmd += ["--root-certificates", str(ca_cert)]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path),
+            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd
+
+
+def write_cli_config(flwr_home: Path, *, superlink: str, ca_cert: Path) -> Path:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``fedlora`` (TLS with our CA)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                    f'address = "{superlink}"\nroot-certificates = {json.dumps(str(Path(ca_cert).resolve()))}\n')
+    return path
+
+
+def flower_env(flwr_home: Path, tag: str | None = None) -> dict[str, str]:
+    """The environment for every Flower process we start: offline switches, private home, tag."""
+    env = {**os.environ, **quiet_and_offline(), "FLWR_HOME": str(flwr_home)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec, flwr-clientapp
+    # SuperExec looks for new ClientApp/ServerApp tasks every second by default.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
+    if tag:
+        env[TAG_ENV] = tag
+    return env
+
+
+def flwr_cli(args: Sequence[str], *, flwr_home: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run one ``flwr`` CLI command against the ``fedlora`` connection."""
+    return subprocess.run([str(BIN / "flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=flwr_home)
+
+
+def register_node(public_key: Path, *, flwr_home: Path) -> str:
+    """``flwr supernode register KEY.pub``: admit one tenant's key; returns Flower's output."""
+    out = flwr_cli(["supernode", "register", str(public_key), CONNECTION], flwr_home=flwr_home)
+    if out.returncode != 0:
+        raise DeploymentError(f"registering {public_key} failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def online_nodes(*, flwr_home: Path) -> int:
+    """How many registered SuperNodes the SuperLink sees online."""
+    out = flwr_cli(["supernode", "list", CONNECTION, "--format", "json"], flwr_home=flwr_home)
+    if out.returncode != 0:
+        raise DeploymentError(f"`flwr supernode list` failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+    nodes = json.loads(out.stdout).get("nodes", [])
+    return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+
+# --------------------------------------------------------------------------- #
+# Processes: start, find by tag, stop all
+# --------------------------------------------------------------------------- #
+def tagged_pids(tag: str) -> list[int]:
+    """Every live process whose environment carries ``FEDLORA_DEPLOY_TAG=tag``."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
+    """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        pids = tagged_pids(tag)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = tagged_pids(tag)
+        if not pids:
+            return
+
+
+@dataclass
+class Proc:
+    """One started process with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        stop_group(self.popen, grace=5)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+
+def _stamp(line: str) -> str:
+    """Prefix a log line with the wall-clock time (Flower's own lines carry none)."""
+    return f"{time.time():.3f} {line}"
+
+
+def _pump(stream, fh, on_line: Callable[[str], None] | None = None) -> None:
+    for line in stream:
+        fh.write(_stamp(line))
+        fh.flush()
+        if on_line:
+            on_line(line.rstrip("\n"))
+
+
+def start(name: str, cmd: list[str], *, state_dir: Path, env: dict[str, str], cwd: Path | None = None) -> Proc:
+    """Start ``cmd`` in its own process group; its output goes, time-stamped, to ``state_dir/<name>.log``."""
+    log = state_dir / f"{name}.log"
+    work = cwd or state_dir / f"{name}-cwd"
+    work.mkdir(parents=True, exist_ok=True)
+    fh = log.open("a", buffering=1)
+    fh.write(_stamp(f"$ {shlex.join(cmd)}\n"))
+    popen = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+    threading.Thread(target=_pump, args=(popen.stdout, fh), daemon=True, name=f"log-{name}").start()
+    return Proc(name, popen, log)
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# --------------------------------------------------------------------------- #
+# A whole federation on 127.0.0.1 (tests, benchmark, demos)
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Tenant:
+    """One tenant node: its name (key file), its tenant id and its data file."""
+
+    name: str
+    tenant_id: int
+    data_path: Path
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink with TLS + node auth + SQLite on 127.0.0.1 and tenant SuperNodes.
+
+    Use as a context manager; leaving it (also on error) stops every process it started.
+    """
+
+    state_dir: Path
+    node_auth: bool = True
+    port: int = 0
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from common.credentials import write_tls_certificates
+
+        self.state_dir = Path(self.state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        certs = self.state_dir / "certs"
+        if not (certs / "ca.crt").is_file():
+            write_tls_certificates(certs, hosts=("127.0.0.1", "localhost"))
+        self.tls = TlsFiles.from_dir(certs)
+        self.keys = self.state_dir / "keys"
+        self.cli_home = self.state_dir / "operator-home"
+        write_cli_config(self.cli_home, superlink=self.superlink, ca_cert=self.tls.ca_cert)
+
+    # -- lifecycle ----------------------------------------------------------------
+    def __enter__(self) -> "LocalFederation":
+        try:
+            self._start_superlink()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start_superlink(self) -> None:
+        cmd = superlink_command(tls=self.tls, database=self.state_dir / "superlink.db", port=self.port,
+                                node_auth=self.node_auth)
+        link = start("superlink", cmd, state_dir=self.state_dir,
+                     env=flower_env(self.state_dir / "superlink-home", self.tag))
+        self.procs["superlink"] = link
+        wait_for(lambda: link.popen.poll() is not None or flwr_cli(
+            ["supernode", "list", CONNECTION], flwr_home=self.cli_home).returncode == 0,
+            timeout=60, what=f"the SuperLink on {self.superlink} (see {link.log})")
+        if link.popen.poll() is not None:
+            raise DeploymentError(f"flower-superlink exited with code {link.popen.returncode}:\n{link.text()[-2000:]}")
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+        kill_tagged(self.tag)
+
+    def leftovers(self) -> list[int]:
+        return tagged_pids(self.tag)
+
+    # -- tenants ------------------------------------------------------------------
+    def node_key(self, name: str) -> tuple[Path, Path]:
+        """The tenant's key pair, made on first use (as ``fedlora keys node NAME`` does)."""
+        from common.credentials import write_node_keypair
+
+        priv = self.keys / name
+        if not priv.is_file():
+            return write_node_keypair(self.keys, name)
+        return priv, self.keys / f"{name}.pub"
+
+    def register(self, name: str) -> str:
+        return register_node(self.node_key(name)[1], flwr_home=self.cli_home)
+
+    def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
+                   max_retries: int | None = None) -> Proc:
+        """Start one tenant's SuperNode (registering its key first unless told not to)."""
+        priv, _ = self.node_key(tenant.name)
+        if register:
+            self.register(tenant.name)
+        cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
+                                private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
+                                runtime_port=free_port(), max_retries=max_retries)
+        proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
+                     env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
+        self.procs[proc.name] = proc
+        return proc
+
+    def wait_online(self, count: int, *, timeout: float = 90.0) -> None:
+        wait_for(lambda: online_nodes(flwr_home=self.cli_home) >= count, timeout=timeout, poll=1.0,
+                 what=f"{count} SuperNode(s) online")
+
+    # -- runs ---------------------------------------------------------------------
+    def run(self, cfg, *, timeout: float = 0.0, on_line: Callable[[str], None] | None = None) -> Path:
+        """Run the fedlora apps with ``cfg`` (``run.dir`` absolute); returns the report path."""
+        return run_deployment(cfg, flwr_home=self.cli_home, node_auth=self.node_auth, timeout=timeout,
+                              on_line=on_line, env_extra={TAG_ENV: self.tag})
+
+
+def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: float = 3600.0,
+               on_line: Callable[[str], None] | None = None, env_extra: dict[str, str] | None = None,
+               app_dir: Path = APP_DIR) -> None:
+    """``flwr run APP fedlora --run-config FILE --stream``; raises if the run failed."""
+    cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_toml), "--stream"]
+    deadline = time.monotonic() + timeout
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=flwr_home, env={**flower_env(flwr_home), **(env_extra or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, start_new_session=True)
+        try:
+            pump = threading.Thread(target=_pump, args=(proc.stdout, fh, on_line), daemon=True)
+            pump.start()
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise DeploymentError(f"the run exceeded {timeout:.0f}s; see {log}") from None
+            pump.join(timeout=10)
+        finally:
+            stop_group(proc, grace=5)
+    text = log.read_text()
+    if proc.returncode != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
+        raise DeploymentError(f"the Flower run failed (exit code {proc.returncode}); see {log}\n"
+                              + "\n".join(text.splitlines()[-25:]))
+
+
+# --------------------------------------------------------------------------- #
+# A deployment run and its report
+# --------------------------------------------------------------------------- #
+def deployment_config(cfg, *, node_auth: bool):
+    """The run's config as the Deployment Engine runs it (TLS is always on here)."""
+    if not cfg.run.dir or not Path(cfg.run.dir).is_absolute():
+        raise DeploymentError("run.dir must be an absolute path: the ServerApp runs in the SuperLink's directory")
+    return cfg.replace(**{"deployment.engine": "deployment", "deployment.tls": True,
+                          "deployment.node-auth": node_auth})
+
+
+def deployment_section(run_dir: Path) -> list[str]:
+    """Report lines: engine, TLS, authentication and which tenants finished each round."""
+    from simulations.report import read_rounds
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    on = {True: "on", False: "OFF"}
+    lines = ["## Deployment", "",
+             f"- engine: {cfg['deployment.engine']}; TLS {on[bool(cfg['deployment.tls'])]}; "
+             f"SuperNode authentication {on[bool(cfg['deployment.node-auth'])]}",
+             f"- round timeout {cfg['federation.round-timeout']:.0f} s; minimum tenants per round "
+             f"{cfg['federation.min-train-nodes']}", "",
+             "| round | sampled | finished | did not finish | seconds |", "|---|---|---|---|---|"]
+    def names(tenants) -> str:
+        return ", ".join(sorted(tenants, key=lambda t: (len(t), t))) or "-"
+
+    for r in read_rounds(run_dir):
+        missing = [t for t in r["sampled"] if t not in r["finished"]]
+        lines.append(f"| {r['round']} | {names(r['sampled'])} | {names(r['finished'])} | {names(missing)} | "
+                     f"{r['seconds']:.1f} |")
+    return lines + [""]
+
+
+def report_deployment(run_dir: Path, extra: Sequence[str] = ()) -> Path:
+    from simulations.report import plot, write_report
+
+    plot(run_dir)
+    return write_report(run_dir, comparison=[], extra_sections=[*deployment_section(run_dir), *extra])
+
+
+def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = None, timeout: float = 0.0,
+                   on_line: Callable[[str], None] | None = None, env_extra: dict[str, str] | None = None) -> Path:
+    """Submit one run to a running SuperLink, wait for its final adapter, write the report."""
+    from simulations.simulate import write_run_config
+
+    cfg = deployment_config(cfg, node_auth=node_auth)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rc = write_run_config(cfg, run_dir / "run_config.toml")
+    log = log or run_dir / "flower.log"
+    timeout = timeout or cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600
+    submit_run(rc, flwr_home=flwr_home, log=log, timeout=timeout, on_line=on_line, env_extra=env_extra)
+    if not (run_dir / "FEDERATION_DONE").is_file():
+        raise DeploymentError(f"the run ended without a final adapter in {run_dir}; see {log}")
+    return report_deployment(run_dir)

@@ -1,0 +1,104 @@
+"""``fedlora deploy ...``: start a SuperLink or a tenant's SuperNode, register tenants, run.
+
+Each command prints or runs the exact Flower command line (see ``simulations.deploy``), with
+telemetry, update checks and runtime dependency installation off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from simulations import deploy
+
+DEFAULT_HOME = Path.home() / ".fedlora" / "flwr"
+
+
+def add_commands(sub) -> None:
+    """Register ``deploy`` and its sub-commands on the top-level parser's subparsers."""
+    dep = sub.add_parser("deploy", help="run on Flower's Deployment Engine (SuperLink, SuperNodes, TLS, node auth)",
+                         description="Operator: `deploy superlink`, `deploy register`, `deploy run`. "
+                                     "Tenant: `deploy supernode`. See README, section Deployment.")
+    cmds = dep.add_subparsers(dest="deploy_command", required=True, metavar="STEP")
+
+    link = cmds.add_parser("superlink", help="start the SuperLink (TLS, node auth, SQLite state)")
+    link.add_argument("--certs", required=True, help="directory with ca.crt, server.crt, server.key (`fedlora certs`)")
+    link.add_argument("--database", required=True, help="SQLite state file, e.g. state/superlink.db")
+    link.add_argument("--host", default="0.0.0.0", help="address to serve on (default: 0.0.0.0)")
+    link.add_argument("--port", type=int, default=9093, help="HTTPS port of the SuperLink (default: 9093)")
+    link.add_argument("--no-node-auth", action="store_true", help="admit any SuperNode (not recommended)")
+    link.add_argument("--print", action="store_true", help="print the command instead of running it")
+
+    node = cmds.add_parser("supernode", help="start this tenant's SuperNode on its own data file")
+    node.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
+    node.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
+    node.add_argument("--key", required=True, help="this tenant's private key (`fedlora keys node NAME`)")
+    node.add_argument("--data", required=True, help="this tenant's training JSONL (holdout beside it)")
+    node.add_argument("--holdout", help="holdout JSONL (default: beside --data)")
+    node.add_argument("--tenant-id", type=int, default=0, help="this tenant's number in reports (default: 0)")
+    node.add_argument("--runtime-port", type=int, default=9094, help="loopback port for ClientApp processes")
+    node.add_argument("--print", action="store_true", help="print the command instead of running it")
+
+    for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
+        p = cmds.add_parser(name, help=text)
+        p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
+        p.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
+        p.add_argument("--flwr-home", default=str(DEFAULT_HOME), help=f"flwr CLI home (default: {DEFAULT_HOME})")
+    cmds.choices["register"].add_argument("public_key", help="the tenant's NAME.pub")
+    run = cmds.choices["run"]
+    run.add_argument("--scenario", default="deployment", help="scenario name or .toml (default: deployment)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config key")
+    run.add_argument("--run-dir", required=True, help="absolute run directory on the SuperLink's machine")
+    run.add_argument("--no-node-auth", action="store_true", help="the SuperLink runs without node auth")
+
+
+def _exec(cmd: list[str], print_only: bool) -> int:
+    if print_only:
+        print(shlex.join(cmd))
+        return 0
+    env = deploy.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)))
+    os.execve(cmd[0], cmd, env)
+    return 1  # not reached
+
+
+def main_deploy(args: argparse.Namespace) -> int:
+    try:
+        return _dispatch(args)
+    except (deploy.DeploymentError, FileNotFoundError) as err:
+        print(f"fedlora deploy {args.deploy_command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.deploy_command == "superlink":
+        db = Path(args.database).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return _exec(deploy.superlink_command(tls=deploy.TlsFiles.from_dir(args.certs), database=db,
+                                              host=args.host, port=args.port, node_auth=not args.no_node_auth),
+                     args.print)
+    if args.deploy_command == "supernode":
+        return _exec(deploy.supernode_command(
+            superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
+            data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
+            holdout_path=Path(args.holdout).resolve() if args.holdout else None,
+            runtime_port=args.runtime_port), args.print)
+    home = Path(args.flwr_home)
+    deploy.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
+    if args.deploy_command == "register":
+        print(deploy.register_node(Path(args.public_key).resolve(), flwr_home=home))
+        return 0
+    from common.config import ConfigError
+    from simulations.simulate import parse_overrides, resolve
+
+    try:
+        cfg = resolve(args.scenario, parse_overrides(args.set or []), args.run_dir)
+    except ConfigError as err:
+        print(f"fedlora deploy run: {err}", file=sys.stderr)
+        return 2
+    report = deploy.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,
+                                   on_line=lambda line: print(line, flush=True))
+    print(f"fedlora: report written to {report}")
+    return 0

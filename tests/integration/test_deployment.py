@@ -1,0 +1,147 @@
+"""End to end on Flower's Deployment Engine on 127.0.0.1: TLS, node authentication, tenant nodes.
+
+One SuperLink (TLS, ``--enable-supernode-auth``, SQLite state) serves the whole module. Three
+registered tenant SuperNodes, each with its own JSONL file, run 2 rounds of the real apps on
+the tiny base; one tenant's SuperNode is killed after round 1 and the run completes with the
+other two. A node with an unregistered key and a node without the CA are refused. Every
+process the module starts carries a tag in its environment; the fixture kills all of them,
+also when a test fails, and the last test proves none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from common.config import parse_config
+from simulations.deploy import LocalFederation, Tenant, tagged_pids
+
+pytestmark = pytest.mark.slow
+
+# A live reply can take minutes on a loaded 2-core machine; a dead SuperNode is declared
+# unavailable by Flower after ~60 s (missed heartbeats), well inside this.
+ROUND_TIMEOUT = 180.0
+TENANTS = 3
+KILLED = "2"  # tenant id whose SuperNode dies after round 1
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """The shared SuperLink with three registered, connected tenant SuperNodes."""
+    from simulations.synthetic import write_tenants
+
+    root = tmp_path_factory.mktemp("deployment")
+    write_tenants(root / "data", num_tenants=TENANTS, train_size=48, holdout_size=8, preference_size=8, seed=0)
+    fed = LocalFederation(root / "federation")
+    with fed:
+        for t in range(TENANTS):
+            fed.start_node(Tenant(f"tenant-{t}", t, root / "data" / f"tenant_{t:03d}" / "train.jsonl"))
+        fed.wait_online(TENANTS)
+        fed.data_root = root / "data"  # type: ignore[attr-defined]
+        yield fed
+    # Leaving the context stopped everything; the last test checks nothing is left.
+
+
+@pytest.fixture(scope="module")
+def run(federation, tmp_path_factory):
+    """2 rounds; the SuperNode of tenant ``KILLED`` is SIGKILLed as soon as round 1 is recorded."""
+    run_dir = tmp_path_factory.mktemp("run") / "deploy-run"
+    cfg = parse_config({
+        "model.base": os.environ.get("FEDLORA_TEST_BASE", "embedded"),
+        "federation.rounds": 2, "federation.min-train-nodes": 2, "federation.round-timeout": ROUND_TIMEOUT,
+        "train.local-steps": 4, "train.batch-size": 8, "train.threads": 1, "eval.max-new-tokens": 16,
+        "run.dir": str(run_dir), "run.baselines": False,
+    })
+    killed = {}
+
+    def kill_after_round_one() -> None:
+        while not (run_dir / "metrics" / "round_001.json").is_file():
+            if stop.is_set():
+                return
+            time.sleep(0.2)
+        proc = federation.procs[f"supernode-tenant-{KILLED}"].popen
+        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a goodbye
+        killed["at"] = time.monotonic()
+
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_after_round_one, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    try:
+        report = federation.run(cfg, timeout=600)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2)]
+    return {"dir": run_dir, "report": report, "rounds": rounds, "seconds": time.monotonic() - start,
+            "after_kill": time.monotonic() - killed["at"]}
+
+
+def test_two_rounds_land_a_final_adapter_in_the_run_dir(run):
+    # Assert: the final adapter is a PEFT directory in run.dir, written after round 2
+    adapter = run["dir"] / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "adapter_config.json").is_file()
+    assert json.loads((run["dir"] / "federation.json").read_text())["rounds"] == 2
+
+
+def test_every_tenant_finishes_round_one(run):
+    assert run["rounds"][0]["finished"] == ["0", "1", "2"]
+
+
+def test_killed_supernode_round_completes_with_the_others_within_the_timeout(run):
+    # Round 2 waits at most the round timeout for the dead node (plus one more for evaluation)
+    second = run["rounds"][1]
+    assert second["finished"] == ["0", "1"]
+    assert KILLED in second["sampled"] and KILLED not in second["finished"]
+    assert second["aggregated"]
+    assert run["after_kill"] < 2 * ROUND_TIMEOUT + 90
+
+
+def test_killed_supernode_is_reported_as_unavailable(run):
+    # Flower answers for the dead node (its error reply comes from the SuperLink itself)
+    reasons = [d["reason"] for d in run["rounds"][1]["dropped"]]
+    assert any("Node Unavailable" in r for r in reasons), reasons
+
+
+def test_report_states_engine_tls_auth_and_who_finished(run):
+    text = run["report"].read_text()
+    assert "Flower Deployment Engine (SuperLink + SuperNodes), TLS on, SuperNode authentication on" in text
+    assert "| 1 | 0, 1, 2 | 0, 1, 2 | - |" in text
+    assert "| 2 | 0, 1, 2 | 0, 1 | 2 |" in text
+
+
+def test_unregistered_key_is_refused(federation):
+    # Prepare: a key the operator never registered
+    data = federation.data_root / "tenant_000" / "train.jsonl"
+    # Execute
+    proc = federation.start_node(Tenant("stranger", 7, data), register=False, max_retries=0)
+    proc.popen.wait(timeout=60)
+    time.sleep(0.5)
+    # Assert: the SuperLink refused to activate it and the SuperNode gave up
+    assert proc.popen.returncode != 0
+    assert "Failed to activate SuperNode" in proc.text()
+
+
+def test_node_without_the_ca_is_refused(federation):
+    # Prepare: a registered key, but no --root-certificates (system CAs do not know ours)
+    data = federation.data_root / "tenant_001" / "train.jsonl"
+    # Execute
+    proc = federation.start_node(Tenant("no-ca", 8, data), with_ca=False, max_retries=0)
+    proc.popen.wait(timeout=60)
+    time.sleep(0.5)
+    # Assert
+    assert proc.popen.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in proc.text()
+
+
+def test_no_process_is_left_behind(federation):
+    # Execute: what the fixture does at the end of the module (also when a test failed)
+    federation.close()
+    # Assert: no SuperLink, SuperNode, SuperExec, ServerApp or ClientApp process remains
+    assert tagged_pids(federation.tag) == []

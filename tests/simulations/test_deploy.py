@@ -1,0 +1,156 @@
+"""Deployment helpers without a federation: command lines, node config, process clean-up, report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.task import tenant_from_node_config
+from common.config import parse_config
+from simulations import deploy
+
+BIN = Path(sys.executable).parent
+
+
+def _flags(program: str) -> set[str]:
+    """Every ``--flag`` that ``program --help`` documents."""
+    out = subprocess.run([str(BIN / program), "--help"], capture_output=True, text=True, timeout=60,
+                         env=deploy.flower_env(Path("/nonexistent-flwr-home"))).stdout
+    return set(re.findall(r"(--[a-z][a-z0-9-]+)", out))
+
+
+def _used(cmd: list[str]) -> set[str]:
+    return {a.split("=")[0] for a in cmd if a.startswith("--")}
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    from common.credentials import write_tls_certificates
+
+    out = tmp_path_factory.mktemp("certs")
+    write_tls_certificates(out)
+    return deploy.TlsFiles.from_dir(out)
+
+
+def test_superlink_command_has_tls_auth_database_and_no_runtime_installs(tls, tmp_path):
+    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", port=9093)
+    assert cmd[cmd.index("--ssl-ca-certfile") + 1] == str(tls.ca_cert)
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "s.db")
+    assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(cmd)
+    assert "--insecure" not in cmd
+
+
+def test_superlink_flags_exist_in_flower(tls, tmp_path):
+    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", health_port=9098)
+    assert _used(cmd) <= _flags("flower-superlink")
+
+
+def test_supernode_flags_exist_in_flower_and_runtime_api_stays_on_loopback(tls, tmp_path):
+    cmd = deploy.supernode_command(superlink="10.0.0.1:9093", ca_cert=tls.ca_cert, private_key=tmp_path / "k",
+                                   data_path=tmp_path / "train.jsonl", tenant_id=3, max_retries=0)
+    assert _used(cmd) <= _flags("flower-supernode")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tls.ca_cert)
+
+
+def test_node_config_reaches_the_client_as_the_tenant_data(tmp_path):
+    # Prepare: a train file with its holdout beside it, parsed the way Flower parses --node-config
+    from flwr.common.config import parse_config_args
+
+    (tmp_path / "my data").mkdir()
+    train = tmp_path / "my data" / "train.jsonl"
+    train.write_text("{}\n")
+    (tmp_path / "my data" / "holdout.jsonl").write_text("{}\n")
+    # Execute
+    node_config = parse_config_args([deploy.node_config(train, tenant_id=5)])
+    tenant = tenant_from_node_config(node_config, parse_config({}))
+    # Assert
+    assert (tenant.tenant_id, tenant.train_path, tenant.holdout_path) == (5, train, tmp_path / "my data" / "holdout.jsonl")
+
+
+def test_node_config_refuses_a_relative_data_path():
+    with pytest.raises(deploy.DeploymentError, match="must be absolute"):
+        deploy.node_config("data/train.jsonl", tenant_id=0)
+
+
+def test_missing_tls_files_name_the_command_that_makes_them(tmp_path):
+    with pytest.raises(deploy.DeploymentError, match="fedlora certs --out"):
+        deploy.TlsFiles.from_dir(tmp_path)
+
+
+def test_flower_env_turns_off_telemetry_update_check_and_runtime_installs(tmp_path):
+    env = deploy.flower_env(tmp_path, "t1")
+    assert (env["FLWR_TELEMETRY_ENABLED"], env["FLWR_DISABLE_UPDATE_CHECK"],
+            env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == ("0", "1", "1")
+    assert (env["FLWR_HOME"], env[deploy.TAG_ENV]) == (str(tmp_path), "t1")
+
+
+def test_kill_tagged_ends_detached_grandchildren(tmp_path):
+    # Prepare: a child that starts a grandchild in its own session (as Flower's SuperExec is)
+    tag = "unit-test-tag-" + str(time.time_ns())
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); time.sleep(60)")
+    proc = deploy.start("sleeper", [sys.executable, "-c", code], state_dir=tmp_path,
+                        env={**deploy.flower_env(tmp_path, tag)})
+    deploy.wait_for(lambda: len(deploy.tagged_pids(tag)) == 2, timeout=20, what="two tagged processes")
+    # Execute
+    deploy.kill_tagged(tag, grace=2)
+    # Assert
+    assert deploy.tagged_pids(tag) == []
+    proc.popen.wait(timeout=5)
+
+
+def test_deployment_section_lists_who_finished_each_round(tmp_path):
+    # Prepare: a run directory as the ServerApp leaves it, tenant 2 missing in round 2
+    (tmp_path / "metrics").mkdir()
+    cfg = parse_config({"deployment.engine": "deployment", "deployment.tls": True, "deployment.node-auth": True,
+                        "federation.round-timeout": 60.0})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_flat()))
+    for k, finished in ((1, ["0", "1", "10", "2"]), (2, ["0", "1", "10"])):
+        (tmp_path / "metrics" / f"round_00{k}.json").write_text(json.dumps(
+            {"round": k, "sampled": ["10", "2", "1", "0"], "finished": finished, "seconds": 12.5}))
+    # Execute
+    lines = deploy.deployment_section(tmp_path)
+    # Assert
+    assert "- engine: deployment; TLS on; SuperNode authentication on" in lines
+    assert "| 1 | 0, 1, 2, 10 | 0, 1, 2, 10 | - | 12.5 |" in lines
+    assert "| 2 | 0, 1, 2, 10 | 0, 1, 10 | 2 | 12.5 |" in lines
+
+
+def test_deployment_run_needs_an_absolute_run_dir():
+    with pytest.raises(deploy.DeploymentError, match="absolute"):
+        deploy.deployment_config(parse_config({}), node_auth=True)
+
+
+def test_deployment_config_states_engine_tls_and_auth():
+    cfg = deploy.deployment_config(parse_config({"run.dir": "/abs/run"}), node_auth=True)
+    assert (cfg.deployment.engine, cfg.deployment.tls, cfg.deployment.node_auth) == ("deployment", True, True)
+
+
+def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
+    # Prepare
+    from simulations.cli import main
+
+    data = tmp_path / "train.jsonl"
+    # Execute
+    rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+               "--key", str(tmp_path / "hospital-a"), "--data", str(data), "--tenant-id", "4", "--print"])
+    # Assert
+    line = capsys.readouterr().out.strip()
+    assert rc == 0
+    assert f"--auth-supernode-private-key {tmp_path / 'hospital-a'}" in line
+    assert f"""--node-config 'data-path="{data}" tenant-id=4'""" in line
+
+
+def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, capsys):
+    from simulations.cli import main
+
+    rc = main(["deploy", "superlink", "--certs", str(tmp_path), "--database", str(tmp_path / "db"), "--print"])
+    assert rc == 2
+    assert "fedlora certs --out" in capsys.readouterr().err
