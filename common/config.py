@@ -212,13 +212,16 @@ class DPOConfig:
     # DPO temperature: larger keeps the policy closer to the reference (the aggregate).
     beta: float = _opt(0.1, "DPO beta", lo=0.0)
     # Peak learning rate of the DPO optimizer (linear decay).
-    learning_rate: float = _opt(5e-4, "DPO learning rate", lo=0.0, hi=1.0)
+    learning_rate: float = _opt(1e-4, "DPO learning rate", lo=0.0, hi=1.0)
     # Optimizer steps over the preference pairs.
     steps: int = _opt(40, "DPO optimizer steps", lo=1)
     # Preference pairs per step.
     batch_size: int = _opt(8, "preference pairs per DPO step", lo=1)
     # Longest prompt + answer in tokens; longer pairs are truncated at the end.
     max_length: int = _opt(192, "max tokens of prompt + answer", lo=8)
+    # Weight of an added SFT loss on the chosen answers (RPO); keeps their likelihood up
+    # so greedy answers do not degrade. 0 = plain DPO.
+    sft_weight: float = _opt(0.0, "weight of the SFT term on chosen answers (0 = plain DPO)", lo=0.0)
 
 
 @dataclass(frozen=True)

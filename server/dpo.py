@@ -117,6 +117,8 @@ def _trainer_args(cfg: Config, output_dir: Path, device: torch.device):
         output_dir=str(output_dir), use_cpu=device.type == "cpu", bf16=False, fp16=False,
         gradient_checkpointing=False, learning_rate=cfg.dpo.learning_rate, beta=cfg.dpo.beta,
         max_length=cfg.dpo.max_length, per_device_train_batch_size=cfg.dpo.batch_size,
+        loss_type=["sigmoid", "sft"] if cfg.dpo.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.dpo.sft_weight] if cfg.dpo.sft_weight > 0 else None,
         max_steps=cfg.dpo.steps, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed, data_seed=cfg.train.seed,
         report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,

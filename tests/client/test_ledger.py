@@ -47,10 +47,10 @@ def _accountant_epsilon(sigma: float, q: float, steps: int, delta: float) -> flo
     return acc.get_epsilon(delta=delta)
 
 
-def _tenant_app(monkeypatch, tmp_path, model, **privacy):
+def _tenant_app(monkeypatch, tmp_path, model, *, mode="local", extra=None, **privacy):
     """The real ClientApp train handler on a tiny model and 4 examples, ledger in tmp_path."""
-    flat = {"train.local-steps": 2, "train.batch-size": 2, "federation.rounds": 3, "privacy.mode": "local",
-            **{f"privacy.{k}": v for k, v in privacy.items()}}
+    flat = {"train.local-steps": 2, "train.batch-size": 2, "federation.rounds": 3, "privacy.mode": mode,
+            **(extra or {}), **{f"privacy.{k}": v for k, v in privacy.items()}}
     cfg = parse_config(flat)
     tenant = Tenant(3, tmp_path / "train.jsonl", None, state_dir=tmp_path / "state")
     data = TenantData(tenant, train=[None] * len(DATA), holdout=[], tokenized=DATA)  # type: ignore[list-item]

@@ -113,3 +113,25 @@ def test_without_privacy_the_sum_is_untouched_and_nothing_is_reported():
     mech = NoServerPrivacy()
     assert mech.on_server_aggregate(agg, received=3, sampled=5, connected=5) is agg
     assert mech.round_report() == {}
+
+
+def test_tenant_clips_its_delta_before_it_leaves(monkeypatch, tmp_path):
+    from client.privacy import WITHHELD_UNDER_LOCAL_DP
+    from common.adapter import get_state
+    from tests.client.test_ledger import _tenant_app, _train_request
+    from tests.client.test_privacy import tiny_lora
+
+    # Prepare: the real ClientApp on a tiny model, central DP with clip 0.01
+    model = tiny_lora()
+    _, handle = _tenant_app(monkeypatch, tmp_path, model, mode="central", extra={"federation.max-weight": 1},
+                            **{"central-clip": 0.01})
+    # Execute: one training round
+    reply = handle(_train_request(get_state(model)))
+    # Assert: the delta that left has L2 norm 0.01 (training moved it further); no ledger, epsilon 0
+    delta = from_arrayrecord(reply.content.array_records[keys.ARRAYS])
+    norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in delta.values())))
+    assert norm == pytest.approx(0.01, rel=1e-4)
+    metrics = dict(reply.content.metric_records[keys.METRICS])
+    assert metrics[keys.DP_EPSILON] == 0.0 and metrics["train-loss"] > 0  # nothing withheld: no local DP
+    assert WITHHELD_UNDER_LOCAL_DP <= set(metrics)
+    assert not (tmp_path / "state").exists()
