@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
+    import bitsandbytes  # noqa: F401  (imports first, so neither variant's RSS growth counts them)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
     results = [measure(prec, args.steps, args.batch_size, args.warmup) for prec in ("fp32", "nf4")]
     lora, qlora = results
     summary = {"results": results, "qlora_over_lora_step_time": qlora["step_seconds"] / lora["step_seconds"],
