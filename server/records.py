@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from common import messages as keys
-from common.adapter import save_adapter, write_json_atomic
+from common.adapter import write_json_atomic
 
 
 @dataclass

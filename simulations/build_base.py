@@ -4,10 +4,10 @@
     python -m simulations.build_base --help
 
 Everything is seeded (corpus, tokenizer, weights, data order). The corpus is prose records
-of the four synthetic sub-domains (see ``simulations.synthetic.pretrain_corpus``), many
-followed or preceded by a structured restatement in a non-JSON format so that the model
-learns to copy entities; it never contains the instruction template or the task JSON.
-Training runs in fp32 on CPU; the output is saved with safetensors only.
+of the four synthetic sub-domains (see ``simulations.synthetic.pretrain_corpus``), most
+followed or preceded by a structured restatement in a non-JSON format, so the model learns
+to read a record's facts back out of it; it never contains the instruction template or the
+task JSON. Training runs in fp32 on CPU; the output is saved with safetensors only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of corpus, tokenizer, weights and data order")
-    p.add_argument("--docs", type=int, default=60000, help="pretraining corpus size in documents")
+    p.add_argument("--docs", type=int, default=80000, help="pretraining corpus size in documents")
     p.add_argument("--eval-docs", type=int, default=400, help="held-out documents for the eval loss")
     p.add_argument("--vocab-size", type=int, default=3072, help="BPE vocabulary size (incl. special tokens)")
     p.add_argument("--hidden", type=int, default=192, help="hidden size")
@@ -40,15 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--intermediate", type=int, default=512, help="MLP intermediate size")
     p.add_argument("--seq-len", type=int, default=128, help="packed training sequence length")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    p.add_argument("--steps", type=int, default=1400, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine, 4%% warmup)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to 10%%, 4%% warmup)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--copy-warmup", type=int, default=300,
-                   help="first steps in which --copy-warmup-fraction of the rows are copy drills")
-    p.add_argument("--copy-warmup-fraction", type=float, default=0.5, help="copy-drill share during the warm-up")
-    p.add_argument("--copy-fraction", type=float, default=0.1, help="copy-drill share after the warm-up")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=400, help="steps between held-out evaluations (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -60,13 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Words and numbers never carry a neighbouring space: a value is the same token in prose
-# ("patient Maria Lopez, age 54") and in JSON ('"name": "Maria Lopez", "age": 54'), so the
-# model can copy it by identity. Spaces next to punctuation join the punctuation run; a
-# space between two words is its own token. Digits are grouped by at most three.
-PRETOKENIZE_PATTERN = r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+ ?|\s+"
 
 
 def scaffold_texts() -> list[str]:
@@ -81,20 +70,16 @@ def scaffold_texts() -> list[str]:
     for instructions in synthetic.INSTRUCTIONS.values():
         for instruction in instructions:
             texts.append(synthetic._format_prompt(instruction, "\u2026"))
-    texts.append(synthetic._format_prompt("Continue the conversation as the assistant.", "user:"))
     return texts * 20
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
-    """Byte-level BPE on the corpus, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Byte-level BPE on the corpus (+ prompt scaffolding), as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -137,55 +122,29 @@ def pack(tokenizer, docs: list[str], seq_len: int):
     import torch
 
     stream: list[int] = []
-    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    for ids in enc:
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         stream.extend([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
     rows = len(stream) // seq_len
     return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len), len(stream)
 
 
-def copy_drills(tokens: list[int], rows: int, seq_len: int, bos: int, eos: int, seed: str):
-    """Rows of "<s> x x </s> <s> y y </s> ..." with x a random string of 8-40 corpus tokens,
-    and their labels: only the second copy (and its </s>) is scored.
-
-    Only copying predicts the second copy, so these rows grow induction/copy heads fast;
-    the prose corpus alone rewards copying too sparsely for a short CPU pretraining.
-    """
-    import torch
-
-    g = random.Random(f"copy-drills|{seed}")
-    ids_out, lab_out = [], []
-    for _ in range(rows):
-        ids: list[int] = []
-        labels: list[int] = []
-        while len(ids) < seq_len:
-            x = [g.choice(tokens) for _ in range(g.randint(8, 40))]
-            ids.extend([bos, *x, *x, eos])
-            labels.extend([-100] * (1 + len(x)) + [*x, eos])
-        ids_out.append(ids[:seq_len])
-        lab_out.append(labels[:seq_len])
-    return torch.tensor(ids_out, dtype=torch.long), torch.tensor(lab_out, dtype=torch.long)
-
-
-def drill_loss(model, drills) -> float:
-    """Mean loss on the scored (second-copy) tokens of some drill rows: ~0 once the model copies."""
-    import torch
-
-    ids, labels = drills
-    model.eval()
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=labels).loss.item()
-    model.train()
-    return loss
-
-
-def token_counts(tokenizer, docs: list[str]):
+def rare_answer_tokens(tokenizer, corpus: list[str], min_count: int = 20) -> list[str]:
+    """Tokens of task answers that the corpus barely trains (their embeddings stay near init)."""
     from collections import Counter
 
-    c: Counter = Counter()
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        c.update(ids)
-    return c
+    from simulations import synthetic
+
+    counts: Counter = Counter()
+    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
+        counts.update(ids)
+    rng = random.Random("answer-tokens")
+    rare = set()
+    for i in range(400):
+        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
+        for t in tokenizer(ex["output"], add_special_tokens=False)["input_ids"]:
+            if counts[t] < min_count:
+                rare.add(tokenizer.convert_ids_to_tokens(t))
+    return sorted(rare)
 
 
 def build_model(args, tokenizer):
@@ -202,6 +161,7 @@ def build_model(args, tokenizer):
 
 
 def evaluate(model, rows, batch_size: int) -> float:
+    """Mean next-token loss over packed held-out rows."""
     import torch
 
     model.eval()
@@ -217,18 +177,35 @@ def evaluate(model, rows, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-def copy_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
-    """Share of unseen records whose brace restatement the model completes exactly (greedy).
-
-    The prompt is the record's prose followed by a new line and "{"; the answer is every
-    field copied (or normalized) from the prose: a direct measure of the copy ability the
-    extraction tasks build on.
-    """
+def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches)."""
     import torch
 
+    texts = []
+    for i in range(0, len(prompts), 16):
+        chunk = prompts[i: i + 16]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, row in enumerate(chunk):
+            ids[j, width - len(row):] = torch.tensor(row)
+            mask[j, width - len(row):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts += [tokenizer.decode(g[width:], skip_special_tokens=True) for g in gen]
+    return texts
+
+
+def slot_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
+    """How often the base reads a task field back out of an unseen record (greedy).
+
+    The prompt is the record, a new line and a ``Summary - `` restatement filled in up to
+    one of the task's fields (``...; drug:``); the field's value must follow. This is the
+    skill the extraction tasks build on, measured without the task's template or JSON.
+    """
     from simulations import synthetic
 
-    rng = random.Random(f"copy-eval|{seed}")
+    rng = random.Random(f"slot-eval|{seed}")
     prompts, golds = [], []
     for i in range(n):
         domain = synthetic.DOMAINS[i % len(synthetic.DOMAINS)]
@@ -236,64 +213,57 @@ def copy_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
             facts, prose = synthetic._record(domain, rng)
             if synthetic._bucket(prose) == "probe":
                 break
-        ans = synthetic._answer(domain, facts)
-        golds.append(";".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ans.items()) + "}")
-        prompts.append([tokenizer.bos_token_id] + tokenizer(prose + "\n{", add_special_tokens=False)["input_ids"])
+        answer = synthetic._answer(domain, facts)
+        keys = list(answer)
+        vals = [v if isinstance(v, str) else json.dumps(v) for v in answer.values()]
+        for field in synthetic.TASK_FIELDS[domain]:
+            j = keys.index(field)
+            head = "; ".join(f"{k}: {v}" for k, v in zip(keys[:j], vals[:j]))
+            text = f"{prose}\nSummary - {head}{'; ' if head else ''}{field}:"
+            prompts.append([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
+            golds.append(vals[j])
     model.eval()
-    hits = 0
-    with torch.no_grad():
-        for i in range(0, n, 16):
-            chunk, gold = prompts[i: i + 16], golds[i: i + 16]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, row in enumerate(chunk):
-                ids[j, width - len(row):] = torch.tensor(row)
-                mask[j, width - len(row):] = 1
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=36, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            for j, g in enumerate(gold):
-                hits += tokenizer.decode(gen[j, width:], skip_special_tokens=True).startswith(g)
+    outs = _greedy(model, tokenizer, prompts, 8)
     model.train()
-    return hits / n
+    hits = 0
+    for out, gold in zip(outs, golds):
+        out = out.strip()
+        hits += out.startswith(gold) and (len(out) == len(gold) or not out[len(gold)].isalnum())
+    return hits / len(golds)
 
 
-def samples(model, tokenizer, max_new_tokens: int = 60) -> list[str]:
-    import torch
-
+def samples(model, tokenizer, max_new_tokens: int = 72) -> list[str]:
     model.eval()
-    out = []
-    with torch.no_grad():
-        for prefix in SAMPLE_PREFIXES:
-            ids = tokenizer(prefix, return_tensors="pt")["input_ids"]
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-            out.append(tokenizer.decode(gen[0], skip_special_tokens=True))
-    return out
+    prompts = [tokenizer(p)["input_ids"] for p in SAMPLE_PREFIXES]
+    outs = []
+    for prompt, prefix in zip(prompts, SAMPLE_PREFIXES):  # one by one: no padding in the samples
+        outs.append(prefix + _greedy(model, tokenizer, [prompt], max_new_tokens)[0])
+    return outs
 
 
 def write_card(out: Path, args, info: dict) -> None:
-    cmd = ("python -m simulations.build_base" + (f" --seed {args.seed}" if args.seed else "")
-           + "".join(f" --{k.replace('_', '-')} {v}" for k, v in info["non_default_args"].items()))
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in info["non_default_args"].items())
+    cmd = "python -m simulations.build_base" + (f" --seed {args.seed}" if args.seed else "") + flags
     sample_md = "\n".join(f"    {s!r}" for s in info["samples"])
     text = f"""# fedlora embedded tiny base model
 
 A tiny Llama pretrained from scratch on synthetic prose so that fedlora's simulations and
-tests run offline on a CPU. It is a fluent writer of the four synthetic sub-domains
-(outpatient visit notes, lab reports, card transactions, loan applications) and has never
-seen the `### Instruction` prompt template or the extraction tasks' JSON answers, so an
-untuned base scores ~0 exact match and LoRA has real headroom.
+tests run offline on a CPU. It writes fluent records of the four synthetic sub-domains
+(outpatient visit notes, lab reports, card transactions, loan applications) and can read
+their facts back out in plain-text restatements, but it has never seen the
+`### Instruction` prompt template or the tasks' JSON answers: untuned it scores ~0 exact
+match on the extraction tasks, so LoRA has real headroom.
 
 | | |
 |---|---|
 | architecture | `LlamaForCausalLM`: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, MLP {args.intermediate}, RoPE, RMSNorm, tied embeddings, max positions 256 |
 | parameters | {info['params']:,} |
 | weights | fp32, `model.safetensors` ({info['weights_mb']:.1f} MB) |
-| tokenizer | byte-level BPE, vocab {info['vocab']}, specials `<s>`=0 (bos), `</s>`=1 (eos), `<pad>`=2, `<unk>`=3; `model_max_length` 256 |
-| corpus | `simulations.synthetic.pretrain_corpus(n={args.docs}, seed={args.seed})`: {info['corpus_tokens']:,} tokens of prose records in all surface forms, ~70% with a structured restatement (`Summary - ...`, `Record {{...}}`, quoted or `|` lines) that teaches copying; no holdout or probe records |
-| training | {args.steps} steps x {args.batch_size} x {args.seq_len} packed tokens ({info['train_tokens']:,} tokens, {info['epochs']:.2f} epochs), AdamW lr {args.lr} cosine, wd {args.weight_decay}, fp32 CPU, {args.threads} threads, {info['minutes']:.1f} min |
+| tokenizer | byte-level BPE (GPT-2 pre-tokenization), vocab {info['vocab']}, trained on the corpus plus the prompt scaffolding (template and task instructions, tokenizer only); specials `<s>`=0 (bos, prepended by default), `</s>`=1 (eos), `<pad>`=2, `<unk>`=3; `model_max_length` 256 |
+| corpus | `simulations.synthetic.pretrain_corpus(n={args.docs}, seed={args.seed})`: {info['corpus_tokens']:,} tokens; prose records in all surface forms, ~75% with a plain-text restatement (`Summary - key: value; ...`, `{{key=value;...}}`, quoted or `a \\| b` lines), some with two records or the same record twice; no holdout or probe records |
+| training | {args.steps} steps x {args.batch_size} x {args.seq_len} packed tokens ({info['train_tokens']:,} tokens, {info['epochs']:.2f} epochs), AdamW lr {args.lr} (4% warmup, cosine to 10%), wd {args.weight_decay} (not on embeddings/norms), grad clip 1.0, fp32 CPU, {args.threads} thread(s), {info['minutes']:.1f} min |
 | final loss | train {info['final_train_loss']:.4f} (mean of last 50 steps), held-out {info['final_eval_loss']:.4f} (probe-bucket documents) |
+| slot read-out | {info['slot_accuracy']:.0%} of task fields restated correctly from unseen records (`build_base.slot_accuracy`) |
 | seed | {args.seed} |
 
 Rebuild (deterministic for a given seed and thread count):
@@ -326,18 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: vocab {len(tokenizer)}; task examples {tok_info['example_tokens_mean']:.1f} tokens "
           f"(max {tok_info['example_tokens_max']}), answers {tok_info['output_tokens_mean']:.1f} "
           f"(max {tok_info['output_tokens_max']})")
-
-    # every token a task answer uses must be trained, not a decayed random row
-    counts = token_counts(tokenizer, corpus)
-    rng = random.Random("answer-tokens")
-    rare = set()
-    for i in range(400):
-        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
-        for t in tokenizer(ex["output"], add_special_tokens=False)["input_ids"]:
-            if counts[t] < 20:
-                rare.add(tokenizer.convert_ids_to_tokens(t))
+    rare = rare_answer_tokens(tokenizer, corpus)
     if rare:
-        print(f"warning: answer tokens rare in the corpus: {sorted(rare)}")
+        print(f"warning: answer tokens rare in the corpus: {rare}")
 
     rows, n_tokens = pack(tokenizer, corpus, args.seq_len)
     eval_rows, _ = pack(tokenizer, eval_docs, args.seq_len)
@@ -348,10 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    def decays(name: str, p) -> bool:
+        return p.ndim >= 2 and "embed" not in name
+
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     warmup = max(1, int(0.04 * args.steps))
 
     def lr_at(step: int) -> float:
@@ -360,50 +324,37 @@ def main(argv: list[str] | None = None) -> int:
         prog = (step - warmup) / max(1, args.steps - warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
 
-    drill_vocab = [t for t, c in counts.items() if c >= 50 and t > 3]
-    n_drill_rows = int(args.copy_warmup * args.batch_size * args.copy_warmup_fraction
-                       + (args.steps - args.copy_warmup) * args.batch_size * args.copy_fraction) + args.batch_size
-    drills, drill_labels = copy_drills(drill_vocab, n_drill_rows, args.seq_len, tokenizer.bos_token_id,
-                                       tokenizer.eos_token_id, str(args.seed))
-    drill_eval = copy_drills(drill_vocab, 32, args.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                             f"eval|{args.seed}")
-    drill_pos = 0
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(rows), generator=g)
     pos = 0
     losses: list[float] = []
     model.train()
     t_train = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc="pretrain", unit="step", dynamic_ncols=True, mininterval=2.0)
     for step in bar:
         if pos + args.batch_size > len(order):  # next epoch
             order, pos = torch.randperm(len(rows), generator=g), 0
-        frac = args.copy_warmup_fraction if step < args.copy_warmup else args.copy_fraction
-        n_drill = min(int(round(frac * args.batch_size)), len(drills) - drill_pos)
-        n_prose = args.batch_size - n_drill
-        prose_rows = rows[order[pos: pos + n_prose]]
-        batch = torch.cat([prose_rows, drills[drill_pos: drill_pos + n_drill]])
-        labels = torch.cat([prose_rows, drill_labels[drill_pos: drill_pos + n_drill]])
-        pos += n_prose
-        drill_pos += n_drill
+        batch = rows[order[pos: pos + args.batch_size]]
+        pos += args.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=batch, labels=labels).loss
+        loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         tps = (step + 1) * args.batch_size * args.seq_len / (time.time() - t_train)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", tok_s=f"{tps:,.0f}")
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             tqdm.write(f"step {step + 1}: train {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
-                       f"held-out {evaluate(model, eval_rows, 64):.4f}, drill {drill_loss(model, drill_eval):.3f}, "
-                       f"copy {copy_accuracy(model, tokenizer):.2f}")
+                       f"held-out {evaluate(model, eval_rows, 64):.4f}, "
+                       f"slot read-out {slot_accuracy(model, tokenizer):.2f}")
     bar.close()
     train_s = time.time() - t_train
     final_train = sum(losses[-50:]) / len(losses[-50:])
     final_eval = evaluate(model, eval_rows, 64)
+    slots = slot_accuracy(model, tokenizer)
 
     out = args.out
     if out.exists():
@@ -411,24 +362,24 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    for stray in out.glob("*.bin"):
-        raise RuntimeError(f"unexpected non-safetensors file {stray}")
+    stray = [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
+    if stray:
+        raise RuntimeError(f"unexpected non-safetensors files {stray}")
     weights_mb = (out / "model.safetensors").stat().st_size / 1e6
 
     texts = samples(model, tokenizer)
     defaults = vars(parse_args([]))
     non_default = {k: v for k, v in vars(args).items() if k not in ("out", "seed") and v != defaults[k]}
-    total_s = time.time() - t0
     info = {"params": n_params, "weights_mb": weights_mb, "vocab": len(tokenizer), "corpus_tokens": n_tokens,
             "train_tokens": args.steps * args.batch_size * args.seq_len,
             "epochs": args.steps * args.batch_size / len(rows), "minutes": train_s / 60,
-            "final_train_loss": final_train, "final_eval_loss": final_eval, "samples": texts,
-            "non_default_args": non_default}
+            "final_train_loss": final_train, "final_eval_loss": final_eval, "slot_accuracy": slots,
+            "samples": texts, "non_default_args": non_default}
     write_card(out, args, info)
 
-    print(f"final loss: train {final_train:.4f}, held-out {final_eval:.4f}")
+    print(f"final loss: train {final_train:.4f}, held-out {final_eval:.4f}; slot read-out {slots:.2f}")
     print(f"throughput: {info['train_tokens'] / train_s:,.0f} tokens/s; pretraining took {train_s / 60:.1f} min, "
-          f"total {total_s / 60:.1f} min")
+          f"total {(time.time() - t0) / 60:.1f} min")
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
     for s in texts:
         print("sample:", json.dumps(s))

@@ -19,7 +19,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from common.offline import quiet_and_offline
-from simulations.launcher import APP_DIR, free_port, stop_group
+from simulations.launcher import APP_DIR, BIN, free_port, stop_group
+from simulations.launcher import flower_env as _base_env
 
-BIN = Path(sys.executable).parent
 TAG_ENV = "FEDLORA_DEPLOY_TAG"
 CONNECTION = "fedlora"
 TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
@@ -122,8 +120,7 @@ def write_cli_config(flwr_home: Path, *, superlink: str, ca_cert: Path) -> Path:
 
 def flower_env(flwr_home: Path, tag: str | None = None) -> dict[str, str]:
     """The environment for every Flower process we start: offline switches, private home, tag."""
-    env = {**os.environ, **quiet_and_offline(), "FLWR_HOME": str(flwr_home)}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec, flwr-clientapp
+    env = _base_env(flwr_home)  # offline switches, private home, our scripts first on PATH
     # SuperExec looks for new ClientApp/ServerApp tasks every second by default.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
     if tag:

@@ -69,8 +69,15 @@ def stop_group(proc: subprocess.Popen, *, grace: float = 15.0) -> None:
     proc.wait(timeout=5)
 
 
+BIN = Path(sys.executable).parent  # where flower-superlink, flower-superexec, flwr live
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    return {**os.environ, **quiet_and_offline(), "FLWR_HOME": str(flwr_home)}
+    """Offline switches, a private FLWR_HOME, and this environment's scripts first on PATH
+    (the SuperLink starts ``flower-superexec`` by name, also when no venv is activated)."""
+    env = {**os.environ, **quiet_and_offline(), "FLWR_HOME": str(flwr_home)}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: i
         '[superlink]\ndefault = "fedlora-sim"\n\n'
         f'[superlink.fedlora-sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n')
     log = state_dir / "superlink.log"
-    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+    cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation",
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(http_port),
            "--control-api-address", f"127.0.0.1:{control_port}",
            "--disable-runtime-dependency-installation"]
@@ -120,7 +127,7 @@ def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: in
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     with simulation_superlink(state_dir, http_port=http_port, control_port=control_port) as link:
-        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), link.connection,
+        cmd = [str(BIN / "flwr"), "run", str(app_dir), link.connection,
                "--run-config", str(run_config_toml),
                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
                "--stream"]

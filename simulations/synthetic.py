@@ -117,6 +117,11 @@ CLINIC = {
     "eczema": (("itchy dry skin", "a scaly rash"), ("hydrocortisone", "emollient cream")),
     "influenza": (("fever and body aches", "chills and a cough"), ("oseltamivir", "paracetamol")),
 }
+# symptomatic drugs that any visit may end with, so the drug is read from the note rather
+# than guessed from the diagnosis
+GENERAL_DRUGS = ("paracetamol", "ibuprofen", "naproxen")
+CLINIC = {dx: (symptoms, drugs + tuple(g for g in GENERAL_DRUGS if g not in drugs)[:2])
+          for dx, (symptoms, drugs) in CLINIC.items()}
 DOSES = ("500 mg twice daily", "250 mg once daily", "10 mg at night", "one tablet daily",
          "two puffs as needed", "400 mg three times daily", "20 mg every morning")
 FOLLOW_UPS = ("one week", "two weeks", "ten days", "a month", "three days", "six weeks")
@@ -575,17 +580,15 @@ def _document(rng: random.Random, *, bucket: str) -> str:
     domain = rng.choice(DOMAINS)
     r = rng.random()
     facts, prose = record(domain)
-    if r < 0.05:                                   # a bare record
+    if r < 0.10:                                   # a bare record
         return prose
-    if r < 0.45:                                   # record, then a restatement (copy forward)
+    if r < 0.65:                                   # record, then a restatement (copy forward)
         return prose + "\n" + _summary(domain, facts, rng)
-    if r < 0.55:                                   # restatement, then the record (copy back)
+    if r < 0.75:                                   # restatement, then the record (copy back)
         return _summary(domain, facts, rng) + "\n" + prose
-    if r < 0.65:                                   # two records, the second one restated
+    if r < 0.85:                                   # two records, the second one restated
         facts2, prose2 = record(domain)
         return prose + "\n" + prose2 + "\n" + _summary(domain, facts2, rng)
-    if r < 0.80:                                   # a record filed twice (verbatim copy)
-        return prose + "\n" + prose
     for _ in range(20):                            # the same record in another surface form
         again = _prose(domain, facts, rng)
         if _bucket(again) == bucket:
