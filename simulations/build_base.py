@@ -41,12 +41,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=512, help="MLP intermediate size")
     p.add_argument("--seq-len", type=int, default=128, help="packed training sequence length")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to 10%%, 4%% warmup)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     p.add_argument("--eval-every", type=int, default=400, help="steps between held-out evaluations (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--ckpt-every", type=int, default=200,
+                   help="steps between resumable checkpoints in the temp dir (0: none); a rerun with the "
+                        "same arguments continues from the last one")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     return p.parse_args(argv)
+
+
+# Arguments that change the result; a checkpoint is only resumed under the same ones.
+_RESULT_ARGS = ("seed", "docs", "eval_docs", "vocab_size", "hidden", "layers", "heads", "intermediate", "seq_len",
+                "batch_size", "steps", "lr", "weight_decay", "threads")
+
+
+def checkpoint_dir(args) -> Path:
+    import hashlib
+    import tempfile
+
+    key = json.dumps({k: getattr(args, k) for k in _RESULT_ARGS}, sort_keys=True)
+    return Path(tempfile.gettempdir()) / f"fedlora_build_base_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def save_checkpoint(path: Path, model, opt, *, step: int, pos: int, order, generator, losses: list[float],
+                    elapsed: float) -> None:
+    """Weights, AdamW moments and data position as safetensors + JSON (no pickles)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}, tmp / "model.safetensors")
+    moments = {}
+    for i, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            moments[f"{i}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+    moments["order"] = order.clone()
+    moments["generator"] = generator.get_state().clone()
+    save_file(moments, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "pos": pos, "losses": losses, "elapsed": elapsed}))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_checkpoint(path: Path, model, opt, generator):
+    """Restore what save_checkpoint wrote; returns (step, pos, order, losses, elapsed seconds)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    model.tie_weights()
+    moments = load_file(path / "optimizer.safetensors")
+    order = moments.pop("order")
+    generator.set_state(moments.pop("generator"))
+    state: dict[int, dict] = {}
+    for key, value in moments.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], meta["pos"], order, meta["losses"], meta["elapsed"]
 
 
 def seed_everything(seed: int) -> None:
@@ -326,11 +388,16 @@ def main(argv: list[str] | None = None) -> int:
 
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(rows), generator=g)
-    pos = 0
+    pos, start, elapsed = 0, 0, 0.0
     losses: list[float] = []
+    ckpt = checkpoint_dir(args)
+    if ckpt.exists() and not args.no_resume:
+        start, pos, order, losses, elapsed = load_checkpoint(ckpt, model, opt, g)
+        print(f"resuming from the checkpoint at step {start} ({ckpt})")
     model.train()
     t_train = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain", unit="step", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(range(start, args.steps), desc="pretrain", unit="step", dynamic_ncols=True, mininterval=2.0,
+               initial=start, total=args.steps)
     for step in bar:
         if pos + args.batch_size > len(order):  # next epoch
             order, pos = torch.randperm(len(rows), generator=g), 0
@@ -344,14 +411,18 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        tps = (step + 1) * args.batch_size * args.seq_len / (time.time() - t_train)
+        tps = (step + 1 - start) * args.batch_size * args.seq_len / (time.time() - t_train)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             tqdm.write(f"step {step + 1}: train {sum(losses[-50:]) / len(losses[-50:]):.4f}, "
                        f"held-out {evaluate(model, eval_rows, 64):.4f}, "
                        f"slot read-out {slot_accuracy(model, tokenizer):.2f}")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            save_checkpoint(ckpt, model, opt, step=step + 1, pos=pos, order=order, generator=g, losses=losses,
+                            elapsed=elapsed + time.time() - t_train)
     bar.close()
-    train_s = time.time() - t_train
+    session_s = time.time() - t_train
+    train_s = elapsed + session_s
     final_train = sum(losses[-50:]) / len(losses[-50:])
     final_eval = evaluate(model, eval_rows, 64)
     slots = slot_accuracy(model, tokenizer)
@@ -367,18 +438,23 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"unexpected non-safetensors files {stray}")
     weights_mb = (out / "model.safetensors").stat().st_size / 1e6
 
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
     texts = samples(model, tokenizer)
     defaults = vars(parse_args([]))
-    non_default = {k: v for k, v in vars(args).items() if k not in ("out", "seed") and v != defaults[k]}
+    non_default = {k: v for k, v in vars(args).items()
+                   if k in _RESULT_ARGS and k != "seed" and v != defaults[k]}
     info = {"params": n_params, "weights_mb": weights_mb, "vocab": len(tokenizer), "corpus_tokens": n_tokens,
             "train_tokens": args.steps * args.batch_size * args.seq_len,
-            "epochs": args.steps * args.batch_size / len(rows), "minutes": train_s / 60,
+            "epochs": args.steps * args.batch_size / len(rows),
+            "minutes": train_s / 60,
             "final_train_loss": final_train, "final_eval_loss": final_eval, "slot_accuracy": slots,
             "samples": texts, "non_default_args": non_default}
     write_card(out, args, info)
 
     print(f"final loss: train {final_train:.4f}, held-out {final_eval:.4f}; slot read-out {slots:.2f}")
-    print(f"throughput: {info['train_tokens'] / train_s:,.0f} tokens/s; pretraining took {train_s / 60:.1f} min, "
+    print(f"throughput: {(args.steps - start) * args.batch_size * args.seq_len / session_s:,.0f} tokens/s; "
+          f"pretraining took {info['minutes']:.1f} min{f' (resumed at step {start})' if start else ''}, "
           f"total {(time.time() - t0) / 60:.1f} min")
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
     for s in texts:

@@ -12,11 +12,16 @@ from common.evaluate import evaluate
 from common.model import load_model
 
 
-def test_training_raises_holdout_exact_match(tenants_dir):
-    # Prepare: tenant 0's data; the untuned base (adapter B = 0) scores nothing on the task
-    cfg = parse_config({"train.local-steps": 60, "train.batch-size": 16, "eval.batch-size": 24})
+def test_training_raises_holdout_exact_match(tmp_path):
+    # Prepare: tenant 0 of the default synthetic set (256 train rows, 48 holdout rows);
+    # the untuned base (adapter B = 0) scores nothing on the task
+    from simulations.synthetic import write_tenants
+
+    write_tenants(tmp_path, num_tenants=1, train_size=256, holdout_size=48, preference_size=8, seed=0)
+    cfg = parse_config({"train.local-steps": 100, "train.batch-size": 16, "train.schedule": "constant",
+                        "eval.batch-size": 48})
     loaded = load_model(cfg.model, cfg.adapter)
-    train_path, holdout_path = tenant_paths(tenants_dir, 0)
+    train_path, holdout_path = tenant_paths(tmp_path, 0)
     data = tokenize_examples(read_examples(train_path), loaded.tokenizer, max_length=cfg.data.max_length)
     holdout = read_examples(holdout_path)
     before = evaluate(loaded.model, loaded.tokenizer, holdout, cfg.eval, max_length=cfg.data.max_length)
