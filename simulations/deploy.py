@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from simulations.launcher import APP_DIR, BIN, free_port, stop_group
+from simulations.launcher import APP_DIR, BIN, free_port, stop_group, stream_run
 from simulations.launcher import flower_env as _base_env
 
 TAG_ENV = "FEDLORA_DEPLOY_TAG"
@@ -353,24 +353,10 @@ def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: fl
                app_dir: Path = APP_DIR) -> None:
     """``flwr run APP fedlora --run-config FILE --stream``; raises if the run failed."""
     cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_toml), "--stream"]
-    deadline = time.monotonic() + timeout
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=flwr_home, env={**flower_env(flwr_home), **(env_extra or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                text=True, start_new_session=True)
-        try:
-            pump = threading.Thread(target=_pump, args=(proc.stdout, fh, on_line), daemon=True)
-            pump.start()
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise DeploymentError(f"the run exceeded {timeout:.0f}s; see {log}") from None
-            pump.join(timeout=10)
-        finally:
-            stop_group(proc, grace=5)
-    text = log.read_text()
-    if proc.returncode != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
-        raise DeploymentError(f"the Flower run failed (exit code {proc.returncode}); see {log}\n"
+    code, text = stream_run(cmd, cwd=flwr_home, env={**flower_env(flwr_home), **(env_extra or {})}, log=log,
+                            timeout=timeout, on_line=on_line, timeout_error=DeploymentError, line_format=_stamp)
+    if code != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
+        raise DeploymentError(f"the Flower run failed (exit code {code}); see {log}\n"
                               + "\n".join(text.splitlines()[-25:]))
 
 

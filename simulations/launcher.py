@@ -80,6 +80,37 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, timeout: float,
+               on_line: Callable[[str], None] | None = None, timeout_error: type[Exception] = SimulationError,
+               line_format: Callable[[str], str] = lambda line: line) -> tuple[int, str]:
+    """Run ``cmd`` (e.g. ``flwr run ... --stream``) in its own process group, copying its output
+    to ``log`` and ``on_line``; the deadline holds even while the command prints nothing.
+    Returns (exit code, the whole log); the process group is always stopped."""
+    import threading
+
+    def pump(stream, fh) -> None:
+        for line in stream:
+            fh.write(line_format(line))
+            fh.flush()
+            if on_line:
+                on_line(line.rstrip("\n"))
+
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            reader = threading.Thread(target=pump, args=(proc.stdout, fh), daemon=True)
+            reader.start()
+            try:
+                proc.wait(timeout=max(1.0, timeout))
+            except subprocess.TimeoutExpired:
+                raise timeout_error(f"the run exceeded {timeout:.0f}s; see {log}") from None
+            reader.join(timeout=10)
+        finally:
+            stop_group(proc, grace=5)
+    return proc.returncode, log.read_text()
+
+
 @dataclass(frozen=True)
 class SimulationLink:
     """A running simulation SuperLink and how ``flwr`` reaches it."""
@@ -132,24 +163,8 @@ def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: in
                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
                "--stream"]
         flog = state_dir / "flower.log"
-        deadline = time.monotonic() + timeout
-        with flog.open("w") as fh:
-            proc = subprocess.Popen(cmd, cwd=state_dir, env=flower_env(link.flwr_home), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                    start_new_session=True)
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    fh.write(line)
-                    fh.flush()
-                    if on_line:
-                        on_line(line.rstrip("\n"))
-                    if time.monotonic() > deadline:
-                        raise SimulationError(f"simulation exceeded {timeout:.0f}s; see {flog}")
-                proc.wait()
-            finally:
-                stop_group(proc, grace=5)
-        text = flog.read_text()
-        if proc.returncode != 0 or "Simulation raised an exception" in text or "Exit Code:" in text:
-            raise SimulationError(f"the Flower run failed (exit code {proc.returncode}); see {flog}\n"
+        code, text = stream_run(cmd, cwd=state_dir, env=flower_env(link.flwr_home), log=flog, timeout=timeout,
+                                on_line=on_line, timeout_error=SimulationError)
+        if code != 0 or "Simulation raised an exception" in text or "Exit Code:" in text:
+            raise SimulationError(f"the Flower run failed (exit code {code}); see {flog}\n"
                                   + "\n".join(text.splitlines()[-25:]))
