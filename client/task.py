@@ -98,6 +98,14 @@ def round_seed(base_seed: int, tenant_id: int, server_round: int) -> int:
     return (base_seed * 1_000_003 + tenant_id * 10_007 + server_round) % (2**31 - 1)
 
 
+def schedule_window(cfg: Config, server_round: int) -> tuple[int, int] | None:
+    """This round's window of the tenant's LR schedule (see ``client.train.make_schedule``)."""
+    if cfg.train.schedule_span == "round":
+        return None
+    steps, rounds = cfg.train.local_steps, cfg.federation.rounds
+    return (min(max(server_round, 1), rounds) - 1) * steps, rounds * steps
+
+
 def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.ndarray], cfg: Config, *,
                 server_round: int, seed: int, progress: bool = False):
     """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
@@ -115,7 +123,7 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
         result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
                        device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
                        progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}",
-                       privacy=privacy)
+                       privacy=privacy, schedule_window=schedule_window(cfg, server_round))
     finally:
         privacy.after_train()  # the process-cached model leaves unwrapped even after an error
     delta = privacy.finalize_delta(subtract(get_state(loaded.model), global_state))

@@ -61,20 +61,37 @@ def _forever(loader: DataLoader):
         yield from loader
 
 
-def make_schedule(optimizer, cfg: TrainConfig, steps: int):
+def make_schedule(optimizer, cfg: TrainConfig, steps: int, *, start: int = 0):
+    """``cfg.schedule`` over ``steps`` optimizer steps, advanced to step ``start``.
+
+    A federated tenant trains one window of its whole budget per round: the schedule spans
+    ``rounds x local_steps`` and round r starts at ``(r - 1) x local_steps``, so warm-up
+    happens once and the rate decays over the run, exactly as for the local-only and pooled
+    baselines, whose single window is their whole budget."""
     from transformers import get_scheduler
 
-    return get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
-                         num_training_steps=steps)
+    if not 0 <= start <= steps:
+        raise ValueError(f"schedule start {start} outside 0..{steps}")
+    schedule = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                             num_training_steps=steps)
+    if start:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        schedule = LambdaLR(optimizer, [lambda step, f=f: f(step + start) for f in schedule.lr_lambdas])
+    return schedule
 
 
 def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
           steps: int | None = None, seed: int | None = None, progress: bool = True,
-          desc: str = "train", privacy: ClientPrivacy | None = None) -> TrainMetrics:
+          desc: str = "train", privacy: ClientPrivacy | None = None,
+          schedule_window: tuple[int, int] | None = None) -> TrainMetrics:
     """Train the trainable (adapter) parameters of ``model`` in place.
 
     ``steps`` overrides ``cfg.local_steps`` (the pooled baseline takes the summed budget);
     ``seed`` overrides ``cfg.seed`` (clients fold in their tenant id and the round).
+    ``schedule_window=(start, total)`` runs steps ``start .. start + steps`` of a schedule
+    spanning ``total`` steps (a federated round's share of the tenant's budget; default: the
+    schedule spans exactly these ``steps``).
     ``privacy`` wraps model, optimizer and batches and chooses the loss (default
     :class:`client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
     """
@@ -89,7 +106,10 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
     if not params:
         raise ValueError("the model has no trainable parameters; attach an adapter first")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    schedule = make_schedule(optimizer, cfg, steps)
+    start, total = (0, steps) if schedule_window is None else schedule_window
+    if start + steps > total:
+        raise ValueError(f"schedule window {start}+{steps} steps exceeds its span of {total}")
+    schedule = make_schedule(optimizer, cfg, total, start=start)
     privacy = NoPrivacy() if privacy is None else privacy
     model, optimizer, loader = privacy.prepare(model, optimizer, make_loader(data, cfg.batch_size, pad_id, seed))
     batches = _forever(loader)

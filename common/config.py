@@ -57,15 +57,19 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Optimizer steps each tenant takes per round (and per local-only run, per round).
-    local_steps: int = _opt(25, "optimizer steps per round", lo=1)
+    local_steps: int = _opt(12, "optimizer steps per round", lo=1)
     # Examples per micro-batch.
     batch_size: int = _opt(16, "examples per micro-batch", lo=1)
     # Micro-batches accumulated into one optimizer step.
     grad_accum: int = _opt(1, "gradient accumulation", lo=1)
     # Peak learning rate of AdamW.
-    learning_rate: float = _opt(3e-3, "peak learning rate", lo=0.0, hi=1.0)
-    # Learning-rate schedule over the steps of one local run.
+    learning_rate: float = _opt(6e-3, "peak learning rate", lo=0.0, hi=1.0)
+    # Learning-rate schedule.
     schedule: str = _opt("cosine", "LR schedule", choices=("constant", "linear", "cosine"))
+    # What the schedule spans for a federated tenant: "run" (all its rounds x local steps;
+    # warm-up once, decay over the run, like the baselines' single run) or "round" (every
+    # round restarts warm-up and decay).
+    schedule_span: str = _opt("run", "what the LR schedule spans", choices=("run", "round"))
     # Fraction of steps spent warming up linearly.
     warmup_ratio: float = _opt(0.1, "warm-up fraction", lo=0.0, hi=1.0)
     # AdamW weight decay.
@@ -91,7 +95,7 @@ class DataConfig:
     # Synthetic tenants: examples per tenant (train / holdout), share of the tenant's
     # home sub-domain, preference pairs, seed.
     train_size: int = _opt(256, "synthetic train rows per tenant", lo=1)
-    holdout_size: int = _opt(48, "synthetic holdout rows per tenant", lo=1)
+    holdout_size: int = _opt(96, "synthetic holdout rows per tenant", lo=1)
     own_fraction: float = _opt(0.85, "share of a tenant's rows from its home sub-domain", lo=0.0, hi=1.0)
     preference_size: int = _opt(256, "synthetic central preference pairs", lo=1)
     seed: int = _opt(0, "synthetic data seed", lo=0)
@@ -110,7 +114,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class FederationConfig:
     # Federated rounds.
-    rounds: int = _opt(4, "federated rounds", lo=1)
+    rounds: int = _opt(10, "federated rounds", lo=1)
     # Fraction of connected tenants sampled per round, with a minimum.
     fraction_train: float = _opt(1.0, "fraction of tenants sampled per round", lo=0.0, hi=1.0)
     min_train_nodes: int = _opt(2, "minimum tenants per round", lo=1)
@@ -145,6 +149,12 @@ class RunConfig:
     dir: str = _opt("", "run directory (absolute)")
     # Compare against untuned base, local-only and pooled adapters in the report.
     baselines: bool = _opt(True, "train local-only and pooled baselines for the report")
+    # The pooled baseline's budget. "rounds": the optimizer steps the global adapter took
+    # (rounds x local steps), each step accumulating one micro-batch per tenant of a round,
+    # so it sees the federation's examples in the federation's number of steps (FedSGD's
+    # centralised twin). "examples": the same examples at the tenants' batch size, i.e.
+    # tenants-per-round times as many sequential steps.
+    pooled_budget: str = _opt("rounds", "pooled baseline budget", choices=("rounds", "examples"))
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,17 @@ the federated adapter | a pooled (all data centralised) adapter, with the same b
 
 Baselines use the same training function as the tenants (``client.train.train``) and the
 same evaluation function (``common.evaluate``). Budgets: a local-only adapter takes the
-steps its tenant took in the federation (rounds x local steps); the pooled adapter takes
-the federation's total steps over all tenants' data.
+steps its tenant took in the federation (rounds x local steps); the pooled adapter sees
+the federation's examples (every tenant-round's local steps x batch), either in the global
+adapter's number of steps with one accumulated micro-batch per tenant of a round
+(``run.pooled-budget = "rounds"``) or at the tenants' batch size in as many more steps
+(``"examples"``). See :func:`pooled_budget`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -41,25 +44,46 @@ def load_sets(cfg: Config, data_dir: Path, tenants: list[int]) -> TenantSets:
     return TenantSets(train, holdout, read_texts(data_dir / "probe.jsonl")[: cfg.eval.probe_size])
 
 
+@dataclass(frozen=True)
+class PooledBudget:
+    steps: int       # optimizer steps
+    accumulate: int  # micro-batches (of train.batch-size) per step, times train.grad-accum
+
+    def describe(self, batch_size: int) -> str:
+        return (f"{self.steps} steps x {self.accumulate} micro-batch(es) of {batch_size} "
+                f"= {self.steps * self.accumulate * batch_size} examples")
+
+
+def pooled_budget(cfg: Config, *, rounds_done: int, total_tenant_rounds: int) -> PooledBudget:
+    """The pooled baseline's budget: always the federation's examples (every finished
+    tenant-round's local steps x batch); ``run.pooled-budget`` picks how they are stepped."""
+    steps = cfg.train.local_steps
+    if cfg.run.pooled_budget == "examples" or rounds_done == 0:
+        return PooledBudget(max(1, total_tenant_rounds) * steps, 1)
+    per_round = max(1, round(total_tenant_rounds / rounds_done))
+    return PooledBudget(rounds_done * steps, per_round)
+
+
 def _train_from(loaded: Loaded, init: Mapping[str, np.ndarray], examples: list[Example], cfg: Config, *,
-                steps: int, seed: int, desc: str):
+                steps: int, seed: int, desc: str, accumulate: int = 1):
     set_state(loaded.model, init)
     tok = tokenize_examples(examples, loaded.tokenizer, max_length=cfg.data.max_length)
-    metrics = train(loaded.model, tok, cfg.train, pad_id=loaded.tokenizer.pad_token_id, device=loaded.device,
+    tcfg = replace(cfg.train, grad_accum=cfg.train.grad_accum * accumulate)
+    metrics = train(loaded.model, tok, tcfg, pad_id=loaded.tokenizer.pad_token_id, device=loaded.device,
                     steps=steps, seed=seed, progress=True, desc=desc)
     return get_state(loaded.model), metrics
 
 
 def train_baselines(loaded: Loaded, init: Mapping[str, np.ndarray], sets: TenantSets, cfg: Config, *,
-                    steps_per_tenant: int, pooled_steps: int) -> "OrderedDict[str, OrderedDict]":
+                    steps_per_tenant: int, pooled: PooledBudget) -> "OrderedDict[str, OrderedDict]":
     """Local-only adapters (one per tenant) and the pooled adapter."""
     out: OrderedDict = OrderedDict()
     for t, rows in sets.train.items():
         out[f"local-only {t}"], _ = _train_from(loaded, init, rows, cfg, steps=steps_per_tenant,
                                                 seed=cfg.train.seed + 101 * (t + 1), desc=f"local-only tenant {t}")
-    pooled = [ex for rows in sets.train.values() for ex in rows]
-    out["pooled"], _ = _train_from(loaded, init, pooled, cfg, steps=pooled_steps, seed=cfg.train.seed + 7,
-                                   desc="pooled")
+    rows = [ex for tenant_rows in sets.train.values() for ex in tenant_rows]
+    out["pooled"], _ = _train_from(loaded, init, rows, cfg, steps=pooled.steps, accumulate=pooled.accumulate,
+                                   seed=cfg.train.seed + 7, desc="pooled")
     return out
 
 
@@ -93,10 +117,17 @@ def compare(cfg: Config, run_dir: Path, data_dir: Path, tenants: list[int], *, r
     models: OrderedDict = OrderedDict([("untuned base", init)])
     baselines = OrderedDict()
     if with_baselines:
+        budget = pooled_budget(cfg, rounds_done=rounds_done, total_tenant_rounds=total_tenant_rounds)
         baselines = train_baselines(loaded, init, sets, cfg, steps_per_tenant=rounds_done * cfg.train.local_steps,
-                                    pooled_steps=total_tenant_rounds * cfg.train.local_steps)
+                                    pooled=budget)
     models.update((k, v) for k, v in baselines.items() if k != "pooled")
     models["federated"] = load_adapter_file(run_dir / "adapter")
     if "pooled" in baselines:
         models["pooled"] = baselines["pooled"]
-    return evaluate_table(loaded, models, sets, cfg)
+    rows = evaluate_table(loaded, models, sets, cfg)
+    for row in rows:
+        if row["model"] == "pooled":
+            row["budget"] = f"{budget.describe(cfg.train.batch_size)} (run.pooled-budget = {cfg.run.pooled_budget})"
+        elif row["model"].startswith("local-only"):
+            row["budget"] = f"{rounds_done * cfg.train.local_steps} steps x {cfg.train.batch_size} examples"
+    return rows

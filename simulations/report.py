@@ -125,6 +125,11 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
             ratio = fed_em / pool_em if pool_em else float("nan")
             lines += [f"Federated / pooled mean EM: **{ratio:.3f}**; best local-only mean EM: "
                       f"{_pct(max(locals_)) if locals_ else 'n/a'} % vs federated {_pct(fed_em)} %.", ""]
+        local_budget = next((r["budget"] for r in comparison if r["model"].startswith("local-only")
+                             and r.get("budget")), None)
+        if local_budget and by["pooled"].get("budget"):
+            lines += [f"Budgets: each local-only adapter {local_budget} (its tenant's share of the federation); "
+                      f"pooled {by['pooled']['budget']}.", ""]
     lines += ["## Rounds", "",
               "| round | sampled | finished | dropped | mean holdout EM % | MB down | MB up | seconds |",
               "|---|---|---|---|---|---|---|---|"]

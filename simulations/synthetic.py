@@ -485,7 +485,30 @@ def _format_prompt(instruction: str, input: str = "") -> str:
     return _PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
 
 
-_REJECT_KINDS = ("wrong_value", "missing_field", "invalid_json", "prose")
+# Half the rejected answers hold one wrong value, chosen where a tuned model errs (see
+# _near_miss); the rest are a missing field, invalid JSON or prose.
+_REJECT_KINDS = ("wrong_value", "missing_field", "wrong_value", "invalid_json", "wrong_value", "prose")
+
+
+def _near_miss(domain: str, key: str, facts: dict, prose: str, rng: random.Random):
+    """A wrong value a model that half-read the record would give, or None: the term in
+    years left unconverted or off by a year, the neighbouring term, another drug for the
+    same diagnosis, another flag."""
+    value = facts[key]
+    if key == "term_months":
+        if value % 12 == 0 and "year" in prose:
+            years = value // 12
+            options = [years] + [t for t in ((years - 1) * 12, (years + 1) * 12) if t in LOAN_TERMS]
+        else:
+            i = LOAN_TERMS.index(value)
+            options = [LOAN_TERMS[j] for j in (i - 1, i + 1) if 0 <= j < len(LOAN_TERMS)]
+        return rng.choice(options)
+    if key == "drug":
+        others = [d for d in CLINIC[facts["diagnosis"]][1] if d != value]
+        return rng.choice(others) if others else None
+    if key == "flag":
+        return rng.choice([f for f in FLAG_CODES if f != value])
+    return None
 
 
 def _other_value(domain: str, key: str, value, rng: random.Random):
@@ -523,7 +546,8 @@ def _rejected(domain: str, facts: dict, prose: str, kind: str, rng: random.Rando
     if kind == "wrong_value":
         key = rng.choice(keys)
         bad = dict(answer)
-        bad[key] = _other_value(domain, key, answer[key], rng)
+        near = _near_miss(domain, key, facts, prose, rng)
+        bad[key] = near if near is not None else _other_value(domain, key, answer[key], rng)
         return _dumps(bad)
     if kind == "missing_field":
         drop = rng.choice(keys)
@@ -545,8 +569,8 @@ def preference_pairs(*, n: int, seed: int, split: str) -> list[dict]:
     """``n`` preference rows ``{"prompt", "chosen", "rejected"}`` over all four domains.
 
     The prompt is the formatted task prompt, ``chosen`` the correct JSON and ``rejected``
-    a plausible wrong answer (a wrong value in one field, a missing field, invalid JSON,
-    or prose instead of JSON), cycling through those kinds. "train" and "holdout" come
+    a plausible wrong answer (half: a wrong value in one field, preferring a near miss; the
+    rest a missing field, invalid JSON or prose instead of JSON), cycling through those kinds. "train" and "holdout" come
     from disjoint hash buckets of the records.
     """
     if split not in ("train", "holdout"):
