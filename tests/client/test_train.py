@@ -47,3 +47,53 @@ def test_training_is_deterministic_for_a_seed(tenants_dir, small_cfg):
     assert runs[0][0] == runs[1][0]
     for k in init:
         np.testing.assert_array_equal(runs[0][1][k], runs[1][1][k])
+
+
+def _lrs(cfg, total: int, start: int, n: int) -> list[float]:
+    import torch
+
+    from client.train import make_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.learning_rate)
+    sched = make_schedule(opt, cfg, total, start=start)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_round_windows_of_a_run_schedule_equal_the_single_run_schedule():
+    # A tenant's 4 rounds x 25 steps walk the same warm-up + cosine as one 100-step run
+    cfg = parse_config({"train.schedule": "cosine", "train.warmup-ratio": 0.1}).train
+    whole = _lrs(cfg, 100, 0, 100)
+    windows = [lr for r in range(4) for lr in _lrs(cfg, 100, 25 * r, 25)]
+    assert np.allclose(whole, windows, rtol=0, atol=1e-12)
+    assert whole[0] == 0.0 and max(whole) == cfg.learning_rate and whole[-1] < 0.01 * cfg.learning_rate
+    # warm-up happens once: round 2 starts near the peak, not at 0
+    assert windows[25] > 0.9 * cfg.learning_rate
+
+
+def test_schedule_window_per_round_and_span_choice():
+    from client.task import schedule_window
+
+    cfg = parse_config({"federation.rounds": 3, "train.local-steps": 5})
+    assert [schedule_window(cfg, r) for r in (1, 2, 3)] == [(0, 15), (5, 15), (10, 15)]
+    assert schedule_window(cfg, 7) == (10, 15)  # never past the span, whatever the round number
+    assert schedule_window(cfg.replace(**{"train.schedule-span": "round"}), 2) is None
+
+
+def test_a_window_past_its_span_is_refused(tmp_path):
+    import pytest
+
+    cfg = parse_config({"train.local-steps": 5})
+    loaded = load_model(cfg.model, cfg.adapter, seed=0)
+    from simulations.synthetic import write_tenants
+
+    write_tenants(tmp_path, num_tenants=1, train_size=8, holdout_size=2, preference_size=2, seed=0)
+    tok = tokenize_examples(read_examples(tenant_paths(tmp_path, 0)[0]), loaded.tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="exceeds its span"):
+        train(loaded.model, tok, cfg.train, pad_id=loaded.tokenizer.pad_token_id, progress=False,
+              schedule_window=(12, 15))
