@@ -222,7 +222,7 @@ class DPOConfig:
     # DPO temperature: larger keeps the policy closer to the reference (the aggregate).
     beta: float = _opt(0.1, "DPO beta", lo=0.0)
     # Peak learning rate of the DPO optimizer (linear decay).
-    learning_rate: float = _opt(1e-4, "DPO learning rate", lo=0.0, hi=1.0)
+    learning_rate: float = _opt(3e-4, "DPO learning rate", lo=0.0, hi=1.0)
     # Optimizer steps over the preference pairs.
     steps: int = _opt(40, "DPO optimizer steps", lo=1)
     # Preference pairs per step.

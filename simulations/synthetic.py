@@ -565,12 +565,38 @@ def _rejected(domain: str, facts: dict, prose: str, kind: str, rng: random.Rando
     raise ValueError(kind)
 
 
+def _distractor(domain: str, facts: dict, rng: random.Random) -> tuple[str, str, object]:
+    """A sentence naming a second, wrong value of one task field, the field and that value:
+    the hard cases a central review team collects (a converted amount in another currency,
+    a grace period next to the term, an earlier visit's drug, a previous result's flag)."""
+    if domain == "payments":
+        other = rng.choice([c for c in CURRENCIES if c != facts["currency"]])
+        word, code = CURRENCIES[other]
+        approx = _num(round(facts["amount"] * rng.choice((0.86, 0.92, 1.08, 1.17)), 2))
+        text = rng.choice((f" Approximately {approx} {code} at today's rate.",
+                           f" The bank shows an estimate of {approx} {word}."))
+        return text, "currency", other
+    if domain == "loans":
+        other = rng.choice([t for t in LOAN_TERMS if t != facts["term_months"]])
+        text = rng.choice((f" A grace period of {other} months was discussed.",
+                           f" An earlier application asked for {other} months."))
+        return text, "term_months", other
+    if domain == "clinic":
+        drugs = sorted({d for _, ds in CLINIC.values() for d in ds} - set(CLINIC[facts["diagnosis"]][1]))
+        other = rng.choice(drugs)
+        return f" Previously on {other}, now stopped.", "drug", other
+    other = rng.choice([f for f in FLAG_CODES if f != facts["flag"]])
+    return f" The previous {facts['test']} result was {rng.choice(FLAG_PHRASES[other])}.", "flag", other
+
+
 def preference_pairs(*, n: int, seed: int, split: str) -> list[dict]:
     """``n`` preference rows ``{"prompt", "chosen", "rejected"}`` over all four domains.
 
-    The prompt is the formatted task prompt, ``chosen`` the correct JSON and ``rejected``
-    a plausible wrong answer (half: a wrong value in one field, preferring a near miss; the
-    rest a missing field, invalid JSON or prose instead of JSON), cycling through those kinds. "train" and "holdout" come
+    The prompt is the formatted task prompt, ``chosen`` the correct JSON. Half the pairs are
+    hard cases the tenants' data never shows: the record names a second value of one field
+    (:func:`_distractor`) and ``rejected`` takes it. In the other half ``rejected`` is a
+    plausible wrong answer (a wrong value in one field, preferring a near miss; a missing
+    field; invalid JSON; prose instead of JSON), cycling through those kinds. "train" and "holdout" come
     from disjoint hash buckets of the records.
     """
     if split not in ("train", "holdout"):
@@ -585,9 +611,15 @@ def preference_pairs(*, n: int, seed: int, split: str) -> list[dict]:
                 break
         seen.add(prose)
         instruction = rng.choice(INSTRUCTIONS[domain])
-        kind = _REJECT_KINDS[(i // len(DOMAINS)) % len(_REJECT_KINDS)]
-        rows.append({"prompt": _format_prompt(instruction, prose), "chosen": _dumps(_task_answer(domain, facts)),
-                     "rejected": _rejected(domain, facts, prose, kind, rng)})
+        answer = _task_answer(domain, facts)
+        if i % 2:
+            # a hard case: the record names a second value of one field; rejected takes it
+            text, key, other = _distractor(domain, facts, rng)
+            prose, rejected = prose + text, _dumps({**answer, key: other})
+        else:
+            kind = _REJECT_KINDS[(i // 2) % len(_REJECT_KINDS)]
+            rejected = _rejected(domain, facts, prose, kind, rng)
+        rows.append({"prompt": _format_prompt(instruction, prose), "chosen": _dumps(answer), "rejected": rejected})
     rng.shuffle(rows)
     return rows
 
@@ -665,7 +697,7 @@ def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = 256, holdo
             entry[f"{split}_mix"] = _mix_counts(t, size, own_fraction)
         tenants.append(entry)
     prefs = {}
-    pref_holdout = max(1, preference_size // 4) if preference_size else 0
+    pref_holdout = max(1, preference_size // 2) if preference_size else 0
     for split, size in (("train", preference_size), ("holdout", pref_holdout)):
         path = out / "preferences" / f"{split}.jsonl"
         _write_jsonl(path, preference_pairs(n=size, seed=seed, split=split))
