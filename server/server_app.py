@@ -11,6 +11,7 @@ from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import parse_config
 from server.aggregation import make_aggregator
 from server.central_dp import make_server_privacy
+from server.grid import PromptGrid
 from server.run import finish, prepare
 from server.secagg import make_strategy
 
@@ -31,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
         privacy=make_server_privacy(cfg.privacy),
     )
     result = strategy.start(
-        grid=grid,
+        grid=PromptGrid(grid),
         initial_arrays=to_arrayrecord(run.initial),
         num_rounds=cfg.federation.rounds,
         timeout=cfg.federation.round_timeout,

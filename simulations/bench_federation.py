@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     run_dir = (args.out / "federation_run").resolve()
-    cfg = resolve(args.scenario, {**parse_overrides(args.set), "run.baselines": False}, str(run_dir))
+    cfg = resolve(args.scenario, {**parse_overrides(args.set), "run.baselines": False, "dpo.enabled": False,
+                                  "publish.enabled": False}, str(run_dir))
     simulate(cfg)
     timings = json.loads((run_dir / "timings.json").read_text())
     fed = json.loads((run_dir / "federation.json").read_text())

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 
@@ -143,6 +144,59 @@ def bench(tenants: int, floats: int, repeats: int, neighbours: int = 0, parallel
             "plain_bytes_per_tenant": plain[0][1], "secure_bytes_per_tenant": secure[0][1]}
 
 
+def _adapter_rank_for(floats: int) -> int:
+    """LoRA rank on all linear layers of the embedded base whose adapter holds ~``floats``."""
+    from common.config import parse_config
+    from common.model import count_parameters, load_model
+
+    cfg = parse_config({"adapter.r": 1})
+    per_rank, _ = count_parameters(load_model(cfg.model, cfg.adapter).model)
+    return max(1, round(floats / per_rank))
+
+
+def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int, out: Path) -> dict:
+    """Median seconds of rounds 2.. of a real ``fedlora simulate`` run (Flower's simulation
+    engine; round 1 carries the ClientApps' cold start), one local step per round."""
+    from simulations.simulate import resolve, simulate
+
+    run_dir = (out / f"{'secure' if secure else 'plain'}_{tenants}").resolve()
+    overrides = {"simulation.tenants": tenants, "adapter.r": rank, "federation.rounds": rounds,
+                 "train.local-steps": 1, "data.train-size": 32, "data.holdout-size": 8,
+                 "eval.probe-size": 8, "data.preference-size": 8, "secagg.enabled": secure,
+                 "federation.min-train-nodes": tenants, "run.baselines": False, "dpo.enabled": False,
+                 "publish.enabled": False}
+    simulate(resolve("default", overrides, str(run_dir)))
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+    fed = json.loads((run_dir / "federation.json").read_text())
+    finished = sum(len(r["finished"]) for r in rows)
+    return {"seconds": statistics.median(r["seconds"] for r in rows[1:]), "rounds": len(rows),
+            "bytes_per_tenant": (fed["bytes_up"] + fed["bytes_down"]) / max(1, finished)}
+
+
+def main_simulation(args) -> int:
+    rank = _adapter_rank_for(args.floats)
+    out = Path(args.out or tempfile.mkdtemp(prefix="fedlora-bench-secagg-"))
+    rows = []
+    for n in args.tenants:
+        plain = simulation_round_seconds(n, False, rank, args.rounds, out)
+        secure = simulation_round_seconds(n, True, rank, args.rounds, out)
+        rows.append({"tenants": n, "rank": rank, "plain_seconds": plain["seconds"],
+                     "secure_seconds": secure["seconds"], "ratio": secure["seconds"] / plain["seconds"],
+                     "plain_bytes_per_tenant": plain["bytes_per_tenant"],
+                     "secure_bytes_per_tenant": secure["bytes_per_tenant"]})
+    print("| tenants | LoRA rank (floats) | plain round s | secure round s | secure / plain | "
+          "plain bytes/tenant-round | secure bytes/tenant-round |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tenants']} | {r['rank']} (~{args.floats:,}) | {r['plain_seconds']:.2f} | "
+              f"{r['secure_seconds']:.2f} | {r['ratio']:.2f}x | {r['plain_bytes_per_tenant']:,.0f} | "
+              f"{r['secure_bytes_per_tenant']:,.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from common.offline import quiet_and_offline
 
@@ -154,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--neighbours", type=int, default=0, help="secagg.neighbours (0 = every other tenant)")
     p.add_argument("--parallel", type=int, default=1, help="tenants served at once (simulation: CPUs per tenant)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--engine", choices=("grid", "simulation"), default="grid",
+                   help="grid: in-process grid, no training (default); simulation: real `fedlora simulate` "
+                        "runs on Flower's simulation engine, adapter rank sized to --floats, one local step")
+    p.add_argument("--rounds", type=int, default=3, help="simulation engine: rounds per run (round 1 not timed)")
+    p.add_argument("--out", help="simulation engine: where the runs go (default: a temporary directory)")
     args = p.parse_args(argv)
+    if args.engine == "simulation":
+        return main_simulation(args)
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.supercore.task_identity import TaskIdentity
 
