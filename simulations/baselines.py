@@ -116,8 +116,8 @@ def compare(cfg: Config, run_dir: Path, data_dir: Path, tenants: list[int], *, r
     sets = load_sets(cfg, data_dir, tenants)
     models: OrderedDict = OrderedDict([("untuned base", init)])
     baselines = OrderedDict()
+    budget = pooled_budget(cfg, rounds_done=rounds_done, total_tenant_rounds=total_tenant_rounds)
     if with_baselines:
-        budget = pooled_budget(cfg, rounds_done=rounds_done, total_tenant_rounds=total_tenant_rounds)
         baselines = train_baselines(loaded, init, sets, cfg, steps_per_tenant=rounds_done * cfg.train.local_steps,
                                     pooled=budget)
     models.update((k, v) for k, v in baselines.items() if k != "pooled")

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="simulation engine: where the runs go (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.engine == "simulation":
+        if args.rounds < 2:
+            p.error("--rounds must be at least 2 (round 1 carries the cold start and is not timed)")
         return main_simulation(args)
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.supercore.task_identity import TaskIdentity
