@@ -184,17 +184,25 @@ def main_simulation(args) -> int:
                      "secure_seconds": secure["seconds"], "ratio": secure["seconds"] / plain["seconds"],
                      "plain_bytes_per_tenant": plain["bytes_per_tenant"],
                      "secure_bytes_per_tenant": secure["bytes_per_tenant"]})
-    print("| tenants | LoRA rank (floats) | plain round s | secure round s | secure / plain | "
-          "plain bytes/tenant-round | secure bytes/tenant-round |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tenants']} | {r['rank']} (~{args.floats:,}) | {r['plain_seconds']:.2f} | "
-              f"{r['secure_seconds']:.2f} | {r['ratio']:.2f}x | {r['plain_bytes_per_tenant']:,.0f} | "
-              f"{r['secure_bytes_per_tenant']:,.0f} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    _report(rows, [("tenants", lambda r: r["tenants"]),
+                   ("LoRA rank (floats)", lambda r: f"{r['rank']} (~{args.floats:,})"),
+                   ("plain round s", lambda r: f"{r['plain_seconds']:.2f}"),
+                   ("secure round s", lambda r: f"{r['secure_seconds']:.2f}"),
+                   ("secure / plain", lambda r: f"{r['ratio']:.2f}x"),
+                   ("plain bytes/tenant-round", lambda r: f"{r['plain_bytes_per_tenant']:,.0f}"),
+                   ("secure bytes/tenant-round", lambda r: f"{r['secure_bytes_per_tenant']:,.0f}")], args.json)
     return 0
+
+
+def _report(rows: list[dict], columns: list, json_path: str | None) -> None:
+    """Print ``rows`` as a Markdown table of ``(header, cell)`` columns; optionally save them."""
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(cell(r)) for _, cell in columns) + " |")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,16 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     FLOWER_LOGGER.setLevel(WARNING)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # messages outside a run
     rows = [bench(n, args.floats, args.repeats, args.neighbours, args.parallel) for n in args.tenants]
-    print("| tenants | neighbours | floats | plain round s | secure round s | secure / plain | plain bytes/tenant | "
-          "secure bytes/tenant |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tenants']} | {r['neighbours']} | {r['floats']:,} | {r['plain_seconds']:.3f} | "
-              f"{r['secure_seconds']:.3f} | "
-              f"{r['ratio']:.2f}x | {r['plain_bytes_per_tenant']:,.0f} | {r['secure_bytes_per_tenant']:,.0f} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    _report(rows, [("tenants", lambda r: r["tenants"]), ("neighbours", lambda r: r["neighbours"]),
+                   ("floats", lambda r: f"{r['floats']:,}"),
+                   ("plain round s", lambda r: f"{r['plain_seconds']:.3f}"),
+                   ("secure round s", lambda r: f"{r['secure_seconds']:.3f}"),
+                   ("secure / plain", lambda r: f"{r['ratio']:.2f}x"),
+                   ("plain bytes/tenant", lambda r: f"{r['plain_bytes_per_tenant']:,.0f}"),
+                   ("secure bytes/tenant", lambda r: f"{r['secure_bytes_per_tenant']:,.0f}")], args.json)
     return 0
 
 
