@@ -94,7 +94,7 @@ class DataConfig:
     max_length: int = _opt(128, "max tokens per example", lo=8)
     # Synthetic tenants: examples per tenant (train / holdout), share of the tenant's
     # home sub-domain, preference pairs, seed.
-    train_size: int = _opt(256, "synthetic train rows per tenant", lo=1)
+    train_size: int = _opt(4096, "synthetic train rows per tenant", lo=1)
     holdout_size: int = _opt(96, "synthetic holdout rows per tenant", lo=1)
     own_fraction: float = _opt(0.85, "share of a tenant's rows from its home sub-domain", lo=0.0, hi=1.0)
     preference_size: int = _opt(256, "synthetic central preference pairs", lo=1)

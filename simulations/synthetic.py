@@ -675,7 +675,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = 256, holdout_size: int = 48,
+def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = 4096, holdout_size: int = 96,
                   own_fraction: float = 0.85, preference_size: int = 256, seed: int = 0,
                   probe_size: int = 64) -> dict:
     """Write every tenant's train/holdout JSONL, the central preferences and the probe.
