@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 # Switches that stop telemetry, update checks, runtime installs and hub look-ups.
 OFFLINE_ENV = {
@@ -32,4 +33,7 @@ def quiet_and_offline() -> dict[str, str]:
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # PEFT reads transformers' deprecated alias whenever it wraps a model; nothing a user
+    # can act on, printed once per process (every tenant's log).
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     return {key: os.environ[key] for key in OFFLINE_ENV}
