@@ -24,6 +24,8 @@ import json
 import random
 from pathlib import Path
 
+from common.config import DataConfig, EvalConfig
+
 DOMAINS: tuple[str, ...] = ("clinic", "lab", "payments", "loans")
 HOSPITAL_DOMAINS: tuple[str, ...] = DOMAINS[:2]
 BANK_DOMAINS: tuple[str, ...] = DOMAINS[2:]
@@ -675,9 +677,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = 4096, holdout_size: int = 96,
-                  own_fraction: float = 0.85, preference_size: int = 256, seed: int = 0,
-                  probe_size: int = 64) -> dict:
+_DATA, _EVAL = DataConfig(), EvalConfig()  # the run config's defaults, defined once there
+
+
+def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = _DATA.train_size,
+                  holdout_size: int = _DATA.holdout_size, own_fraction: float = _DATA.own_fraction,
+                  preference_size: int = _DATA.preference_size, seed: int = _DATA.seed,
+                  probe_size: int = _EVAL.probe_size) -> dict:
     """Write every tenant's train/holdout JSONL, the central preferences and the probe.
 
     Layout: ``tenant_{i:03d}/{train,holdout}.jsonl``, ``preferences/{train,holdout}.jsonl``,
