@@ -12,12 +12,14 @@ from common import messages as keys
 from common import secagg_wire as wire
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import parse_config
+from common.offline import quiet_and_offline
 from common.secagg import quantizer_for
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
+    quiet_and_offline()
     cfg = parse_config(context.run_config)
     loaded = session(cfg)
     data = tenant_data(tenant_from_node_config(context.node_config, cfg), cfg, loaded.tokenizer)

@@ -152,7 +152,8 @@ def masked_upload(store: MutableMapping[str, bytes], *, server_round: int, attem
     receive_shares(store, server_round=server_round, attempt=attempt, ciphertexts=ciphertexts)
     delta, num_examples = train()
     try:
-        weight = check_update(delta, num_examples, clip=quantizer.clip, max_weight=quantizer.max_weight)
+        weight = check_update(delta, num_examples, clip=quantizer.clip, max_weight=quantizer.max_weight,
+                              weighting=quantizer.weighting)
         vector = pack(delta, weight, quantizer)
     except UpdateRefused as why:
         raise SecAggRefused(f"update refused before masking: {why}") from None

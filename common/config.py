@@ -16,7 +16,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from common.weighting import WEIGHTINGS
+
 Scalar = bool | int | float | str
+
+# Aggregators (server.aggregation.AGGREGATORS) and those needing every individual update,
+# which secure aggregation does not reveal (a test proves both match the registry).
+AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean", "krum")
+INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "trimmed-mean", "krum"})
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None,
@@ -128,10 +135,33 @@ class FederationConfig:
     max_weight: int = _opt(1024, "cap on one tenant's FedAvg weight, in examples", lo=1)
     # Largest example count a reply may claim; more is refused as implausible.
     max_examples: int = _opt(100_000, "largest plausible example count per reply", lo=1)
-    # Aggregation rule (name in server.aggregation's registry).
-    aggregator: str = _opt("fedavg", "aggregator", choices=("fedavg",))
+    # A tenant's weight from its claimed example count: examples (FedAvg), sqrt-examples,
+    # or uniform (common.weighting); capped at max-weight either way.
+    weighting: str = _opt("examples", "tenant weight rule", choices=WEIGHTINGS)
+    # Adaptive weight bound: no tenant weighs more than this x the round's median weight
+    # (0 = off); a tenant over it is capped and flagged.
+    weight_multiplier: float = _opt(2.0, "cap on a tenant's weight, x the round's median weight (0 = off)", lo=0.0)
+    # Aggregation rule (server.aggregation's registry): fedavg needs only the sum; median,
+    # trimmed-mean and krum need every individual update (refused with secure aggregation).
+    aggregator: str = _opt("fedavg", "aggregator", choices=AGGREGATOR_NAMES)
+    # trimmed-mean: share of tenants dropped at each end, per coordinate.
+    trim_beta: float = _opt(0.25, "trimmed-mean: share trimmed at each end", lo=0.0, hi=0.49)
+    # krum: Byzantine tenants tolerated (f) and updates averaged (m; 0 = n - f).
+    krum_f: int = _opt(1, "krum: Byzantine tenants tolerated", lo=0)
+    krum_m: int = _opt(0, "krum: updates averaged (0 = n - f)", lo=0)
     # Server learning rate applied to the aggregated delta (1.0 = plain FedAvg).
     server_lr: float = _opt(1.0, "server learning rate on the mean delta", lo=0.0)
+    # Server-side bound on each update's L2 norm (plain transport): absolute (0 = off) ...
+    max_update_norm: float = _opt(0.0, "absolute bound on an update's L2 norm (0 = off)", lo=0.0)
+    # ... and adaptive: this x the round's median update norm (0 = off). The tighter applies.
+    norm_multiplier: float = _opt(3.0, "adaptive bound on an update's L2 norm, x the round's median (0 = off)",
+                                  lo=0.0)
+    # What happens to an update over the bound: dropped, or scaled down to the bound.
+    bound_policy: str = _opt("drop", "update over the norm bound", choices=("drop", "clip"))
+    # Outlier rule of the audit: flagged when the cosine similarity of a tenant's update to
+    # the mean of the others' is below this (besides being clipped, dropped or capped).
+    outlier_cosine: float = _opt(0.0, "audit: flag an update whose cosine to the others' mean is below this",
+                                 lo=-1.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -182,8 +212,12 @@ class PrivacyConfig:
     allow_non_poisson: bool = _opt(False, "accept non-Poisson sampling (epsilon no longer guaranteed)")
     # Opacus per-sample gradient engine.
     grad_sample_mode: str = _opt("ew", "Opacus grad-sample mode", choices=("ew", "hooks", "functorch"))
-    # Central DP: L2 clip of each tenant's whole adapter delta (done on the client).
+    # Central DP: L2 clip of each tenant's whole adapter delta, on the client and again on
+    # the server for every update it sees (plain transport).
     central_clip: float = _opt(0.5, "central DP: clip norm of a tenant's delta", lo=0.0)
+    # Central DP with secure aggregation: the server cannot clip what it cannot see, so the
+    # sensitivity bound rests on every tenant clipping honestly. Refused unless this is true.
+    trust_clients: bool = _opt(False, "central DP under secure aggregation: accept a bound enforced only by clients")
     # Central DP: noise std on the sum of deltas / central-clip.
     central_noise_multiplier: float = _opt(1.0, "central DP noise multiplier", lo=0.0)
     # Report: also run the federation without DP (no baselines) to compare quality.
@@ -431,11 +465,15 @@ def _check_privacy(sections: dict[str, dict[str, Any]], problems: list[str]) -> 
         if get("privacy", "central_clip", PrivacyConfig) <= 0 or get("privacy", "central_noise_multiplier",
                                                                      PrivacyConfig) <= 0:
             problems.append("privacy.central-clip and privacy.central-noise-multiplier: central DP needs both > 0")
-
-
-# Aggregators that need every individual update; secure aggregation reveals only sums.
-INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "fedmedian", "trimmed-mean", "trimmedmean",
-                                           "fedtrimmedavg", "krum", "multi-krum", "multikrum", "bulyan"})
+        aggregator = get("federation", "aggregator", FederationConfig)
+        if aggregator != "fedavg":
+            problems.append(f"federation.aggregator: central DP's sensitivity bound holds for the noised sum "
+                            f"(fedavg), not for {aggregator!r}; use fedavg or privacy.mode = none")
+        if get("secagg", "enabled", SecAggConfig) and not get("privacy", "trust_clients", PrivacyConfig):
+            problems.append("privacy.mode: central DP with secure aggregation rests on every tenant clipping its "
+                            "own delta (the server sees no update to clip; a malicious tenant is bounded only by "
+                            "the per-element quantization range secagg.clip); set privacy.trust-clients = true "
+                            "to accept that, or turn secure aggregation off")
 
 
 def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:

@@ -33,6 +33,8 @@ from typing import Mapping
 
 import numpy as np
 
+from common.weighting import tenant_weight
+
 SEED_BYTES = 32
 
 
@@ -48,6 +50,7 @@ class Quantizer:
     bits: int            # quantization levels: 2**bits
     modulus_bits: int    # arithmetic is mod 2**modulus_bits
     max_weight: int      # cap on one tenant's FedAvg weight
+    weighting: str = "examples"  # federation.weighting (common.weighting)
 
     @property
     def step(self) -> float:
@@ -75,14 +78,16 @@ class Quantizer:
 def quantizer_for(secagg, federation) -> Quantizer:
     """The quantizer of a run (``Config.secagg``, ``Config.federation``); both sides build the same one."""
     return Quantizer(clip=secagg.clip, bits=secagg.quantization_bits, modulus_bits=secagg.modulus_bits,
-                     max_weight=federation.max_weight)
+                     max_weight=federation.max_weight, weighting=federation.weighting)
 
 
-def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: float, max_weight: int) -> int:
-    """Client-side checks before masking; returns the capped weight or raises :class:`UpdateRefused`."""
+def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: float, max_weight: int,
+                 weighting: str = "examples") -> int:
+    """Client-side checks before masking; returns the weight (``common.weighting``) or raises
+    :class:`UpdateRefused`."""
     if isinstance(num_examples, bool) or int(num_examples) != num_examples or num_examples < 1:
         raise UpdateRefused(f"num-examples {num_examples!r} is not a positive integer")
-    weight = min(int(num_examples), max_weight)
+    weight = tenant_weight(int(num_examples), rule=weighting, max_weight=max_weight)
     scale = weight / max_weight
     for name, arr in delta.items():
         if not np.all(np.isfinite(arr)):

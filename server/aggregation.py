@@ -1,20 +1,26 @@
 """Aggregation of LoRA deltas, in plain numpy, built around the weighted **sum**.
 
 Every FedAvg-style aggregator needs only ``sum_k w_k * delta_k`` and ``sum_k w_k``.
-Plain transport computes that sum here from validated replies; secure aggregation
-reveals nothing but the same sum — both feed :meth:`Aggregator.apply`. Aggregators that
-need individual updates (median, trimmed mean, Krum) would declare
-``needs_individual_updates = True`` and are refused at config time when the server may
-only see sums.
+The plain transport validates each reply here and hands the individual updates over;
+secure aggregation reveals nothing but the same sum. Both end in a :class:`WeightedSum`
+that :func:`apply_mean` turns into the next global adapter.
+
+Aggregators live in a name -> class registry (:data:`AGGREGATORS`). ``fedavg`` needs only
+the sum; the robust ones (``median``, ``trimmed-mean``, ``krum``) need every individual
+update (``needs_individual_updates = True``) and are therefore refused at config time
+together with secure aggregation (``common.config``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from common.weighting import tenant_weight
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -28,9 +34,17 @@ class Update:
     """One validated tenant update."""
 
     delta: "OrderedDict[str, np.ndarray]"
-    num_examples: int
-    weight: float
+    num_examples: int                 # the tenant's claim
+    weight: float                     # its weight in the sum (after the weighting rule and caps)
     metrics: dict[str, float]
+    node: int = 0                     # the Flower node it came from
+    notes: tuple[str, ...] = field(default=())  # what the server did to it (clipped, capped)
+
+    def with_delta(self, delta, note: str) -> "Update":
+        return replace(self, delta=delta, notes=(*self.notes, note))
+
+    def with_weight(self, weight: float, note: str) -> "Update":
+        return replace(self, weight=weight, notes=(*self.notes, note))
 
 
 @dataclass(frozen=True)
@@ -42,13 +56,14 @@ class WeightedSum:
     count: int                             # number of updates summed
 
 
-def fedavg_weight(num_examples: int, *, max_weight: int) -> float:
-    """A tenant's FedAvg weight: its example count, capped."""
-    return float(min(num_examples, max_weight))
+def l2_norm(arrays: Arrays) -> float:
+    """L2 norm of all tensors together, accumulated in float64."""
+    return math.sqrt(sum(float(np.dot(v.ravel().astype(np.float64, copy=False), v.ravel())) for v in arrays.values()))
 
 
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
-                    expected_metrics: frozenset[str], max_examples: int, max_weight: int) -> Update:
+                    expected_metrics: frozenset[str], max_examples: int,
+                    weight_of: Callable[[int], float], node: int = 0) -> Update:
     """Check one reply against the global adapter; raise :class:`Rejected` with the reason."""
     keys = set(metrics)
     if keys != expected_metrics:
@@ -74,53 +89,172 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
         if not np.all(np.isfinite(arr)):
             raise Rejected(f"tensor {k}: contains NaN or Inf")
         delta[k] = arr
-    return Update(delta=delta, num_examples=int(n), weight=fedavg_weight(int(n), max_weight=max_weight),
-                  metrics=dict(metrics))
+    return Update(delta=delta, num_examples=int(n), weight=float(weight_of(int(n))), metrics=dict(metrics), node=node)
+
+
+def weight_rule(rule: str, *, max_weight: int) -> Callable[[int], float]:
+    """Claimed example count -> weight, by ``federation.weighting`` and ``federation.max-weight``."""
+    return lambda n: float(tenant_weight(n, rule=rule, max_weight=max_weight))
 
 
 def weighted_sum(updates: list[Update]) -> WeightedSum:
-    """sum_k w_k * delta_k in float64, then float32."""
+    """sum_k w_k * delta_k.
+
+    Accumulated in float64, written in place: one float64 accumulator and one float64
+    scratch buffer per tensor, reused for every update (no per-update temporaries). Each
+    term ``w_k * x`` is exact to float64 rounding, so the sum's relative error is below
+    ``K * 2^-53`` (K updates) before the single rounding to float32 at the end (``2^-24``
+    relative): the result is the float32 rounding of the exact sum for any K < 2^28.
+    """
     if not updates:
         raise ValueError("no updates to sum")
-    names = list(updates[0].delta)
-    total = OrderedDict((k, np.zeros(updates[0].delta[k].shape, dtype=np.float64)) for k in names)
-    for u in updates:
-        for k in names:
-            total[k] += u.weight * u.delta[k].astype(np.float64)
-    return WeightedSum(OrderedDict((k, v.astype(np.float32)) for k, v in total.items()),
-                       float(sum(u.weight for u in updates)), len(updates))
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for k, first in updates[0].delta.items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        scratch = np.empty(first.shape, dtype=np.float64)
+        for u in updates:
+            np.multiply(u.delta[k], np.float64(u.weight), out=scratch)  # in float64
+            np.add(acc, scratch, out=acc)
+        out[k] = acc.astype(np.float32)
+    return WeightedSum(out, float(sum(u.weight for u in updates)), len(updates))
 
 
+def mean_delta(agg: WeightedSum) -> "OrderedDict[str, np.ndarray]":
+    if agg.weight <= 0:
+        raise ValueError("total weight is zero")
+    return OrderedDict((k, v / np.float32(agg.weight)) for k, v in agg.total.items())
+
+
+def apply_mean(global_state: Arrays, agg: WeightedSum, *, server_lr: float) -> "OrderedDict[str, np.ndarray]":
+    """global + server_lr * (weighted mean of deltas); server_lr = 1 is McMahan et al.'s FedAvg."""
+    if agg.weight <= 0:
+        raise ValueError("total weight is zero")
+    scale = server_lr / agg.weight
+    return OrderedDict((k, (v + scale * agg.total[k]).astype(v.dtype)) for k, v in global_state.items())
+
+
+# -- aggregators ----------------------------------------------------------------------------
 class Aggregator:
-    """Turns a weighted sum of deltas into a new global adapter."""
+    """Turns the round's updates into one :class:`WeightedSum` (whose mean is the step)."""
 
     name = "base"
     needs_individual_updates = False
 
-    def __init__(self, *, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
-
-    def apply(self, global_state: Arrays, agg: WeightedSum) -> "OrderedDict[str, np.ndarray]":
+    def combine(self, updates: list[Update]) -> tuple[WeightedSum, dict[str, Any]]:
+        """The aggregate of individual updates, and what the rule decided (for the record)."""
         raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
 
 
 class FedAvg(Aggregator):
-    """global + server_lr * (weighted mean of deltas); server_lr = 1 is McMahan et al.'s FedAvg."""
+    """The weighted mean: needs only the sum, so it also runs under secure aggregation."""
 
     name = "fedavg"
 
-    def apply(self, global_state: Arrays, agg: WeightedSum) -> "OrderedDict[str, np.ndarray]":
-        if agg.weight <= 0:
-            raise ValueError("total weight is zero")
-        scale = self.server_lr / agg.weight
-        return OrderedDict((k, (v + scale * agg.total[k]).astype(v.dtype)) for k, v in global_state.items())
+    def combine(self, updates):
+        return weighted_sum(updates), {}
 
 
-AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg,)}
+def _stacked(updates: list[Update], k: str) -> np.ndarray:
+    return np.stack([u.delta[k] for u in updates])
 
 
-def make_aggregator(name: str, *, server_lr: float) -> Aggregator:
+def _as_sum(mean: "OrderedDict[str, np.ndarray]", updates: list[Update]) -> WeightedSum:
+    """A robust mean expressed as a WeightedSum over the updates' total weight."""
+    w = float(sum(u.weight for u in updates))
+    return WeightedSum(OrderedDict((k, (v.astype(np.float64) * w).astype(np.float32)) for k, v in mean.items()),
+                       w, len(updates))
+
+
+class Median(Aggregator):
+    """Coordinate-wise median (Yin et al., 2018), unweighted: each coordinate is decided by
+    the middle tenant, so fewer than half of the tenants cannot move it past the honest range."""
+
+    name = "median"
+    needs_individual_updates = True
+
+    def combine(self, updates):
+        mean = OrderedDict((k, np.median(_stacked(updates, k), axis=0).astype(np.float32)) for k in updates[0].delta)
+        return _as_sum(mean, updates), {}
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise beta-trimmed mean (Yin et al., 2018), unweighted: per coordinate the
+    ``floor(beta * n)`` largest and smallest values are dropped and the rest averaged."""
+
+    name = "trimmed-mean"
+    needs_individual_updates = True
+
+    def __init__(self, *, beta: float) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError("trimmed mean needs 0 <= beta < 0.5")
+        self.beta = beta
+
+    def describe(self) -> str:
+        return f"trimmed-mean (beta {self.beta:g})"
+
+    def combine(self, updates):
+        n = len(updates)
+        cut = int(math.floor(self.beta * n))
+        if n - 2 * cut < 1:
+            cut = (n - 1) // 2
+        mean = OrderedDict()
+        for k in updates[0].delta:
+            s = np.sort(_stacked(updates, k), axis=0)
+            mean[k] = s[cut:n - cut].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return _as_sum(mean, updates), {"trimmed_per_side": cut}
+
+
+class MultiKrum(Aggregator):
+    """Multi-Krum (Blanchard et al., 2017): score each update by the summed squared distance
+    to its ``n - f - 2`` nearest others, keep the ``m`` best (``m = 0``: ``n - f``) and take
+    their weighted mean. Tolerates ``f`` Byzantine tenants when ``n >= 2f + 3``."""
+
+    name = "krum"
+    needs_individual_updates = True
+
+    def __init__(self, *, f: int, m: int) -> None:
+        self.f, self.m = f, m
+
+    def describe(self) -> str:
+        return f"multi-krum (f {self.f}, m {self.m or 'n - f'})"
+
+    def scores(self, updates: list[Update]) -> np.ndarray:
+        n = len(updates)
+        gram = np.zeros((n, n), dtype=np.float64)
+        for k in updates[0].delta:
+            x = _stacked(updates, k).reshape(n, -1).astype(np.float64)
+            gram += x @ x.T
+        sq = np.diag(gram)
+        dist = np.maximum(sq[:, None] + sq[None, :] - 2 * gram, 0.0)
+        near = max(n - self.f - 2, 1)
+        return np.array([np.sort(np.delete(dist[i], i))[:near].sum() for i in range(n)]) if n > 1 else np.zeros(1)
+
+    def combine(self, updates):
+        n = len(updates)
+        keep = self.m or max(n - self.f, 1)
+        keep = min(keep, n)
+        picked = sorted(int(i) for i in np.argsort(self.scores(updates), kind="stable")[:keep])
+        chosen = [updates[i] for i in picked]
+        info = {"selected": [u.node for u in chosen],
+                "rejected": [u.node for i, u in enumerate(updates) if i not in picked]}
+        if n < 2 * self.f + 3:
+            info["warning"] = f"{n} updates: Krum's guarantee needs at least 2f + 3 = {2 * self.f + 3}"
+        return weighted_sum(chosen), info
+
+
+AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, Median, TrimmedMean, MultiKrum)}
+
+
+def make_aggregator(cfg) -> Aggregator:
+    """The aggregator a :class:`common.config.FederationConfig` names."""
+    if cfg.aggregator == "trimmed-mean":
+        return TrimmedMean(beta=cfg.trim_beta)
+    if cfg.aggregator == "krum":
+        return MultiKrum(f=cfg.krum_f, m=cfg.krum_m)
     try:
-        return AGGREGATORS[name](server_lr=server_lr)
+        return AGGREGATORS[cfg.aggregator]()
     except KeyError:
-        raise ValueError(f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}") from None
+        raise ValueError(f"unknown aggregator {cfg.aggregator!r}; choose one of {', '.join(AGGREGATORS)}") from None

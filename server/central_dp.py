@@ -9,7 +9,10 @@ unchanged, so the strategy has no ``if dp`` branch.
 **sum** of deltas, which is all secure aggregation reveals:
 
 * every tenant clips its whole delta to L2 norm ``C`` on the client
-  (``client.privacy.CentralClip``), before anything leaves the node;
+  (``client.privacy.CentralClip``), before anything leaves the node, and the server clips
+  every update it sees to ``C`` again (:meth:`ServerPrivacy.bound_update`), so the bound
+  holds whatever a tenant sends. Under secure aggregation the server sees no update: the
+  bound then rests on the clients (refused unless ``privacy.trust-clients = true``);
 * every tenant weighs 1 (``federation.max-weight = 1``, enforced at config time and
   checked here), so adding or removing one tenant changes the sum by at most ``C``:
   the sensitivity of the sum is ``C`` whatever the number of replies;
@@ -35,13 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from server.aggregation import WeightedSum
+from server.aggregation import Update, WeightedSum, l2_norm
 
 
 class ServerPrivacy:
     """The interface, which is also the no-privacy behaviour."""
 
     name = "none"
+
+    def bound_update(self, update: Update) -> Update:
+        """An individual update as the mechanism needs it before the sum (plain transport)."""
+        return update
 
     def on_server_aggregate(self, agg: WeightedSum, *, received: int, sampled: int, connected: int) -> WeightedSum:
         return agg
@@ -77,6 +84,15 @@ class CentralGaussian(ServerPrivacy):
     def noise_std(self) -> float:
         """Standard deviation of the noise on the sum (sensitivity ``clip`` times sigma)."""
         return self.noise_multiplier * self.clip
+
+    def bound_update(self, update: Update) -> Update:
+        """Clip the whole delta to L2 norm ``clip`` (the sensitivity the noise is sized for)."""
+        norm = l2_norm(update.delta)
+        if norm <= self.clip:
+            return update
+        scale = np.float32(self.clip / norm * (1 - 1e-6))  # float32 rounding stays inside the clip
+        return update.with_delta(OrderedDict((k, (v * scale).astype(v.dtype)) for k, v in update.delta.items()),
+                                 f"central DP: L2 norm {norm:.4g} clipped to {self.clip:g} by the server")
 
     def epsilon(self) -> float:
         return float(self.accountant.get_epsilon(delta=self.delta)) if self.accountant.history else 0.0

@@ -2,8 +2,9 @@
 
 ``RoundRecorder`` is fed by the strategy and knows nothing about Flower. Each round
 writes ``checkpoints/round_XXX/`` (a PEFT adapter directory, atomically) and
-``metrics/round_XXX.json`` (who was sampled, who was dropped and why, per-tenant
-training and evaluation metrics, bytes down/up, seconds).
+``metrics/round_XXX.json``, a :class:`common.records.RoundRecord` (who was sampled, who
+was dropped and why, per-tenant training and evaluation metrics, the per-tenant audit,
+bytes down/up, seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from common import messages as keys
 from common.adapter import write_json_atomic
+from common.records import Drop, RoundRecord, TenantAudit, round_path
 
 
 @dataclass
@@ -29,11 +31,13 @@ class _Round:
     bytes_up: int = 0
     train: dict[str, dict] = field(default_factory=dict)
     eval: dict[str, dict] = field(default_factory=dict)
-    dropped: list[dict] = field(default_factory=list)
+    dropped: list[Drop] = field(default_factory=list)
     aggregated: bool = False
     checkpoint: str | None = None
     privacy: dict = field(default_factory=dict)
     secagg: dict | None = None  # secure-aggregation summary; None when it was off
+    audit: dict[str, TenantAudit] = field(default_factory=dict)
+    aggregation: dict = field(default_factory=dict)
 
 
 class RoundRecorder:
@@ -42,7 +46,7 @@ class RoundRecorder:
     def __init__(self, run_dir: str | Path, *, save: Callable[[Path, Mapping[str, np.ndarray], int], None]) -> None:
         self.run_dir = Path(run_dir)
         self._save = save
-        self.rounds: list[dict[str, Any]] = []
+        self.rounds: list[RoundRecord] = []
         self._cur: _Round | None = None
         self._nodes: dict[int, int] = {}  # node id -> tenant id
 
@@ -59,22 +63,23 @@ class RoundRecorder:
 
     def drop(self, node: int, reason: str) -> None:
         assert self._cur is not None
-        self._cur.dropped.append({"node": node, "tenant": self._tenant(node), "reason": reason})
+        self._cur.dropped.append(Drop(node=node, tenant=self._tenant(node), reason=reason))
 
-    def secure_reply(self, node: int, metrics: Mapping[str, float]) -> None:
-        """A tenant that finished a secure round (its weight stays inside the masked sum)."""
+    def train_reply(self, node: int, metrics: Mapping[str, float]) -> None:
+        """A tenant that finished training (under secure aggregation its weight stays inside
+        the masked sum, so only its public metrics are known)."""
         assert self._cur is not None
         self._nodes[node] = int(metrics[keys.TENANT])
         self._cur.train[self._tenant(node)] = dict(metrics)
 
+    def weight(self, node: int, weight: float) -> None:
+        """The weight a tenant's update was summed with."""
+        assert self._cur is not None
+        self._cur.train.setdefault(self._tenant(node), {})["weight"] = weight
+
     def secagg(self, summary: Mapping[str, object]) -> None:
         assert self._cur is not None
         self._cur.secagg = dict(summary)
-
-    def train_reply(self, node: int, update) -> None:
-        assert self._cur is not None
-        self._nodes[node] = int(update.metrics[keys.TENANT])
-        self._cur.train[self._tenant(node)] = {**update.metrics, "weight": update.weight}
 
     def eval_reply(self, node: int, metrics: Mapping[str, float]) -> None:
         assert self._cur is not None
@@ -94,26 +99,23 @@ class RoundRecorder:
             self._cur.aggregated = True
             self._cur.checkpoint = str(path.relative_to(self.run_dir))
 
-    def end_round(self) -> dict[str, Any]:
+    def audit(self, audits: Mapping[int, TenantAudit], aggregation: Mapping[str, Any]) -> None:
+        """The per-tenant audit of this round's updates and how they were aggregated."""
+        assert self._cur is not None
+        self._cur.audit = {self._tenant(n): a for n, a in audits.items()}
+        self._cur.aggregation = dict(aggregation)
+
+    def end_round(self) -> RoundRecord:
         cur = self._cur
         assert cur is not None
-        record = {
-            "round": cur.number,
-            "connected": cur.connected,
-            "sampled": [self._tenant(n) for n in cur.sampled],
-            "finished": sorted(cur.train),
-            "dropped": cur.dropped,
-            "aggregated": cur.aggregated,
-            "checkpoint": cur.checkpoint,
-            "bytes_down": cur.bytes_down,
-            "bytes_up": cur.bytes_up,
-            "seconds": round(time.perf_counter() - cur.started, 3),
-            "train": cur.train,
-            "eval": cur.eval,
-            "secagg": cur.secagg or {"enabled": False},
-            "privacy": cur.privacy,
-        }
-        write_json_atomic(self.run_dir / "metrics" / f"round_{cur.number:03d}.json", record)
+        record = RoundRecord(
+            round=cur.number, connected=cur.connected, sampled=[self._tenant(n) for n in cur.sampled],
+            finished=sorted(cur.train), dropped=cur.dropped, aggregated=cur.aggregated,
+            checkpoint=cur.checkpoint, bytes_down=cur.bytes_down, bytes_up=cur.bytes_up,
+            seconds=round(time.perf_counter() - cur.started, 3), train=cur.train, eval=cur.eval,
+            secagg=cur.secagg or {"enabled": False}, privacy=cur.privacy, audit=cur.audit,
+            aggregation=cur.aggregation)
+        write_json_atomic(round_path(self.run_dir, cur.number), record.to_json())
         self.rounds.append(record)
         self._cur = None
         return record

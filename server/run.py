@@ -7,7 +7,6 @@ Flower.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ import numpy as np
 
 from common.adapter import get_state, save_adapter, write_json_atomic
 from common.config import Config
+from common.files import default_run_dir
+from common.records import SUMMARY_FILE, Drop, FederationSummary
 from common.model import attach_adapter, base_fingerprint, load_base, resolve_base
 from server.records import RoundRecorder
 
@@ -37,10 +38,6 @@ class ServerRun:
     def save(self, path: Path, state, round_number: int, **extra) -> Path:
         return save_adapter(path, state, self.peft_cfg, base_model=self.base_path,
                             metadata=self.metadata(round=round_number, **extra))
-
-
-def default_run_dir() -> Path:
-    return Path.cwd() / "runs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def prepare(cfg: Config) -> ServerRun:
@@ -65,16 +62,14 @@ def prepare(cfg: Config) -> ServerRun:
 def finish(run: ServerRun, final_state, *, seconds: float) -> Path:
     """Final adapter and the federated summary (``federation.json``)."""
     rounds = run.recorder.rounds
-    tenants = sorted({t for r in rounds for t in r["finished"]}, key=str)
+    tenants = sorted({t for r in rounds for t in r.finished}, key=str)
     out = run.save(run.run_dir / "adapter", final_state, len(rounds), tenants=len(tenants))
-    write_json_atomic(run.run_dir / "federation.json", {
-        "rounds": len(rounds),
-        "tenants": tenants,
-        "seconds": round(seconds, 2),
-        "bytes_down": sum(r["bytes_down"] for r in rounds),
-        "bytes_up": sum(r["bytes_up"] for r in rounds),
-        "adapter_bytes": int(sum(v.nbytes for v in run.initial.values())),
-        "dropped": [{"round": r["round"], **d} for r in rounds for d in r["dropped"]],
-    })
+    summary = FederationSummary(
+        rounds=len(rounds), tenants=tenants, seconds=round(seconds, 2),
+        bytes_down=sum(r.bytes_down for r in rounds), bytes_up=sum(r.bytes_up for r in rounds),
+        adapter_bytes=int(sum(v.nbytes for v in run.initial.values())),
+        dropped=[Drop(node=d.node, tenant=d.tenant, reason=d.reason, round=r.round) for r in rounds for d in r.dropped],
+        aggregated_rounds=sum(r.aggregated for r in rounds))
+    write_json_atomic(run.run_dir / SUMMARY_FILE, summary.to_json())
     (run.run_dir / "FEDERATION_DONE").write_text(json.dumps({"adapter": str(out.relative_to(run.run_dir))}))
     return out

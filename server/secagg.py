@@ -13,8 +13,14 @@ of the dropped tenants' mask keys). Dropout, stage by stage:
 
 A round that cannot be unmasked fails loudly with the reason; the global adapter stays
 as it was and the run goes on or stops (``secagg.on-failure``). Every stage has a
-timeout. The result is the same :class:`~server.aggregation.WeightedSum` the plain path
-builds, so :meth:`Aggregator.apply` is unchanged.
+timeout. :class:`SecAggTransport` is the strategy's transport: the key stages run before
+the upload (``configure``), the unmasking after it (``collect``), and the result is the
+same :class:`~server.aggregation.WeightedSum` the plain transport leads to.
+
+What bounds a malicious tenant here: the server never sees an individual update, so no
+L2-norm bound can hold. Each element of the masked vector decodes to a value in
+``[-secagg.clip, +secagg.clip]`` of ``(w / max-weight) * delta`` (the quantization range),
+and the weight to ``[1, max-weight]``; nothing else is enforced by the server.
 """
 
 from __future__ import annotations
@@ -22,27 +28,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 from typing import Callable, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import messages as keys
 from common import secagg_crypto as crypto
 from common import secagg_wire as wire
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import ConfigError, FederationConfig, SecAggConfig
-from common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, quantizer_for, threshold, unpack
-from server.aggregation import Aggregator, WeightedSum
-from server.records import RoundRecorder
-from server.strategy import FedLoraStrategy, sample_nodes
+from common.adapter import from_arrayrecord
+from common.config import SecAggConfig
+from common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
+from server.aggregation import WeightedSum
+from server.transport import Collected, RoundFailed, Transport, sender
 
 
-class SecAggFailed(RuntimeError):
-    """A secure round that could not be completed (with ``secagg.on-failure = stop``)."""
+SecAggFailed = RoundFailed  # a secure round that could not be completed (secagg.on-failure = stop)
 
 
 class _RoundFailed(Exception):
@@ -71,36 +75,68 @@ class SecAggOutcome:
                 "failure": self.failure}
 
 
-class SecureRound:
-    """Runs the four stages of one round over ``grid``."""
+@dataclass
+class _Round:
+    """One attempt's state between the key stages and the unmasking."""
 
-    def __init__(self, grid: Grid, scfg: SecAggConfig, q: Quantizer, *, train_timeout: float, seed: int) -> None:
-        self.grid, self.scfg, self.q = grid, scfg, q
-        self.train_timeout, self.seed = train_timeout, seed
+    number: int
+    attempt: int
+    members: list[int]
+    graph: dict[int, list[int]]
+    holders: dict[int, list[int]]
+    thr: dict[int, int]
+    pk_s: dict[int, bytes]
+    shapes: dict[str, tuple[int, ...]]
+    ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # u -> {v: share for u}
+    sent: list[Message] = field(default_factory=list)
 
-    def run(self, server_round: int, nodes: list[int], arrays: ArrayRecord, train_config: ConfigRecord,
-            shapes: Mapping[str, tuple[int, ...]]) -> SecAggOutcome:
-        out = SecAggOutcome()
+
+class SecAggTransport(Transport):
+    """SecAgg+ as the strategy's transport: setup and key sharing before the upload, unmasking after."""
+
+    name = "secagg+"
+    reveals_individual_updates = False
+
+    def __init__(self, scfg: SecAggConfig, q: Quantizer, *, seed: int) -> None:
+        self.scfg, self.q, self.seed = scfg, q, seed
+        self._round: _Round | None = None
+        self._out: SecAggOutcome | None = None
+        self._configured_bytes = 0
+
+    def summary(self) -> str:
+        return (f"SecAgg+ (neighbours {self.scfg.neighbours or 'all'}, threshold > {self.scfg.threshold:.2f}, "
+                f"clip {self.scfg.clip:g}, {self.scfg.quantization_bits} bits mod 2^{self.scfg.modulus_bits})")
+
+    # -- before the upload --------------------------------------------------------
+    def configure(self, server_round, nodes, arrays, config, grid):
+        self.grid = grid
+        out = self._out = SecAggOutcome()
+        shapes = {k: v.shape for k, v in from_arrayrecord(arrays).items()}
         members = sorted(nodes)
+        msgs = self._configure(out, server_round, members, arrays, config, shapes)
+        self._configured_bytes = out.bytes_down
+        return msgs, out.bytes_down
+
+    def _configure(self, out: SecAggOutcome, server_round: int, members: list[int], arrays: ArrayRecord,
+                   config: ConfigRecord, shapes: dict[str, tuple[int, ...]]) -> list[Message]:
         for attempt in (1, 2):
             out.attempts = attempt
             try:
-                self._attempt(out, server_round, attempt, members, arrays, train_config, shapes)
-                return out
+                self._round = self._keys(out, server_round, attempt, members, shapes)
+                return self._upload_messages(self._round, arrays, config)
             except _Restart:
                 lost = {d["node"] for ds in out.dropped.values() for d in ds}
                 members = [n for n in members if n not in lost]
                 log(WARNING, "Round %d: tenant(s) lost before masking; restarting once with %d survivor(s)",
                     server_round, len(members))
             except _RoundFailed as why:
-                out.failure, out.metrics = str(why), {}
-                return out
-        out.failure, out.metrics = "tenants were lost before masking again after the restart", {}
-        return out
+                out.failure = str(why)
+                return []
+        out.failure = "tenants were lost before masking again after the restart"
+        return []
 
-    # -- one attempt ----------------------------------------------------------------
-    def _attempt(self, out: SecAggOutcome, rnd: int, attempt: int, members: list[int], arrays: ArrayRecord,
-                 train_config: ConfigRecord, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def _keys(self, out: SecAggOutcome, rnd: int, attempt: int, members: list[int],
+              shapes: dict[str, tuple[int, ...]]) -> _Round:
         if len(members) < 2:
             raise _RoundFailed(f"{len(members)} tenant(s) left; secure aggregation needs at least 2")
         if len(members) > self.q.capacity():
@@ -110,55 +146,81 @@ class SecureRound:
         holders = {u: sorted([*graph[u], u]) for u in members}
         thr = {u: threshold(len(holders[u]), self.scfg.threshold) for u in members}
         restartable = attempt == 1
-
         # 1. setup: fresh public keys
         replies = self._exchange(out, wire.SETUP, {
             u: wire.setup_request(rnd, attempt, graph[u], thr[u]) for u in members}, wire.read_setup_reply)
         self._after_key_stage(out, replies, members, restartable)
         # 2. key sharing: relay the neighbourhood's public keys, collect encrypted shares
-        replies_sh = self._exchange(out, wire.SHARE, {
+        shares = self._exchange(out, wire.SHARE, {
             u: wire.share_request(rnd, attempt, {v: replies[v] for v in holders[u]}) for u in members},
             wire.read_share_reply)
-        for u, cts in list(replies_sh.items()):
+        for u, cts in list(shares.items()):
             if set(cts) != set(graph[u]):
-                del replies_sh[u]
+                del shares[u]
                 self._drop(out, wire.SHARE, u, f"shares addressed to {sorted(cts)}, not its neighbours")
-        self._after_key_stage(out, replies_sh, members, restartable)
-        pk_s = {u: replies[u][1] for u in members}
-        # 3. masked upload: each tenant trains and sends its masked vector
-        size = sum(int(np.prod(s)) for s in shapes.values()) + 1
-        requests = {}
-        for u in members:
-            content = wire.upload_request(rnd, attempt, {v: replies_sh[v][u] for v in graph[u]})
+        self._after_key_stage(out, shares, members, restartable)
+        return _Round(rnd, attempt, members, graph, holders, thr, {u: replies[u][1] for u in members}, shapes,
+                      ciphertexts={u: {v: shares[v][u] for v in graph[u]} for u in members})
+
+    def _upload_messages(self, st: _Round, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """3. masked upload: each tenant trains and sends its masked vector (Flower sends these)."""
+        msgs = []
+        for u in st.members:
+            content = wire.upload_request(st.number, st.attempt, st.ciphertexts[u])
+            self._out.bytes_down += wire.content_bytes(content)
             content[keys.ARRAYS] = arrays
-            content[keys.CONFIG] = train_config
-            requests[u] = content
-        uploads = self._exchange(out, wire.UPLOAD, requests, lambda c: (
+            content[keys.CONFIG] = config
+            msgs.append(Message(content=content, message_type=wire.message_type(wire.UPLOAD), dst_node_id=u))
+        st.sent = msgs
+        return msgs
+
+    # -- after the upload ---------------------------------------------------------
+    def collect(self, server_round, replies, *, reference):
+        out, st = self._out, self._round
+        self._out = self._round = None
+        assert out is not None
+        if st is not None and out.failure is None:
+            try:
+                self._finish(out, st, replies)
+            except _RoundFailed as why:
+                out.failure, out.metrics = str(why), {}
+        got = Collected(total=out.result, metrics=out.metrics, bytes_up=out.bytes_up, failure=out.failure,
+                        bytes_down=out.bytes_down - self._configured_bytes,  # the unmasking stage's
+                        dropped=[(d["node"], d["reason"]) for ds in out.dropped.values() for d in ds],
+                        report=out.summary())
+        if out.result is not None:
+            log(INFO, "Round %d: securely aggregated %d tenant(s), total weight %g", server_round,
+                out.result.count, out.result.weight)
+        return got
+
+    def _finish(self, out: SecAggOutcome, st: _Round, replies: Iterable[Message]) -> None:
+        size = sum(int(np.prod(s)) for s in st.shapes.values()) + 1
+        uploads = self._parse(out, wire.UPLOAD, {m.metadata.dst_node_id for m in st.sent}, replies, lambda c: (
             wire.read_upload_array(c, size=size, dtype=self.q.dtype), _secure_metrics(c)),
-            timeout=self.train_timeout)
+            sent=st.sent, timeout=None)
         active = sorted(uploads)
-        dead = sorted(set(members) - set(active))
-        self._check_thresholds(active, dead, holders, thr, "before unmasking")
+        dead = sorted(set(st.members) - set(active))
+        self._check_thresholds(active, dead, st.holders, st.thr, "before unmasking")
         # 4. unmasking
         shares = self._exchange(out, wire.UNMASK, {
-            u: wire.unmask_request(rnd, attempt, [v for v in holders[u] if v in uploads],
-                                   [v for v in holders[u] if v not in uploads]) for u in active},
+            u: wire.unmask_request(st.number, st.attempt, [v for v in st.holders[u] if v in uploads],
+                                   [v for v in st.holders[u] if v not in uploads]) for u in active},
             wire.read_unmask_reply)
         for u, got in list(shares.items()):
-            if set(got) != set(holders[u]):
+            if set(got) != set(st.holders[u]):
                 del shares[u]
                 self._drop(out, wire.UNMASK, u, "shares for nodes outside its neighbourhood")
-        self._check_thresholds(list(shares), dead, holders, thr, "after unmasking",
-                               owners=active)
+        self._check_thresholds(list(shares), dead, st.holders, st.thr, "after unmasking", owners=active)
         try:
-            total = self._unmask({u: uploads[u][0] for u in active}, shares, dead, graph, holders, thr, pk_s)
+            total = self._unmask({u: uploads[u][0] for u in active}, shares, dead, st.graph, st.holders, st.thr,
+                                 st.pk_s)
         except ValueError as why:  # shares that do not combine into a seed or a key
             raise _RoundFailed(f"unmasking failed, a share was corrupted: {why}") from None
         n = len(active)
         top, weight_sum = int(total[:-1].max(initial=0)), int(total[-1])
         if top > n * (2**self.q.bits - 1) or not n <= weight_sum <= n * self.q.max_weight:
             raise _RoundFailed("unmasked sum out of range: a share or a masked vector was corrupted")
-        summed, weight = unpack(total, n, shapes, self.q)
+        summed, weight = unpack(total, n, st.shapes, self.q)
         out.result = WeightedSum(summed, weight, len(active))
         out.metrics = {u: uploads[u][1] for u in active}
 
@@ -169,10 +231,15 @@ class SecureRound:
         msgs = [Message(content=c, message_type=wire.message_type(stage), dst_node_id=n)
                 for n, c in contents.items()]
         out.bytes_down += sum(wire.content_bytes(c) for c in contents.values())
+        replies = self.grid.send_and_receive(msgs, timeout=timeout)
+        return self._parse(out, stage, set(contents), replies, parse, sent=msgs, timeout=timeout)
+
+    def _parse(self, out: SecAggOutcome, stage: str, asked: set[int], replies: Iterable[Message],
+               parse: Callable, *, sent: list[Message], timeout: float | None) -> dict:
         got: dict = {}
-        for msg in self.grid.send_and_receive(msgs, timeout=timeout):
-            node = msg.metadata.src_node_id
-            if node not in contents or node in got:
+        for msg in replies:
+            node = sender(sent, msg)
+            if node not in asked or node in got:
                 continue
             if msg.has_error():
                 self._drop(out, stage, node, f"client error: {msg.error.reason}")
@@ -183,9 +250,9 @@ class SecureRound:
             except (ValueError, KeyError, TypeError) as why:
                 self._drop(out, stage, node, f"malformed reply: {why}")
         known = {d["node"] for d in out.dropped[wire.STAGE_NAMES[stage]]}
-        for node in contents:
+        for node in sorted(asked):
             if node not in got and node not in known:
-                self._drop(out, stage, node, f"no reply within {timeout:.0f}s")
+                self._drop(out, stage, node, "no reply" + (f" within {timeout:.0f}s" if timeout else " in time"))
         return got
 
     @staticmethod
@@ -244,78 +311,3 @@ def _secure_metrics(content: RecordDict) -> dict:
     if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in m.values()):
         raise ValueError("a metric is not a finite number")
     return m
-
-
-class SecAggStrategy(FedLoraStrategy):
-    """FedLoraStrategy whose training stage is a secure round; evaluation is unchanged."""
-
-    def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
-                 secagg: SecAggConfig, seed: int = 0, **options) -> None:
-        if aggregator.needs_individual_updates:
-            raise ConfigError([f"federation.aggregator: {aggregator.name!r} needs individual updates, but secure "
-                               "aggregation reveals only their sum; use fedavg or set secagg.enabled = false"])
-        super().__init__(cfg, aggregator, recorder, seed=seed, **options)
-        self.secagg = secagg
-        self.quantizer = quantizer_for(secagg, cfg)
-        self._outcome: SecAggOutcome | None = None
-
-    def summary(self) -> None:
-        super().summary()
-        log(INFO, "\t└── Secure aggregation (SecAgg+): neighbours %s, threshold > %.2f, clip %g, "
-            "%d bits mod 2^%d",
-            self.secagg.neighbours or "all", self.secagg.threshold, self.secagg.clip,
-            self.secagg.quantization_bits, self.secagg.modulus_bits)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self._global = from_arrayrecord(arrays)
-        nodes, connected = sample_nodes(grid, fraction=self.cfg.fraction_train, minimum=self.cfg.min_train_nodes,
-                                        timeout=self.cfg.round_timeout, rng=self.rng)
-        self.recorder.start_round(server_round, sampled=nodes, connected=connected)
-        self._sampled, self._connected = len(nodes), connected
-        log(INFO, "Round %d: %d of %d tenants sampled for a secure round", server_round, len(nodes), connected)
-        train_config = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed})
-        shapes = {k: v.shape for k, v in self._global.items()}
-        self._outcome = SecureRound(grid, self.secagg, self.quantizer, train_timeout=self.cfg.round_timeout,
-                                    seed=self.seed).run(server_round, nodes, arrays, train_config, shapes)
-        return []  # every message of the round has been exchanged already
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        out, self._outcome = self._outcome, None
-        assert out is not None and self._global is not None
-        self.recorder.add_bytes(down=out.bytes_down, up=out.bytes_up)
-        for stage_drops in out.dropped.values():
-            for d in stage_drops:
-                self.recorder.drop(d["node"], d["reason"])
-        for node, metrics in out.metrics.items():
-            self.recorder.secure_reply(node, metrics)
-        self.recorder.secagg(out.summary())
-        if out.result is None:
-            log(ERROR, "Round %d: secure aggregation failed: %s; the global adapter stays as it was",
-                server_round, out.failure)
-            self.recorder.end_train(None)
-            if self.secagg.on_failure == "stop":
-                self.recorder.end_round()
-                raise SecAggFailed(f"round {server_round}: {out.failure} (secagg.on-failure = stop)")
-            return None, None
-        log(INFO, "Round %d: securely aggregated %d tenant(s), total weight %g", server_round,
-            out.result.count, out.result.weight)
-        summed = self.privacy.on_server_aggregate(out.result, received=out.result.count, sampled=self._sampled,
-                                                  connected=self._connected)
-        self.recorder.privacy(self.privacy.round_report())
-        new_global = self.aggregator.apply(self._global, summed)
-        self._global = new_global
-        self.recorder.end_train(new_global)
-        names = sorted(keys.SECAGG_TRAIN_METRICS - {keys.TENANT})
-        metrics = {k: float(np.mean([m[k] for m in out.metrics.values()])) for k in names}
-        metrics[keys.NUM_EXAMPLES] = int(out.result.weight)  # the total weight, all the server learns
-        return to_arrayrecord(new_global), MetricRecord(metrics)
-
-
-def make_strategy(cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
-                  secagg: SecAggConfig, seed: int, **options) -> FedLoraStrategy:
-    """The plain strategy, or the secure one when ``secagg.enabled`` (``options`` go to both)."""
-    if secagg.enabled:
-        return SecAggStrategy(cfg, aggregator, recorder, secagg=secagg, seed=seed, **options)
-    return FedLoraStrategy(cfg, aggregator, recorder, seed=seed, **options)

@@ -1,4 +1,4 @@
-"""fedlora ServerApp: parse the config, start the strategy, write the results."""
+"""fedlora ServerApp: parse the config, wire the strategy, start it, write the results."""
 
 from __future__ import annotations
 
@@ -8,30 +8,39 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import parse_config
+from common.config import Config, parse_config
+from common.offline import quiet_and_offline
 from server.aggregation import make_aggregator
+from server.bounds import UpdateBounds
 from server.central_dp import make_server_privacy
 from server.grid import PromptGrid
+from server.records import RoundRecorder
 from server.run import finish, prepare
-from server.secagg import make_strategy
+from server.strategy import FedLoraStrategy
 
 app = ServerApp()
 
 
+def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
+    """The one strategy, with the transport, aggregator, bounds and privacy the config names."""
+    transport = None  # plain: validated individual updates
+    if cfg.secagg.enabled:
+        from common.secagg import quantizer_for
+        from server.secagg import SecAggTransport
+
+        transport = SecAggTransport(cfg.secagg, quantizer_for(cfg.secagg, cfg.federation), seed=cfg.train.seed)
+    return FedLoraStrategy(cfg.federation, make_aggregator(cfg.federation), recorder, transport=transport,
+                           bounds=UpdateBounds.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
+                           seed=cfg.train.seed, stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quiet_and_offline()
     cfg = parse_config(context.run_config)
     start = time.perf_counter()
     run = prepare(cfg)
-    strategy = make_strategy(
-        cfg.federation,
-        make_aggregator(cfg.federation.aggregator, server_lr=cfg.federation.server_lr),
-        run.recorder,
-        seed=cfg.train.seed,
-        secagg=cfg.secagg,
-        privacy=make_server_privacy(cfg.privacy),
-    )
-    result = strategy.start(
+    result = make_strategy(cfg, run.recorder).start(
         grid=PromptGrid(grid),
         initial_arrays=to_arrayrecord(run.initial),
         num_rounds=cfg.federation.rounds,

@@ -1,4 +1,10 @@
-"""The fedlora strategy: LoRA-delta FedAvg on Flower's Message API.
+"""The fedlora strategy: LoRA deltas on Flower's Message API, through one of two transports.
+
+Each training round reads, in one place:
+
+    configure (sample, build messages: the transport) -> Flower sends and collects ->
+    collect (validate or unmask: the transport) -> bound (weights, norms, central clip) ->
+    aggregate (the aggregator) -> noise (central DP) -> apply (server lr) -> checkpoint, audit
 
 Differences from Flower's stock FedAvg, each for a reason:
 
@@ -6,12 +12,12 @@ Differences from Flower's stock FedAvg, each for a reason:
 * every reply is validated before it counts (finite values, exact tensor names, shapes
   and dtypes, example count in range, exact metric keys); a bad reply is dropped with
   the tenant and the reason, and the round goes on with the rest;
-* aggregation goes through a weighted **sum** (see ``server.aggregation``), with each
-  tenant's weight capped;
+* where the server sees individual updates it bounds them (``server.bounds``) and can
+  aggregate robustly (``server.aggregation``); under secure aggregation it sees only the sum;
 * sampling waits for the minimum number of tenants only up to the round timeout, so a
   lost tenant never hangs a run;
-* each round's global adapter is checkpointed atomically and its metrics and bytes on
-  the wire are recorded (``server.records``).
+* each round's global adapter is checkpointed atomically and its record (metrics, bytes,
+  per-tenant audit) written (``server.records``).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -29,9 +36,11 @@ from flwr.serverapp.strategy import Strategy
 from common import messages as keys
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
-from server.aggregation import Aggregator, Rejected, Update, validate_update, weighted_sum
+from server.aggregation import Aggregator, WeightedSum, apply_mean, mean_delta, weight_rule
+from server.bounds import UpdateBounds, audit, bounds_info
 from server.central_dp import NoServerPrivacy, ServerPrivacy
 from server.records import RoundRecorder
+from server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
 
 
 class NotEnoughTenants(RuntimeError):
@@ -56,45 +65,42 @@ def sample_nodes(grid: Grid, *, fraction: float, minimum: int, timeout: float,
     return sorted(rng.sample(nodes, size)), len(nodes)
 
 
-def _array_bytes(msg: Message) -> int:
-    return sum(rec.count_bytes() for rec in msg.content.array_records.values()) if msg.has_content() else 0
-
-
 class FedLoraStrategy(Strategy):
-    """LoRA-delta FedAvg with validation, capped weights, bounded sampling and recording."""
+    """LoRA-delta aggregation with validation, bounds, bounded sampling, audit and recording."""
 
     def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
-                 seed: int = 0, privacy: ServerPrivacy | None = None) -> None:
+                 transport: Transport | None = None, bounds: UpdateBounds | None = None,
+                 privacy: ServerPrivacy | None = None, seed: int = 0, stop_on_failure: bool = False) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
+        self.transport = transport if transport is not None else PlainTransport(
+            max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight))
+        if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
+            from common.config import ConfigError
+
+            raise ConfigError([f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
+                               f"{self.transport.name} reveals only their sum; use fedavg"])
+        self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
+        self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
         self.rng = random.Random(seed)
         self.seed = seed
+        self.stop_on_failure = stop_on_failure
         self._global: dict | None = None
         self._sent: list[Message] = []  # this stage's messages, to match replies to nodes
-        self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
         self._sampled = self._connected = 0
 
     def summary(self) -> None:
-        log(INFO, "\t├── Aggregator: %s (server lr %.3g)", self.aggregator.name, self.aggregator.server_lr)
+        log(INFO, "\t├── Transport: %s", self.transport.summary())
+        log(INFO, "\t├── Aggregator: %s (server lr %.3g)", self.aggregator.describe(), self.cfg.server_lr)
+        log(INFO, "\t├── Bounds: %s", self.bounds.describe() if self.transport.reveals_individual_updates
+            else "none on individual updates (the server sees only the sum)")
         log(INFO, "\t├── Sampling: fraction %.2f, minimum %d", self.cfg.fraction_train, self.cfg.min_train_nodes)
-        log(INFO, "\t└── Weight cap %d examples; round timeout %.0fs", self.cfg.max_weight, self.cfg.round_timeout)
+        log(INFO, "\t└── Weights: %s, cap %d examples; round timeout %.0fs", self.cfg.weighting,
+            self.cfg.max_weight, self.cfg.round_timeout)
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int],
-                  message_type: str, server_round: int) -> list[Message]:
-        config = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed})
-        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
-        self._sent = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
-        return self._sent
-
-    def _sender(self, reply: Message) -> int:
-        """The node a reply answers for. An error reply made by the SuperLink (e.g. "Node
-        Unavailable" for a dead tenant) carries the SuperLink as its source, so the reply
-        is matched to the message it answers instead."""
-        for sent in self._sent:
-            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
-                return sent.metadata.dst_node_id
-        return reply.metadata.src_node_id
+    def _config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        return ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed})
 
     # -- training -----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -105,47 +111,85 @@ class FedLoraStrategy(Strategy):
                                         timeout=self.cfg.round_timeout, rng=self.rng)
         self.recorder.start_round(server_round, sampled=nodes, connected=connected)
         self._sampled, self._connected = len(nodes), connected
-        msgs = self._messages(arrays, config, nodes, MessageType.TRAIN, server_round)
-        self.recorder.add_bytes(down=arrays.count_bytes() * len(msgs))
         log(INFO, "Round %d: %d of %d tenants sampled", server_round, len(nodes), connected)
+        msgs, key_bytes = self.transport.configure(server_round, nodes, arrays,
+                                                   self._config(config, server_round), grid)
+        self.recorder.add_bytes(down=key_bytes + arrays.count_bytes() * len(msgs))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None
-        updates: list[Update] = []
-        for msg in replies:
-            node = self._sender(msg)
-            self.recorder.add_bytes(up=_array_bytes(msg))
-            try:
-                if msg.has_error():
-                    raise Rejected(f"client error: {msg.error.reason}")
-                content = msg.content
-                if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
-                    raise Rejected(f"reply lacks '{keys.ARRAYS}' or '{keys.METRICS}' record")
-                update = validate_update(
-                    from_arrayrecord(content.array_records[keys.ARRAYS]),
-                    dict(content.metric_records[keys.METRICS]),
-                    reference=self._global, expected_metrics=keys.TRAIN_METRICS,
-                    max_examples=self.cfg.max_examples, max_weight=self.cfg.max_weight)
-            except Rejected as why:
-                log(WARNING, "Round %d: reply from node %d dropped: %s", server_round, node, why)
-                self.recorder.drop(node, str(why))
-                continue
-            updates.append(update)
-            self.recorder.train_reply(node, update)
-        if not updates:
-            log(WARNING, "Round %d: no valid update; the global adapter stays as it was", server_round)
+        got = self.transport.collect(server_round, replies, reference=self._global)
+        self._record_collected(server_round, got)
+        summed, audits, info = self._aggregate(got)
+        if summed is None:
+            reason = got.failure or "no valid update"
+            log(ERROR if got.failure else WARNING, "Round %d: %s; the global adapter stays as it was",
+                server_round, reason)
+            self.recorder.audit(audits, info)
             self.recorder.end_train(None)
+            if got.failure and self.stop_on_failure:
+                self.recorder.end_round()
+                raise RoundFailed(f"round {server_round}: {got.failure}")
             return None, None
-        summed = self.privacy.on_server_aggregate(weighted_sum(updates), received=len(updates),
-                                                  sampled=self._sampled, connected=self._connected)
+        t = time.perf_counter()
+        summed = self.privacy.on_server_aggregate(summed, received=summed.count, sampled=self._sampled,
+                                                  connected=self._connected)
         self.recorder.privacy(self.privacy.round_report())
-        new_global = self.aggregator.apply(self._global, summed)
+        new_global = apply_mean(self._global, summed, server_lr=self.cfg.server_lr)
+        info["server_seconds"] = round(info.get("server_seconds", 0.0) + time.perf_counter() - t, 6)
+        self.recorder.audit(audits, info)
         self._global = new_global
         self.recorder.end_train(new_global)
-        return to_arrayrecord(new_global), MetricRecord(_weighted_metrics(
-            [(u.weight, u.metrics) for u in updates], exclude=(keys.TENANT,)))
+        return to_arrayrecord(new_global), MetricRecord(self._train_metrics(got, summed))
+
+    def _record_collected(self, server_round: int, got: Collected) -> None:
+        self.recorder.add_bytes(down=got.bytes_down, up=got.bytes_up)
+        for node, reason in got.dropped:
+            log(WARNING, "Round %d: reply from node %d dropped: %s", server_round, node, reason)
+            self.recorder.drop(node, reason)
+        for node, metrics in got.metrics.items():
+            self.recorder.train_reply(node, metrics)
+        if got.report is not None:
+            self.recorder.secagg(got.report)
+
+    def _aggregate(self, got: Collected) -> tuple[WeightedSum | None, dict, dict]:
+        """The round's sum: the transport's (secure) or bounded and aggregated here (plain)."""
+        t = time.perf_counter()
+        info: dict = {"aggregator": self.aggregator.describe(), "transport": self.transport.name}
+        if got.total is not None:
+            return got.total, {}, {**info, "server_seconds": round(time.perf_counter() - t, 6)}
+        if not got.updates:
+            return None, {}, info
+        bounded = self.bounds.apply(got.updates)
+        info.update(bounds_info(self.bounds, bounded))
+        for node, (action, why) in bounded.actions.items():
+            if action == "dropped":
+                self.recorder.drop(node, f"server bound: {why}")
+        kept = [self.privacy.bound_update(u) for u in bounded.kept]
+        for u in kept:
+            self.recorder.weight(u.node, u.weight)
+        if not kept:
+            return None, audit(got.updates, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine), info
+        summed, decided = self.aggregator.combine(kept)
+        info.update(decided)
+        excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
+        info["server_seconds"] = round(time.perf_counter() - t, 6)
+        audits = audit(got.updates, bounded, kept, mean_delta(summed), outlier_cosine=self.cfg.outlier_cosine,
+                       excluded=excluded)
+        for node, a in audits.items():
+            if a.outlier:
+                log(WARNING, "Round audit: node %d flagged: %s", node, a.why)
+        return summed, audits, info
+
+    def _train_metrics(self, got: Collected, summed: WeightedSum) -> dict:
+        if got.updates:
+            return _weighted_metrics([(u.weight, u.metrics) for u in got.updates], exclude=(keys.TENANT,))
+        names = sorted(keys.SECAGG_TRAIN_METRICS - {keys.TENANT})
+        metrics = {k: float(np.mean([m[k] for m in got.metrics.values()])) for k in names} if got.metrics else {}
+        metrics[keys.NUM_EXAMPLES] = int(summed.weight)  # the total weight, all the server learns
+        return metrics
 
     # -- evaluation ---------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -154,14 +198,15 @@ class FedLoraStrategy(Strategy):
             return []
         nodes, _ = sample_nodes(grid, fraction=self.cfg.fraction_evaluate, minimum=1,
                                 timeout=self.cfg.round_timeout, rng=self.rng)
-        msgs = self._messages(arrays, config, nodes, MessageType.EVALUATE, server_round)
-        self.recorder.add_bytes(down=arrays.count_bytes() * len(msgs))
-        return msgs
+        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: self._config(config, server_round)})
+        self._sent = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+        self.recorder.add_bytes(down=arrays.count_bytes() * len(self._sent))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         results = []
         for msg in replies:
-            node = self._sender(msg)
+            node = sender(self._sent, msg)
             if msg.has_error() or keys.METRICS not in msg.content.metric_records:
                 reason = msg.error.reason if msg.has_error() else "reply lacks metrics"
                 log(WARNING, "Round %d: evaluation from node %d dropped: %s", server_round, node, reason)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.messages import TRAIN_METRICS
-from server.aggregation import FedAvg, Rejected, Update, validate_update, weighted_sum
+from server.aggregation import Rejected, Update, apply_mean, validate_update, weight_rule, weighted_sum
 
 REF = OrderedDict([("a.lora_A.weight", np.zeros((2, 3), np.float32)), ("a.lora_B.weight", np.zeros((3, 2), np.float32))])
 
@@ -22,7 +22,7 @@ def _metrics(n=10, **extra):
 def _update(value, n, cap=1000):
     delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in REF.items())
     return validate_update(delta, _metrics(n), reference=REF, expected_metrics=TRAIN_METRICS,
-                           max_examples=10_000, max_weight=cap)
+                           max_examples=10_000, weight_of=weight_rule("examples", max_weight=cap))
 
 
 def test_fedavg_is_the_example_weighted_mean_of_deltas():
@@ -31,7 +31,7 @@ def test_fedavg_is_the_example_weighted_mean_of_deltas():
     glob = OrderedDict((k, np.full(v.shape, 0.5, np.float32)) for k, v in REF.items())
     # Execute
     agg = weighted_sum(updates)
-    new = FedAvg(server_lr=1.0).apply(glob, agg)
+    new = apply_mean(glob, agg, server_lr=1.0)
     # Assert
     assert agg.weight == 100 and agg.count == 3
     np.testing.assert_allclose(agg.total["a.lora_A.weight"], 310.0)
@@ -46,7 +46,7 @@ def test_weight_cap_limits_one_tenant():
 
 
 def test_server_learning_rate_scales_the_step():
-    new = FedAvg(server_lr=0.5).apply(REF, weighted_sum([_update(2.0, 10)]))
+    new = apply_mean(REF, weighted_sum([_update(2.0, 10)]), server_lr=0.5)
     np.testing.assert_allclose(new["a.lora_A.weight"], 1.0)
 
 
@@ -68,7 +68,7 @@ def test_bad_reply_is_rejected_with_reason(mutate, reason):
     mutate(delta, metrics)
     with pytest.raises(Rejected, match=reason.replace("[", r"\[").replace("]", r"\]")):
         validate_update(delta, metrics, reference=REF, expected_metrics=TRAIN_METRICS,
-                        max_examples=100_000, max_weight=1000)
+                        max_examples=100_000, weight_of=weight_rule("examples", max_weight=1000))
 
 
 def test_update_keeps_count_and_capped_weight():

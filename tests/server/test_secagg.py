@@ -19,7 +19,8 @@ from common.config import ConfigError, FederationConfig, SecAggConfig
 from common.secagg import quantizer_for
 from server.aggregation import Aggregator, FedAvg
 from server.records import RoundRecorder
-from server.secagg import SecAggFailed, SecAggStrategy
+from server.secagg import SecAggFailed, SecAggTransport
+from server.strategy import FedLoraStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +102,14 @@ def _plain_mean(deltas, weights):
                        for k in GLOBAL)
 
 
+def _secure_strategy(aggregator, rec, sec):
+    return FedLoraStrategy(FED, aggregator, rec, transport=SecAggTransport(sec, quantizer_for(sec, FED), seed=0),
+                           seed=0, stop_on_failure=sec.on_failure == "stop")
+
+
 def _run(tmp_path, tenants, *, sec=SEC, rounds=1):
     rec = RoundRecorder(tmp_path, save=lambda p, s, r: None)
-    strategy = SecAggStrategy(FED, FedAvg(), rec, secagg=sec, seed=0)
+    strategy = _secure_strategy(FedAvg(), rec, sec)
     grid = FakeGrid(tenants)
     result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=rounds, timeout=5,
                             evaluate_config=ConfigRecord())
@@ -210,7 +216,7 @@ def test_aggregator_needing_individual_updates_is_refused(tmp_path):
         name, needs_individual_updates = "median", True
 
     with pytest.raises(ConfigError, match="needs individual updates"):
-        SecAggStrategy(FED, Median(), RoundRecorder(tmp_path, save=lambda *a: None), secagg=SEC)
+        _secure_strategy(Median(), RoundRecorder(tmp_path, save=lambda *a: None), SEC)
 
 
 def test_config_refuses_individual_update_aggregator_with_secagg():

@@ -1,0 +1,119 @@
+"""How one training round's updates reach the strategy: a *transport*.
+
+The strategy is given one transport and never asks which. Both build the round's
+training messages (:meth:`Transport.configure`, called from ``configure_train``) and turn
+the replies Flower collected into a :class:`Collected` (:meth:`Transport.collect`, called
+from ``aggregate_train``):
+
+* :class:`PlainTransport` sends the global adapter, validates every reply
+  (``server.aggregation.validate_update``) and hands over the **individual** updates, so
+  the server can bound, audit and robustly aggregate them;
+* ``server.secagg.SecAggTransport`` runs SecAgg+'s key stages before the upload, and the
+  unmasking after it, and hands over only the **sum** (all secure aggregation reveals).
+
+Either way the strategy gets the same :class:`~server.aggregation.WeightedSum` to apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from common import messages as keys
+from common.adapter import from_arrayrecord
+from server.aggregation import Arrays, Rejected, Update, WeightedSum, validate_update
+
+
+class RoundFailed(RuntimeError):
+    """A round that could not aggregate, where the configuration says to stop."""
+
+
+@dataclass
+class Collected:
+    """What one round's replies yielded."""
+
+    updates: list[Update] | None = None   # individual validated updates (plain transport)
+    total: WeightedSum | None = None      # the sum only (secure aggregation)
+    metrics: dict[int, dict] = field(default_factory=dict)   # node -> public training metrics
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # (node, reason)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    failure: str | None = None            # why the round produced no aggregate, if it failed
+    report: dict | None = None            # the transport's own record (secure aggregation summary)
+
+    @property
+    def empty(self) -> bool:
+        return not self.updates and self.total is None
+
+
+def sender(sent: list[Message], reply: Message) -> int:
+    """The node a reply answers for. An error reply made by the SuperLink (e.g. "Node
+    Unavailable" for a dead tenant) carries the SuperLink as its source, so the reply is
+    matched to the message it answers instead."""
+    for msg in sent:
+        if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
+def array_bytes(content: RecordDict) -> int:
+    return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+class Transport:
+    """The interface: build a round's training messages, collect its replies."""
+
+    name = "base"
+    reveals_individual_updates = True
+
+    def configure(self, server_round: int, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
+                  grid: Grid) -> tuple[list[Message], int]:
+        """The messages Flower sends for training, and the bytes sent before them."""
+        raise NotImplementedError
+
+    def collect(self, server_round: int, replies: Iterable[Message], *, reference: Arrays) -> Collected:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        return self.name
+
+
+class PlainTransport(Transport):
+    """The global adapter out, each tenant's validated delta back."""
+
+    name = "plain"
+
+    def __init__(self, *, max_examples: int, weight_of) -> None:
+        self.max_examples = max_examples
+        self.weight_of = weight_of  # claimed example count -> weight (server.aggregation.Weighting)
+        self._sent: list[Message] = []
+
+    def configure(self, server_round, nodes, arrays, config, grid):
+        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
+        self._sent = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        return self._sent, 0
+
+    def collect(self, server_round, replies, *, reference):
+        out = Collected(updates=[])
+        for msg in replies:
+            node = sender(self._sent, msg)
+            try:
+                if msg.has_error():
+                    raise Rejected(f"client error: {msg.error.reason}")
+                content = msg.content
+                out.bytes_up += array_bytes(content)
+                if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
+                    raise Rejected(f"reply lacks '{keys.ARRAYS}' or '{keys.METRICS}' record")
+                update = validate_update(
+                    from_arrayrecord(content.array_records[keys.ARRAYS]), dict(content.metric_records[keys.METRICS]),
+                    reference=reference, expected_metrics=keys.TRAIN_METRICS, max_examples=self.max_examples,
+                    weight_of=self.weight_of, node=node)
+            except Rejected as why:
+                out.dropped.append((node, str(why)))
+                continue
+            out.updates.append(update)
+            out.metrics[node] = update.metrics
+        return out
