@@ -32,8 +32,8 @@ test: $(BIN)/fedlora
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/fedlora
-	$(BIN)/python -m simulations.bench_qlora
-	$(BIN)/python -m simulations.bench_federation
+	$(BIN)/python -m simulations.bench.qlora
+	$(BIN)/python -m simulations.bench.federation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,14 +9,13 @@ a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from common.files import atomic_dir, write_json_atomic  # noqa: F401  (write_json_atomic: callers import it from here)
 
 METADATA_FILE = "fedlora.json"
 
@@ -70,31 +69,6 @@ def nbytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
-def _atomic_dir(final: Path):
-    """A temporary sibling directory that becomes ``final`` on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    for path in tmp.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_adapter(out_dir: str | Path, state: Mapping[str, np.ndarray], peft_cfg, *,
                  base_model: str, metadata: Mapping | None = None) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
@@ -104,8 +78,7 @@ def save_adapter(out_dir: str | Path, state: Mapping[str, np.ndarray], peft_cfg,
     from safetensors.numpy import save_file
 
     final = Path(out_dir)
-    tmp = _atomic_dir(final)
-    try:
+    with atomic_dir(final) as tmp:
         cfg = copy.deepcopy(peft_cfg)
         cfg.base_model_name_or_path = base_model
         cfg.save_pretrained(str(tmp))
@@ -113,10 +86,6 @@ def save_adapter(out_dir: str | Path, state: Mapping[str, np.ndarray], peft_cfg,
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-        _commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -128,19 +97,3 @@ def load_adapter_file(adapter_dir: str | Path) -> "OrderedDict[str, np.ndarray]"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; fedlora reads only safetensors adapters")
     return OrderedDict(sorted(load_file(str(path)).items()))
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,35 +1,61 @@
-"""The final stages of ``fedlora simulate``: DPO -> fp32 merge -> signed publish -> verify,
-and the report sections that show their results."""
+"""What the release stages get from a simulated run (holdouts, preference data, merge-check
+prompts, from ``data.dir``), and the report sections that show their results."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from common.adapter import write_json_atomic
+import json
+
 from common.config import Config
+from common.data import Example, format_prompt, read_examples, read_preferences, tenant_paths
+from server.release.stages import ReleaseInputs
 
 
-def run_stages(cfg: Config, run_dir: Path) -> dict:
-    """Run the enabled stages on a finished run directory; results also go to ``release.json``."""
-    from server.artifacts import locate
-    from server.finalize import run_dpo, run_merge, run_publish, signing_key_for
+# Prompts the merge check uses when the run has no preference holdout to draw from.
+FALLBACK_PROMPTS = (
+    format_prompt("Extract the visit as JSON.", "Maria Lopez, 54, was seen for asthma and given salbutamol."),
+    format_prompt("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
+    format_prompt("Say hello."),
+)
 
-    source = locate(run_dir)
-    out: dict = {}
-    if cfg.dpo.enabled:
-        print(f"fedlora: DPO on the central preferences ({cfg.dpo.steps} steps)", flush=True)
-        out["dpo"] = run_dpo(source)
-    if cfg.publish.enabled:
-        print("fedlora: merging into the fp32 base and publishing", flush=True)
-        out["merge"] = run_merge(source).as_dict()
-        registry = Path(cfg.publish.registry) if cfg.publish.registry else run_dir / "registry"
-        result = run_publish(source, registry=registry, name=cfg.publish.name,
-                             signing_key=signing_key_for(cfg, run_dir), version=cfg.publish.version)
-        out["publish"] = {"path": str(result.path), "version": result.version, "files": result.files,
-                          "public_key": str(result.public_key) if result.public_key else None,
-                          "verified": result.verified, "problems": list(result.problems)}
-    write_json_atomic(run_dir / "release.json", out)
+
+def tenant_holdouts(cfg: Config) -> dict[str, list[Example]]:
+    """Every simulated tenant's holdout under ``data.dir`` (empty when there is none)."""
+    if not cfg.data.dir or not Path(cfg.data.dir).is_dir():
+        return {}
+    out = {}
+    for t in range(cfg.simulation.tenants):
+        holdout = tenant_paths(cfg.data.dir, t)[1]
+        if holdout.is_file():
+            out[str(t)] = read_examples(holdout, fmt=cfg.data.format)
     return out
+
+
+def merge_prompts(cfg: Config, n: int = 8) -> tuple[str, ...]:
+    """Prompts for the merge check: held-out preference prompts, else fixed ones."""
+    path = Path(cfg.data.dir) / "preferences" / "holdout.jsonl" if cfg.data.dir else None
+    if path is not None and path.is_file():
+        return tuple(p.prompt for p in read_preferences(path)[:n])
+    return FALLBACK_PROMPTS
+
+
+def federated_em(run_dir: Path) -> dict[str, float] | None:
+    """The aggregate's holdout EM as the comparison already measured it (same function)."""
+    path = Path(run_dir) / "comparison.json"
+    for row in (json.loads(path.read_text()) if path.is_file() else []):
+        if row["model"] == "federated":
+            return {t: m["exact_match"] for t, m in row["per_tenant"].items()}
+    return None
+
+
+def release_inputs(cfg: Config, run_dir: Path | None = None, *, preferences_dir: str | Path | None = None
+                   ) -> ReleaseInputs:
+    """The release stages' inputs from a simulated run's data layout (``data.dir``)."""
+    prefs = Path(preferences_dir) if preferences_dir else (Path(cfg.data.dir) / "preferences" if cfg.data.dir
+                                                           else None)
+    return ReleaseInputs(preferences_dir=prefs, holdouts=tenant_holdouts(cfg),
+                         before_em=federated_em(run_dir) if run_dir else None, merge_prompts=merge_prompts(cfg))
 
 
 def _pct(x: float) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Config, ConfigError, parse_config
-from simulations.simulate import SCENARIOS, flatten, load_scenario
+from simulations.scenario import SCENARIOS, flatten, load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from common.config import parse_config
-from simulations.deploy import LocalFederation, Tenant, tagged_pids
+from simulations.cli.deployment import LocalFederation, Tenant, tagged_pids
 
 pytestmark = pytest.mark.slow
 

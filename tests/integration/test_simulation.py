@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from simulations.launcher import free_port
+from simulations.cli.launcher import free_port
 
 pytestmark = pytest.mark.slow
 

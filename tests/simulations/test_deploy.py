@@ -13,7 +13,8 @@ import pytest
 
 from client.task import tenant_from_node_config
 from common.config import parse_config
-from simulations import deploy
+from simulations.cli import deployment as deploy
+from simulations.cli import launcher
 
 BIN = Path(sys.executable).parent
 
@@ -88,7 +89,7 @@ def test_flower_env_turns_off_telemetry_update_check_and_runtime_installs(tmp_pa
     env = deploy.flower_env(tmp_path, "t1")
     assert (env["FLWR_TELEMETRY_ENABLED"], env["FLWR_DISABLE_UPDATE_CHECK"],
             env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == ("0", "1", "1")
-    assert (env["FLWR_HOME"], env[deploy.TAG_ENV]) == (str(tmp_path), "t1")
+    assert (env["FLWR_HOME"], env[launcher.TAG_ENV]) == (str(tmp_path), "t1")
 
 
 def test_kill_tagged_ends_detached_grandchildren(tmp_path):
@@ -96,13 +97,13 @@ def test_kill_tagged_ends_detached_grandchildren(tmp_path):
     tag = "unit-test-tag-" + str(time.time_ns())
     code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
             "start_new_session=True); time.sleep(60)")
-    proc = deploy.start("sleeper", [sys.executable, "-c", code], state_dir=tmp_path,
+    proc = launcher.start("sleeper", [sys.executable, "-c", code], state_dir=tmp_path,
                         env={**deploy.flower_env(tmp_path, tag)})
-    deploy.wait_for(lambda: len(deploy.tagged_pids(tag)) == 2, timeout=20, what="two tagged processes")
+    launcher.wait_for(lambda: len(launcher.tagged_pids(tag)) == 2, timeout=20, what="two tagged processes")
     # Execute
-    deploy.kill_tagged(tag, grace=2)
+    launcher.kill_tagged(tag, grace=2)
     # Assert
-    assert deploy.tagged_pids(tag) == []
+    assert launcher.tagged_pids(tag) == []
     proc.popen.wait(timeout=5)
 
 
@@ -135,7 +136,7 @@ def test_deployment_config_states_engine_tls_and_auth():
 
 def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     # Prepare
-    from simulations.cli import main
+    from simulations.cli.main import main
 
     data = tmp_path / "train.jsonl"
     # Execute
@@ -149,7 +150,7 @@ def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
 
 
 def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, capsys):
-    from simulations.cli import main
+    from simulations.cli.main import main
 
     rc = main(["deploy", "superlink", "--certs", str(tmp_path), "--database", str(tmp_path / "db"), "--print"])
     assert rc == 2

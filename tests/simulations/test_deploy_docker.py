@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulations.deploy import flower_env
+from simulations.cli.deployment import flower_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

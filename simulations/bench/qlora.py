@@ -1,6 +1,6 @@
 """Benchmark: QLoRA (4-bit NF4 base) step time and memory against fp32 LoRA, in one run.
 
-    python -m simulations.bench_qlora [--steps 30] [--batch-size 16] [--out runs/bench]
+    python -m simulations.bench.qlora [--steps 30] [--batch-size 16] [--out runs/bench]
 
 Both variants train the same adapter on the same batches of a synthetic tenant. Reported:
 mean seconds per optimizer step (after warm-up), the ratio QLoRA / LoRA, the base

@@ -1,7 +1,7 @@
 """Benchmark: a secure round over a plain round, same process, same synthetic deltas.
 
-    python -m simulations.bench_secagg                      # 4 and 10 tenants, 1 M floats
-    python -m simulations.bench_secagg --tenants 4 --floats 100000 --repeats 5
+    python -m simulations.bench.secagg                      # 4 and 10 tenants, 1 M floats
+    python -m simulations.bench.secagg --tenants 4 --floats 100000 --repeats 5
 
 What runs: the real server strategies (``FedLoraStrategy`` and ``SecAggStrategy``) over an
 in-process grid whose tenants answer with the real client code (``client.secagg`` and
@@ -157,7 +157,8 @@ def _adapter_rank_for(floats: int) -> int:
 def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int, out: Path) -> dict:
     """Median seconds of rounds 2.. of a real ``fedlora simulate`` run (Flower's simulation
     engine; round 1 carries the ClientApps' cold start), one local step per round."""
-    from simulations.simulate import resolve, simulate
+    from simulations.cli.simulate import simulate
+    from simulations.scenario import resolve
 
     run_dir = (out / f"{'secure' if secure else 'plain'}_{tenants}").resolve()
     overrides = {"simulation.tenants": tenants, "adapter.r": rank, "federation.rounds": rounds,
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.offline import quiet_and_offline
 
     quiet_and_offline()
-    p = argparse.ArgumentParser(prog="python -m simulations.bench_secagg", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, nargs="+", default=[4, 10])
     p.add_argument("--floats", type=int, default=1_000_000, help="adapter size in floats")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of each kind (median reported)")

@@ -7,8 +7,6 @@ import sys
 
 from common.offline import quiet_and_offline
 
-quiet_and_offline()
-
 EPILOG = """\
 examples:
   fedlora simulate                          # default scenario: 4 synthetic tenants, embedded tiny base
@@ -67,7 +65,7 @@ def _cmd_certs(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from server.publish_manifest import verify_version
+    from server.release.manifest import verify_version
 
     result = verify_version(args.path, args.public_key)
     if result.ok:
@@ -117,28 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", help="the version directory (<registry>/<name>/<version>)")
     ver.add_argument("--public-key", required=True, help="the publisher's Ed25519 public key (PEM)")
 
-    from simulations.deploy_cli import add_commands as add_deploy_commands
+    from simulations.cli.deploy import add_commands as add_deploy_commands
 
     add_deploy_commands(sub)
 
-    from simulations.release_cli import add_commands as add_release_commands
+    from simulations.cli.release import add_commands as add_release_commands
 
     add_release_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_and_offline()  # before any Flower / Hugging Face module reads its switches
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
-        from simulations.simulate import main_simulate
+        from simulations.cli.simulate import main_simulate
 
         return main_simulate(args)
     if args.command == "deploy":
-        from simulations.deploy_cli import main_deploy
+        from simulations.cli.deploy import main_deploy
 
         return main_deploy(args)
     if args.command in ("dpo", "merge", "publish"):
-        from simulations.release_cli import main_release
+        from simulations.cli.release import main_release
 
         return main_release(args)
     return {"config": _cmd_config, "keys": _cmd_keys, "certs": _cmd_certs, "verify": _cmd_verify}[args.command](args)

@@ -1,7 +1,7 @@
 """Benchmark: one tenant's adapter on the embedded base — holdout exact match before and
 after local training, and the CPU time the training took.
 
-    python -m simulations.bench_tenant [--tenant 0] [--steps 120] [--threads 2] [--set KEY=VALUE ...]
+    python -m simulations.bench.tenant [--tenant 0] [--steps 120] [--threads 2] [--set KEY=VALUE ...]
 
 The tenant's synthetic train and holdout splits are generated with the run config's data
 settings (default: 4096 train rows, 96 holdout rows); training is the same ``client.train``
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.data import read_examples, tenant_paths, tokenize_examples
     from common.evaluate import evaluate
     from common.model import load_model
-    from simulations.simulate import parse_overrides
+    from simulations.scenario import parse_overrides
     from simulations.synthetic import write_tenants
 
     torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """Benchmark: orchestration overhead of a federated run, and bytes on the wire.
 
-    python -m simulations.bench_federation [--scenario default] [--out runs/bench]
+    python -m simulations.bench.federation [--scenario default] [--out runs/bench]
 
 1. Runs the scenario through Flower's simulation engine (``fedlora simulate`` without
    baselines) and takes the federated wall time (SuperLink start to final adapter).
@@ -51,7 +51,8 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulations.simulate import parse_overrides, resolve, simulate
+    from simulations.cli.simulate import simulate
+    from simulations.scenario import parse_overrides, resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", default="default")

@@ -1,6 +1,6 @@
 """Benchmark: the DP-SGD step over the non-DP step, on the default model, in the same run.
 
-    python -m simulations.bench_dp [--steps 20] [--repeats 3] [--modes ew,hooks] [--out runs/bench]
+    python -m simulations.bench.dp [--steps 20] [--repeats 3] [--modes ew,hooks] [--out runs/bench]
 
 Both arms use the one training function (``client.train.train``) on the same synthetic
 tenant, the default config (embedded base, LoRA r=8 on all linear layers, batch 16,
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from simulations.simulate import parse_overrides
+    from simulations.scenario import parse_overrides
 
     cfg = parse_config(parse_overrides(args.set))
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)

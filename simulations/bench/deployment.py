@@ -1,7 +1,7 @@
 """Benchmark: seconds per round on the Deployment Engine vs the simulation engine, and
 where a deployment message's round trip goes.
 
-    python -m simulations.bench_deployment [--tenants 3] [--rounds 2] [--set KEY=VALUE ...]
+    python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--set KEY=VALUE ...]
 
 1. Writes synthetic tenants once; both runs use the same files and the same config.
 2. Deployment: a SuperLink with TLS + node auth + SQLite and one SuperNode per tenant on
@@ -90,7 +90,7 @@ tenant_data(tenant_from_node_config({{"data-path": {json.dumps(str(data_path))}}
 t3 = time.perf_counter()
 print(json.dumps({{"import_clientapp": t1 - t0, "load_model": t2 - t1, "load_data": t3 - t2}}))
 """
-    from simulations.deploy import flower_env
+    from simulations.cli.deployment import flower_env
 
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -106,8 +106,9 @@ def per_round(run_dir: Path) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     from common.offline import quiet_and_offline
-    from simulations.deploy import LocalFederation, Tenant
-    from simulations.simulate import parse_overrides, resolve, simulate
+    from simulations.cli.deployment import LocalFederation, Tenant
+    from simulations.cli.simulate import simulate
+    from simulations.scenario import parse_overrides, resolve
     from simulations.synthetic import write_tenants
 
     quiet_and_offline()

@@ -1,19 +1,25 @@
-"""Run the fedlora apps on Flower's simulation engine, and leave nothing behind.
+"""Start Flower's processes and leave nothing behind: the simulation engine, and the
+process plumbing the deployment launcher (:mod:`simulations.cli.deployment`) shares.
 
 ``flwr run`` submits the app bundle to a SuperLink started with ``--simulation``. We start
 that SuperLink ourselves — on ports of our choosing, from a neutral working directory,
 with a private ``FLWR_HOME`` and with telemetry, update checks and runtime dependency
 installation off — and stop its whole process group when the run ends, fails or is
 interrupted. Two runs (or a test and a run) coexist when they use different ports.
+
+Deployment processes carry a private tag in their environment (``TAG_ENV``), so even those
+Flower detaches into their own sessions are found (:func:`tagged_pids`) and ended.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +28,8 @@ from typing import Callable, Iterator
 
 from common.offline import quiet_and_offline
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the directory holding pyproject.toml
+APP_DIR = Path(__file__).resolve().parents[2]  # the directory holding pyproject.toml
+TAG_ENV = "FEDLORA_DEPLOY_TAG"  # marks every process a LocalFederation starts
 
 
 class SimulationError(RuntimeError):
@@ -80,26 +87,27 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def pump_lines(stream, fh, on_line: Callable[[str], None] | None = None,
+               line_format: Callable[[str], str] = lambda line: line) -> None:
+    """Copy a process's output to ``fh`` line by line (formatted), and to ``on_line``."""
+    for line in stream:
+        fh.write(line_format(line))
+        fh.flush()
+        if on_line:
+            on_line(line.rstrip("\n"))
+
+
 def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, timeout: float,
                on_line: Callable[[str], None] | None = None, timeout_error: type[Exception] = SimulationError,
                line_format: Callable[[str], str] = lambda line: line) -> tuple[int, str]:
     """Run ``cmd`` (e.g. ``flwr run ... --stream``) in its own process group, copying its output
     to ``log`` and ``on_line``; the deadline holds even while the command prints nothing.
     Returns (exit code, the whole log); the process group is always stopped."""
-    import threading
-
-    def pump(stream, fh) -> None:
-        for line in stream:
-            fh.write(line_format(line))
-            fh.flush()
-            if on_line:
-                on_line(line.rstrip("\n"))
-
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         try:
-            reader = threading.Thread(target=pump, args=(proc.stdout, fh), daemon=True)
+            reader = threading.Thread(target=pump_lines, args=(proc.stdout, fh, on_line, line_format), daemon=True)
             reader.start()
             try:
                 proc.wait(timeout=max(1.0, timeout))
@@ -111,6 +119,89 @@ def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, tim
     return proc.returncode, log.read_text()
 
 
+# --------------------------------------------------------------------------- #
+# Processes of a deployment: start, find by tag, stop all
+# --------------------------------------------------------------------------- #
+def tagged_pids(tag: str) -> list[int]:
+    """Every live process whose environment carries ``FEDLORA_DEPLOY_TAG=tag``."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
+    """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        pids = tagged_pids(tag)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = tagged_pids(tag)
+        if not pids:
+            return
+
+
+@dataclass
+class Proc:
+    """One started process with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        stop_group(self.popen, grace=5)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+
+def stamp(line: str) -> str:
+    """Prefix a log line with the wall-clock time (Flower's own lines carry none)."""
+    return f"{time.time():.3f} {line}"
+
+
+def start(name: str, cmd: list[str], *, state_dir: Path, env: dict[str, str], cwd: Path | None = None) -> Proc:
+    """Start ``cmd`` in its own process group; its output goes, time-stamped, to ``state_dir/<name>.log``."""
+    log = state_dir / f"{name}.log"
+    work = cwd or state_dir / f"{name}-cwd"
+    work.mkdir(parents=True, exist_ok=True)
+    fh = log.open("a", buffering=1)
+    fh.write(stamp(f"$ {shlex.join(cmd)}\n"))
+    popen = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+    threading.Thread(target=pump_lines, args=(popen.stdout, fh), kwargs={"line_format": stamp}, daemon=True, name=f"log-{name}").start()
+    return Proc(name, popen, log)
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+
+# --------------------------------------------------------------------------- #
+# The simulation engine
+# --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class SimulationLink:
     """A running simulation SuperLink and how ``flwr`` reaches it."""

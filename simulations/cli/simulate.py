@@ -1,6 +1,6 @@
 """``fedlora simulate``: one local multi-tenant run, end to end.
 
-1. resolve the scenario and overrides into one validated config;
+1. resolve the scenario and overrides into one validated config (:mod:`simulations.scenario`);
 2. write synthetic tenants (unless ``data.dir`` points at real ones);
 3. run the *same* ServerApp and ClientApp as a deployment on Flower's simulation engine;
 4. train the baselines and evaluate every model on every tenant's holdout;
@@ -10,89 +10,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any, Mapping
 
-from common.adapter import write_json_atomic
-from common.config import Config, ConfigError, parse_config
-
-SCENARIOS = Path(__file__).resolve().parent / "scenarios"
-
-
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def scenario_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix == ".toml" and path.is_file():
-        return path
-    cand = SCENARIOS / f"{name}.toml"
-    if not cand.is_file():
-        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
-        raise FileNotFoundError(f"scenario {name!r} not found; shipped scenarios: {known} (or pass a .toml path)")
-    return cand
-
-
-def load_scenario(name: str) -> dict[str, Any]:
-    path = scenario_path(name)
-    try:
-        return flatten(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError([f"{err}"], source=str(path)) from None
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values parsed as TOML scalars, bare words as strings."""
-    out, problems = {}, []
-    for pair in pairs:
-        if "=" not in pair:
-            problems.append(f"{pair!r}: expected key=value")
-            continue
-        key, raw = pair.split("=", 1)
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    if problems:
-        raise ConfigError(problems, source="--set")
-    return out
-
-
-def resolve(scenario: str, overrides: Mapping[str, Any], run_dir: str | None) -> Config:
-    flat = {**load_scenario(scenario), **overrides}
-    cfg = parse_config(flat, source=f"scenario {scenario!r} with overrides")
-    if run_dir:
-        flat["run.dir"] = str(Path(run_dir).resolve())
-    elif not cfg.run.dir:
-        flat["run.dir"] = str((Path.cwd() / "runs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")).resolve())
-    return parse_config(flat)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def write_run_config(cfg: Config, path: Path) -> Path:
-    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in cfg.to_flat().items()))
-    return path
+from common.config import Config, ConfigError
+from common.files import write_json_atomic
+from common.records import RoundRecord, read_rounds, read_summary, round_path
+from simulations.scenario import parse_overrides, resolve, write_run_config
 
 
 class RoundProgress:
@@ -125,15 +52,13 @@ class RoundProgress:
     def _finish_upto(self, k: int) -> None:
         while self.done < k:
             self.done += 1
-            path = self.run_dir / "metrics" / f"round_{self.done:03d}.json"
-            msg = ""
+            path = round_path(self.run_dir, self.done)
             if path.is_file():
-                r = json.loads(path.read_text())
-                ems = [m["eval-exact-match"] for m in r["eval"].values()]
-                msg = (f"round {self.done}: {len(r['finished'])}/{len(r['sampled'])} tenants finished"
-                       + (f", mean holdout EM {100 * sum(ems) / len(ems):.1f} %" if ems else "")
-                       + (f", {len(r['dropped'])} dropped" if r["dropped"] else ""))
-                self.bar.write(msg)
+                r = RoundRecord.from_json(json.loads(path.read_text()))
+                ems = r.eval_exact_match()
+                self.bar.write(f"round {self.done}: {len(r.finished)}/{len(r.sampled)} tenants finished"
+                               + (f", mean holdout EM {100 * sum(ems) / len(ems):.1f} %" if ems else "")
+                               + (f", {len(r.dropped)} dropped" if r.dropped else ""))
             self.bar.update(1)
 
     def close(self, rounds: int) -> None:
@@ -143,7 +68,7 @@ class RoundProgress:
 
 def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
     """Run the whole job; returns the report path."""
-    from simulations.memory import PeakTreeMemory
+    from simulations.cli.memory import PeakTreeMemory
 
     with PeakTreeMemory() as memory:
         report = _simulate(cfg, http_port=http_port, control_port=control_port, memory=memory)
@@ -152,8 +77,9 @@ def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
 
 def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path:
     from simulations.baselines import compare
-    from simulations.launcher import run_simulation
-    from simulations.release import report_sections, run_stages
+    from simulations.cli.launcher import run_simulation
+    from server.release.stages import run_stages
+    from simulations.release import release_inputs, report_sections
     from simulations.report import plot, write_report
     from simulations.synthetic import write_tenants
 
@@ -184,18 +110,17 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
         raise RuntimeError(f"the federated run ended without a final adapter; see {run_dir / 'flower' / 'flower.log'}")
     timings["federated_seconds"] = time.perf_counter() - t
 
-    fed = json.loads((run_dir / "federation.json").read_text())
-    rounds = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
-    tenant_rounds = sum(len(r["finished"]) for r in rounds)
+    fed = read_summary(run_dir)
+    tenant_rounds = sum(len(r.finished) for r in read_rounds(run_dir))
     tenants = list(range(cfg.simulation.tenants))
     t = time.perf_counter()
-    comparison = compare(cfg, run_dir, data_dir, tenants, rounds_done=fed["rounds"],
+    comparison = compare(cfg, run_dir, data_dir, tenants, rounds_done=fed.rounds,
                          total_tenant_rounds=tenant_rounds, with_baselines=cfg.run.baselines)
     timings["baselines_and_evaluation_seconds"] = time.perf_counter() - t
     write_json_atomic(run_dir / "comparison.json", comparison)
     plot(run_dir)
     t = time.perf_counter()
-    release = run_stages(cfg, run_dir)  # DPO -> fp32 merge -> signed publish (simulations/release.py)
+    release = run_stages(cfg, run_dir, release_inputs(cfg, run_dir))  # DPO -> fp32 merge -> signed publish
     timings["dpo_merge_publish_seconds"] = time.perf_counter() - t
     timings["total_seconds"] = time.perf_counter() - t0
     timings["peak_memory_gb"] = memory.peak_bytes / 2**30

@@ -2,7 +2,7 @@
 
 Each takes a run directory (``fedlora simulate --run-dir`` or the ServerApp's ``run.dir``)
 or a published version (``<registry>/<name>/<version>``); the stages live in
-:mod:`server.finalize`.
+:mod:`server.release.stages`.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def add_commands(sub) -> None:
 
 
 def _source(args):
-    from server.artifacts import locate
+    from server.release.artifacts import locate
 
     return locate(args.path)
 
 
 def _cmd_dpo(args) -> int:
-    from simulations.simulate import parse_overrides
-    from server.finalize import run_dpo
+    from server.release.stages import run_dpo
+    from simulations.release import release_inputs
+    from simulations.scenario import parse_overrides
 
     source = _source(args)
     overrides = parse_overrides(args.set or [])
@@ -63,7 +64,8 @@ def _cmd_dpo(args) -> int:
               file=sys.stderr)
         return 2
     source = dataclasses.replace(source, cfg=source.cfg.replace(**overrides))
-    result = run_dpo(source, preferences_dir=args.preferences, out_dir=args.out)
+    result = run_dpo(source, release_inputs(source.cfg, source.root if source.kind == "run" else None,
+                                            preferences_dir=args.preferences), out_dir=args.out)
     b, a = result["before"], result["after"]
     print(f"DPO: {result['steps']} steps, {result['seconds']:.1f} s; held-out preference accuracy "
           f"{100 * b['accuracy']:.1f} % -> {100 * a['accuracy']:.1f} %, reward margin "
@@ -74,16 +76,18 @@ def _cmd_dpo(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from server.finalize import run_merge
+    from server.release.stages import run_merge
+    from simulations.release import release_inputs
 
-    report = run_merge(_source(args), out_dir=args.out)
+    source = _source(args)
+    report = run_merge(source, release_inputs(source.cfg), out_dir=args.out)
     print(f"merged into fp32: max |logit diff| vs base + adapter = {report.max_abs_diff:.2e} "
           f"on {report.prompts} prompts (tolerance {report.tolerance:g})")
     return 0
 
 
 def _cmd_publish(args) -> int:
-    from server.finalize import run_publish
+    from server.release.stages import run_publish
 
     result = run_publish(_source(args), registry=args.registry, name=args.name, signing_key=args.signing_key,
                          version=args.version)
@@ -99,8 +103,8 @@ def _cmd_publish(args) -> int:
 def main_release(args) -> int:
     """Run one of :data:`COMMANDS`; errors a user can fix are printed, not raised."""
     from common.config import ConfigError
-    from server.artifacts import SourceError
-    from server.publish import PublishError
+    from server.release.artifacts import SourceError
+    from server.release.publish import PublishError
 
     try:
         return {"dpo": _cmd_dpo, "merge": _cmd_merge, "publish": _cmd_publish}[args.command](args)

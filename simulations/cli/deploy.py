@@ -1,6 +1,6 @@
 """``fedlora deploy ...``: start a SuperLink or a tenant's SuperNode, register tenants, run.
 
-Each command prints or runs the exact Flower command line (see ``simulations.deploy``), with
+Each command prints or runs the exact Flower command line (see :mod:`simulations.cli.deployment`), with
 telemetry, update checks and runtime dependency installation off.
 """
 
@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations import deploy
+from simulations.cli import deployment
 
 DEFAULT_HOME = Path.home() / ".fedlora" / "flwr"
 
@@ -59,7 +59,7 @@ def _exec(cmd: list[str], print_only: bool) -> int:
     if print_only:
         print(shlex.join(cmd))
         return 0
-    env = deploy.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)))
+    env = deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)))
     os.execve(cmd[0], cmd, env)
     return 1  # not reached
 
@@ -67,7 +67,7 @@ def _exec(cmd: list[str], print_only: bool) -> int:
 def main_deploy(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
-    except (deploy.DeploymentError, FileNotFoundError) as err:
+    except (deployment.DeploymentError, FileNotFoundError) as err:
         print(f"fedlora deploy {args.deploy_command}: {err}", file=sys.stderr)
         return 2
 
@@ -76,29 +76,29 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.deploy_command == "superlink":
         db = Path(args.database).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
-        return _exec(deploy.superlink_command(tls=deploy.TlsFiles.from_dir(args.certs), database=db,
+        return _exec(deployment.superlink_command(tls=deployment.TlsFiles.from_dir(args.certs), database=db,
                                               host=args.host, port=args.port, node_auth=not args.no_node_auth),
                      args.print)
     if args.deploy_command == "supernode":
-        return _exec(deploy.supernode_command(
+        return _exec(deployment.supernode_command(
             superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
             data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
             holdout_path=Path(args.holdout).resolve() if args.holdout else None,
             runtime_port=args.runtime_port), args.print)
     home = Path(args.flwr_home)
-    deploy.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
+    deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":
-        print(deploy.register_node(Path(args.public_key).resolve(), flwr_home=home))
+        print(deployment.register_node(Path(args.public_key).resolve(), flwr_home=home))
         return 0
     from common.config import ConfigError
-    from simulations.simulate import parse_overrides, resolve
+    from simulations.scenario import parse_overrides, resolve
 
     try:
         cfg = resolve(args.scenario, parse_overrides(args.set or []), args.run_dir)
     except ConfigError as err:
         print(f"fedlora deploy run: {err}", file=sys.stderr)
         return 2
-    report = deploy.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,
+    report = deployment.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,
                                    on_line=lambda line: print(line, flush=True))
     print(f"fedlora: report written to {report}")
     return 0

@@ -4,9 +4,9 @@ A federation operator runs one SuperLink (TLS, SuperNode authentication, SQLite 
 each tenant runs one SuperNode next to its own JSONL file. This module builds the exact
 ``flower-superlink`` / ``flower-supernode`` / ``flwr`` command lines — with telemetry,
 update checks and runtime dependency installation off, internal APIs on loopback — and,
-for local tests and benchmarks, starts them on 127.0.0.1 and stops every process it
-started (each carries a private tag in its environment, so even processes Flower detaches
-into their own sessions are found and ended).
+for local tests and benchmarks, starts them on 127.0.0.1 as a :class:`LocalFederation`
+and stops every process it started (through :mod:`simulations.cli.launcher`'s tagged
+processes, so even processes Flower detaches into their own sessions are found and ended).
 
 The apps are the same as in simulation; only the engine differs. ``run.dir`` must be
 absolute because the ServerApp runs in the SuperLink's working directory.
@@ -15,21 +15,16 @@ absolute because the ServerApp runs in the SuperLink's working directory.
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import signal
 import subprocess
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from simulations.launcher import APP_DIR, BIN, free_port, stop_group, stream_run
-from simulations.launcher import flower_env as _base_env
+from simulations.cli.launcher import (APP_DIR, BIN, TAG_ENV, Proc, free_port, kill_tagged, stamp, start,
+                                      stream_run, tagged_pids, wait_for)
+from simulations.cli.launcher import flower_env as _base_env
 
-TAG_ENV = "FEDLORA_DEPLOY_TAG"
 CONNECTION = "fedlora"
 TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
 
@@ -152,93 +147,6 @@ def online_nodes(*, flwr_home: Path) -> int:
 
 
 # --------------------------------------------------------------------------- #
-# Processes: start, find by tag, stop all
-# --------------------------------------------------------------------------- #
-def tagged_pids(tag: str) -> list[int]:
-    """Every live process whose environment carries ``FEDLORA_DEPLOY_TAG=tag``."""
-    needle = f"{TAG_ENV}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                stat = (entry / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    pids.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return pids
-
-
-def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
-    """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        pids = tagged_pids(tag)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = tagged_pids(tag)
-        if not pids:
-            return
-
-
-@dataclass
-class Proc:
-    """One started process with its log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def stop(self) -> None:
-        stop_group(self.popen, grace=5)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.is_file() else ""
-
-
-def _stamp(line: str) -> str:
-    """Prefix a log line with the wall-clock time (Flower's own lines carry none)."""
-    return f"{time.time():.3f} {line}"
-
-
-def _pump(stream, fh, on_line: Callable[[str], None] | None = None) -> None:
-    for line in stream:
-        fh.write(_stamp(line))
-        fh.flush()
-        if on_line:
-            on_line(line.rstrip("\n"))
-
-
-def start(name: str, cmd: list[str], *, state_dir: Path, env: dict[str, str], cwd: Path | None = None) -> Proc:
-    """Start ``cmd`` in its own process group; its output goes, time-stamped, to ``state_dir/<name>.log``."""
-    log = state_dir / f"{name}.log"
-    work = cwd or state_dir / f"{name}-cwd"
-    work.mkdir(parents=True, exist_ok=True)
-    fh = log.open("a", buffering=1)
-    fh.write(_stamp(f"$ {shlex.join(cmd)}\n"))
-    popen = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
-    threading.Thread(target=_pump, args=(popen.stdout, fh), daemon=True, name=f"log-{name}").start()
-    return Proc(name, popen, log)
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise DeploymentError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-# --------------------------------------------------------------------------- #
 # A whole federation on 127.0.0.1 (tests, benchmark, demos)
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
@@ -354,7 +262,7 @@ def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: fl
     """``flwr run APP fedlora --run-config FILE --stream``; raises if the run failed."""
     cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_toml), "--stream"]
     code, text = stream_run(cmd, cwd=flwr_home, env={**flower_env(flwr_home), **(env_extra or {})}, log=log,
-                            timeout=timeout, on_line=on_line, timeout_error=DeploymentError, line_format=_stamp)
+                            timeout=timeout, on_line=on_line, timeout_error=DeploymentError, line_format=stamp)
     if code != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
         raise DeploymentError(f"the Flower run failed (exit code {code}); see {log}\n"
                               + "\n".join(text.splitlines()[-25:]))
@@ -403,7 +311,7 @@ def report_deployment(run_dir: Path, extra: Sequence[str] = ()) -> Path:
 def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = None, timeout: float = 0.0,
                    on_line: Callable[[str], None] | None = None, env_extra: dict[str, str] | None = None) -> Path:
     """Submit one run to a running SuperLink, wait for its final adapter, write the report."""
-    from simulations.simulate import write_run_config
+    from simulations.scenario import write_run_config
 
     cfg = deployment_config(cfg, node_auth=node_auth)
     run_dir = Path(cfg.run.dir)

@@ -1,0 +1,65 @@
+"""Serve several published adapters on one base, switching between them without reloading.
+
+The base is loaded once; each adapter is attached under its own name through PEFT's
+multi-adapter API (``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the
+rest) and ``set_adapter`` selects the one that answers. Each version's answers equal its
+merged model's answers (tests check greedy outputs and logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from common.config import EvalConfig, ModelConfig
+
+
+class HotSwap:
+    """One base model with named adapters; ``use(name)`` switches the active one."""
+
+    def __init__(self, mcfg: ModelConfig, adapters: Mapping[str, str | Path], *, fp32: bool = True) -> None:
+        from peft import PeftModel
+
+        from common.model import load_base, load_tokenizer, pick_device
+
+        if not adapters:
+            raise ValueError("HotSwap needs at least one adapter directory")
+        if fp32:
+            mcfg = dataclasses.replace(mcfg, precision="fp32")
+        self.tokenizer = load_tokenizer(mcfg.base)
+        self.device = pick_device(mcfg)
+        names = list(adapters)
+        first = names[0]
+        self.model = PeftModel.from_pretrained(load_base(mcfg, for_training=False), str(adapters[first]),
+                                               adapter_name=first)
+        for name in names[1:]:
+            self.model.load_adapter(str(adapters[name]), adapter_name=name)
+        self.model.eval()
+        self.names = tuple(names)
+        self.active = first
+
+    def use(self, name: str) -> "HotSwap":
+        """Make ``name`` the adapter that answers."""
+        if name not in self.names:
+            raise KeyError(f"no adapter named {name!r}; loaded: {', '.join(self.names)}")
+        self.model.set_adapter(name)
+        self.active = name
+        return self
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int = EvalConfig.max_new_tokens,
+                 batch_size: int = EvalConfig.batch_size) -> list[str]:
+        """Greedy answers of the active adapter (the same decoding as evaluation)."""
+        from common.evaluate import generate
+
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, device=self.device)
+
+    @torch.no_grad()
+    def logits(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Per-prompt logits of the active adapter (BOS + prompt, unpadded)."""
+        from server.release.merge import prompt_logits
+
+        return prompt_logits(self.model, self.tokenizer, prompts)

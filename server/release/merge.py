@@ -1,0 +1,104 @@
+"""Merge an adapter into an fp32 base and save a plain Hugging Face model (safetensors).
+
+Merging into a 4-bit base would re-quantize the merged weights and move the logits, so
+the base is always loaded in fp32 on the CPU (for a QLoRA run: the full-precision
+weights the 4-bit ones were quantized from). The saved model is then re-opened with
+``AutoModelForCausalLM.from_pretrained`` and its logits are compared with base + adapter
+(unmerged) on sample prompts; the largest absolute difference is recorded and a merge
+beyond ``tolerance`` is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import ModelConfig
+from common.files import atomic_dir, file_digest, pickle_suffix
+
+DEFAULT_TOLERANCE = 1e-4
+MERGE_FILE = "fedlora-merge.json"  # the merge report, kept beside the merged weights
+
+
+class MergeMismatch(RuntimeError):
+    """The merged model's logits differ from base + adapter by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    max_abs_diff: float      # max |logits(merged) - logits(base + adapter)| over the sample prompts
+    tolerance: float
+    prompts: int             # sample prompts compared
+    trained_precision: str   # precision of the base the adapter was trained on
+    adapter_sha256: str      # the merged adapter's weights file
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def prompt_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """Logits of each prompt (BOS + prompt, unpadded), in fp32."""
+    model.eval()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+        out.append(model(ids).logits.float()[0].cpu())
+    return out
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, mcfg: ModelConfig, *, prompts: list[str],
+          tolerance: float = DEFAULT_TOLERANCE) -> MergeReport:
+    """Merge ``adapter_dir`` into the fp32 base of ``mcfg`` and save model + tokenizer
+    to ``out_dir`` (atomically; safetensors only)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.model import load_base, load_tokenizer
+
+    if not prompts:
+        raise ValueError("merge needs at least one sample prompt to check the merged logits")
+    start = time.perf_counter()
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    fp32_cpu = dataclasses.replace(mcfg, precision="fp32", device="cpu")
+    tokenizer = load_tokenizer(mcfg.base)
+    model = PeftModel.from_pretrained(load_base(fp32_cpu, for_training=False), str(adapter_dir))
+    expected = prompt_logits(model, tokenizer, prompts)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        pickles = [p.name for p in tmp.iterdir() if pickle_suffix(p.name)]
+        if pickles:
+            raise RuntimeError(f"saving the merged model wrote pickle files {pickles}; refusing to keep them")
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        diff = max_abs_diff(prompt_logits(reloaded, tokenizer, prompts), expected)
+        if diff > tolerance:
+            raise MergeMismatch(f"merged logits differ from base + adapter by {diff:.3g} > {tolerance:g}; "
+                                "the merged model was not saved")
+        report = MergeReport(max_abs_diff=diff, tolerance=tolerance, prompts=len(prompts),
+                             trained_precision=mcfg.precision,
+                             adapter_sha256=file_digest(adapter_dir / "adapter_model.safetensors")[0],
+                             seconds=time.perf_counter() - start)
+        (tmp / MERGE_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def read_report(merged_dir: str | Path) -> dict | None:
+    """The merge report saved beside a merged model, or None."""
+    path = Path(merged_dir) / MERGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,218 @@
+"""Publish a signed, versioned model: ``<registry>/<name>/<version>/``.
+
+A version holds
+
+* ``adapter/``  - the final adapter in PEFT format (+ ``fedlora.json`` metadata),
+* ``merged/``   - the merged fp32 Hugging Face model and its tokenizer (safetensors),
+* ``README.md`` - the model card, ``card.json`` - the facts it is written from, and
+  ``fedlora-config.json`` - the run configuration,
+* ``manifest.json`` + ``manifest.sig`` - SHA-256 of every file, Ed25519-signed
+  (:mod:`server.release.manifest`).
+
+Versions are immutable: publishing never overwrites one. A version is assembled in a
+hidden temporary directory and renamed into place only once it is complete and signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.files import atomic_dir, file_digest
+from server.release.artifacts import VERSION_CONFIG, Source
+from server.release.merge import read_report as read_merge_report
+from server.release.manifest import sign_manifest, write_manifest
+
+CARD_FACTS = "card.json"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PublishError(ValueError):
+    """A version cannot be published as asked (bad name, existing version, stale merge)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    path: Path
+    name: str
+    version: str
+    files: int
+
+
+def _check_label(kind: str, value: str) -> str:
+    if not _LABEL.match(value):
+        raise PublishError(f"{kind} {value!r} is not allowed: use letters, digits, '.', '_' or '-' "
+                           "(at most 64, starting with a letter or digit)")
+    return value
+
+
+def next_version(registry: str | Path, name: str) -> str:
+    """``v1`` for a new model, else one past the highest ``vN`` in the registry."""
+    root = Path(registry) / name
+    taken = [int(p.name[1:]) for p in root.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
+    return f"v{max(taken, default=0) + 1}"
+
+
+def _epsilons(facts: dict | None) -> dict:
+    """Every epsilon figure a run recorded (keys containing 'epsilon'), flattened."""
+    out: dict = {}
+
+    def walk(obj, prefix: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+        elif "epsilon" in prefix.lower() and isinstance(obj, (int, float)):
+            out[prefix.rstrip(".")] = obj
+
+    walk(facts or {}, "")
+    return out
+
+
+def _round_epsilons(metrics_dir: Path) -> dict:
+    """Epsilon after the last round: central DP (``privacy.epsilon``) and each tenant's
+    local DP-SGD spend (``dp-epsilon`` in its train metrics), from ``metrics/round_XXX.json``."""
+    out: dict = {}
+    for path in sorted(metrics_dir.glob("round_*.json")):
+        r = json.loads(path.read_text())
+        if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]:
+            out["central"] = r["privacy"]["epsilon"]
+        out.update({f"tenant {t}": m["dp-epsilon"] for t, m in r.get("train", {}).items() if "dp-epsilon" in m})
+    return out
+
+
+def card_facts(source: Source, *, name: str, version: str) -> dict:
+    """Everything the model card states, from the source's own files."""
+    if source.kind == "version" and (source.root / CARD_FACTS).is_file():
+        old = json.loads((source.root / CARD_FACTS).read_text())
+        return {**old, "name": name, "version": version, "date": _now(), "republished_from": old.get("version")}
+    cfg, flat = source.cfg, source.cfg.to_flat()
+    fed = source.read_json("federation.json") or {}
+    merge = read_merge_report(source.merged_dir)
+    final = source.final_adapter_dir
+    if merge is None or merge.get("adapter_sha256") != file_digest(final / "adapter_model.safetensors")[0]:
+        raise PublishError(f"{source.merged_dir} is missing or was merged from another adapter than {final}; "
+                           f"run `fedlora merge {source.root}` first")
+    return {
+        "name": name, "version": version, "date": _now(),
+        "base_model": cfg.model.base, "base_sha256": source.metadata.get("base_sha256") or _fingerprint(cfg),
+        "base_precision_in_training": cfg.model.precision,
+        "adapter": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("adapter.")},
+        "rounds": fed.get("rounds", source.metadata.get("round")),
+        "tenants": len(fed["tenants"]) if "tenants" in fed else source.metadata.get("tenants"),
+        "aggregation": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("federation.")},
+        "privacy": {k: v for k, v in flat.items() if k.startswith(("privacy.", "secagg."))},
+        "epsilon": {**_epsilons(fed), **_round_epsilons(source.root / "metrics")},
+        "evaluation": source.read_json("comparison.json") or [],
+        "dpo": source.read_json("dpo/dpo.json"),
+        "merge": merge,
+        "final_adapter": "dpo-refined" if final != source.aggregate_dir else "federated aggregate",
+    }
+
+
+def _fingerprint(cfg) -> str | None:
+    from common.model import ModelNotFoundError, base_fingerprint
+
+    try:
+        return base_fingerprint(cfg.model.base)
+    except (ModelNotFoundError, OSError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def model_card(f: dict) -> str:
+    """The README.md of a version."""
+    eps = ", ".join(f"{k} = {v:.3g}" for k, v in f["epsilon"].items()) or "none recorded"
+    mode = f["privacy"].get("privacy.mode", "none")
+    lines = [f"# {f['name']} {f['version']}", "",
+             "A LoRA-family adapter trained with federated learning (fedlora on Flower) and the same "
+             f"adapter merged into its base. Published adapter: {f['final_adapter']}.", "",
+             "| | |", "|---|---|",
+             f"| base model | `{f['base_model']}` |", f"| base SHA-256 | `{f['base_sha256']}` |",
+             f"| base precision in training | {f['base_precision_in_training']} (merged into fp32) |",
+             f"| adapter | {f['adapter'].get('method')} r={f['adapter'].get('r')} alpha={f['adapter'].get('alpha')} "
+             f"on `{f['adapter'].get('target-modules')}` |",
+             f"| federated rounds | {f['rounds']} |", f"| tenants | {f['tenants']} |",
+             f"| aggregation | `{f['aggregation'].get('aggregator')}`, server lr {f['aggregation'].get('server-lr')}, "
+             f"max weight {f['aggregation'].get('max-weight')} examples |",
+             f"| differential privacy | {mode}; epsilon: {eps} |",
+             f"| secure aggregation | {f['privacy'].get('secagg.enabled', False)} |",
+             f"| published | {f['date']} |", ""]
+    shown = {k: v for k, v in f.get("privacy", {}).items()
+             if (k.startswith("privacy.") and mode != "none") or (k.startswith("secagg.") and
+                                                                  f["privacy"].get("secagg.enabled"))}
+    if shown:
+        lines += ["Privacy settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items())), ""]
+    if f["evaluation"]:
+        tenants = list(f["evaluation"][0]["per_tenant"])
+        lines += ["## Evaluation (exact match % on each tenant's holdout)", "",
+                  "| model | " + " | ".join(f"tenant {t}" for t in tenants) + " | mean |",
+                  "|" + "---|" * (len(tenants) + 2)]
+        lines += [f"| {r['model']} | " + " | ".join(_pct(r["per_tenant"][t]["exact_match"]) for t in tenants)
+                  + f" | {_pct(r['mean_exact_match'])} |" for r in f["evaluation"]]
+        lines.append("")
+    if f.get("dpo"):
+        d = f["dpo"]
+        lines += ["## DPO refinement", "",
+                  f"{d['steps']} steps on {d['train_pairs']} preference pairs, beta {d['beta']}, "
+                  f"learning rate {d['learning_rate']}; the reference is the federated aggregate "
+                  f"(reference drift {d['reference_drift']:.1g}).", "",
+                  "| held-out preferences | aggregate | after DPO |", "|---|---|---|",
+                  f"| preference accuracy % | {_pct(d['before']['accuracy'])} | {_pct(d['after']['accuracy'])} |",
+                  f"| log-prob margin (nats) | {d['before']['logp_margin']:.3f} | {d['after']['logp_margin']:.3f} |",
+                  f"| reward margin | {d['before']['reward_margin']:.3f} | {d['after']['reward_margin']:.3f} |"]
+        for t, em in sorted((d.get("tenants") or {}).items()):
+            lines.append(f"| tenant {t} holdout EM % | {_pct(em['before'])} | {_pct(em['after'])} |")
+        lines.append("")
+    if f.get("merge"):
+        lines += ["## Merge", "", f"Merged into the fp32 base; max |logit difference| vs base + adapter on "
+                  f"{f['merge']['prompts']} prompts: {f['merge']['max_abs_diff']:.2e} "
+                  f"(tolerance {f['merge']['tolerance']:g}).", ""]
+    lines += ["## Use", "", "Verify first: `fedlora verify <this directory> --public-key <publisher's key>`.", "",
+              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained('merged')",
+              "tokenizer = AutoTokenizer.from_pretrained('merged')",
+              "# or the adapter on the base: PeftModel.from_pretrained(base, 'adapter')", "```", ""]
+    return "\n".join(lines)
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """Regular files only (a symlink or pickle would be refused by the manifest anyway)."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".*"))
+
+
+def publish(source: Source, *, registry: str | Path, name: str, signing_key: str | Path,
+            version: str = "") -> Published:
+    """Assemble, hash, sign and atomically place ``<registry>/<name>/<version>/``."""
+    _check_label("name", name)
+    version = _check_label("version", version or next_version(registry, name))
+    final = Path(registry) / name / version
+    if final.exists():
+        raise PublishError(f"{final} already exists; versions are immutable, choose another version")
+    if not (source.merged_dir / "config.json").is_file():
+        raise PublishError(f"{source.merged_dir} has no merged model; run `fedlora merge {source.root}` first")
+    facts = card_facts(source, name=name, version=version)
+    try:
+        with atomic_dir(final, overwrite=False) as tmp:
+            _copy_files(source.final_adapter_dir, tmp / "adapter")
+            _copy_files(source.merged_dir, tmp / "merged")
+            (tmp / VERSION_CONFIG).write_text(json.dumps(source.cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+            (tmp / CARD_FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / "README.md").write_text(model_card(facts))
+            write_manifest(tmp, metadata={"name": name, "version": version, "date": facts["date"],
+                                          "base_model": facts["base_model"], "base_sha256": facts["base_sha256"]})
+            sign_manifest(tmp, signing_key)
+    except FileExistsError:
+        raise PublishError(f"{final} appeared while publishing; versions are immutable") from None
+    files = len(json.loads((final / "manifest.json").read_text())["files"])
+    return Published(path=final, name=name, version=version, files=files)

@@ -1,0 +1,1 @@
+"""The product commands (filled in below)."""

@@ -1,0 +1,78 @@
+"""fp32 merge: the merged model answers like base + adapter, whatever precision the adapter trained on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from common.config import parse_config
+from common.data import format_prompt
+from server.release.merge import MERGE_FILE, max_abs_diff, merge, prompt_logits, read_report
+from tests.server.adapters import write_noisy_adapter
+
+PROMPTS = [format_prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
+           format_prompt("Say hello.")]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    cfg = parse_config({})
+    return write_noisy_adapter(tmp_path_factory.mktemp("adapter") / "adapter", cfg, seed=1), cfg
+
+
+def _base_plus_adapter_logits(adapter_dir, cfg):
+    from peft import PeftModel
+
+    from common.model import load_base, load_tokenizer
+
+    fp32 = dataclasses.replace(cfg.model, precision="fp32", device="cpu")
+    model = PeftModel.from_pretrained(load_base(fp32, for_training=False), str(adapter_dir))
+    return prompt_logits(model, load_tokenizer(cfg.model.base), PROMPTS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4"])
+def test_merged_logits_match_base_plus_adapter(adapter, tmp_path, precision):
+    # Prepare
+    adapter_dir, cfg = adapter
+    mcfg = dataclasses.replace(cfg.model, precision=precision)
+    # Execute
+    report = merge(adapter_dir, tmp_path / "merged", mcfg, prompts=PROMPTS)
+    # Assert: an independent reload with plain transformers agrees with base + adapter in fp32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    diff = max_abs_diff(prompt_logits(merged, tokenizer, PROMPTS), _base_plus_adapter_logits(adapter_dir, cfg))
+    assert diff <= 1e-4
+    assert report.max_abs_diff <= 1e-4
+    assert report.trained_precision == precision
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def test_merged_directory_is_safetensors_with_tokenizer_and_report(adapter, tmp_path):
+    # Prepare
+    adapter_dir, cfg = adapter
+    # Execute
+    report = merge(adapter_dir, tmp_path / "merged", cfg.model, prompts=PROMPTS)
+    # Assert
+    names = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", MERGE_FILE} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    assert read_report(tmp_path / "merged") == report.as_dict()
+
+
+def test_merge_changes_the_model(adapter, tmp_path):
+    # Prepare: the merge must not be a no-op (the adapter's B matrices are non-zero)
+    adapter_dir, cfg = adapter
+    from common.model import load_base, load_tokenizer
+
+    base = prompt_logits(load_base(cfg.model, for_training=False), load_tokenizer(cfg.model.base), PROMPTS)
+    # Execute
+    merge(adapter_dir, tmp_path / "merged", cfg.model, prompts=PROMPTS)
+    # Assert
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert max_abs_diff(prompt_logits(merged, load_tokenizer(cfg.model.base), PROMPTS), base) > 1e-2
