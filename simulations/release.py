@@ -3,14 +3,13 @@ prompts, from ``data.dir``), and the report sections that show their results."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 from common.config import Config
 from common.data import Example, format_prompt, read_examples, read_preferences, tenant_paths
 from server.release.stages import ReleaseInputs
-
+from server.release.tables import dpo_table, merge_line
 
 # Prompts the merge check uses when the run has no preference holdout to draw from.
 FALLBACK_PROMPTS = (
@@ -58,33 +57,18 @@ def release_inputs(cfg: Config, run_dir: Path | None = None, *, preferences_dir:
                          before_em=federated_em(run_dir) if run_dir else None, merge_prompts=merge_prompts(cfg))
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def report_sections(results: dict) -> list[str]:
     """Markdown lines for ``report.md``."""
     lines: list[str] = []
     if "dpo" in results:
         d = results["dpo"]
-        b, a = d["before"], d["after"]
         lines += ["## DPO refinement", "",
                   f"{d['steps']} DPO steps (TRL) on {d['train_pairs']} central preference pairs, beta {d['beta']}, "
                   f"learning rate {d['learning_rate']}, {d['seconds']:.1f} s. The reference is the federated "
-                  f"aggregate, frozen (max drift {d['reference_drift']:.1g}). Held-out preference pairs: {b['n']}.", "",
-                  "| | aggregate | after DPO |", "|---|---|---|",
-                  f"| held-out preference accuracy % | {_pct(b['accuracy'])} | {_pct(a['accuracy'])} |",
-                  f"| log p(chosen) - log p(rejected) | {b['logp_margin']:.3f} | {a['logp_margin']:.3f} |",
-                  f"| reward margin (vs aggregate) | {b['reward_margin']:.3f} | {a['reward_margin']:.3f} |",
-                  f"| reward accuracy % | {_pct(b['reward_accuracy'])} | {_pct(a['reward_accuracy'])} |"]
-        for t, em in sorted(d["tenants"].items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
-            lines.append(f"| tenant {t} holdout EM % | {_pct(em['before'])} | {_pct(em['after'])} |")
-        lines.append("")
+                  f"aggregate, frozen (max drift {d['reference_drift']:.1g}). Held-out preference pairs: "
+                  f"{d['before']['n']}.", "", *dpo_table(d), ""]
     if "merge" in results:
-        m = results["merge"]
-        lines += ["## Merge", "", f"Final adapter merged into the fp32 base (trained on a {m['trained_precision']} "
-                  f"base): max |logit difference| vs base + adapter on {m['prompts']} prompts "
-                  f"**{m['max_abs_diff']:.2e}** (tolerance {m['tolerance']:g}).", ""]
+        lines += ["## Merge", "", merge_line(results["merge"]), ""]
     if "publish" in results:
         p = results["publish"]
         state = {True: "**verified**", False: "**FAILED**", None: "not checked (no public key beside the signing key)"}

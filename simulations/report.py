@@ -1,7 +1,9 @@
 """Plots and the Markdown report of a run directory.
 
-Everything is read back from files the run wrote (``config.json``, ``metrics/round_*.json``,
-``federation.json``, ``comparison.json``), so a report can be rebuilt without re-running.
+Everything is read back from files the run wrote (``metrics/round_*.json`` and
+``federation.json`` through :mod:`common.records`, ``comparison.json``) and from the run's one
+parsed :class:`~common.config.Config` (:func:`run_config` reads ``config.json``), so a report
+can be rebuilt without re-running.
 """
 
 from __future__ import annotations
@@ -11,20 +13,26 @@ from pathlib import Path
 
 import matplotlib
 
+from common.config import Config, parse_config
+from common.records import FederationSummary, RoundRecord, read_rounds, read_summary
+from server.release.tables import pct
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+def run_config(run_dir: Path) -> Config:
+    """The configuration the run wrote (``config.json``), parsed."""
+    path = run_dir / "config.json"
+    return parse_config(json.loads(path.read_text()), source=str(path))
 
 
-def _per_tenant_series(rounds: list[dict], section: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
+def _per_tenant_series(rounds: list[RoundRecord], section: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
     for r in rounds:
-        for tenant, m in r[section].items():
+        for tenant, m in getattr(r, section).items():
             xs, ys = series.setdefault(tenant, ([], []))
-            xs.append(r["round"])
+            xs.append(r.round)
             ys.append(m[key])
     return series
 
@@ -58,9 +66,9 @@ def plot(run_dir: Path, *, max_tenants_drawn: int = 12) -> list[Path]:
     out.append(path)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    xs = [r["round"] for r in rounds]
-    ax.bar([x - 0.2 for x in xs], [r["bytes_down"] / 1e6 for r in rounds], width=0.4, label="server -> tenants")
-    ax.bar([x + 0.2 for x in xs], [r["bytes_up"] / 1e6 for r in rounds], width=0.4, label="tenants -> server")
+    xs = [r.round for r in rounds]
+    ax.bar([x - 0.2 for x in xs], [r.bytes_down / 1e6 for r in rounds], width=0.4, label="server -> tenants")
+    ax.bar([x + 0.2 for x in xs], [r.bytes_up / 1e6 for r in rounds], width=0.4, label="tenants -> server")
     ax.set_xlabel("round")
     ax.set_ylabel("MB")
     ax.set_title("bytes on the wire per round (adapter tensors)")
@@ -74,10 +82,6 @@ def plot(run_dir: Path, *, max_tenants_drawn: int = 12) -> list[Path]:
     return out
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def comparison_table(rows: list[dict]) -> str:
     tenants = list(rows[0]["per_tenant"])
     head = "| model | " + " | ".join(f"tenant {t} EM %" for t in tenants) + \
@@ -85,33 +89,34 @@ def comparison_table(rows: list[dict]) -> str:
     sep = "|" + "---|" * (len(tenants) + 5)
     lines = [head, sep]
     for r in rows:
-        cells = [_pct(r["per_tenant"][t]["exact_match"]) for t in tenants]
+        cells = [pct(r["per_tenant"][t]["exact_match"]) for t in tenants]
         lines.append(f"| {r['model']} | " + " | ".join(cells) +
-                     f" | **{_pct(r['mean_exact_match'])}** | {_pct(r['mean_json_valid'])} | "
+                     f" | **{pct(r['mean_exact_match'])}** | {pct(r['mean_json_valid'])} | "
                      f"{r['mean_loss']:.3f} | {r['probe_loss']:.3f} |")
     return "\n".join(lines)
 
 
-def _engine(cfg: dict, fed: dict) -> str:
+ON_OFF = {True: "on", False: "OFF"}
+
+
+def _engine(cfg: Config, fed: FederationSummary) -> str:
     """Which Flower engine ran the apps, and with which transport security."""
-    if cfg.get("deployment.engine") != "deployment":
-        return f"Flower simulation, {cfg['simulation.tenants']} tenants"
-    on = {True: "on", False: "OFF"}
-    return (f"Flower Deployment Engine (SuperLink + SuperNodes), TLS {on[bool(cfg['deployment.tls'])]}, "
-            f"SuperNode authentication {on[bool(cfg['deployment.node-auth'])]}, {len(fed['tenants'])} tenants")
+    if cfg.deployment.engine != "deployment":
+        return f"Flower simulation, {cfg.simulation.tenants} tenants"
+    return (f"Flower Deployment Engine (SuperLink + SuperNodes), TLS {ON_OFF[cfg.deployment.tls]}, "
+            f"SuperNode authentication {ON_OFF[cfg.deployment.node_auth]}, {len(fed.tenants)} tenants")
 
 
-def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[str] = ()) -> Path:
+def write_report(run_dir: Path, cfg: Config, *, comparison: list[dict], extra_sections: list[str] = ()) -> Path:
     """``report.md`` with the comparison table, rounds, drops, bytes and plots."""
-    cfg = json.loads((run_dir / "config.json").read_text())
-    fed = json.loads((run_dir / "federation.json").read_text())
+    fed = read_summary(run_dir)
     rounds = read_rounds(run_dir)
     lines = ["# fedlora run report", ""]
-    lines += [f"- base model: `{cfg['model.base']}` ({cfg['model.precision']}), adapter: {cfg['adapter.method']} "
-              f"r={cfg['adapter.r']} alpha={cfg['adapter.alpha']} on `{cfg['adapter.target-modules']}`",
-              f"- engine: {_engine(cfg, fed)}, {fed['rounds']} rounds, "
-              f"{cfg['train.local-steps']} local steps per round, aggregator `{cfg['federation.aggregator']}`",
-              f"- federated wall time: {fed['seconds']:.1f} s; adapter size {fed['adapter_bytes'] / 1e6:.3f} MB",
+    lines += [f"- base model: `{cfg.model.base}` ({cfg.model.precision}), adapter: {cfg.adapter.method} "
+              f"r={cfg.adapter.r} alpha={cfg.adapter.alpha} on `{cfg.adapter.target_modules}`",
+              f"- engine: {_engine(cfg, fed)}, {fed.rounds} rounds, "
+              f"{cfg.train.local_steps} local steps per round, aggregator `{cfg.federation.aggregator}`",
+              f"- federated wall time: {fed.seconds:.1f} s; adapter size {fed.adapter_bytes / 1e6:.3f} MB",
               ""]
     if comparison:
         lines += ["## Every model on every tenant's holdout", "",
@@ -124,7 +129,7 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
             locals_ = [r["mean_exact_match"] for r in comparison if r["model"].startswith("local-only")]
             ratio = fed_em / pool_em if pool_em else float("nan")
             lines += [f"Federated / pooled mean EM: **{ratio:.3f}**; best local-only mean EM: "
-                      f"{_pct(max(locals_)) if locals_ else 'n/a'} % vs federated {_pct(fed_em)} %.", ""]
+                      f"{pct(max(locals_)) if locals_ else 'n/a'} % vs federated {pct(fed_em)} %.", ""]
         local_budget = next((r["budget"] for r in comparison if r["model"].startswith("local-only")
                              and r.get("budget")), None)
         if local_budget and by["pooled"].get("budget"):
@@ -134,14 +139,14 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
               "| round | sampled | finished | dropped | mean holdout EM % | MB down | MB up | seconds |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rounds:
-        ems = [m["eval-exact-match"] for m in r["eval"].values()]
-        em = _pct(sum(ems) / len(ems)) if ems else "-"
-        lines.append(f"| {r['round']} | {len(r['sampled'])} | {len(r['finished'])} | {len(r['dropped'])} | {em} | "
-                     f"{r['bytes_down'] / 1e6:.3f} | {r['bytes_up'] / 1e6:.3f} | {r['seconds']:.1f} |")
+        ems = r.eval_exact_match()
+        em = pct(sum(ems) / len(ems)) if ems else "-"
+        lines.append(f"| {r.round} | {len(r.sampled)} | {len(r.finished)} | {len(r.dropped)} | {em} | "
+                     f"{r.bytes_down / 1e6:.3f} | {r.bytes_up / 1e6:.3f} | {r.seconds:.1f} |")
     lines.append("")
-    if fed["dropped"]:
+    if fed.dropped:
         lines += ["## Dropped replies", "", "| round | tenant | reason |", "|---|---|---|"]
-        lines += [f"| {d['round']} | {d['tenant']} | {d['reason']} |" for d in fed["dropped"]]
+        lines += [f"| {d.round} | {d.tenant} | {d.reason} |" for d in fed.dropped]
         lines.append("")
     lines += privacy_section(run_dir, cfg, rounds, comparison)
     lines += secagg_section(cfg, rounds)
@@ -153,34 +158,34 @@ def write_report(run_dir: Path, *, comparison: list[dict], extra_sections: list[
     return path
 
 
-def privacy_section(run_dir: Path, cfg: dict, rounds: list[dict], comparison: list[dict]) -> list[str]:
+def privacy_section(run_dir: Path, cfg: Config, rounds: list[RoundRecord], comparison: list[dict]) -> list[str]:
     """Epsilon per tenant (local DP), central epsilon per round, delta, and quality with vs without DP."""
-    mode = cfg.get("privacy.mode", "none")
-    if mode == "none":
+    p = cfg.privacy
+    if p.mode == "none":
         return []
-    lines = ["## Differential privacy", "", f"- mode: **{mode}**, delta = {cfg['privacy.delta']:g}"]
-    if mode == "local":
+    lines = ["## Differential privacy", "", f"- mode: **{p.mode}**, delta = {p.delta:g}"]
+    if p.mode == "local":
         last: dict[str, float] = {}
         for r in rounds:
-            last.update({t: m["dp-epsilon"] for t, m in r["train"].items() if "dp-epsilon" in m})
-        declined = [(r["round"], d["tenant"]) for r in rounds for d in r["dropped"]
-                    if "privacy budget exhausted" in d["reason"]]
-        noise = (f"target epsilon {cfg['privacy.target-epsilon']:g} per run" if cfg["privacy.target-epsilon"] > 0
-                 else f"noise multiplier {cfg['privacy.noise-multiplier']:g}")
+            last.update({t: m["dp-epsilon"] for t, m in r.train.items() if "dp-epsilon" in m})
+        declined = [(r.round, d.tenant) for r in rounds for d in r.dropped
+                    if "privacy budget exhausted" in d.reason]
+        noise = (f"target epsilon {p.target_epsilon:g} per run" if p.target_epsilon > 0
+                 else f"noise multiplier {p.noise_multiplier:g}")
         lines += [f"- local DP-SGD (record level): {noise}, "
-                  f"per-example clip {cfg['privacy.max-grad-norm']:g}, lifetime budget "
-                  f"{cfg['privacy.budget']:g} per tenant, {cfg['privacy.sampling']} sampling", "",
+                  f"per-example clip {p.max_grad_norm:g}, lifetime budget "
+                  f"{p.budget:g} per tenant, {p.sampling} sampling", "",
                   "| tenant | epsilon spent (ledger, all runs) |", "|---|---|"]
         lines += [f"| {t} | {eps:.3f} |" for t, eps in sorted(last.items(), key=lambda kv: (len(kv[0]), kv[0]))]
         lines += ["", f"Declined for budget: {', '.join(f'tenant {t} (round {n})' for n, t in declined) or 'none'}."]
     else:
-        lines += [f"- central DP (tenant level): delta clip {cfg['privacy.central-clip']:g} on every client, "
-                  f"noise multiplier {cfg['privacy.central-noise-multiplier']:g} on the sum, calibrated to "
+        lines += [f"- central DP (tenant level): delta clip {p.central_clip:g} on every client, "
+                  f"noise multiplier {p.central_noise_multiplier:g} on the sum, calibrated to "
                   "the updates received", "",
                   "| round | received | sampled | sampling rate | noise std on the mean | central epsilon |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['round']} | {p['received']} | {p['sampled']} | {p['sample_rate']:.3f} | "
-                  f"{p['noise_std_mean']:.4g} | {p['epsilon']:.3f} |" for r in rounds if (p := r.get("privacy"))]
+        lines += [f"| {r.round} | {c['received']} | {c['sampled']} | {c['sample_rate']:.3f} | "
+                  f"{c['noise_std_mean']:.4g} | {c['epsilon']:.3f} |" for r in rounds if (c := r.privacy)]
     by = {r["model"]: r for r in comparison}
     ref_path = run_dir / "without_dp" / "comparison.json"
     if "federated" in by and ref_path.is_file():
@@ -188,28 +193,29 @@ def privacy_section(run_dir: Path, cfg: dict, rounds: list[dict], comparison: li
         with_dp, without = by["federated"]["mean_exact_match"], ref["mean_exact_match"]
         ratio = with_dp / without if without else float("nan")
         lines += ["", "| federated adapter | mean EM % | mean holdout loss |", "|---|---|---|",
-                  f"| with DP | {_pct(with_dp)} | {by['federated']['mean_loss']:.3f} |",
-                  f"| without DP (same data, same seeds) | {_pct(without)} | {ref['mean_loss']:.3f} |", "",
+                  f"| with DP | {pct(with_dp)} | {by['federated']['mean_loss']:.3f} |",
+                  f"| without DP (same data, same seeds) | {pct(without)} | {ref['mean_loss']:.3f} |", "",
                   f"With / without DP mean EM: **{ratio:.3f}**. Local-only and pooled baselines above train "
                   "without DP."]
     return lines + [""]
 
 
-def secagg_section(cfg: dict, rounds: list[dict]) -> list[str]:
+def secagg_section(cfg: Config, rounds: list[RoundRecord]) -> list[str]:
     """Whether secure aggregation was on; per round: attempts, finishers, drops per stage, failure."""
-    if not cfg.get("secagg.enabled", False):
+    sa = cfg.secagg
+    if not sa.enabled:
         return ["## Secure aggregation", "", "Off: the server saw each tenant's individual delta.", ""]
     stages = ("setup", "key sharing", "masked upload", "unmasking")
     lines = ["## Secure aggregation", "",
              f"On (SecAgg+): the server learned only the sum of the weighted deltas and the total weight. "
-             f"Neighbours per tenant: {cfg['secagg.neighbours'] or 'all'}; a secret needs more than "
-             f"{cfg['secagg.threshold']:g} of its holders; values clipped to +-{cfg['secagg.clip']:g}, "
-             f"{cfg['secagg.quantization-bits']} bits, mod 2^{cfg['secagg.modulus-bits']}.", "",
+             f"Neighbours per tenant: {sa.neighbours or 'all'}; a secret needs more than "
+             f"{sa.threshold:g} of its holders; values clipped to +-{sa.clip:g}, "
+             f"{sa.quantization_bits} bits, mod 2^{sa.modulus_bits}.", "",
              "| round | attempts | finished | " + " | ".join(f"dropped in {s}" for s in stages) + " | failure |",
              "|---|---|---|" + "---|" * len(stages) + "---|"]
     for r in rounds:
-        s = r.get("secagg") or {}
+        s = r.secagg or {}
         per = s.get("dropped_per_stage", {})
-        lines.append(f"| {r['round']} | {s.get('attempts', '-')} | {s.get('finished', '-')} | "
+        lines.append(f"| {r.round} | {s.get('attempts', '-')} | {s.get('finished', '-')} | "
                      + " | ".join(str(per.get(st, 0)) for st in stages) + f" | {s.get('failure') or '-'} |")
     return lines + [""]

@@ -15,7 +15,6 @@ log-probabilities of chosen vs rejected answers, before and after:
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -191,12 +190,7 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
 
 def write_report(path: str | Path, report: DPOReport, **extra) -> Path:
     """``dpo.json``: the report plus anything the caller measured (tenant holdouts)."""
-    from common.adapter import write_json_atomic
+    from common.files import write_json_atomic
 
     write_json_atomic(path, {**report.as_dict(), **extra})
     return Path(path)
-
-
-def read_report(path: str | Path) -> dict | None:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -22,10 +22,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import Config
 from common.files import atomic_dir, file_digest
+from common.records import RoundRecord, read_rounds, read_summary
 from server.release.artifacts import VERSION_CONFIG, Source
 from server.release.merge import read_report as read_merge_report
 from server.release.manifest import sign_manifest, write_manifest
+from server.release.tables import dpo_table, merge_line, pct
 
 CARD_FACTS = "card.json"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -57,30 +60,14 @@ def next_version(registry: str | Path, name: str) -> str:
     return f"v{max(taken, default=0) + 1}"
 
 
-def _epsilons(facts: dict | None) -> dict:
-    """Every epsilon figure a run recorded (keys containing 'epsilon'), flattened."""
-    out: dict = {}
-
-    def walk(obj, prefix: str) -> None:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{prefix}{k}.")
-        elif "epsilon" in prefix.lower() and isinstance(obj, (int, float)):
-            out[prefix.rstrip(".")] = obj
-
-    walk(facts or {}, "")
-    return out
-
-
-def _round_epsilons(metrics_dir: Path) -> dict:
+def _round_epsilons(rounds: list[RoundRecord]) -> dict:
     """Epsilon after the last round: central DP (``privacy.epsilon``) and each tenant's
-    local DP-SGD spend (``dp-epsilon`` in its train metrics), from ``metrics/round_XXX.json``."""
+    local DP-SGD spend (``dp-epsilon`` in its train metrics)."""
     out: dict = {}
-    for path in sorted(metrics_dir.glob("round_*.json")):
-        r = json.loads(path.read_text())
-        if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]:
-            out["central"] = r["privacy"]["epsilon"]
-        out.update({f"tenant {t}": m["dp-epsilon"] for t, m in r.get("train", {}).items() if "dp-epsilon" in m})
+    for r in rounds:
+        if "epsilon" in r.privacy:
+            out["central"] = r.privacy["epsilon"]
+        out.update({f"tenant {t}": m["dp-epsilon"] for t, m in r.train.items() if "dp-epsilon" in m})
     return out
 
 
@@ -90,7 +77,7 @@ def card_facts(source: Source, *, name: str, version: str) -> dict:
         old = json.loads((source.root / CARD_FACTS).read_text())
         return {**old, "name": name, "version": version, "date": _now(), "republished_from": old.get("version")}
     cfg, flat = source.cfg, source.cfg.to_flat()
-    fed = source.read_json("federation.json") or {}
+    fed = read_summary(source.root)
     merge = read_merge_report(source.merged_dir)
     final = source.final_adapter_dir
     if merge is None or merge.get("adapter_sha256") != file_digest(final / "adapter_model.safetensors")[0]:
@@ -101,11 +88,11 @@ def card_facts(source: Source, *, name: str, version: str) -> dict:
         "base_model": cfg.model.base, "base_sha256": source.metadata.get("base_sha256") or _fingerprint(cfg),
         "base_precision_in_training": cfg.model.precision,
         "adapter": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("adapter.")},
-        "rounds": fed.get("rounds", source.metadata.get("round")),
-        "tenants": len(fed["tenants"]) if "tenants" in fed else source.metadata.get("tenants"),
+        "rounds": fed.rounds if fed else source.metadata.get("round"),
+        "tenants": len(fed.tenants) if fed else source.metadata.get("tenants"),
         "aggregation": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("federation.")},
         "privacy": {k: v for k, v in flat.items() if k.startswith(("privacy.", "secagg."))},
-        "epsilon": {**_epsilons(fed), **_round_epsilons(source.root / "metrics")},
+        "epsilon": _round_epsilons(read_rounds(source.root)),
         "evaluation": source.read_json("comparison.json") or [],
         "dpo": source.read_json("dpo/dpo.json"),
         "merge": merge,
@@ -126,31 +113,25 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def model_card(f: dict) -> str:
-    """The README.md of a version."""
+def model_card(f: dict, cfg: Config) -> str:
+    """The README.md of a version: the facts ``f`` (``card.json``) and the run's config."""
     eps = ", ".join(f"{k} = {v:.3g}" for k, v in f["epsilon"].items()) or "none recorded"
-    mode = f["privacy"].get("privacy.mode", "none")
+    a, fed = cfg.adapter, cfg.federation
     lines = [f"# {f['name']} {f['version']}", "",
              "A LoRA-family adapter trained with federated learning (fedlora on Flower) and the same "
              f"adapter merged into its base. Published adapter: {f['final_adapter']}.", "",
              "| | |", "|---|---|",
              f"| base model | `{f['base_model']}` |", f"| base SHA-256 | `{f['base_sha256']}` |",
              f"| base precision in training | {f['base_precision_in_training']} (merged into fp32) |",
-             f"| adapter | {f['adapter'].get('method')} r={f['adapter'].get('r')} alpha={f['adapter'].get('alpha')} "
-             f"on `{f['adapter'].get('target-modules')}` |",
+             f"| adapter | {a.method} r={a.r} alpha={a.alpha} on `{a.target_modules}` |",
              f"| federated rounds | {f['rounds']} |", f"| tenants | {f['tenants']} |",
-             f"| aggregation | `{f['aggregation'].get('aggregator')}`, server lr {f['aggregation'].get('server-lr')}, "
-             f"max weight {f['aggregation'].get('max-weight')} examples |",
-             f"| differential privacy | {mode}; epsilon: {eps} |",
-             f"| secure aggregation | {f['privacy'].get('secagg.enabled', False)} |",
+             f"| aggregation | `{fed.aggregator}`, server lr {fed.server_lr}, max weight {fed.max_weight} examples |",
+             f"| differential privacy | {cfg.privacy.mode}; epsilon: {eps} |",
+             f"| secure aggregation | {cfg.secagg.enabled} |",
              f"| published | {f['date']} |", ""]
-    shown = {k: v for k, v in f.get("privacy", {}).items()
-             if (k.startswith("privacy.") and mode != "none") or (k.startswith("secagg.") and
-                                                                  f["privacy"].get("secagg.enabled"))}
+    shown = {k: v for k, v in cfg.to_flat().items()
+             if (k.startswith("privacy.") and cfg.privacy.mode != "none") or (k.startswith("secagg.")
+                                                                            and cfg.secagg.enabled)}
     if shown:
         lines += ["Privacy settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items())), ""]
     if f["evaluation"]:
@@ -158,26 +139,17 @@ def model_card(f: dict) -> str:
         lines += ["## Evaluation (exact match % on each tenant's holdout)", "",
                   "| model | " + " | ".join(f"tenant {t}" for t in tenants) + " | mean |",
                   "|" + "---|" * (len(tenants) + 2)]
-        lines += [f"| {r['model']} | " + " | ".join(_pct(r["per_tenant"][t]["exact_match"]) for t in tenants)
-                  + f" | {_pct(r['mean_exact_match'])} |" for r in f["evaluation"]]
+        lines += [f"| {r['model']} | " + " | ".join(pct(r["per_tenant"][t]["exact_match"]) for t in tenants)
+                  + f" | {pct(r['mean_exact_match'])} |" for r in f["evaluation"]]
         lines.append("")
     if f.get("dpo"):
         d = f["dpo"]
         lines += ["## DPO refinement", "",
                   f"{d['steps']} steps on {d['train_pairs']} preference pairs, beta {d['beta']}, "
                   f"learning rate {d['learning_rate']}; the reference is the federated aggregate "
-                  f"(reference drift {d['reference_drift']:.1g}).", "",
-                  "| held-out preferences | aggregate | after DPO |", "|---|---|---|",
-                  f"| preference accuracy % | {_pct(d['before']['accuracy'])} | {_pct(d['after']['accuracy'])} |",
-                  f"| log-prob margin (nats) | {d['before']['logp_margin']:.3f} | {d['after']['logp_margin']:.3f} |",
-                  f"| reward margin | {d['before']['reward_margin']:.3f} | {d['after']['reward_margin']:.3f} |"]
-        for t, em in sorted((d.get("tenants") or {}).items()):
-            lines.append(f"| tenant {t} holdout EM % | {_pct(em['before'])} | {_pct(em['after'])} |")
-        lines.append("")
+                  f"(reference drift {d['reference_drift']:.1g}).", "", *dpo_table(d), ""]
     if f.get("merge"):
-        lines += ["## Merge", "", f"Merged into the fp32 base; max |logit difference| vs base + adapter on "
-                  f"{f['merge']['prompts']} prompts: {f['merge']['max_abs_diff']:.2e} "
-                  f"(tolerance {f['merge']['tolerance']:g}).", ""]
+        lines += ["## Merge", "", merge_line(f["merge"]), ""]
     lines += ["## Use", "", "Verify first: `fedlora verify <this directory> --public-key <publisher's key>`.", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained('merged')",
@@ -208,7 +180,7 @@ def publish(source: Source, *, registry: str | Path, name: str, signing_key: str
             _copy_files(source.merged_dir, tmp / "merged")
             (tmp / VERSION_CONFIG).write_text(json.dumps(source.cfg.to_flat(), indent=2, sort_keys=True) + "\n")
             (tmp / CARD_FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True, default=str) + "\n")
-            (tmp / "README.md").write_text(model_card(facts))
+            (tmp / "README.md").write_text(model_card(facts, source.cfg))
             write_manifest(tmp, metadata={"name": name, "version": version, "date": facts["date"],
                                           "base_model": facts["base_model"], "base_sha256": facts["base_sha256"]})
             sign_manifest(tmp, signing_key)

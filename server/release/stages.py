@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from common.adapter import write_json_atomic
+from common.files import write_json_atomic
 from common.config import Config
 from common.data import Example
 from server.release.artifacts import Source

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+from common.records import RoundRecord, read_rounds, read_summary
+
 _SAMPLED = re.compile(r"^(\d+\.\d+) .*Round (\d+): \d+ of \d+ tenants sampled")
 _AGGREGATED = re.compile(r"^(\d+\.\d+) .*Aggregated MetricRecord")
 _NODE = re.compile(r"^(\d+\.\d+) .*(Receiving|Sending): (train|evaluate) message")
@@ -37,7 +40,7 @@ def _stamps(path: Path, pattern: re.Pattern) -> list[tuple]:
     return [m.groups() for line in path.read_text(errors="replace").splitlines() if (m := pattern.match(line))]
 
 
-def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[dict]) -> dict[str, float]:
+def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[RoundRecord]) -> dict[str, float]:
     """Median seconds per message: SuperNode poll wait, ClientApp process, reply upload, ServerApp pickup."""
     sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
     aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]  # train, evaluate per round
@@ -46,8 +49,8 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[dict
         pushed[(k, "train")] = sampled[k]
         pushed[(k, "evaluate")] = aggregated[2 * (k - 1)] if len(aggregated) >= 2 * k - 1 else None
     wait, spawn, process, upload, pickup, work = [], [], [], [], [], []
-    work_by_kind = {"train": [m["train-seconds"] for r in rounds for m in r["train"].values()],
-                    "evaluate": [m["eval-seconds"] for r in rounds for m in r["eval"].values()]}
+    work_by_kind = {"train": [m["train-seconds"] for r in rounds for m in r.train.values()],
+                    "evaluate": [m["eval-seconds"] for r in rounds for m in r.eval.values()]}
     for log in node_logs:
         events = _stamps(log, _NODE)
         received = [(float(t), kind) for t, what, kind in events if what == "Receiving"]
@@ -101,17 +104,16 @@ print(json.dumps({{"import_clientapp": t1 - t0, "load_model": t2 - t1, "load_dat
 
 
 def per_round(run_dir: Path) -> list[float]:
-    return [json.loads(p.read_text())["seconds"] for p in sorted((run_dir / "metrics").glob("round_*.json"))]
+    return [r.seconds for r in read_rounds(run_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.offline import quiet_and_offline
+    quiet_and_offline()
     from simulations.cli.deployment import LocalFederation, Tenant
     from simulations.cli.simulate import simulate
     from simulations.scenario import parse_overrides, resolve
     from simulations.synthetic import write_tenants
 
-    quiet_and_offline()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
@@ -141,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         fed.run(cfg)
         node_logs = [fed.procs[f"supernode-tenant-{i}"].log for i in range(args.tenants)]
     dep_dir = Path(cfg.run.dir)
-    dep_rounds = [json.loads(p.read_text()) for p in sorted((dep_dir / "metrics").glob("round_*.json"))]
-    breakdown = message_breakdown(dep_dir / "flower.log", node_logs, dep_rounds)
+    breakdown = message_breakdown(dep_dir / "flower.log", node_logs, read_rounds(dep_dir))
 
     sim_cfg = cfg.replace(**{"run.dir": str(out / "simulation_run"), "data.dir": str(data)})
     simulate(sim_cfg)
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "tenants": args.tenants, "rounds": args.rounds, "local_steps": cfg.train.local_steps,
         "deployment_seconds_per_round": per_round(dep_dir),
         "simulation_seconds_per_round": per_round(sim_dir),
-        "deployment_federated_seconds": json.loads((dep_dir / "federation.json").read_text())["seconds"],
-        "simulation_federated_seconds": json.loads((sim_dir / "federation.json").read_text())["seconds"],
+        "deployment_federated_seconds": read_summary(dep_dir).seconds,
+        "simulation_federated_seconds": read_summary(sim_dir).seconds,
         "deployment_startup_seconds": round(up, 1),
         "message_breakdown_median_seconds": breakdown,
         "cold_clientapp_seconds": cold_clientapp_seconds(cfg, data / "tenant_000" / "train.jsonl"),

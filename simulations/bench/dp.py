@@ -18,9 +18,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+
 
 def main(argv: list[str] | None = None) -> int:
-    import common  # noqa: F401  (offline switches)
+    quiet_and_offline()
     import torch
 
     from client.privacy import LocalDP, NoPrivacy, noise_for_target, sample_rate_for

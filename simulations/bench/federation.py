@@ -17,6 +17,9 @@ import json
 import time
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+from common.records import read_rounds, read_summary
+
 
 def sequential(cfg, data_dir: Path, rounds: int) -> float:
     """The federation's work without Flower: same functions, same steps, one process."""
@@ -51,6 +54,7 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_and_offline()
     from simulations.cli.simulate import simulate
     from simulations.scenario import parse_overrides, resolve
 
@@ -64,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "publish.enabled": False}, str(run_dir))
     simulate(cfg)
     timings = json.loads((run_dir / "timings.json").read_text())
-    fed = json.loads((run_dir / "federation.json").read_text())
-    rounds = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
-    tenant_rounds = sum(len(r["finished"]) for r in rounds)
-    seq = sequential(cfg, run_dir / "data", fed["rounds"])
+    fed = read_summary(run_dir)
+    tenant_rounds = sum(len(r.finished) for r in read_rounds(run_dir))
+    seq = sequential(cfg, run_dir / "data", fed.rounds)
     from common.model import embedded_base_dir, resolve_base
 
     base_dir = Path(resolve_base(cfg.model.base)) if cfg.model.base != "embedded" else embedded_base_dir()
@@ -76,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         "federated_seconds": timings["federated_seconds"],
         "sequential_seconds": seq,
         "overhead_ratio": timings["federated_seconds"] / seq,
-        "uplink_bytes_per_tenant_round": fed["bytes_up"] / tenant_rounds,
+        "uplink_bytes_per_tenant_round": fed.bytes_up / tenant_rounds,
         "full_model_bytes": full_bytes,
-        "uplink_over_full_model": fed["bytes_up"] / tenant_rounds / full_bytes,
-        "rounds": fed["rounds"], "tenant_rounds": tenant_rounds,
+        "uplink_over_full_model": fed.bytes_up / tenant_rounds / full_bytes,
+        "rounds": fed.rounds, "tenant_rounds": tenant_rounds,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "federation.json").write_text(json.dumps(summary, indent=2))

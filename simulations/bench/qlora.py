@@ -17,6 +17,8 @@ import resource
 import time
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+
 import torch
 
 
@@ -70,6 +72,7 @@ def _cycle(loader):
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_and_offline()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)

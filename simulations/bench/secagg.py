@@ -27,6 +27,8 @@ from collections import OrderedDict
 from logging import WARNING
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+
 import numpy as np
 
 
@@ -157,6 +159,7 @@ def _adapter_rank_for(floats: int) -> int:
 def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int, out: Path) -> dict:
     """Median seconds of rounds 2.. of a real ``fedlora simulate`` run (Flower's simulation
     engine; round 1 carries the ClientApps' cold start), one local step per round."""
+    from common.records import read_rounds, read_summary
     from simulations.cli.simulate import simulate
     from simulations.scenario import resolve
 
@@ -167,11 +170,10 @@ def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int,
                  "federation.min-train-nodes": tenants, "run.baselines": False, "dpo.enabled": False,
                  "publish.enabled": False}
     simulate(resolve("default", overrides, str(run_dir)))
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "metrics").glob("round_*.json"))]
-    fed = json.loads((run_dir / "federation.json").read_text())
-    finished = sum(len(r["finished"]) for r in rows)
-    return {"seconds": statistics.median(r["seconds"] for r in rows[1:]), "rounds": len(rows),
-            "bytes_per_tenant": (fed["bytes_up"] + fed["bytes_down"]) / max(1, finished)}
+    rows, fed = read_rounds(run_dir), read_summary(run_dir)
+    finished = sum(len(r.finished) for r in rows)
+    return {"seconds": statistics.median(r.seconds for r in rows[1:]), "rounds": len(rows),
+            "bytes_per_tenant": (fed.bytes_up + fed.bytes_down) / max(1, finished)}
 
 
 def main_simulation(args) -> int:
@@ -207,8 +209,6 @@ def _report(rows: list[dict], columns: list, json_path: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.offline import quiet_and_offline
-
     quiet_and_offline()
     p = argparse.ArgumentParser(prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, nargs="+", default=[4, 10])

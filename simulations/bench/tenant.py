@@ -17,8 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.offline import quiet_and_offline
+
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_and_offline()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tenant", type=int, default=0, help="synthetic tenant id (default 0)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: rounds x local steps)")

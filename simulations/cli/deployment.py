@@ -279,33 +279,32 @@ def deployment_config(cfg, *, node_auth: bool):
                           "deployment.node-auth": node_auth})
 
 
-def deployment_section(run_dir: Path) -> list[str]:
+def deployment_section(run_dir: Path, cfg) -> list[str]:
     """Report lines: engine, TLS, authentication and which tenants finished each round."""
-    from simulations.report import read_rounds
+    from common.records import read_rounds
+    from simulations.report import ON_OFF
 
-    cfg = json.loads((run_dir / "config.json").read_text())
-    on = {True: "on", False: "OFF"}
     lines = ["## Deployment", "",
-             f"- engine: {cfg['deployment.engine']}; TLS {on[bool(cfg['deployment.tls'])]}; "
-             f"SuperNode authentication {on[bool(cfg['deployment.node-auth'])]}",
-             f"- round timeout {cfg['federation.round-timeout']:.0f} s; minimum tenants per round "
-             f"{cfg['federation.min-train-nodes']}", "",
+             f"- engine: {cfg.deployment.engine}; TLS {ON_OFF[cfg.deployment.tls]}; "
+             f"SuperNode authentication {ON_OFF[cfg.deployment.node_auth]}",
+             f"- round timeout {cfg.federation.round_timeout:.0f} s; minimum tenants per round "
+             f"{cfg.federation.min_train_nodes}", "",
              "| round | sampled | finished | did not finish | seconds |", "|---|---|---|---|---|"]
     def names(tenants) -> str:
         return ", ".join(sorted(tenants, key=lambda t: (len(t), t))) or "-"
 
     for r in read_rounds(run_dir):
-        missing = [t for t in r["sampled"] if t not in r["finished"]]
-        lines.append(f"| {r['round']} | {names(r['sampled'])} | {names(r['finished'])} | {names(missing)} | "
-                     f"{r['seconds']:.1f} |")
+        missing = [t for t in r.sampled if t not in r.finished]
+        lines.append(f"| {r.round} | {names(r.sampled)} | {names(r.finished)} | {names(missing)} | "
+                     f"{r.seconds:.1f} |")
     return lines + [""]
 
 
-def report_deployment(run_dir: Path, extra: Sequence[str] = ()) -> Path:
+def report_deployment(run_dir: Path, cfg, extra: Sequence[str] = ()) -> Path:
     from simulations.report import plot, write_report
 
     plot(run_dir)
-    return write_report(run_dir, comparison=[], extra_sections=[*deployment_section(run_dir), *extra])
+    return write_report(run_dir, cfg, comparison=[], extra_sections=[*deployment_section(run_dir, cfg), *extra])
 
 
 def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = None, timeout: float = 0.0,
@@ -322,4 +321,4 @@ def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = 
     submit_run(rc, flwr_home=flwr_home, log=log, timeout=timeout, on_line=on_line, env_extra=env_extra)
     if not (run_dir / "FEDERATION_DONE").is_file():
         raise DeploymentError(f"the run ended without a final adapter in {run_dir}; see {log}")
-    return report_deployment(run_dir)
+    return report_deployment(run_dir, cfg)

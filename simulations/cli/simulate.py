@@ -128,7 +128,7 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
     if cfg.privacy.mode != "none" and cfg.privacy.compare_without_dp:  # the report's quality with vs without DP
         simulate(cfg.replace(**{"privacy.mode": "none", "run.baselines": False, "dpo.enabled": False,
                                 "publish.enabled": False, "run.dir": str(run_dir / "without_dp")}))
-    report = write_report(run_dir, comparison=comparison, extra_sections=[
+    report = write_report(run_dir, cfg, comparison=comparison, extra_sections=[
         *report_sections(release),
         "## Time and memory", "", *[f"- {k.replace('_', ' ')}: {v:.2f}" for k, v in timings.items()],
         "", "Peak memory is the summed resident memory of the whole process tree (SuperLink, Ray workers, "

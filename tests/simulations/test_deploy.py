@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from client.task import tenant_from_node_config
 from common.config import parse_config
 from simulations.cli import deployment as deploy
+from tests.common.make_records import write_round
 from simulations.cli import launcher
 
 BIN = Path(sys.executable).parent
@@ -109,15 +109,12 @@ def test_kill_tagged_ends_detached_grandchildren(tmp_path):
 
 def test_deployment_section_lists_who_finished_each_round(tmp_path):
     # Prepare: a run directory as the ServerApp leaves it, tenant 2 missing in round 2
-    (tmp_path / "metrics").mkdir()
     cfg = parse_config({"deployment.engine": "deployment", "deployment.tls": True, "deployment.node-auth": True,
                         "federation.round-timeout": 60.0})
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_flat()))
     for k, finished in ((1, ["0", "1", "10", "2"]), (2, ["0", "1", "10"])):
-        (tmp_path / "metrics" / f"round_00{k}.json").write_text(json.dumps(
-            {"round": k, "sampled": ["10", "2", "1", "0"], "finished": finished, "seconds": 12.5}))
+        write_round(tmp_path, k, sampled=["10", "2", "1", "0"], finished=finished, seconds=12.5)
     # Execute
-    lines = deploy.deployment_section(tmp_path)
+    lines = deploy.deployment_section(tmp_path, cfg)
     # Assert
     assert "- engine: deployment; TLS on; SuperNode authentication on" in lines
     assert "| 1 | 0, 1, 2, 10 | 0, 1, 2, 10 | - | 12.5 |" in lines

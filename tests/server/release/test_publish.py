@@ -16,6 +16,7 @@ from server.release.artifacts import locate
 from server.release.stages import ReleaseInputs, run_merge, run_publish
 from server.release.publish import PublishError, next_version, publish
 from server.release.manifest import verify_version
+from tests.common.make_records import write_round, write_summary
 from tests.server.adapters import write_noisy_adapter
 
 
@@ -30,7 +31,7 @@ def run_dir(tmp_path_factory):
     cfg = parse_config({"simulation.tenants": 3, "federation.rounds": 2})
     root = tmp_path_factory.mktemp("run")
     write_json_atomic(root / "config.json", cfg.to_flat())
-    write_json_atomic(root / "federation.json", {"rounds": 2, "tenants": ["0", "1", "2"]})
+    write_summary(root, rounds=2, tenants=["0", "1", "2"])
     write_noisy_adapter(root / "adapter", cfg, seed=5)
     run_merge(locate(root), ReleaseInputs(merge_prompts=("Say hello.",)))
     return root
@@ -159,8 +160,7 @@ def test_cli_publish_then_refuse_to_merge_into_a_version(run_dir, keys, tmp_path
 def test_card_states_epsilon_from_the_round_records(run_dir, keys, tmp_path):
     # Prepare: a run whose last round recorded central and local DP spend
     dp_run = shutil.copytree(run_dir, tmp_path / "run")
-    write_json_atomic(dp_run / "metrics" / "round_002.json",
-                      {"round": 2, "privacy": {"epsilon": 1.234}, "train": {"0": {"dp-epsilon": 2.5}}})
+    write_round(dp_run, 2, privacy={"epsilon": 1.234}, train={"0": {"dp-epsilon": 2.5}})
     # Execute
     published = publish(locate(dp_run), registry=tmp_path / "reg", name="demo", signing_key=keys[0])
     # Assert
