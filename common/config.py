@@ -159,8 +159,9 @@ class FederationConfig:
     # What happens to an update over the bound: dropped, or scaled down to the bound.
     bound_policy: str = _opt("drop", "update over the norm bound", choices=("drop", "clip"))
     # Outlier rule of the audit: flagged when the cosine similarity of a tenant's update to
-    # the mean of the others' is below this (besides being clipped, dropped or capped).
-    outlier_cosine: float = _opt(0.0, "audit: flag an update whose cosine to the others' mean is below this",
+    # the round's coordinate-wise median update is below this (besides being clipped,
+    # dropped or capped).
+    outlier_cosine: float = _opt(0.0, "audit: flag an update whose cosine to the round's median update is below this",
                                  lo=-1.0, hi=1.0)
 
 

@@ -39,7 +39,7 @@ class TenantAudit:
 
     norm: float                  # L2 norm of the delta as received
     cosine: float                # cosine similarity to the round's aggregate delta
-    cosine_others: float         # cosine similarity to the mean of the other tenants' updates
+    cosine_median: float         # cosine similarity to the round's coordinate-wise median update
     weight_share: float          # share of the round's total weight
     weight: float                # weight used (after weighting rule and caps)
     claimed_examples: int        # example count the tenant claimed

@@ -14,7 +14,7 @@ The median is over the round's validated updates, so the adaptive bounds hold wh
 than half of a round's tenants collude; the absolute bound holds regardless.
 
 :func:`audit` then records, per tenant: its norm as received, its cosine similarity to the
-aggregate and to the mean of the *other* tenants' updates, its share of the weight, what
+aggregate and to the round's coordinate-wise median update, its share of the weight, what
 was done to it, and whether the outlier rule flags it (README, "A federation survives its
 worst tenant").
 """
@@ -120,29 +120,30 @@ def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregat
 
     Outlier rule: a tenant is flagged when a bound acted on it (dropped, clipped, weight
     capped), when the aggregator left it out (``excluded``), or when the cosine similarity
-    of its update to the mean of the other tenants' received updates is below
-    ``outlier_cosine``."""
+    of its update to the coordinate-wise median of the round's received updates is below
+    ``outlier_cosine`` (with three or more updates)."""
     excluded = excluded or {}
     flats = {u.node: _flat(u.delta) for u in received}
-    total_flat = sum(flats.values()) if flats else None
+    # The reference is the coordinate-wise median of what was received: fewer than half of
+    # the tenants cannot move it far, so an attacker does not drag the honest ones' score.
+    reference = np.median(np.stack(list(flats.values())), axis=0) if flats else None
     agg = _flat(aggregate_mean) if aggregate_mean is not None else None
     total_weight = sum(u.weight for u in kept if u.node not in excluded) or 1.0
     weights = {u.node: u.weight for u in kept}
     out = {}
     for u in received:
         x = flats[u.node]
-        others = (total_flat - x) / (len(flats) - 1) if len(flats) > 1 else None
-        loo = _cosine(x, others) if others is not None else 1.0
+        loo = _cosine(x, reference) if len(flats) > 2 else 1.0
         action, why = bounded.actions.get(u.node, ("accepted", ""))
         if u.node in excluded:
             action, why = "excluded", excluded[u.node]
         reasons = [why] if action != "accepted" else []
         if loo < outlier_cosine:
-            reasons.append(f"cosine {loo:.2f} to the others' mean is below {outlier_cosine:g}")
+            reasons.append(f"cosine {loo:.2f} to the round's median update is below {outlier_cosine:g}")
         w = weights.get(u.node, 0.0) if action not in ("dropped", "excluded") else 0.0
         out[u.node] = TenantAudit(
             norm=round(bounded.norms.get(u.node, 0.0), 6), cosine=round(_cosine(x, agg), 4) if agg is not None else 0.0,
-            cosine_others=round(loo, 4), weight_share=round(w / total_weight, 4), weight=w,
+            cosine_median=round(loo, 4), weight_share=round(w / total_weight, 4), weight=w,
             claimed_examples=u.num_examples, action=action, bound=round(bounded.norm_bound, 6),
             outlier=bool(reasons), why="; ".join(reasons))
     return out

@@ -135,3 +135,26 @@ def test_tenant_clips_its_delta_before_it_leaves(monkeypatch, tmp_path):
     assert metrics[keys.DP_EPSILON] == 0.0 and metrics["train-loss"] > 0  # nothing withheld: no local DP
     assert WITHHELD_UNDER_LOCAL_DP <= set(metrics)
     assert not (tmp_path / "state").exists()
+
+
+def big_update(tenant, value=100.0):
+    """A tenant that skipped its client-side clip: every element 100."""
+    def reply(msg):
+        delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in BIG.items())
+        m = {k: 1.0 for k in keys.TRAIN_METRICS}
+        m.update({keys.NUM_EXAMPLES: 10, keys.TENANT: tenant})
+        return Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
+    return reply
+
+
+def test_server_clips_an_unclipped_update_so_the_noised_sum_moves_by_at_most_the_clip(tmp_path):
+    # Prepare: the same noise (same seed) with two honest zero updates plus either a third
+    # zero update or an unclipped one of norm 100 * sqrt(40000) = 20000
+    honest = {1: zero_update(0), 2: zero_update(1)}
+    # Execute
+    clean, _ = _run(tmp_path / "clean", {**honest, 3: zero_update(2)}, sigma=1.0, clip=0.5, seed=7)
+    attacked, _ = _run(tmp_path / "attacked", {**honest, 3: big_update(2)}, sigma=1.0, clip=0.5, seed=7)
+    # Assert: the mean moved by at most clip / received, i.e. the sum by at most the clip
+    moved = np.sqrt(sum(float(np.sum((attacked[k].astype(np.float64) - clean[k]) ** 2)) for k in BIG))
+    assert moved * 3 <= 0.5 * (1 + 1e-5)
+    assert moved * 3 == pytest.approx(0.5, rel=1e-3)  # it did count, clipped to exactly the clip
