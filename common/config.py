@@ -348,151 +348,26 @@ def describe() -> list[tuple[str, Scalar, str]]:
     return out
 
 
-def _coerce(key: str, f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
-    typ = {"bool": bool, "int": int, "float": float, "str": str}[str(f.type)]
-    meta = f.metadata
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        problems.append(f"{key}: expected true or false, got {value!r}")
-        return None
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return None
-        try:
-            value = int(value)
-        except ValueError:
-            problems.append(f"{key}: expected an integer, got {value!r}")
-            return None
-    elif typ is float:
-        if isinstance(value, bool):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return None
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return None
-        if value != value or value in (float("inf"), float("-inf")):
-            problems.append(f"{key}: expected a finite number, got {value!r}")
-            return None
-    elif not isinstance(value, str):
-        problems.append(f"{key}: expected a string, got {value!r}")
-        return None
-    if meta["choices"] and value not in meta["choices"]:
-        problems.append(f"{key}: {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
-        return None
-    if meta["lo"] is not None and value < meta["lo"]:
-        problems.append(f"{key}: {value!r} is below the minimum {meta['lo']}")
-        return None
-    if meta["hi"] is not None and value > meta["hi"]:
-        problems.append(f"{key}: {value!r} is above the maximum {meta['hi']}")
-        return None
-    return value
-
-
-def _closest(key: str, known: list[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(key, known, n=1)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
 def parse_config(flat: Mapping[str, Any], *, source: str = "run config") -> Config:
     """Build a :class:`Config` from a flat run-config, or raise one :class:`ConfigError`."""
+    from common.config_rules import closest, coerce, cross_check  # the rules import this module
+
     problems: list[str] = []
     known = {key: (sec, f) for key, sec, f in _fields()}
     sections: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         if key not in known:
-            problems.append(f"{key}: unknown key{_closest(key, list(known))}")
+            problems.append(f"{key}: unknown key{closest(key, list(known))}")
             continue
         sec, f = known[key]
-        coerced = _coerce(key, f, value, problems)
+        coerced = coerce(key, f, value, problems)
         if coerced is not None:
             sections.setdefault(sec, {})[f.name] = coerced
-    _cross_check(sections, problems)
+
+    cross_check(sections, problems)
     if problems:
         raise ConfigError(problems, source)
     kwargs = {}
     for sec_field in dataclasses.fields(Config):
         kwargs[sec_field.name] = sec_field.default_factory(**sections.get(sec_field.name, {}))
     return Config(**kwargs)
-
-
-def _cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Checks that involve more than one key."""
-    adapter = sections.get("adapter", {})
-    if adapter.get("method") == "ia3" and adapter.get("dropout", 0.0) > 0:
-        problems.append("adapter.dropout: IA3 has no dropout; set it to 0 or use lora/dora")
-    _check_privacy(sections, problems)
-    _check_secagg(sections, problems)
-    run_dir = sections.get("run", {}).get("dir", "")
-    if run_dir and not run_dir.startswith("/") and ":" not in run_dir[:3]:
-        problems.append(f"run.dir: {run_dir!r} must be an absolute path (the ServerApp runs in the "
-                        "SuperLink's working directory)")
-
-
-def _check_privacy(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Privacy settings that would make a guarantee unsound or unreachable."""
-    def get(sec: str, name: str, cls: type) -> Any:
-        return sections.get(sec, {}).get(name, getattr(cls(), name))
-
-    mode = get("privacy", "mode", PrivacyConfig)
-    if mode == "local":
-        if get("train", "grad_accum", TrainConfig) != 1:
-            problems.append("train.grad-accum: local DP needs 1 (the accountant counts one Poisson batch per "
-                            "optimizer step); raise train.batch-size instead")
-        if get("privacy", "sampling", PrivacyConfig) != "poisson" and not get("privacy", "allow_non_poisson",
-                                                                               PrivacyConfig):
-            problems.append("privacy.sampling: 'shuffle' breaks the RDP accountant's Poisson-sampling assumption "
-                            "(the reported epsilon would not be a guarantee); use 'poisson' or set "
-                            "privacy.allow-non-poisson = true")
-        target = get("privacy", "target_epsilon", PrivacyConfig)
-        if target == 0 and get("privacy", "noise_multiplier", PrivacyConfig) <= 0:
-            problems.append("privacy.noise-multiplier: must be > 0 when privacy.target-epsilon is 0")
-        if target > get("privacy", "budget", PrivacyConfig):
-            problems.append(f"privacy.target-epsilon: {target} exceeds privacy.budget "
-                            f"{get('privacy', 'budget', PrivacyConfig)}; every tenant would decline")
-        if get("privacy", "max_grad_norm", PrivacyConfig) <= 0:
-            problems.append("privacy.max-grad-norm: local DP needs a positive per-example clip norm")
-    if mode == "central":
-        if get("federation", "max_weight", FederationConfig) != 1:
-            problems.append("federation.max-weight: central DP needs 1 (equal tenant weights bound one tenant's "
-                            "influence on the sum by privacy.central-clip)")
-        if get("privacy", "central_clip", PrivacyConfig) <= 0 or get("privacy", "central_noise_multiplier",
-                                                                     PrivacyConfig) <= 0:
-            problems.append("privacy.central-clip and privacy.central-noise-multiplier: central DP needs both > 0")
-        aggregator = get("federation", "aggregator", FederationConfig)
-        if aggregator != "fedavg":
-            problems.append(f"federation.aggregator: central DP's sensitivity bound holds for the noised sum "
-                            f"(fedavg), not for {aggregator!r}; use fedavg or privacy.mode = none")
-        if get("secagg", "enabled", SecAggConfig) and not get("privacy", "trust_clients", PrivacyConfig):
-            problems.append("privacy.mode: central DP with secure aggregation rests on every tenant clipping its "
-                            "own delta (the server sees no update to clip; a malicious tenant is bounded only by "
-                            "the per-element quantization range secagg.clip); set privacy.trust-clients = true "
-                            "to accept that, or turn secure aggregation off")
-
-
-def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Secure-aggregation settings that cannot work together."""
-    sec = {**dataclasses.asdict(SecAggConfig()), **sections.get("secagg", {})}
-    fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
-    if not sec["enabled"]:
-        return
-    if fed["aggregator"] in INDIVIDUAL_UPDATE_AGGREGATORS:
-        problems.append(f"federation.aggregator: {fed['aggregator']!r} needs individual updates, but secure "
-                        "aggregation reveals only their sum; use fedavg or set secagg.enabled = false")
-    if sec["quantization_bits"] >= sec["modulus_bits"]:
-        problems.append(f"secagg.quantization-bits: {sec['quantization_bits']} must be below "
-                        f"secagg.modulus-bits {sec['modulus_bits']} (the sum must fit the modulus)")
-    if fed["max_weight"] >= 2 ** sec["modulus_bits"]:
-        problems.append("federation.max-weight: does not fit secagg.modulus-bits")
-    tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
-    capacity = (2 ** sec["modulus_bits"] - 1) // max(2 ** sec["quantization_bits"] - 1, fed["max_weight"], 1)
-    if tenants > capacity:
-        problems.append(f"secagg.modulus-bits: the sum of {tenants} tenants' vectors would overflow 2^"
-                        f"{sec['modulus_bits']} (at most {capacity}); raise it or lower secagg.quantization-bits")

@@ -222,7 +222,7 @@ def test_aggregator_needing_individual_updates_is_refused(tmp_path):
 def test_config_refuses_individual_update_aggregator_with_secagg():
     # The config-time rule, applied to sections as parse_config builds them (robust
     # aggregators are names the federation.aggregator choices may grow to include).
-    from common.config import _check_secagg
+    from common.config_rules import _check_secagg
 
     problems: list[str] = []
     _check_secagg({"secagg": {"enabled": True}, "federation": {"aggregator": "krum"}}, problems)
