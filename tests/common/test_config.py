@@ -75,3 +75,22 @@ def test_every_shipped_scenario_loads_and_validates(path):
 def test_at_least_three_scenarios_ship():
     names = {p.stem for p in SCENARIOS.glob("*.toml")}
     assert {"default", "many_tenants", "non_iid"} <= names
+
+
+@pytest.mark.parametrize("typed, meant", [("train.lr", "train.learning-rate"), ("train.local", "train.local-steps"),
+                                          ("federation.agregator", "federation.aggregator")])
+def test_did_you_mean_names_the_field_the_user_meant(typed, meant):
+    with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+        parse_config({typed: 1})
+
+
+def test_central_dp_with_secure_aggregation_needs_trust_clients():
+    flat = {"privacy.mode": "central", "federation.max-weight": 1, "secagg.enabled": True}
+    with pytest.raises(ConfigError, match="privacy.trust-clients"):
+        parse_config(flat)
+    assert parse_config({**flat, "privacy.trust-clients": True}).privacy.trust_clients
+
+
+def test_central_dp_refuses_a_robust_aggregator():
+    with pytest.raises(ConfigError, match="sensitivity bound holds for the noised sum"):
+        parse_config({"privacy.mode": "central", "federation.max-weight": 1, "federation.aggregator": "median"})
