@@ -149,6 +149,9 @@ class FederationConfig:
     # krum: Byzantine tenants tolerated (f) and updates averaged (m; 0 = n - f).
     krum_f: int = _opt(1, "krum: Byzantine tenants tolerated", lo=0)
     krum_m: int = _opt(0, "krum: updates averaged (0 = n - f)", lo=0)
+    # Fewer aggregated rounds than this and the run counts as failed: nothing is refined,
+    # merged or published from it.
+    min_successful_rounds: int = _opt(1, "fewest aggregated rounds for a run to count", lo=0)
     # Server learning rate applied to the aggregated delta (1.0 = plain FedAvg).
     server_lr: float = _opt(1.0, "server learning rate on the mean delta", lo=0.0)
     # Server-side bound on each update's L2 norm (plain transport): absolute (0 = off) ...
@@ -178,6 +181,9 @@ class RunConfig:
     # Absolute directory for checkpoints, metrics and the report (the ServerApp's cwd
     # is the SuperLink's, so relative paths are refused). Empty: ./runs/<timestamp>.
     dir: str = _opt("", "run directory (absolute)")
+    # Continue the run in run.dir after its last complete round (its checkpoint and round
+    # records), instead of starting at round 1. Set by `fedlora simulate --resume`.
+    resume: bool = _opt(False, "continue run.dir after its last complete round")
     # Compare against untuned base, local-only and pooled adapters in the report.
     baselines: bool = _opt(True, "train local-only and pooled baselines for the report")
     # The pooled baseline's budget. "rounds": the optimizer steps the global adapter took

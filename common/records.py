@@ -69,6 +69,9 @@ class RoundRecord:
     privacy: dict[str, Any] = field(default_factory=dict)   # central DP spent this round
     audit: dict[str, TenantAudit] = field(default_factory=dict)
     aggregation: dict[str, Any] = field(default_factory=dict)  # aggregator, bounds, server seconds
+    # What the server needs to continue after this round (sampling RNG, central-DP
+    # accountant, aggregator state): ``server.strategy.FedLoraStrategy.resume_state``.
+    server_state: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +99,8 @@ class FederationSummary:
     adapter_bytes: int
     dropped: list[Drop]
     aggregated_rounds: int = 0
+    failure: str | None = None      # why the run does not count (fewer aggregated rounds than required)
+    resumed_after: int = 0          # the round a resumed run continued after (0: not resumed)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

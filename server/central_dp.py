@@ -57,6 +57,13 @@ class ServerPrivacy:
         """What this round spent, for ``metrics/round_XXX.json`` (empty without privacy)."""
         return {}
 
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on accounting (JSON)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take up :meth:`state` of an interrupted run."""
+
 
 class NoServerPrivacy(ServerPrivacy):
     """No central differential privacy (the default)."""
@@ -121,6 +128,12 @@ class CentralGaussian(ServerPrivacy):
     def round_report(self) -> dict[str, Any]:
         report, self._report = self._report, {}
         return report
+
+    def state(self) -> dict[str, Any]:
+        return {"accountant_history": [list(h) for h in self.accountant.history]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.accountant.history = [tuple(h) for h in state.get("accountant_history", [])]
 
 
 def make_server_privacy(cfg) -> ServerPrivacy:

@@ -99,13 +99,17 @@ class RoundRecorder:
             self._cur.aggregated = True
             self._cur.checkpoint = str(path.relative_to(self.run_dir))
 
+    def resume_from(self, records: list[RoundRecord]) -> None:
+        """Continue a run: its earlier rounds' records (node -> tenant names are relearnt)."""
+        self.rounds = list(records)
+
     def audit(self, audits: Mapping[int, TenantAudit], aggregation: Mapping[str, Any]) -> None:
         """The per-tenant audit of this round's updates and how they were aggregated."""
         assert self._cur is not None
         self._cur.audit = {self._tenant(n): a for n, a in audits.items()}
         self._cur.aggregation = dict(aggregation)
 
-    def end_round(self) -> RoundRecord:
+    def end_round(self, server_state: Mapping[str, Any] | None = None) -> RoundRecord:
         cur = self._cur
         assert cur is not None
         record = RoundRecord(
@@ -114,7 +118,7 @@ class RoundRecorder:
             checkpoint=cur.checkpoint, bytes_down=cur.bytes_down, bytes_up=cur.bytes_up,
             seconds=round(time.perf_counter() - cur.started, 3), train=cur.train, eval=cur.eval,
             secagg=cur.secagg or {"enabled": False}, privacy=cur.privacy, audit=cur.audit,
-            aggregation=cur.aggregation)
+            aggregation=cur.aggregation, server_state=dict(server_state or {}))
         write_json_atomic(round_path(self.run_dir, cur.number), record.to_json())
         self.rounds.append(record)
         self._cur = None

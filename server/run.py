@@ -1,8 +1,13 @@
 """Server-side set-up and wrap-up of a federated run, in plain functions.
 
-``prepare`` makes the run directory, the initial adapter and the strategy's recorder;
-``finish`` writes the final adapter and a summary. The ServerApp only wires these to
-Flower.
+``prepare`` makes the run directory, the initial adapter and the strategy's recorder, or,
+with ``run.resume``, reads back an interrupted run's last complete round (its record and
+the checkpoint of the global adapter after it); ``finish`` writes the final adapter and a
+summary, and says when the run does not count (``federation.min-successful-rounds``). The
+ServerApp only wires these to Flower.
+
+A round is complete when its record (``metrics/round_XXX.json``, written atomically after
+its checkpoint and evaluation) exists; a round interrupted before that is run again.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from common.adapter import get_state, save_adapter, write_json_atomic
 from common.config import Config
 from common.files import default_run_dir
-from common.records import SUMMARY_FILE, Drop, FederationSummary
+from common.records import SUMMARY_FILE, Drop, FederationSummary, read_rounds
 from common.model import attach_adapter, base_fingerprint, load_base, resolve_base
 from server.records import RoundRecorder
 
@@ -30,6 +35,9 @@ class ServerRun:
     base_path: str
     base_sha256: str
     recorder: RoundRecorder
+    start: dict[str, np.ndarray] | None = None  # the global adapter to start from (resume)
+    rounds_done: int = 0                         # complete rounds before this start
+    server_state: dict | None = None             # the strategy's state after them
 
     def metadata(self, **extra) -> dict:
         return {"fedlora": 1, "base_model": self.cfg.model.base, "base_sha256": self.base_sha256,
@@ -55,21 +63,55 @@ def prepare(cfg: Config) -> ServerRun:
                     base_sha256=base_fingerprint(cfg.model.base),
                     recorder=RoundRecorder(run_dir, save=lambda p, s, r: holder["run"].save(p, s, r)))
     holder["run"] = run
+    if cfg.run.resume:
+        return _resume(run)
     run.save(run_dir / "checkpoints" / "round_000", run.initial, 0)
     return run
 
 
+class ResumeError(RuntimeError):
+    """A run directory that cannot be continued, with what to do."""
+
+
+def _resume(run: ServerRun) -> ServerRun:
+    from common.adapter import load_adapter_file
+
+    records = read_rounds(run.run_dir)
+    if not records or not records[-1].server_state:
+        raise ResumeError(f"{run.run_dir} has no complete round with the server's state to resume from; "
+                          "start it again without --resume")
+    if [r.round for r in records] != list(range(1, len(records) + 1)):
+        raise ResumeError(f"{run.run_dir}: round records {[r.round for r in records]} are not consecutive")
+    ckpt = next((r.checkpoint for r in reversed(records) if r.checkpoint), "checkpoints/round_000")
+    run.start = load_adapter_file(run.run_dir / ckpt)
+    run.rounds_done, run.server_state = len(records), records[-1].server_state
+    run.recorder.resume_from(records)
+    for stale in (run.run_dir / SUMMARY_FILE, run.run_dir / "FEDERATION_DONE"):
+        stale.unlink(missing_ok=True)
+    return run
+
+
 def finish(run: ServerRun, final_state, *, seconds: float) -> Path:
-    """Final adapter and the federated summary (``federation.json``)."""
+    """Final adapter and the federated summary (``federation.json``).
+
+    With fewer aggregated rounds than ``federation.min-successful-rounds`` the summary and
+    the adapter's metadata carry the failure, and ``FEDERATION_FAILED`` is written instead
+    of ``FEDERATION_DONE``: nothing downstream refines, merges or publishes it."""
     rounds = run.recorder.rounds
-    tenants = sorted({t for r in rounds for t in r.finished}, key=str)
-    out = run.save(run.run_dir / "adapter", final_state, len(rounds), tenants=len(tenants))
+    tenants = sorted({t for r in rounds for t in r.finished if r.aggregated}, key=str)
+    aggregated = sum(r.aggregated for r in rounds)
+    need = run.cfg.federation.min_successful_rounds
+    failure = (f"only {aggregated} of {len(rounds)} round(s) aggregated an update; federation.min-successful-rounds "
+               f"is {need}" if aggregated < need else None)
+    out = run.save(run.run_dir / "adapter", final_state, len(rounds), tenants=len(tenants),
+                   aggregated_rounds=aggregated, failure=failure)
     summary = FederationSummary(
         rounds=len(rounds), tenants=tenants, seconds=round(seconds, 2),
         bytes_down=sum(r.bytes_down for r in rounds), bytes_up=sum(r.bytes_up for r in rounds),
         adapter_bytes=int(sum(v.nbytes for v in run.initial.values())),
         dropped=[Drop(node=d.node, tenant=d.tenant, reason=d.reason, round=r.round) for r in rounds for d in r.dropped],
-        aggregated_rounds=sum(r.aggregated for r in rounds))
+        aggregated_rounds=aggregated, failure=failure, resumed_after=run.rounds_done)
     write_json_atomic(run.run_dir / SUMMARY_FILE, summary.to_json())
-    (run.run_dir / "FEDERATION_DONE").write_text(json.dumps({"adapter": str(out.relative_to(run.run_dir))}))
+    marker = run.run_dir / ("FEDERATION_FAILED" if failure else "FEDERATION_DONE")
+    marker.write_text(json.dumps({"adapter": str(out.relative_to(run.run_dir)), "failure": failure}))
     return out

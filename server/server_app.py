@@ -38,15 +38,22 @@ def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
 def main(grid: Grid, context: Context) -> None:
     quiet_and_offline()
     cfg = parse_config(context.run_config)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     run = prepare(cfg)
-    result = make_strategy(cfg, run.recorder).start(
+    strategy = make_strategy(cfg, run.recorder)
+    start = run.initial if run.start is None else run.start
+    if run.rounds_done:  # a resumed run: continue after its last complete round
+        strategy.resume(run.rounds_done, run.server_state or {})
+    if run.rounds_done >= cfg.federation.rounds:
+        finish(run, start, seconds=0.0)
+        return
+    result = strategy.start(
         grid=PromptGrid(grid),
-        initial_arrays=to_arrayrecord(run.initial),
-        num_rounds=cfg.federation.rounds,
+        initial_arrays=to_arrayrecord(start),
+        num_rounds=cfg.federation.rounds - run.rounds_done,
         timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
     )
-    final = from_arrayrecord(result.arrays) if result.arrays is not None and len(result.arrays) else run.initial
-    finish(run, final, seconds=time.perf_counter() - start)
+    final = from_arrayrecord(result.arrays) if result.arrays is not None and len(result.arrays) else start
+    finish(run, final, seconds=time.perf_counter() - t0)

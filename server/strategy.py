@@ -89,6 +89,20 @@ class FedLoraStrategy(Strategy):
         self._global: dict | None = None
         self._sent: list[Message] = []  # this stage's messages, to match replies to nodes
         self._sampled = self._connected = 0
+        self.round_offset = 0  # rounds done before this start (a resumed run)
+
+    # -- resume -------------------------------------------------------------------
+    def resume_state(self) -> dict:
+        """Everything besides the global adapter that the next round depends on (JSON)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "privacy": self.privacy.state()}
+
+    def resume(self, rounds_done: int, state: dict) -> None:
+        """Continue after round ``rounds_done`` of an interrupted run, from its recorded state."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.privacy.restore(state.get("privacy", {}))
+        self.round_offset = rounds_done
 
     def summary(self) -> None:
         log(INFO, "\t├── Transport: %s", self.transport.summary())
@@ -105,6 +119,7 @@ class FedLoraStrategy(Strategy):
     # -- training -----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset  # Flower counts from 1 on every start
         self._global = from_arrayrecord(arrays)
         nodes, connected = sample_nodes(grid, fraction=self.cfg.fraction_train,
                                         minimum=self.cfg.min_train_nodes,
@@ -119,6 +134,7 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset  # Flower counts from 1 on every start
         assert self._global is not None
         got = self.transport.collect(server_round, replies, reference=self._global)
         self._record_collected(server_round, got)
@@ -130,7 +146,7 @@ class FedLoraStrategy(Strategy):
             self.recorder.audit(audits, info)
             self.recorder.end_train(None)
             if got.failure and self.stop_on_failure:
-                self.recorder.end_round()
+                self.recorder.end_round(self.resume_state())
                 raise RoundFailed(f"round {server_round}: {got.failure}")
             return None, None
         t = time.perf_counter()
@@ -194,6 +210,7 @@ class FedLoraStrategy(Strategy):
     # -- evaluation ---------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset  # Flower counts from 1 on every start
         if self.cfg.fraction_evaluate == 0.0:
             return []
         nodes, _ = sample_nodes(grid, fraction=self.cfg.fraction_evaluate, minimum=1,
@@ -204,6 +221,7 @@ class FedLoraStrategy(Strategy):
         return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset  # Flower counts from 1 on every start
         results = []
         for msg in replies:
             node = sender(self._sent, msg)
@@ -218,7 +236,7 @@ class FedLoraStrategy(Strategy):
                 continue
             results.append((float(metrics[keys.NUM_EXAMPLES]), metrics))
             self.recorder.eval_reply(node, metrics)
-        self.recorder.end_round()
+        self.recorder.end_round(self.resume_state())
         if not results:
             return None
         return MetricRecord(_weighted_metrics(results, exclude=(keys.TENANT,)))
