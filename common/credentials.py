@@ -1,6 +1,6 @@
-"""Key and certificate generation for fedlora.
+"""Key generation for fedlora, and the careful key-file writing :mod:`common.tls` shares.
 
-Three kinds of credentials are produced here, all with the ``cryptography``
+Two kinds of key pairs are produced here (TLS certificates: :mod:`common.tls`), all with the ``cryptography``
 package and all written without ever overwriting an existing file unless the
 caller passes ``force=True`` (the CLI's ``--force``):
 
@@ -8,10 +8,7 @@ caller passes ``force=True`` (the CLI's ``--force``):
   (PEM: PKCS8 private key, SubjectPublicKeyInfo public key);
 * an ECDSA P-384 *SuperNode authentication* key pair in the OpenSSH formats
   that Flower 1.42 loads (``flwr supernode register <name>.pub`` and
-  ``flower-supernode --auth-supernode-private-key <name>``);
-* a self-signed *TLS* CA plus a SuperLink server certificate signed by it,
-  for ``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt
-  --ssl-keyfile server.key`` and ``flower-supernode --root-certificates ca.crt``.
+  ``flower-supernode --auth-supernode-private-key <name>``).
 
 Private keys are created with ``os.open(..., 0o600)`` so that they are never
 readable by other users, not even for an instant.
@@ -19,24 +16,19 @@ readable by other users, not even for an instant.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 NEW_DIR_MODE = 0o700
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
 # --------------------------------------------------------------------------- #
@@ -53,7 +45,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _prepare_targets(out_dir: Path | str, names: Iterable[str], *, force: bool) -> list[Path]:
+def prepare_targets(out_dir: Path | str, names: Iterable[str], *, force: bool) -> list[Path]:
     """Create ``out_dir`` (mode 0700 if new) and refuse existing targets unless ``force``.
 
     All targets are checked before anything is written, so a refused call
@@ -95,11 +87,11 @@ def _write_file(path: Path, data: bytes, *, mode: int) -> None:
             os.close(fd)
 
 
-def _write_private_key(path: Path, data: bytes) -> None:
+def write_private_key(path: Path, data: bytes) -> None:
     _write_file(path, data, mode=PRIVATE_KEY_MODE)
 
 
-def _write_public_file(path: Path, data: bytes) -> None:
+def write_public_file(path: Path, data: bytes) -> None:
     _write_file(path, data, mode=PUBLIC_FILE_MODE)
 
 
@@ -122,7 +114,7 @@ def write_signing_keypair(
         ValueError: if ``name`` is not a plain file name.
     """
     _check_name(name)
-    private_path, public_path = _prepare_targets(
+    private_path, public_path = prepare_targets(
         out_dir, (f"{name}.key", f"{name}.pub"), force=force
     )
     private_key = ed25519.Ed25519PrivateKey.generate()
@@ -135,8 +127,8 @@ def write_signing_keypair(
         encoding=serialization.Encoding.PEM,
         format=serialization.PublicFormat.SubjectPublicKeyInfo,
     )
-    _write_private_key(private_path, private_pem)
-    _write_public_file(public_path, public_pem)
+    write_private_key(private_path, private_pem)
+    write_public_file(public_path, public_pem)
     return private_path, public_path
 
 
@@ -219,7 +211,7 @@ def write_node_keypair(
         ValueError: if ``name`` is not a plain file name.
     """
     _check_name(name)
-    private_path, public_path = _prepare_targets(out_dir, (name, f"{name}.pub"), force=force)
+    private_path, public_path = prepare_targets(out_dir, (name, f"{name}.pub"), force=force)
     private_key = ec.generate_private_key(ec.SECP384R1())
     private_ssh = private_key.private_bytes(
         encoding=serialization.Encoding.PEM,
@@ -230,179 +222,6 @@ def write_node_keypair(
         encoding=serialization.Encoding.OpenSSH,
         format=serialization.PublicFormat.OpenSSH,
     )
-    _write_private_key(private_path, private_ssh)
-    _write_public_file(public_path, public_ssh + f" {name}\n".encode())
+    write_private_key(private_path, private_ssh)
+    write_public_file(public_path, public_ssh + f" {name}\n".encode())
     return private_path, public_path
-
-
-# --------------------------------------------------------------------------- #
-# TLS certificates (SuperLink)
-# --------------------------------------------------------------------------- #
-def _san_entries(hosts: Iterable[str]) -> list[x509.GeneralName]:
-    """Turn host strings into SAN entries: IPs as IPAddress, the rest as DNSName."""
-    entries: list[x509.GeneralName] = []
-    for host in hosts:
-        host = host.strip()
-        if not host:
-            raise ValueError("Empty host name in hosts; list IP addresses or DNS names.")
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            entries.append(x509.DNSName(host))
-    if not entries:
-        raise ValueError(
-            "hosts is empty: the server certificate needs at least one IP address "
-            "or DNS name the SuperNodes will connect to."
-        )
-    return entries
-
-
-def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """digitalSignature always; keyCertSign and cRLSign only for the CA."""
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _build_ca(
-    key: ec.EllipticCurvePrivateKey, *, not_before: dt.datetime, not_after: dt.datetime
-) -> x509.Certificate:
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "fedlora local CA"),
-        ]
-    )
-    public_key = key.public_key()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-
-
-def _build_server_cert(
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    sans: list[x509.GeneralName],
-    common_name: str,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-) -> x509.Certificate:
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
-def write_tls_certificates(
-    out_dir: Path | str,
-    *,
-    hosts: Iterable[str] = ("127.0.0.1", "localhost"),
-    days: int = 365,
-    force: bool = False,
-) -> dict[str, Path]:
-    """Create a self-signed CA and a SuperLink server certificate signed by it.
-
-    Keys are ECDSA P-256 (accepted by gRPC/BoringSSL), PKCS8 PEM, mode 0600.
-    The server certificate carries a SubjectAlternativeName for every entry of
-    ``hosts`` (IP addresses as ``IPAddress``, everything else as ``DNSName``),
-    ``basicConstraints CA:FALSE``, ``keyUsage digitalSignature`` and
-    ``extendedKeyUsage serverAuth``; the CA has ``CA:TRUE, pathlen:0`` and
-    ``keyCertSign``. Both are valid from five minutes ago (clock skew) for
-    ``days`` days.
-
-    Returns:
-        ``{"ca_cert": ca.crt, "ca_key": ca.key, "server_cert": server.crt,
-        "server_key": server.key}``. Give ``ca.crt`` to the SuperNodes
-        (``--root-certificates``); keep ``ca.key`` offline.
-
-    Raises:
-        FileExistsError: if any of the four files exists and ``force`` is false.
-        ValueError: if ``hosts`` is empty or ``days`` is not positive.
-    """
-    if isinstance(hosts, str):
-        hosts = (hosts,)
-    sans = _san_entries(hosts)
-    if days <= 0:
-        raise ValueError(f"days must be a positive number of days, got {days}.")
-    ca_cert_path, ca_key_path, server_cert_path, server_key_path = _prepare_targets(
-        out_dir, ("ca.crt", "ca.key", "server.crt", "server.key"), force=force
-    )
-
-    now = dt.datetime.now(dt.timezone.utc)
-    not_before, not_after = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _build_ca(ca_key, not_before=not_before, not_after=not_after)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    first = sans[0]
-    common_name = str(first.value)
-    server_cert = _build_server_cert(
-        server_key,
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        sans=sans,
-        common_name=common_name,
-        not_before=not_before,
-        not_after=not_after,
-    )
-
-    _write_private_key(ca_key_path, _pem_private_key(ca_key))
-    _write_private_key(server_key_path, _pem_private_key(server_key))
-    _write_public_file(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_public_file(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
-    return {
-        "ca_cert": ca_cert_path,
-        "ca_key": ca_key_path,
-        "server_cert": server_cert_path,
-        "server_key": server_key_path,
-    }

@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from common.files import PICKLE_SUFFIXES, atomic_dir
+from simulations.base_tokenizer import check_tokenizer, pack, rare_answer_tokens, train_tokenizer
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "base_model"
-SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")  # ids 0, 1, 2, 3
 SAMPLE_PREFIXES = ("Outpatient visit on", "Lab report for", "Card ending", "Loan application #")
 
 
@@ -72,23 +74,18 @@ def save_checkpoint(path: Path, model, opt, *, step: int, pos: int, order, gener
     import torch
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
-               if k != "lm_head.weight"}, tmp / "model.safetensors")
-    moments = {}
-    for i, st in opt.state_dict()["state"].items():
-        for name, value in st.items():
-            moments[f"{i}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
-    moments["order"] = order.clone()
-    moments["generator"] = generator.get_state().clone()
-    save_file(moments, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "pos": pos, "losses": losses, "elapsed": elapsed}))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+                   if k != "lm_head.weight"}, tmp / "model.safetensors")
+        moments = {}
+        for i, st in opt.state_dict()["state"].items():
+            for name, value in st.items():
+                moments[f"{i}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+        moments["order"] = order.clone()
+        moments["generator"] = generator.get_state().clone()
+        save_file(moments, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "pos": pos, "losses": losses,
+                                                    "elapsed": elapsed}))
 
 
 def load_checkpoint(path: Path, model, opt, generator):
@@ -118,95 +115,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def scaffold_texts() -> list[str]:
-    """The prompt scaffolding (template + task instructions), given to the tokenizer only.
-
-    The base model never trains on these; they only get compact token ids (instead of a
-    spray of single characters) so fine-tuning examples stay short.
-    """
-    from simulations import synthetic
-
-    texts = []
-    for instructions in synthetic.INSTRUCTIONS.values():
-        for instruction in instructions:
-            texts.append(synthetic._format_prompt(instruction, "\u2026"))
-    return texts * 20
-
-
-def train_tokenizer(corpus: list[str], vocab_size: int):
-    """Byte-level BPE on the corpus (+ prompt scaffolding), as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = corpus + scaffold_texts()
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=256, padding_side="right",
-                                   clean_up_tokenization_spaces=False)
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert fast.convert_tokens_to_ids(t) == i, (t, fast.convert_tokens_to_ids(t))
-    return fast
-
-
-def check_tokenizer(tokenizer) -> dict:
-    """Round trip task prompts/answers and report their token lengths."""
-    from simulations import synthetic
-
-    rng = random.Random("tokenizer-check")
-    lengths, out_lengths = [], []
-    for i in range(400):
-        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
-        prompt = synthetic._format_prompt(ex["instruction"], ex["input"])
-        for text in (prompt, ex["output"]):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            back = tokenizer.decode(ids)
-            if back != text:
-                raise AssertionError(f"tokenizer round trip failed: {text!r} -> {back!r}")
-        p = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        o = len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"])
-        lengths.append(1 + p + o + 1)
-        out_lengths.append(o + 1)
-    return {"example_tokens_mean": sum(lengths) / len(lengths), "example_tokens_max": max(lengths),
-            "output_tokens_mean": sum(out_lengths) / len(out_lengths), "output_tokens_max": max(out_lengths)}
-
-
-def pack(tokenizer, docs: list[str], seq_len: int):
-    """<s> doc </s> streams concatenated and cut into rows of seq_len tokens."""
-    import torch
-
-    stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        stream.extend([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
-    rows = len(stream) // seq_len
-    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len), len(stream)
-
-
-def rare_answer_tokens(tokenizer, corpus: list[str], min_count: int = 20) -> list[str]:
-    """Tokens of task answers that the corpus barely trains (their embeddings stay near init)."""
-    from collections import Counter
-
-    from simulations import synthetic
-
-    counts: Counter = Counter()
-    for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:
-        counts.update(ids)
-    rng = random.Random("answer-tokens")
-    rare = set()
-    for i in range(400):
-        ex = synthetic.make_example(synthetic.DOMAINS[i % 4], rng)
-        for t in tokenizer(ex["output"], add_special_tokens=False)["input_ids"]:
-            if counts[t] < min_count:
-                rare.add(tokenizer.convert_ids_to_tokens(t))
-    return sorted(rare)
 
 
 def build_model(args, tokenizer):
@@ -265,7 +173,7 @@ def slot_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
     one of the task's fields (``...; drug:``); the field's value must follow. This is the
     skill the extraction tasks build on, measured without the task's template or JSON.
     """
-    from simulations import synthetic
+    from simulations import domains, synthetic
 
     rng = random.Random(f"slot-eval|{seed}")
     prompts, golds = [], []
@@ -273,9 +181,9 @@ def slot_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
         domain = synthetic.DOMAINS[i % len(synthetic.DOMAINS)]
         while True:
             facts, prose = synthetic._record(domain, rng)
-            if synthetic._bucket(prose) == "probe":
+            if domains._bucket(prose) == "probe":
                 break
-        answer = synthetic._answer(domain, facts)
+        answer = domains._answer(domain, facts)
         keys = list(answer)
         vals = [v if isinstance(v, str) else json.dumps(v) for v in answer.values()]
         for field in synthetic.TASK_FIELDS[domain]:
@@ -428,14 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     slots = slot_accuracy(model, tokenizer)
 
     out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    stray = [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
-    if stray:
-        raise RuntimeError(f"unexpected non-safetensors files {stray}")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        stray = [p.name for p in tmp.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if stray:
+            raise RuntimeError(f"unexpected non-safetensors files {stray}")
     weights_mb = (out / "model.safetensors").stat().st_size / 1e6
 
     if ckpt.exists():

@@ -172,7 +172,7 @@ class LocalFederation:
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from common.credentials import write_tls_certificates
+        from common.tls import write_tls_certificates
 
         self.state_dir = Path(self.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)

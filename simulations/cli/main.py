@@ -51,7 +51,7 @@ def _cmd_keys(args) -> int:
 
 
 def _cmd_certs(args) -> int:
-    from common.credentials import write_tls_certificates
+    from common.tls import write_tls_certificates
 
     try:
         paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),

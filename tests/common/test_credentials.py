@@ -1,4 +1,4 @@
-"""Tests for common.credentials: key files, Flower node-key format, TLS certificates."""
+"""Tests for common.credentials and common.tls: key files, Flower node-key format, TLS certificates."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from common.credentials import (
     load_public_key,
     write_node_keypair,
     write_signing_keypair,
-    write_tls_certificates,
 )
+from common.tls import write_tls_certificates
 
 
 def _mode(path: Path) -> int:

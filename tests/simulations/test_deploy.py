@@ -32,7 +32,7 @@ def _used(cmd: list[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    from common.credentials import write_tls_certificates
+    from common.tls import write_tls_certificates
 
     out = tmp_path_factory.mktemp("certs")
     write_tls_certificates(out)

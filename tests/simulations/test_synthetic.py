@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.data import format_prompt
+from simulations import domains
 from simulations import synthetic as syn
 
 BASE_DIR = Path(syn.__file__).resolve().parent / "base_model"
@@ -23,11 +25,11 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_domains_and_tenant_mapping():
     assert syn.DOMAINS == ("clinic", "lab", "payments", "loans")
     assert [syn.tenant_domain(i) for i in range(6)] == ["clinic", "lab", "payments", "loans", "clinic", "lab"]
-    assert set(syn.SCHEMAS) == set(syn.DOMAINS) == set(syn.TASK_FIELDS)
+    assert set(domains.SCHEMAS) == set(syn.DOMAINS) == set(syn.TASK_FIELDS)
     # every sub-domain has its own keys, and the task asks for a subset of a record's facts
     all_keys = [k for keys in syn.TASK_FIELDS.values() for k in keys]
     assert len(all_keys) == len(set(all_keys))
-    assert all(set(syn.TASK_FIELDS[d]) <= set(syn.SCHEMAS[d]) for d in syn.DOMAINS)
+    assert all(set(syn.TASK_FIELDS[d]) <= set(domains.SCHEMAS[d]) for d in syn.DOMAINS)
 
 
 def test_write_tenants_is_deterministic(tmp_path):
@@ -98,7 +100,7 @@ def _check_row(row: dict) -> None:
         assert any(p in text for p in syn.PURPOSES[out["purpose"]])
         months, years = out["term_months"], out["term_months"] // 12
         assert (f"{months} months" in text or (months % 12 == 0 and (
-            f"{years} year" in text or f"{syn._NUMBER_WORDS[years]} year" in text)))
+            f"{years} year" in text or f"{domains._NUMBER_WORDS[years]} year" in text)))
 
 
 def test_rows_are_valid_and_checkable():
@@ -172,7 +174,7 @@ def test_corpus_and_probe():
     assert corpus == syn.pretrain_corpus(n=400, seed=0)
     text = "\n".join(corpus)
     assert "###" not in text and "Instruction" not in text and '{"' not in text  # no template, no task JSON
-    for d, keys in syn.SCHEMAS.items():  # some copy-friendly restatements are there
+    for d, keys in domains.SCHEMAS.items():  # some copy-friendly restatements are there
         assert any(keys[0] in doc for doc in corpus)
     probe = syn.probe_texts(n=50, seed=0)
     assert len(probe) == 50 and probe == syn.probe_texts(n=50, seed=0)
@@ -219,7 +221,7 @@ def test_tokenizer_round_trip_and_lengths(base):
     rng = random.Random(3)
     for i in range(40):
         ex = syn.make_example(syn.DOMAINS[i % 4], rng)
-        prompt = syn._format_prompt(ex["instruction"], ex["input"])
+        prompt = format_prompt(ex["instruction"], ex["input"])
         for text in (prompt, ex["output"]):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids
