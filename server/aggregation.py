@@ -57,8 +57,17 @@ class WeightedSum:
 
 
 def l2_norm(arrays: Arrays) -> float:
-    """L2 norm of all tensors together, accumulated in float64."""
-    return math.sqrt(sum(float(np.dot(v.ravel().astype(np.float64, copy=False), v.ravel())) for v in arrays.values()))
+    """L2 norm of all tensors together: one BLAS dot product per tensor (in its dtype, with
+    BLAS's blocked accumulation), summed in float64."""
+    return math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in arrays.values()))
+
+
+def coordinate_median(stacked: np.ndarray) -> np.ndarray:
+    """np.median(stacked, axis=0), through one sort along the first axis (several times
+    faster than numpy's partition along a short strided axis)."""
+    s = np.sort(stacked, axis=0)
+    n = s.shape[0]
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / s.dtype.type(2)
 
 
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
@@ -176,7 +185,7 @@ class Median(Aggregator):
     needs_individual_updates = True
 
     def combine(self, updates):
-        mean = OrderedDict((k, np.median(_stacked(updates, k), axis=0).astype(np.float32)) for k in updates[0].delta)
+        mean = OrderedDict((k, coordinate_median(_stacked(updates, k)).astype(np.float32)) for k in updates[0].delta)
         return _as_sum(mean, updates), {}
 
 

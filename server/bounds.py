@@ -21,6 +21,7 @@ worst tenant").
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from common.records import TenantAudit
-from server.aggregation import Update, l2_norm
+from server.aggregation import Update, coordinate_median, l2_norm
 
 
 @dataclass
@@ -106,12 +107,12 @@ def _scaled(delta, factor: float) -> "OrderedDict[str, np.ndarray]":
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
 def _flat(delta) -> np.ndarray:
-    return np.concatenate([v.ravel().astype(np.float64) for v in delta.values()])
+    return np.concatenate([v.ravel() for v in delta.values()])
 
 
 def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate_mean, *,
@@ -126,7 +127,7 @@ def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregat
     flats = {u.node: _flat(u.delta) for u in received}
     # The reference is the coordinate-wise median of what was received: fewer than half of
     # the tenants cannot move it far, so an attacker does not drag the honest ones' score.
-    reference = np.median(np.stack(list(flats.values())), axis=0) if flats else None
+    reference = coordinate_median(np.stack(list(flats.values()))) if flats else None
     agg = _flat(aggregate_mean) if aggregate_mean is not None else None
     total_weight = sum(u.weight for u in kept if u.node not in excluded) or 1.0
     weights = {u.node: u.weight for u in kept}

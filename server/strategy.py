@@ -162,11 +162,11 @@ class FedLoraStrategy(Strategy):
 
     def _record_collected(self, server_round: int, got: Collected) -> None:
         self.recorder.add_bytes(down=got.bytes_down, up=got.bytes_up)
+        for node, metrics in got.metrics.items():  # first: they name the tenants behind the nodes
+            self.recorder.train_reply(node, metrics)
         for node, reason in got.dropped:
             log(WARNING, "Round %d: reply from node %d dropped: %s", server_round, node, reason)
             self.recorder.drop(node, reason)
-        for node, metrics in got.metrics.items():
-            self.recorder.train_reply(node, metrics)
         if got.report is not None:
             self.recorder.secagg(got.report)
 
