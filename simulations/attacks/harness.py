@@ -87,13 +87,21 @@ def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, 
     data = label_flip(data_dir, root / "data_label_flip", tenant=ATTACKER) if attack == "label-flip" else data_dir
     cfg = base_cfg.replace(**{**SETTINGS[setting], "run.dir": str(run_dir), "data.dir": str(data)})
     rc = write_run_config(cfg, run_dir / "run_config.toml")
-    os.environ["FEDLORA_ATTACK"] = attack if attack != "label-flip" else "none"
-    os.environ["FEDLORA_ATTACKER"] = str(ATTACKER)
-    os.environ["FEDLORA_MAX_EXAMPLES"] = str(cfg.federation.max_examples)
+    env = {"FEDLORA_ATTACK": attack if attack != "label-flip" else "none", "FEDLORA_ATTACKER": str(ATTACKER),
+           "FEDLORA_MAX_EXAMPLES": str(cfg.federation.max_examples)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the simulation's processes inherit it
     t = time.perf_counter()
-    run_simulation(rc, state_dir=run_dir / "flower", num_supernodes=cfg.simulation.tenants,
-                   cpus_per_client=cfg.simulation.cpus_per_tenant, app_dir=app_dir,
-                   timeout=cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600)
+    try:
+        run_simulation(rc, state_dir=run_dir / "flower", num_supernodes=cfg.simulation.tenants,
+                       cpus_per_client=cfg.simulation.cpus_per_tenant, app_dir=app_dir,
+                       timeout=cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     seconds = time.perf_counter() - t
     rounds = read_rounds(run_dir)
     em = honest_em(cfg, run_dir, data_dir)  # scored on the honest holdouts (never flipped)
