@@ -133,6 +133,10 @@ class FederationConfig:
     # on all of it but weighs no more than this in the mean (applied by the client too,
     # so it also holds when the server only sees sums).
     max_weight: int = _opt(1024, "cap on one tenant's FedAvg weight, in examples", lo=1)
+    # Operator-declared caps per registered node, "NODE-ID:MAX-EXAMPLES,..." (deployment;
+    # written by `fedlora deploy register --max-examples`); the server credits a node at
+    # most its cap, whatever it claims. Empty: none.
+    example_caps: str = _opt("", "per-node example caps 'NODE-ID:N,...' (deployment)")
     # Largest example count a reply may claim; more is refused as implausible.
     max_examples: int = _opt(100_000, "largest plausible example count per reply", lo=1)
     # A tenant's weight from its claimed example count: examples (FedAvg), sqrt-examples,

@@ -83,6 +83,14 @@ def cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> Non
     adapter = sections.get("adapter", {})
     if adapter.get("method") == "ia3" and adapter.get("dropout", 0.0) > 0:
         problems.append("adapter.dropout: IA3 has no dropout; set it to 0 or use lora/dora")
+    caps = sections.get("federation", {}).get("example_caps", "")
+    if caps:
+        from common.weighting import parse_caps
+
+        try:
+            parse_caps(caps)
+        except ValueError as why:
+            problems.append(f"federation.example-caps: {why}")
     _check_privacy(sections, problems)
     _check_secagg(sections, problems)
     run_dir = sections.get("run", {}).get("dir", "")

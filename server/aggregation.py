@@ -72,7 +72,7 @@ def coordinate_median(stacked: np.ndarray) -> np.ndarray:
 
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
                     expected_metrics: frozenset[str], max_examples: int,
-                    weight_of: Callable[[int], float], node: int = 0) -> Update:
+                    weight_of: Callable[[int, int], float], node: int = 0) -> Update:
     """Check one reply against the global adapter; raise :class:`Rejected` with the reason."""
     keys = set(metrics)
     if keys != expected_metrics:
@@ -98,12 +98,15 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
         if not np.all(np.isfinite(arr)):
             raise Rejected(f"tensor {k}: contains NaN or Inf")
         delta[k] = arr
-    return Update(delta=delta, num_examples=int(n), weight=float(weight_of(int(n))), metrics=dict(metrics), node=node)
+    return Update(delta=delta, num_examples=int(n), weight=float(weight_of(int(n), node)), metrics=dict(metrics),
+                  node=node)
 
 
-def weight_rule(rule: str, *, max_weight: int) -> Callable[[int], float]:
-    """Claimed example count -> weight, by ``federation.weighting`` and ``federation.max-weight``."""
-    return lambda n: float(tenant_weight(n, rule=rule, max_weight=max_weight))
+def weight_rule(rule: str, *, max_weight: int, caps: Mapping[int, int] | None = None) -> Callable[[int, int], float]:
+    """(claimed example count, node) -> weight, by ``federation.weighting``, ``federation.max-weight``
+    and the operator's per-node caps (``federation.example-caps``)."""
+    caps = dict(caps or {})
+    return lambda n, node=0: float(tenant_weight(min(n, caps.get(node, n)), rule=rule, max_weight=max_weight))
 
 
 def weighted_sum(updates: list[Update]) -> WeightedSum:

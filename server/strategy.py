@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from common import messages as keys
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
+from common.weighting import parse_caps
 from server.aggregation import Aggregator, WeightedSum, apply_mean, mean_delta, weight_rule
 from server.bounds import UpdateBounds, audit, bounds_info
 from server.central_dp import NoServerPrivacy, ServerPrivacy
@@ -75,7 +76,8 @@ class FedLoraStrategy(Strategy):
         self.aggregator = aggregator
         self.recorder = recorder
         self.transport = transport if transport is not None else PlainTransport(
-            max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight))
+            max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight,
+                                                                 caps=parse_caps(cfg.example_caps)))
         if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
             from common.config import ConfigError
 

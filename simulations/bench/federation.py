@@ -27,7 +27,7 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
     from common.adapter import get_state
     from common.data import read_examples, tenant_paths, tokenize_examples
     from common.model import load_model
-    from server.aggregation import FedAvg, validate_update, weighted_sum
+    from server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
     from common.messages import TRAIN_METRICS
 
     start = time.perf_counter()
@@ -39,15 +39,15 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
         train = read_examples(tr)
         tenants.append(TenantData(Tenant(t, tr, ho), train, read_examples(ho),
                                   tokenize_examples(train, loaded.tokenizer, max_length=cfg.data.max_length)))
-    agg = FedAvg(server_lr=cfg.federation.server_lr)
+    weight_of = weight_rule(cfg.federation.weighting, max_weight=cfg.federation.max_weight)
     for r in range(1, rounds + 1):
         updates = []
         for data in tenants:
             delta, metrics = train_round(loaded, data, glob, cfg, server_round=r, seed=cfg.train.seed)
             updates.append(validate_update(delta, metrics, reference=glob, expected_metrics=TRAIN_METRICS,
                                            max_examples=cfg.federation.max_examples,
-                                           max_weight=cfg.federation.max_weight))
-        glob = agg.apply(glob, weighted_sum(updates))
+                                           weight_of=weight_of))
+        glob = apply_mean(glob, weighted_sum(updates), server_lr=cfg.federation.server_lr)
         for data in tenants:
             evaluate_round(loaded, data, glob, cfg)
     return time.perf_counter() - start

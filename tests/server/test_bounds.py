@@ -104,3 +104,21 @@ def test_audit_records_dropped_updates_with_no_weight():
     assert report[4].action == "dropped" and report[4].weight_share == 0.0 and report[4].outlier
     assert report[4].norm == pytest.approx(500.0) and report[4].bound == pytest.approx(15.0)
     assert report[1].weight_share == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_operator_cap_overrides_a_nodes_own_claim():
+    from server.aggregation import weight_rule
+
+    # Prepare: node 7 is capped at 64 examples by the operator; node 8 has no cap
+    weight_of = weight_rule("examples", max_weight=1024, caps={7: 64})
+    # Execute / Assert: node 7's claim of 100000 counts 64; node 8's 500 counts 500
+    assert weight_of(100_000, 7) == 64 and weight_of(500, 8) == 500 and weight_of(10, 7) == 10
+
+
+def test_example_caps_are_parsed_and_bad_entries_named():
+    from common.config import ConfigError, parse_config
+    from common.weighting import parse_caps
+
+    assert parse_caps("12:4096, 7:64") == {12: 4096, 7: 64}
+    with pytest.raises(ConfigError, match="'7=64' is not NODE-ID:MAX-EXAMPLES"):
+        parse_config({"federation.example-caps": "12:4096,7=64"})
