@@ -98,6 +98,12 @@ def write_public_file(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------- #
 # Ed25519 signing keys (publishing registry)
 # --------------------------------------------------------------------------- #
+def private_bytes(key, private_format=serialization.PrivateFormat.PKCS8) -> bytes:
+    """A private key as unencrypted PEM (PKCS8 unless told otherwise); its file is mode 0600."""
+    return key.private_bytes(encoding=serialization.Encoding.PEM, format=private_format,
+                             encryption_algorithm=serialization.NoEncryption())
+
+
 def write_signing_keypair(
     out_dir: Path | str, *, name: str = "fedlora-signing", force: bool = False
 ) -> tuple[Path, Path]:
@@ -118,11 +124,7 @@ def write_signing_keypair(
         out_dir, (f"{name}.key", f"{name}.pub"), force=force
     )
     private_key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = private_key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
+    private_pem = private_bytes(private_key)
     public_pem = private_key.public_key().public_bytes(
         encoding=serialization.Encoding.PEM,
         format=serialization.PublicFormat.SubjectPublicKeyInfo,
@@ -213,11 +215,7 @@ def write_node_keypair(
     _check_name(name)
     private_path, public_path = prepare_targets(out_dir, (name, f"{name}.pub"), force=force)
     private_key = ec.generate_private_key(ec.SECP384R1())
-    private_ssh = private_key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.OpenSSH,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
+    private_ssh = private_bytes(private_key, serialization.PrivateFormat.OpenSSH)
     public_ssh = private_key.public_key().public_bytes(
         encoding=serialization.Encoding.OpenSSH,
         format=serialization.PublicFormat.OpenSSH,

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.credentials import prepare_targets, write_private_key, write_public_file
+from common.credentials import prepare_targets, private_bytes, write_private_key, write_public_file
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -43,14 +43,6 @@ def _san_entries(hosts: Iterable[str]) -> list[x509.GeneralName]:
             "or DNS name the SuperNodes will connect to."
         )
     return entries
-
-
-def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        encoding=serialization.Encoding.PEM,
-        format=serialization.PrivateFormat.PKCS8,
-        encryption_algorithm=serialization.NoEncryption(),
-    )
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
@@ -184,8 +176,8 @@ def write_tls_certificates(
         not_after=not_after,
     )
 
-    write_private_key(ca_key_path, _pem_private_key(ca_key))
-    write_private_key(server_key_path, _pem_private_key(server_key))
+    write_private_key(ca_key_path, private_bytes(ca_key))
+    write_private_key(server_key_path, private_bytes(server_key))
     write_public_file(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     write_public_file(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
     return {

@@ -33,6 +33,7 @@ def _request(global_state, message_type):
     return Message(content=content, message_type=message_type, dst_node_id=7)
 
 
+@pytest.mark.slow
 def test_train_reply_is_only_the_lora_delta_and_scalar_metrics(small_cfg, tenants_dir):
     # Prepare: the global adapter as the server would send it
     global_state = get_state(load_model(small_cfg.model, small_cfg.adapter, for_training=False).model)
@@ -62,6 +63,7 @@ def test_train_reply_is_only_the_lora_delta_and_scalar_metrics(small_cfg, tenant
     assert total_bytes == sum(v.nbytes for v in global_state.values())
 
 
+@pytest.mark.slow
 def test_evaluate_reply_is_scalar_metrics_only(small_cfg, tenants_dir):
     global_state = get_state(load_model(small_cfg.model, small_cfg.adapter, for_training=False).model)
     reply = client_app.evaluate(_request(global_state, "evaluate"), _context(small_cfg, tenants_dir, partition=2))

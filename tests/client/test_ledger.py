@@ -76,6 +76,7 @@ def _train_request(global_state, server_round=1, node=7):
     return Message(content=content, message_type="train", dst_node_id=node)
 
 
+@pytest.mark.slow
 def test_after_r_rounds_of_k_steps_epsilon_is_the_accountants_for_r_times_k(monkeypatch, tmp_path):
     # Prepare: R = 3 rounds of k = 2 steps, 4 examples in batches of 2 (q = 1/2), target epsilon 8
     model = tiny_lora()
@@ -108,6 +109,7 @@ _NODE_ROUND = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_and_restarted_node_process_keeps_its_epsilon(tmp_path):
     # Execute: two rounds, each in a fresh Python process that is SIGKILLed after recording
     printed = []
@@ -141,6 +143,7 @@ def test_unreadable_ledger_is_an_error_not_an_empty_budget(tmp_path):
         PrivacyLedger(tmp_path).epsilon(delta=1e-5)
 
 
+@pytest.mark.slow
 def test_tenant_over_budget_declines_and_the_run_completes_without_it(monkeypatch, tmp_path):
     from server.aggregation import FedAvg
     from server.records import RoundRecorder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from client.train import train
 from common.adapter import get_state, set_state
@@ -12,6 +13,7 @@ from common.evaluate import evaluate
 from common.model import load_model
 
 
+@pytest.mark.slow
 def test_training_raises_holdout_exact_match(tmp_path):
     # Prepare: tenant 0 of the default synthetic set (256 train rows, 48 holdout rows);
     # the untuned base (adapter B = 0) scores nothing on the task
@@ -35,6 +37,7 @@ def test_training_raises_holdout_exact_match(tmp_path):
     assert after.json_valid >= 0.9
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(tenants_dir, small_cfg):
     loaded = load_model(small_cfg.model, small_cfg.adapter)
     data = tokenize_examples(read_examples(tenant_paths(tenants_dir, 1)[0])[:32], loaded.tokenizer, max_length=128)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from common.adapter import get_state, load_adapter_file, save_adapter, set_state
@@ -24,6 +25,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_written_adapter_loads_with_plain_peft_in_fresh_process(tmp_path, small_cfg):
     # Prepare: an adapter with non-trivial weights (B is zero at init, so perturb everything)
     loaded = load_model(small_cfg.model, small_cfg.adapter, for_training=False)

@@ -47,11 +47,13 @@ def test_superlink_command_has_tls_auth_database_and_no_runtime_installs(tls, tm
     assert "--insecure" not in cmd
 
 
+@pytest.mark.slow
 def test_superlink_flags_exist_in_flower(tls, tmp_path):
     cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", health_port=9098)
     assert _used(cmd) <= _flags("flower-superlink")
 
 
+@pytest.mark.slow
 def test_supernode_flags_exist_in_flower_and_runtime_api_stays_on_loopback(tls, tmp_path):
     cmd = deploy.supernode_command(superlink="10.0.0.1:9093", ca_cert=tls.ca_cert, private_key=tmp_path / "k",
                                    data_path=tmp_path / "train.jsonl", tenant_id=3, max_retries=0)
@@ -92,6 +94,7 @@ def test_flower_env_turns_off_telemetry_update_check_and_runtime_installs(tmp_pa
     assert (env["FLWR_HOME"], env[launcher.TAG_ENV]) == (str(tmp_path), "t1")
 
 
+@pytest.mark.slow
 def test_kill_tagged_ends_detached_grandchildren(tmp_path):
     # Prepare: a child that starts a grandchild in its own session (as Flower's SuperExec is)
     tag = "unit-test-tag-" + str(time.time_ns())

@@ -48,11 +48,13 @@ def test_superlink_runs_with_tls_node_auth_sqlite_and_no_runtime_installs(compos
     assert "--insecure" not in flags
 
 
+@pytest.mark.slow
 def test_superlink_and_executor_flags_exist_in_flower(compose):
     assert _flags(compose["services"]["superlink"]["command"]) <= _help_flags("flower-superlink")
     assert _flags(compose["services"]["serverapp"]["command"]) <= _help_flags("flower-superexec")
 
 
+@pytest.mark.slow
 def test_supernode_script_flags_exist_in_flower():
     script = (DOCKER / "scripts" / "supernode.sh").read_text()
     flags = set(re.findall(r"^\s*(--[a-z][a-z0-9-]+)", script, flags=re.M))

@@ -11,6 +11,8 @@ from common.data import read_preferences
 from server.release.dpo import PreferenceSets, refine, score
 from tests.server.adapters import write_noisy_adapter
 
+pytestmark = pytest.mark.slow  # each test trains or loads several models
+
 
 @pytest.fixture(scope="module")
 def refined(tmp_path_factory, tenants_dir):

@@ -11,6 +11,8 @@ from server.release.hotswap import HotSwap
 from server.release.merge import max_abs_diff, merge, prompt_logits
 from tests.server.adapters import write_noisy_adapter
 
+pytestmark = pytest.mark.slow  # each test trains or loads several models
+
 PROMPTS = [format_prompt("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
            format_prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
            format_prompt("Say hello.")]

@@ -124,6 +124,7 @@ def test_stale_merge_is_refused(run_dir, keys, tmp_path):
         publish(locate(stale), registry=tmp_path / "reg", name="demo", signing_key=keys[0])
 
 
+@pytest.mark.slow
 def test_published_artifacts_load_with_plain_libraries_in_a_fresh_process(version):
     code = (
         "import sys, torch\n"
