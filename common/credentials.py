@@ -203,14 +203,8 @@ def write_node_keypair(
     curve Flower itself generates.
 
     Writes ``<name>`` (OpenSSH private key, unencrypted, mode 0600) and
-    ``<name>.pub`` (one ``ecdsa-sha2-nistp384 ...`` line) into ``out_dir``.
-
-    Returns:
-        ``(private_key_path, public_key_path)``.
-
-    Raises:
-        FileExistsError: if either file exists and ``force`` is false.
-        ValueError: if ``name`` is not a plain file name.
+    ``<name>.pub`` (one ``ecdsa-sha2-nistp384 ...`` line) into ``out_dir``. Returns
+    and raises as :func:`write_signing_keypair`.
     """
     _check_name(name)
     private_path, public_path = prepare_targets(out_dir, (name, f"{name}.pub"), force=force)
