@@ -20,6 +20,9 @@ from server.release.tables import pct
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from simulations.audit_report import plot_norms  # noqa: E402
+from simulations.audit_report import section as audit_section  # noqa: E402
+
 
 def run_config(run_dir: Path) -> Config:
     """The configuration the run wrote (``config.json``), parsed."""
@@ -79,7 +82,8 @@ def plot(run_dir: Path, *, max_tenants_drawn: int = 12) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     out.append(path)
-    return out
+    norms = plot_norms(run_dir, rounds, max_tenants_drawn=max_tenants_drawn)
+    return out + ([norms] if norms else [])
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -150,9 +154,12 @@ def write_report(run_dir: Path, cfg: Config, *, comparison: list[dict], extra_se
         lines.append("")
     lines += privacy_section(run_dir, cfg, rounds, comparison)
     lines += secagg_section(cfg, rounds)
+    lines += audit_section(cfg, rounds)
     lines += list(extra_sections)
     lines += ["## Plots", "", "![per tenant](plots/tenants_per_round.png)", "",
               "![bytes](plots/bytes_per_round.png)", ""]
+    if (run_dir / "plots" / "update_norms.png").is_file():
+        lines += ["![update norms](plots/update_norms.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
