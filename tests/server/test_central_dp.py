@@ -23,10 +23,11 @@ BIG = OrderedDict([("x.lora_A.weight", np.zeros((100, 200), np.float32)),
                    ("x.lora_B.weight", np.zeros((200, 100), np.float32))])
 
 
-def zero_update(tenant):
-    """A well-formed reply whose (clipped) delta is zero: the new global is the noise alone."""
+def zero_update(tenant, value=0.0):
+    """A well-formed reply whose delta is ``value`` everywhere (zero: the new global is the
+    noise alone; 100: a tenant that skipped its client-side clip)."""
     def reply(msg):
-        delta = OrderedDict((k, np.zeros_like(v)) for k, v in BIG.items())
+        delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in BIG.items())
         m = {k: 1.0 for k in keys.TRAIN_METRICS}
         m.update({keys.NUM_EXAMPLES: 10, keys.TENANT: tenant})
         return Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
@@ -137,23 +138,13 @@ def test_tenant_clips_its_delta_before_it_leaves(monkeypatch, tmp_path):
     assert not (tmp_path / "state").exists()
 
 
-def big_update(tenant, value=100.0):
-    """A tenant that skipped its client-side clip: every element 100."""
-    def reply(msg):
-        delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in BIG.items())
-        m = {k: 1.0 for k in keys.TRAIN_METRICS}
-        m.update({keys.NUM_EXAMPLES: 10, keys.TENANT: tenant})
-        return Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
-    return reply
-
-
 def test_server_clips_an_unclipped_update_so_the_noised_sum_moves_by_at_most_the_clip(tmp_path):
     # Prepare: the same noise (same seed) with two honest zero updates plus either a third
     # zero update or an unclipped one of norm 100 * sqrt(40000) = 20000
     honest = {1: zero_update(0), 2: zero_update(1)}
     # Execute
     clean, _ = _run(tmp_path / "clean", {**honest, 3: zero_update(2)}, sigma=1.0, clip=0.5, seed=7)
-    attacked, _ = _run(tmp_path / "attacked", {**honest, 3: big_update(2)}, sigma=1.0, clip=0.5, seed=7)
+    attacked, _ = _run(tmp_path / "attacked", {**honest, 3: zero_update(2, value=100.0)}, sigma=1.0, clip=0.5, seed=7)
     # Assert: the mean moved by at most clip / received, i.e. the sum by at most the clip
     moved = np.sqrt(sum(float(np.sum((attacked[k].astype(np.float64) - clean[k]) ** 2)) for k in BIG))
     assert moved * 3 <= 0.5 * (1 + 1e-5)
