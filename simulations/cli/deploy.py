@@ -48,6 +48,9 @@ def add_commands(sub) -> None:
         p.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
         p.add_argument("--flwr-home", default=str(DEFAULT_HOME), help=f"flwr CLI home (default: {DEFAULT_HOME})")
     cmds.choices["register"].add_argument("public_key", help="the tenant's NAME.pub")
+    cmds.choices["register"].add_argument("--max-examples", type=int, metavar="N",
+                                          help="credit this tenant with at most N examples in the aggregate, "
+                                               "whatever it claims (enforced by the server)")
     run = cmds.choices["run"]
     run.add_argument("--scenario", default="deployment", help="scenario name or .toml (default: deployment)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config key")
@@ -88,13 +91,29 @@ def _dispatch(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home)
     deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":
-        print(deployment.register_node(Path(args.public_key).resolve(), flwr_home=home))
+        from simulations.cli import registry
+
+        out = deployment.register_node(Path(args.public_key).resolve(), flwr_home=home)
+        print(out)
+        node = registry.node_id_from(out)
+        if node is not None:
+            registry.record(home, node, public_key=Path(args.public_key).resolve(), max_examples=args.max_examples)
+        elif args.max_examples:
+            print("fedlora deploy register: Flower's output names no node id; the cap was not recorded",
+                  file=sys.stderr)
+            return 1
         return 0
     from common.config import ConfigError
     from simulations.scenario import parse_overrides, resolve
 
+    from simulations.cli import registry
+
     try:
-        cfg = resolve(args.scenario, parse_overrides(args.set or []), args.run_dir)
+        overrides = parse_overrides(args.set or [])
+        caps = registry.example_caps(home)
+        if caps and "federation.example-caps" not in overrides:  # the operator's caps from registration
+            overrides["federation.example-caps"] = caps
+        cfg = resolve(args.scenario, overrides, args.run_dir)
     except ConfigError as err:
         print(f"fedlora deploy run: {err}", file=sys.stderr)
         return 2
