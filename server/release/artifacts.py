@@ -1,6 +1,6 @@
 """Where the after-the-rounds stages find their inputs: a run directory or a published version.
 
-A *run directory* (``fedlora simulate`` / the ServerApp) holds ``config.json``, the
+A *run directory* (written by the ServerApp) holds ``config.json``, the
 aggregated ``adapter/`` and, after the later stages, ``dpo/adapter/`` and ``merged/``.
 A *published version* (``<registry>/<name>/<version>/``) holds ``adapter/``, ``merged/``
 and ``manifest.json``; its configuration travels inside ``adapter/fedlora.json``.
