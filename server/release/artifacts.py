@@ -6,6 +6,11 @@ A *published version* (``<registry>/<name>/<version>/``) holds ``adapter/``, ``m
 and ``manifest.json``; its configuration travels inside ``adapter/fedlora.json``.
 Either way the stages get the same :class:`Source`, so DPO, merge and publish never need
 the original run's memory.
+
+Two refusals live here, so that every stage gets them: an adapter whose metadata carries a
+``failure`` (a federation that aggregated too little, ``federation.min-successful-rounds``)
+is never refined, merged or published; and a published version is used only after its
+signed manifest verified against the publisher's public key (:func:`require_verified`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,28 @@ VERSION_CONFIG = "fedlora-config.json"  # a published version's copy of the run 
 
 
 class SourceError(FileNotFoundError):
-    """A path is neither a run directory nor a published version."""
+    """A path is neither a run directory nor a published version, or must not be used."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file whose safetensors header does not parse (truncated, not safetensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            fh.keys()
+    except Exception as err:  # safetensors raises SafetensorError, OSError...
+        raise SourceError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def refuse_failed(root: Path, metadata: dict) -> None:
+    """A failed federation's adapter (``failure`` in its fedlora.json, or FEDERATION_FAILED) is not released."""
+    failure = metadata.get("failure")
+    if not failure and (root / "FEDERATION_FAILED").is_file():
+        failure = json.loads((root / "FEDERATION_FAILED").read_text() or "{}").get("failure") or "FEDERATION_FAILED"
+    if failure:
+        raise SourceError(f"{root / 'adapter'} comes from a failed federation ({failure}); fedlora does not refine, "
+                          "merge or publish it")
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,7 @@ class Source:
     root: Path
     cfg: Config        # the configuration the adapter was trained with
     metadata: dict     # the final adapter's fedlora.json (base hash, rounds, ...)
+    verified: bool = False  # a version whose signed manifest verified against a public key
 
     @property
     def aggregate_dir(self) -> Path:
@@ -57,14 +84,23 @@ class Source:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def locate(path: str | Path) -> Source:
-    """Open ``path`` as a run directory or a published version, or say what is missing."""
+def locate(path: str | Path, *, public_key: str | Path | None = None) -> Source:
+    """Open ``path`` as a run directory or a published version, or say what is missing.
+
+    A failed federation's adapter is refused. A published version is verified with
+    ``public_key`` when one is given (refused if that fails); without one it is returned
+    unverified, and the stages that use its weights refuse it (:func:`require_verified`).
+    """
     root = Path(path).expanduser().resolve()
     meta_path = root / "adapter" / METADATA_FILE
     if not (root / "adapter" / "adapter_model.safetensors").is_file():
         raise SourceError(f"{root} has no adapter/adapter_model.safetensors; give a run directory whose "
                           "federation finished, or a published version <registry>/<name>/<version>")
-    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError as err:
+        raise SourceError(f"{meta_path}: not valid JSON ({err})") from None
+    refuse_failed(root, metadata)
     if (root / "config.json").is_file():
         flat, kind = json.loads((root / "config.json").read_text()), "run"
     elif (root / VERSION_CONFIG).is_file():
@@ -76,5 +112,25 @@ def locate(path: str | Path) -> Source:
                           "it was not written by fedlora")
     if (root / "manifest.json").is_file():
         kind = "version"
+    verified = False
+    if kind == "version" and public_key is not None:
+        from server.release.manifest import verify_version
+
+        result = verify_version(root, public_key)
+        if not result.ok:
+            raise SourceError(f"{root}: signature verification failed, refusing to use it: "
+                              + "; ".join(result.problems))
+        verified = True
     known = {k: v for k, v in flat.items() if k in Config().to_flat()}
-    return Source(kind=kind, root=root, cfg=parse_config(known, source=str(root)), metadata=metadata)
+    source = Source(kind=kind, root=root, cfg=parse_config(known, source=str(root)), metadata=metadata,
+                    verified=verified)
+    for weights in {source.aggregate_dir, source.final_adapter_dir}:
+        check_safetensors(weights / "adapter_model.safetensors")
+    return source
+
+
+def require_verified(source: Source, *, stage: str) -> None:
+    """A published version's files are used only after its signature verified."""
+    if source.kind == "version" and not source.verified:
+        raise SourceError(f"{source.root} is a published version; {stage} uses it only after verifying its "
+                          "signature: pass --public-key with the publisher's Ed25519 public key")

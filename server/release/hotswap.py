@@ -4,6 +4,10 @@ The base is loaded once; each adapter is attached under its own name through PEF
 multi-adapter API (``PeftModel.from_pretrained`` for the first, ``load_adapter`` for the
 rest) and ``set_adapter`` selects the one that answers. Each version's answers equal its
 merged model's answers (tests check greedy outputs and logits).
+
+An adapter inside a published version (``<version>/adapter`` beside a ``manifest.json``) is
+loaded only after the version's signature verified against ``public_key``; an adapter from
+a failed federation is refused.
 """
 
 from __future__ import annotations
@@ -17,16 +21,41 @@ import torch
 from common.config import EvalConfig, ModelConfig
 
 
+def check_adapter(adapter_dir: Path, *, public_key: str | Path | None) -> None:
+    """Refuse a failed federation's adapter, and a published version's before its signature verified."""
+    import json
+
+    from common.adapter import METADATA_FILE
+    from server.release.artifacts import SourceError, check_safetensors, refuse_failed
+    from server.release.manifest import MANIFEST_NAME, verify_version
+
+    meta = adapter_dir / METADATA_FILE
+    refuse_failed(adapter_dir.parent, json.loads(meta.read_text()) if meta.is_file() else {})
+    version = adapter_dir.parent
+    if (version / MANIFEST_NAME).is_file():
+        if public_key is None:
+            raise SourceError(f"{adapter_dir} belongs to the published version {version}; hot-swap loads it only "
+                              "after verifying its signature: pass public_key")
+        result = verify_version(version, public_key)
+        if not result.ok:
+            raise SourceError(f"{version}: signature verification failed, refusing to load it: "
+                              + "; ".join(result.problems))
+    check_safetensors(adapter_dir / "adapter_model.safetensors")
+
+
 class HotSwap:
     """One base model with named adapters; ``use(name)`` switches the active one."""
 
-    def __init__(self, mcfg: ModelConfig, adapters: Mapping[str, str | Path], *, fp32: bool = True) -> None:
+    def __init__(self, mcfg: ModelConfig, adapters: Mapping[str, str | Path], *, fp32: bool = True,
+                 public_key: str | Path | None = None) -> None:
         from peft import PeftModel
 
         from common.model import load_base, load_tokenizer, pick_device
 
         if not adapters:
             raise ValueError("HotSwap needs at least one adapter directory")
+        for path in adapters.values():
+            check_adapter(Path(path), public_key=public_key)
         if fp32:
             mcfg = dataclasses.replace(mcfg, precision="fp32")
         self.tokenizer = load_tokenizer(mcfg.base)

@@ -25,7 +25,7 @@ from pathlib import Path
 from common.config import Config
 from common.files import atomic_dir, file_digest
 from common.records import RoundRecord, read_rounds, read_summary
-from server.release.artifacts import VERSION_CONFIG, Source
+from server.release.artifacts import VERSION_CONFIG, Source, refuse_failed
 from server.release.merge import read_report as read_merge_report
 from server.release.manifest import sign_manifest, write_manifest
 from server.release.tables import dpo_table, merge_line, pct
@@ -166,6 +166,7 @@ def _copy_files(src: Path, dst: Path) -> None:
 def publish(source: Source, *, registry: str | Path, name: str, signing_key: str | Path,
             version: str = "") -> Published:
     """Assemble, hash, sign and atomically place ``<registry>/<name>/<version>/``."""
+    refuse_failed(source.root, source.metadata)
     _check_label("name", name)
     version = _check_label("version", version or next_version(registry, name))
     final = Path(registry) / name / version

@@ -23,7 +23,7 @@ from typing import Mapping
 from common.files import write_json_atomic
 from common.config import Config
 from common.data import Example
-from server.release.artifacts import Source
+from server.release.artifacts import Source, require_verified
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def run_dpo(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | None
     from common.adapter import load_adapter_file, save_adapter
     from server.release.dpo import read_preference_sets, refine, write_report
 
+    require_verified(source, stage="DPO")
     cfg = source.cfg
     prefs_dir = inputs.preferences_dir
     if prefs_dir is None or not (Path(prefs_dir) / "train.jsonl").is_file():
@@ -84,6 +85,7 @@ def run_merge(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | No
     """Merge the source's final adapter into the fp32 base; returns the MergeReport."""
     from server.release.merge import merge
 
+    require_verified(source, stage="merge")
     if out_dir is None and source.kind == "version":
         raise ValueError(f"{source.root} is a published version and must not change; pass --out DIR")
     if not inputs.merge_prompts:

@@ -54,7 +54,9 @@ def add_commands(sub) -> None:
     run = cmds.choices["run"]
     run.add_argument("--scenario", default="deployment", help="scenario name or .toml (default: deployment)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config key")
-    run.add_argument("--run-dir", required=True, help="absolute run directory on the SuperLink's machine")
+    run.add_argument("--run-dir", help="absolute run directory on the SuperLink's machine (required unless --resume)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run after its last complete round, with its own config.json")
     run.add_argument("--no-node-auth", action="store_true", help="the SuperLink runs without node auth")
 
 
@@ -68,11 +70,8 @@ def _exec(cmd: list[str], print_only: bool) -> int:
 
 
 def main_deploy(args: argparse.Namespace) -> int:
-    try:
-        return _dispatch(args)
-    except (deployment.DeploymentError, FileNotFoundError) as err:
-        print(f"fedlora deploy {args.deploy_command}: {err}", file=sys.stderr)
-        return 2
+    """One ``deploy`` step; errors are printed by ``fedlora``'s main (exit 2, or 1 for a failed run)."""
+    return _dispatch(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -83,6 +82,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                                               host=args.host, port=args.port, node_auth=not args.no_node_auth),
                      args.print)
     if args.deploy_command == "supernode":
+        from simulations.cli.preflight import check_supernode
+
+        if not args.print:
+            check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
+                            tenant_id=args.tenant_id)
         return _exec(deployment.supernode_command(
             superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
             data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
@@ -103,21 +107,36 @@ def _dispatch(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    from common.config import ConfigError
     from simulations.scenario import parse_overrides, resolve
 
     from simulations.cli import registry
+    from simulations.cli.preflight import check_deployment_run
+    from simulations.cli.resume import interrupted_message, resume_config
 
-    try:
+    if args.resume:
+        if args.set or args.run_dir:
+            print("fedlora deploy run: --resume continues a run with its own config.json; drop --set and --run-dir",
+                  file=sys.stderr)
+            return 2
+        cfg = resume_config(args.resume)  # the caps it was started with travel in its config
+    elif not args.run_dir:
+        print("fedlora deploy run: give --run-dir (a new run) or --resume RUN_DIR", file=sys.stderr)
+        return 2
+    else:
         overrides = parse_overrides(args.set or [])
         caps = registry.example_caps(home)
         if caps and "federation.example-caps" not in overrides:  # the operator's caps from registration
             overrides["federation.example-caps"] = caps
         cfg = resolve(args.scenario, overrides, args.run_dir)
-    except ConfigError as err:
-        print(f"fedlora deploy run: {err}", file=sys.stderr)
-        return 2
-    report = deployment.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,
-                                   on_line=lambda line: print(line, flush=True))
+    check_deployment_run(cfg, ca_cert=args.ca)
+    try:
+        report = deployment.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,
+                                           on_line=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        # The SuperLink and SuperNodes are the operators' long-lived processes and keep running;
+        # only this command's `flwr run` stream stops (the ServerApp may go on: `flwr stop RUN_ID`).
+        print(interrupted_message(Path(cfg.run.dir), command="fedlora deploy run --superlink ... --ca ..."),
+              file=sys.stderr)
+        return 130
     print(f"fedlora: report written to {report}")
     return 0

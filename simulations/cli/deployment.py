@@ -21,16 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from simulations.cli.launcher import (APP_DIR, BIN, TAG_ENV, Proc, free_port, kill_tagged, stamp, start,
-                                      stream_run, tagged_pids, wait_for)
+from simulations.cli.launcher import (APP_DIR, BIN, TAG_ENV, DeploymentConfigError, DeploymentError, Proc, free_port, kill_tagged,
+                                      stamp, start, stream_run, tagged_pids, wait_for, watchdog)
 from simulations.cli.launcher import flower_env as _base_env
 
 CONNECTION = "fedlora"
 TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
-
-
-class DeploymentError(RuntimeError):
-    """A deployment process or run did not do what was asked."""
 
 
 # --------------------------------------------------------------------------- #
@@ -50,7 +46,7 @@ class TlsFiles:
         files = cls(d / "ca.crt", d / "server.crt", d / "server.key")
         missing = [str(p) for p in (files.ca_cert, files.server_cert, files.server_key) if not p.is_file()]
         if missing:
-            raise DeploymentError(f"missing TLS file(s): {', '.join(missing)}; create them with "
+            raise DeploymentConfigError(f"missing TLS file(s): {', '.join(missing)}; create them with "
                                   f"`fedlora certs --out {d} --host <address the tenants dial>`")
         return files
 
@@ -77,7 +73,7 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
     """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``)."""
     data_path = Path(data_path)
     if not data_path.is_absolute():
-        raise DeploymentError(f"data path {data_path} must be absolute (the ClientApp runs in another directory)")
+        raise DeploymentConfigError(f"data path {data_path} must be absolute (the ClientApp runs in another directory)")
     parts = [f"data-path={json.dumps(str(data_path))}", f"tenant-id={int(tenant_id)}"]
     if holdout_path is not None:
         parts.append(f"holdout-path={json.dumps(str(Path(holdout_path).resolve()))}")
@@ -188,6 +184,8 @@ class LocalFederation:
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self) -> "LocalFederation":
+        self._watchdog = watchdog(self.tag)  # every tagged process dies with this one, SIGKILL included
+        self._watchdog.__enter__()
         try:
             self._start_superlink()
         except BaseException:
@@ -214,6 +212,9 @@ class LocalFederation:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
         kill_tagged(self.tag)
+        watch, self._watchdog = getattr(self, "_watchdog", None), None
+        if watch is not None:
+            watch.__exit__(None, None, None)
 
     def leftovers(self) -> list[int]:
         return tagged_pids(self.tag)
@@ -274,7 +275,7 @@ def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: fl
 def deployment_config(cfg, *, node_auth: bool):
     """The run's config as the Deployment Engine runs it (TLS is always on here)."""
     if not cfg.run.dir or not Path(cfg.run.dir).is_absolute():
-        raise DeploymentError("run.dir must be an absolute path: the ServerApp runs in the SuperLink's directory")
+        raise DeploymentConfigError("run.dir must be an absolute path: the ServerApp runs in the SuperLink's directory")
     return cfg.replace(**{"deployment.engine": "deployment", "deployment.tls": True,
                           "deployment.node-auth": node_auth})
 

@@ -7,12 +7,18 @@ with a private ``FLWR_HOME`` and with telemetry, update checks and runtime depen
 installation off — and stop its whole process group when the run ends, fails or is
 interrupted. Two runs (or a test and a run) coexist when they use different ports.
 
-Deployment processes carry a private tag in their environment (``TAG_ENV``), so even those
-Flower detaches into their own sessions are found (:func:`tagged_pids`) and ended.
+Every process we start carries a private tag in its environment (``TAG_ENV``), so even
+those Flower detaches into their own sessions (SuperExec, the ServerApp, Ray's workers) are
+found (:func:`tagged_pids`) and ended. They also die with the launcher when it is killed
+(SIGKILL included): each direct child gets a parent-death signal (``PR_SET_PDEATHSIG``), and a
+small reaper process (:mod:`simulations.cli.reaper`) holds the read end of a pipe whose write
+end only the launcher has; when the launcher dies the pipe closes and the reaper kills every
+tagged process (:func:`watchdog`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import signal
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,31 @@ TAG_ENV = "FEDLORA_DEPLOY_TAG"  # marks every process a LocalFederation starts
 
 class SimulationError(RuntimeError):
     """The Flower simulation did not complete."""
+
+
+class DeploymentError(RuntimeError):
+    """A deployment process or run did not do what was asked."""
+
+
+class DeploymentConfigError(DeploymentError, ValueError):
+    """A deployment asked for with input the user must fix (missing TLS files, a relative path)."""
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up once, not in the forked child
+except (OSError, AttributeError):  # not Linux: the reaper alone covers it
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL when the thread that started it dies (Linux)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
 
 
 def free_port() -> int:
@@ -105,7 +137,8 @@ def stream_run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path, tim
     Returns (exit code, the whole log); the process group is always stopped."""
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                                stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                                preexec_fn=die_with_parent)
         try:
             reader = threading.Thread(target=pump_lines, args=(proc.stdout, fh, on_line, line_format), daemon=True)
             reader.start()
@@ -156,6 +189,32 @@ def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
             return
 
 
+@contextmanager
+def watchdog(tag: str, *, grace: float = 5.0) -> Iterator[subprocess.Popen]:
+    """Until the block ends, a reaper process waits on a pipe only this process can write to.
+
+    Leaving the block (normally, on an exception or Ctrl-C) ends every tagged process here,
+    then closes the pipe. When this process dies without leaving the block (SIGKILL, OOM),
+    the kernel closes the pipe and the reaper kills every tagged process within a second or
+    two. The reaper runs in its own session, so Ctrl-C on the terminal does not reach it.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}
+    env.pop(TAG_ENV, None)  # the reaper itself is not one of the processes it ends
+    reaper = subprocess.Popen([sys.executable, "-m", "simulations.cli.reaper", tag], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, cwd=APP_DIR, env=env, start_new_session=True)
+    try:
+        yield reaper
+    finally:
+        try:
+            kill_tagged(tag, grace=grace)
+        finally:
+            reaper.stdin.close()
+            try:
+                reaper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+
+
 @dataclass
 class Proc:
     """One started process with its log file."""
@@ -184,7 +243,8 @@ def start(name: str, cmd: list[str], *, state_dir: Path, env: dict[str, str], cw
     fh = log.open("a", buffering=1)
     fh.write(stamp(f"$ {shlex.join(cmd)}\n"))
     popen = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+                             stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace",
+                             preexec_fn=die_with_parent)
     threading.Thread(target=pump_lines, args=(popen.stdout, fh), kwargs={"line_format": stamp}, daemon=True, name=f"log-{name}").start()
     return Proc(name, popen, log)
 
@@ -214,8 +274,9 @@ class SimulationLink:
 
 
 @contextmanager
-def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: int = 0) -> Iterator[SimulationLink]:
-    """Start ``flower-superlink --simulation`` and stop its process group on exit."""
+def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: int = 0,
+                         tag: str | None = None) -> Iterator[SimulationLink]:
+    """Start ``flower-superlink --simulation`` (tagged with ``tag``) and stop its process group on exit."""
     flwr_home = state_dir / "flwr-home"
     work = flwr_home / "superlink-cwd"
     work.mkdir(parents=True, exist_ok=True)
@@ -225,13 +286,16 @@ def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: i
         '[superlink]\ndefault = "fedlora-sim"\n\n'
         f'[superlink.fedlora-sim]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n')
     log = state_dir / "superlink.log"
+    env = flower_env(flwr_home)
+    if tag:
+        env[TAG_ENV] = tag
     cmd = [str(BIN / "flower-superlink"), "--insecure", "--simulation",
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(http_port),
            "--control-api-address", f"127.0.0.1:{control_port}",
            "--disable-runtime-dependency-installation"]
     with log.open("ab") as fh:
-        proc = subprocess.Popen(cmd, cwd=work, env=flower_env(flwr_home), stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     try:
         _wait_port(http_port, proc, log)
         yield SimulationLink("fedlora-sim", flwr_home, http_port, control_port, log)
@@ -241,21 +305,25 @@ def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: i
 
 def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: int, cpus_per_client: int = 1,
                    http_port: int = 0, control_port: int = 0, timeout: float = 3600.0,
-                   on_line: Callable[[str], None] | None = None, app_dir: Path = APP_DIR) -> None:
+                   on_line: Callable[[str], None] | None = None, app_dir: Path = APP_DIR,
+                   tag: str | None = None) -> None:
     """Submit the fedlora apps to a fresh simulation SuperLink and stream the run's log.
 
     ``on_line`` receives every log line (the caller shows progress); the full log is
-    also written to ``state_dir/flower.log``.
+    also written to ``state_dir/flower.log``. Every process of the run carries ``tag``
+    (default: a fresh one) and none outlives this call or the launcher (:func:`watchdog`).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    with simulation_superlink(state_dir, http_port=http_port, control_port=control_port) as link:
+    tag = tag or new_tag()
+    with watchdog(tag), simulation_superlink(state_dir, http_port=http_port, control_port=control_port,
+                                             tag=tag) as link:
         cmd = [str(BIN / "flwr"), "run", str(app_dir), link.connection,
                "--run-config", str(run_config_toml),
                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
                "--stream"]
         flog = state_dir / "flower.log"
-        code, text = stream_run(cmd, cwd=state_dir, env=flower_env(link.flwr_home), log=flog, timeout=timeout,
-                                on_line=on_line, timeout_error=SimulationError)
+        code, text = stream_run(cmd, cwd=state_dir, env={**flower_env(link.flwr_home), TAG_ENV: tag}, log=flog,
+                                timeout=timeout, on_line=on_line, timeout_error=SimulationError)
         if code != 0 or "Simulation raised an exception" in text or "Exit Code:" in text:
             raise SimulationError(f"the Flower run failed (exit code {code}); see {flog}\n"
                                   + "\n".join(text.splitlines()[-25:]))

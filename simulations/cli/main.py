@@ -7,6 +7,15 @@ import sys
 
 from common.offline import quiet_and_offline
 
+# Errors a user can fix from the message alone (bad input, missing file, a refused step):
+# one line (or one per problem), exit code 2, no traceback unless --debug. Matched by class
+# name so that checking does not import the modules that define them.
+USER_ERRORS = frozenset({"ConfigError", "DataError", "PreflightError", "ResumeError", "ResumeRefused", "SourceError",
+                         "PublishError", "ManifestError", "ModelNotFoundError", "DeploymentConfigError",
+                         "TenantConfigError", "SafetensorError"})
+# A run that started and did not finish: its message, exit code 1.
+RUN_ERRORS = frozenset({"SimulationError", "DeploymentError", "MergeMismatch"})
+
 EPILOG = """\
 examples:
   fedlora simulate                          # default scenario: 4 synthetic tenants, embedded tiny base
@@ -21,6 +30,8 @@ examples:
   fedlora dpo runs/20260101-120000          # DPO-refine a run's aggregate (also: merge, publish)
   fedlora publish runs/x --registry registry/ --signing-key keys/fedlora-signing.key
   fedlora verify registry/model/v1 --public-key keys/fedlora-signing.pub
+  fedlora simulate --resume runs/20260101-120000   # continue an interrupted run after its last round
+  fedlora --debug merge runs/x              # any command: show the full traceback of an error
 """
 
 
@@ -35,17 +46,13 @@ def _cmd_config(args) -> int:
 def _cmd_keys(args) -> int:
     from common.credentials import write_node_keypair, write_signing_keypair
 
-    try:
-        if args.kind == "signing":
-            priv, pub = write_signing_keypair(args.out, name=args.name or "fedlora-signing", force=args.force)
-        else:
-            if not args.name:
-                print("fedlora keys node: give the node's NAME, e.g. `fedlora keys node hospital-a`", file=sys.stderr)
-                return 2
-            priv, pub = write_node_keypair(args.out, args.name, force=args.force)
-    except (FileExistsError, ValueError) as err:
-        print(f"fedlora keys: {err}", file=sys.stderr)
-        return 2
+    if args.kind == "signing":
+        priv, pub = write_signing_keypair(args.out, name=args.name or "fedlora-signing", force=args.force)
+    else:
+        if not args.name:
+            print("fedlora keys node: give the node's NAME, e.g. `fedlora keys node hospital-a`", file=sys.stderr)
+            return 2
+        priv, pub = write_node_keypair(args.out, args.name, force=args.force)
     print(f"private key (mode 0600, keep it on this machine): {priv}\npublic key: {pub}")
     return 0
 
@@ -53,12 +60,8 @@ def _cmd_keys(args) -> int:
 def _cmd_certs(args) -> int:
     from common.tls import write_tls_certificates
 
-    try:
-        paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),
-                                       days=args.days, force=args.force)
-    except (FileExistsError, ValueError) as err:
-        print(f"fedlora certs: {err}", file=sys.stderr)
-        return 2
+    paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),
+                                   days=args.days, force=args.force)
     for role, path in paths.items():
         print(f"{role:12} {path}")
     return 0
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated, privacy-preserving LoRA/QLoRA fine-tuning on Flower. Tenants train locally; "
                     "only adapter deltas travel; the server aggregates them.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = sub.add_parser("simulate", help="run a local multi-tenant federation on Flower's simulation engine",
@@ -96,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-dir", help="where to write the run (default: ./runs/<timestamp>)")
     sim.add_argument("--port", type=int, default=0, help="SuperLink HTTP port (default: a free port)")
     sim.add_argument("--control-port", type=int, default=0, help="SuperLink control port (default: a free port)")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run after its last complete round, with its own config.json")
 
     sub.add_parser("config", help="list every run-config key with its default and meaning")
 
@@ -125,9 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kind(err: BaseException) -> str | None:
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & USER_ERRORS or isinstance(err, (OSError, ValueError)):
+        return "user"
+    if names & RUN_ERRORS:
+        return "run"
+    return None
+
+
+def _command(args) -> str:
+    sub = getattr(args, "deploy_command", None)
+    return f"fedlora {args.command}" + (f" {sub}" if args.command == "deploy" and sub else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()  # before any Flower / Hugging Face module reads its switches
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Exception as err:
+        kind = _kind(err)
+        if args.debug or kind is None:
+            raise
+        name = _command(args)
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(line if line.startswith("  ") else f"{name}: {line}", file=sys.stderr)
+        return 2 if kind == "user" else 1
+
+
+def _dispatch(args) -> int:
     if args.command == "simulate":
         from simulations.cli.simulate import main_simulate
 

@@ -24,6 +24,8 @@ def add_commands(sub) -> None:
                                            "(default: <data.dir>/preferences of the run)")
     dpo.add_argument("--out", help="output directory (default: <run>/dpo; required for a published version)")
     dpo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dpo.* key, e.g. dpo.steps=80")
+    dpo.add_argument("--public-key", help="the publisher's Ed25519 public key; required for a published version, "
+                                          "whose signature is verified before it is used")
 
     merge = sub.add_parser("merge", help="merge the final adapter into the fp32 base (Hugging Face model)",
                            description="Merge the run's final adapter (DPO-refined when present) into the base "
@@ -31,6 +33,8 @@ def add_commands(sub) -> None:
                                        "difference against base + adapter.")
     merge.add_argument("path", help="run directory or published version")
     merge.add_argument("--out", help="output directory (default: <run>/merged; required for a published version)")
+    merge.add_argument("--public-key", help="the publisher's Ed25519 public key; required for a published version, "
+                                            "whose signature is verified before it is used")
 
     pub = sub.add_parser("publish", help="publish a signed version to a registry directory",
                          description="Copy the final adapter and merged model into <registry>/<name>/<version>/ "
@@ -45,7 +49,7 @@ def add_commands(sub) -> None:
 def _source(args):
     from server.release.artifacts import locate
 
-    return locate(args.path)
+    return locate(args.path, public_key=getattr(args, "public_key", None))
 
 
 def _cmd_dpo(args) -> int:
@@ -101,13 +105,5 @@ def _cmd_publish(args) -> int:
 
 
 def main_release(args) -> int:
-    """Run one of :data:`COMMANDS`; errors a user can fix are printed, not raised."""
-    from common.config import ConfigError
-    from server.release.artifacts import SourceError
-    from server.release.publish import PublishError
-
-    try:
-        return {"dpo": _cmd_dpo, "merge": _cmd_merge, "publish": _cmd_publish}[args.command](args)
-    except (SourceError, PublishError, ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"fedlora {args.command}: {err}", file=sys.stderr)
-        return 2
+    """Run one of :data:`COMMANDS`; errors a user can fix are printed by ``fedlora``'s main."""
+    return {"dpo": _cmd_dpo, "merge": _cmd_merge, "publish": _cmd_publish}[args.command](args)

@@ -6,6 +6,13 @@
 4. train the baselines and evaluate every model on every tenant's holdout;
 5. refine the aggregate with DPO, merge it into the fp32 base, publish a signed version;
 6. write plots and the report.
+
+Before Flower starts, :mod:`simulations.cli.preflight` checks the tenant files, the base
+model and the run directory. ``--resume RUN_DIR`` continues an interrupted run after its
+last complete round (:mod:`simulations.cli.resume`). A federation that aggregated fewer
+rounds than ``federation.min-successful-rounds`` (``FEDERATION_FAILED``) gets a report that
+says why and nothing else: no baselines, DPO, merge or publish (exit code 1). Ctrl-C stops
+every process of the run, keeps the last checkpoint and prints the resume command (130).
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import Config, ConfigError
+from common.config import Config
 from common.files import write_json_atomic
 from common.records import RoundRecord, read_rounds, read_summary, round_path
 from simulations.scenario import parse_overrides, resolve, write_run_config
+
+
+class FederationFailed(RuntimeError):
+    """The federation aggregated too little to count (``FEDERATION_FAILED``); nothing was published."""
 
 
 class RoundProgress:
@@ -27,19 +38,19 @@ class RoundProgress:
 
     _round = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
-    def __init__(self, rounds: int, run_dir: Path) -> None:
+    def __init__(self, rounds: int, run_dir: Path, *, done: int = 0) -> None:
         from tqdm.auto import tqdm
 
         self.run_dir = run_dir
-        self.bar = tqdm(total=rounds, desc="federated rounds", unit="round")
+        self.bar = tqdm(total=rounds, initial=done, desc="federated rounds", unit="round")
         self.phase = "starting Flower simulation"
         self.bar.set_postfix_str(self.phase)
-        self.done = 0
+        self.done = self.offset = done  # a resumed run: Flower counts its remaining rounds from 1
 
     def __call__(self, line: str) -> None:
         m = self._round.search(line)
         if m:
-            k = int(m.group(1))
+            k = int(m.group(1)) + self.offset
             self._finish_upto(k - 1)
             self.bar.set_postfix_str(f"round {k}: training")
         elif "configure_evaluate" in line or "aggregate_evaluate" in line:
@@ -69,6 +80,9 @@ class RoundProgress:
 def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
     """Run the whole job; returns the report path."""
     from simulations.cli.memory import PeakTreeMemory
+    from simulations.cli.preflight import check_simulation
+
+    check_simulation(cfg)  # before anything heavy is imported, written or started
 
     with PeakTreeMemory() as memory:
         report = _simulate(cfg, http_port=http_port, control_port=control_port, memory=memory)
@@ -95,9 +109,9 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
         cfg = cfg.replace(**{"data.dir": str(data_dir)})
     data_dir = Path(cfg.data.dir)
     rc = write_run_config(cfg, run_dir / "run_config.toml")
-    print(f"fedlora: run directory {run_dir}", flush=True)
+    print(f"fedlora: run directory {run_dir}" + (" (resumed)" if cfg.run.resume else ""), flush=True)
 
-    progress = RoundProgress(cfg.federation.rounds, run_dir)
+    progress = RoundProgress(cfg.federation.rounds, run_dir, done=len(read_rounds(run_dir)) if cfg.run.resume else 0)
     t = time.perf_counter()
     try:
         run_simulation(rc, state_dir=run_dir / "flower", num_supernodes=cfg.simulation.tenants,
@@ -106,6 +120,8 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
                        timeout=cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600)
     finally:
         progress.close(cfg.federation.rounds if (run_dir / "FEDERATION_DONE").exists() else progress.done)
+    if (run_dir / "FEDERATION_FAILED").exists():
+        _report_failure(cfg, run_dir)
     if not (run_dir / "FEDERATION_DONE").exists():
         raise RuntimeError(f"the federated run ended without a final adapter; see {run_dir / 'flower' / 'flower.log'}")
     timings["federated_seconds"] = time.perf_counter() - t
@@ -126,8 +142,7 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
     timings["peak_memory_gb"] = memory.peak_bytes / 2**30
     write_json_atomic(run_dir / "timings.json", timings)
     if cfg.privacy.mode != "none" and cfg.privacy.compare_without_dp:  # the report's quality with vs without DP
-        simulate(cfg.replace(**{"privacy.mode": "none", "run.baselines": False, "dpo.enabled": False,
-                                "publish.enabled": False, "run.dir": str(run_dir / "without_dp")}))
+        _without_dp(cfg, run_dir / "without_dp")
     report = write_report(run_dir, cfg, comparison=comparison, extra_sections=[
         *report_sections(release),
         "## Time and memory", "", *[f"- {k.replace('_', ' ')}: {v:.2f}" for k, v in timings.items()],
@@ -136,12 +151,72 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
     return report
 
 
+def _without_dp(cfg: Config, out: Path) -> None:
+    """The same run without DP, for the report's comparison; a resumed run resumes it too."""
+    from simulations.cli.resume import resumable
+
+    if (out / "FEDERATION_DONE").exists() and (out / "report.md").exists():
+        return
+    simulate(cfg.replace(**{"privacy.mode": "none", "run.baselines": False, "dpo.enabled": False,
+                            "publish.enabled": False, "run.dir": str(out), "run.resume": resumable(out)}))
+
+
+def _report_failure(cfg: Config, run_dir: Path) -> None:
+    """A failed federation: a report that says why, then :class:`FederationFailed`."""
+    from simulations.report import plot, write_report
+
+    fed = read_summary(run_dir)
+    reason = (fed.failure if fed and fed.failure else "FEDERATION_FAILED written by the ServerApp")
+    plot(run_dir)
+    write_report(run_dir, cfg, comparison=[], extra_sections=[
+        "## Nothing published", "",
+        f"The federation failed: {reason}. No baselines, DPO, merge or publish ran; "
+        "`fedlora merge` and `fedlora publish` refuse this run's adapter.", ""])
+    raise FederationFailed(f"the federation failed: {reason}; nothing was refined, merged or published "
+                           f"(report: {run_dir / 'report.md'})")
+
+
 def main_simulate(args) -> int:
-    try:
+    from simulations.cli.resume import resume_config
+
+    if args.resume:
+        if args.set or args.run_dir or args.scenario != "default":
+            print("fedlora simulate: --resume continues a run with its own config.json; drop --scenario, --set "
+                  "and --run-dir", file=sys.stderr)
+            return 2
+        cfg = resume_config(args.resume)
+    else:
         cfg = resolve(args.scenario, parse_overrides(args.set or []), args.run_dir)
-    except (ConfigError, FileNotFoundError) as err:
+    run_dir = Path(cfg.run.dir)
+    try:
+        with _sigterm_as_interrupt():
+            report = simulate(cfg, http_port=args.port, control_port=args.control_port)
+    except KeyboardInterrupt:
+        from simulations.cli.resume import interrupted_message
+
+        print(interrupted_message(run_dir, command="fedlora simulate"), file=sys.stderr, flush=True)
+        return 130
+    except FederationFailed as err:
         print(f"fedlora simulate: {err}", file=sys.stderr)
-        return 2
-    report = simulate(cfg, http_port=args.port, control_port=args.control_port)
+        return 1
     print(f"fedlora: report written to {report}")
     return 0
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM takes the same clean way out as Ctrl-C (every process stopped, resume printed)."""
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._old)
+        return False

@@ -151,7 +151,7 @@ def test_cli_publish_then_refuse_to_merge_into_a_version(run_dir, keys, tmp_path
 
     # Execute
     code = main(["publish", str(run_dir), "--registry", str(tmp_path / "reg"), "--signing-key", str(keys[0])])
-    refused = main(["merge", str(tmp_path / "reg" / "fedlora-model" / "v1")])
+    refused = main(["merge", str(tmp_path / "reg" / "fedlora-model" / "v1"), "--public-key", str(keys[1])])
     # Assert
     assert code == 0 and (tmp_path / "reg" / "fedlora-model" / "v1" / "manifest.sig").is_file()
     assert refused == 2

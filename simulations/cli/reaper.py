@@ -1,0 +1,27 @@
+"""``python -m simulations.cli.reaper TAG``: end a run's processes once its launcher is gone.
+
+Started by :func:`simulations.cli.launcher.watchdog` with a pipe on stdin whose write end
+only the launcher holds. Reading returns end-of-file when the launcher closes it or dies
+(also by SIGKILL); then every process tagged ``TAG`` is killed, including those Flower and
+Ray detach into sessions of their own, which a parent-death signal does not reach.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+def main(tag: str) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not skip the clean-up
+    while sys.stdin.buffer.read(4096):
+        pass
+    from simulations.cli.launcher import kill_tagged
+
+    kill_tagged(tag, grace=1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
