@@ -170,6 +170,9 @@ class FederationConfig:
     # dropped or capped).
     outlier_cosine: float = _opt(0.0, "audit: flag an update whose cosine to the round's median update is below this",
                                  lo=-1.0, hi=1.0)
+    # ... or below this x the round's median of those cosines (0 = off).
+    outlier_cosine_ratio: float = _opt(0.5, "audit: flag an update whose cosine is below this x the round's median "
+                                       "cosine (0 = off)", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)

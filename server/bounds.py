@@ -116,13 +116,16 @@ def _flat(delta) -> np.ndarray:
 
 
 def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate_mean, *,
-          outlier_cosine: float, excluded: dict[int, str] | None = None) -> dict[int, TenantAudit]:
+          outlier_cosine: float, outlier_cosine_ratio: float = 0.0,
+          excluded: dict[int, str] | None = None) -> dict[int, TenantAudit]:
     """Per-tenant audit of one round: ``received`` as validated, ``kept`` as summed.
 
     Outlier rule: a tenant is flagged when a bound acted on it (dropped, clipped, weight
-    capped), when the aggregator left it out (``excluded``), or when the cosine similarity
-    of its update to the coordinate-wise median of the round's received updates is below
-    ``outlier_cosine`` (with three or more updates)."""
+    capped), when the aggregator left it out (``excluded``), or, with three or more
+    updates, when the cosine similarity of its update to the coordinate-wise median of the
+    round's received updates is below ``outlier_cosine`` or below ``outlier_cosine_ratio``
+    x the round's median of those cosines (an update that agrees with the consensus much
+    less than the others do)."""
     excluded = excluded or {}
     flats = {u.node: _flat(u.delta) for u in received}
     # The reference is the coordinate-wise median of what was received: fewer than half of
@@ -131,16 +134,21 @@ def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregat
     agg = _flat(aggregate_mean) if aggregate_mean is not None else None
     total_weight = sum(u.weight for u in kept if u.node not in excluded) or 1.0
     weights = {u.node: u.weight for u in kept}
+    cosines = {n: _cosine(x, reference) if len(flats) > 2 else 1.0 for n, x in flats.items()}
+    typical = statistics.median(cosines.values()) if cosines else 1.0
     out = {}
     for u in received:
         x = flats[u.node]
-        loo = _cosine(x, reference) if len(flats) > 2 else 1.0
+        loo = cosines[u.node]
         action, why = bounded.actions.get(u.node, ("accepted", ""))
         if u.node in excluded:
             action, why = "excluded", excluded[u.node]
         reasons = [why] if action != "accepted" else []
         if loo < outlier_cosine:
             reasons.append(f"cosine {loo:.2f} to the round's median update is below {outlier_cosine:g}")
+        elif outlier_cosine_ratio and typical > 0 and loo < outlier_cosine_ratio * typical:
+            reasons.append(f"cosine {loo:.2f} to the round's median update is below {outlier_cosine_ratio:g} x "
+                           f"the round's median cosine {typical:.2f}")
         w = weights.get(u.node, 0.0) if action not in ("dropped", "excluded") else 0.0
         out[u.node] = TenantAudit(
             norm=round(bounded.norms.get(u.node, 0.0), 6), cosine=round(_cosine(x, agg), 4) if agg is not None else 0.0,

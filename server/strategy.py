@@ -189,13 +189,14 @@ class FedLoraStrategy(Strategy):
         for u in kept:
             self.recorder.weight(u.node, u.weight)
         if not kept:
-            return None, audit(got.updates, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine), info
+            return None, audit(got.updates, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine,
+                               outlier_cosine_ratio=self.cfg.outlier_cosine_ratio), info
         summed, decided = self.aggregator.combine(kept)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
         info["server_seconds"] = round(time.perf_counter() - t, 6)
         audits = audit(got.updates, bounded, kept, mean_delta(summed), outlier_cosine=self.cfg.outlier_cosine,
-                       excluded=excluded)
+                       outlier_cosine_ratio=self.cfg.outlier_cosine_ratio, excluded=excluded)
         for node, a in audits.items():
             if a.outlier:
                 log(WARNING, "Round audit: node %d flagged: %s", node, a.why)

@@ -12,7 +12,8 @@ from common.records import RoundRecord
 
 OUTLIER_RULE = ("a tenant is flagged in a round when a bound acted on its update (dropped or clipped for its "
                 "L2 norm, weight capped), when the aggregator left it out (Krum), or when the cosine similarity "
-                "of its update to the round's coordinate-wise median update is below federation.outlier-cosine")
+                "of its update to the round's coordinate-wise median update is below federation.outlier-cosine, "
+                "or below federation.outlier-cosine-ratio x the round's median of those cosines")
 
 
 def guarantees(cfg: Config) -> list[str]:

@@ -122,3 +122,18 @@ def test_example_caps_are_parsed_and_bad_entries_named():
     assert parse_caps("12:4096, 7:64") == {12: 4096, 7: 64}
     with pytest.raises(ConfigError, match="'7=64' is not NODE-ID:MAX-EXAMPLES"):
         parse_config({"federation.example-caps": "12:4096,7=64"})
+
+
+def test_audit_flags_an_update_that_agrees_with_the_consensus_far_less_than_the_others():
+    # Prepare: three updates near (1, 0) and one at 80 degrees from them (cosine ~0.17, > 0)
+    updates = [_u([1.0, 0.05], node=1), _u([1.0, -0.05], node=2), _u([1.0, 0.0], node=3), _u([0.17, 0.98], node=4)]
+    bounded = UpdateBounds().apply(updates)
+    agg = weighted_sum(bounded.kept)
+    mean = OrderedDict((k, v / agg.weight) for k, v in agg.total.items())
+    # Execute: the absolute rule alone, then with the ratio rule (0.5 x the round's median cosine ~1)
+    alone = audit(updates, bounded, bounded.kept, mean, outlier_cosine=0.0)
+    ratio = audit(updates, bounded, bounded.kept, mean, outlier_cosine=0.0, outlier_cosine_ratio=0.5)
+    # Assert
+    assert not alone[4].outlier
+    assert ratio[4].outlier and "x the round's median cosine" in ratio[4].why
+    assert not any(ratio[n].outlier for n in (1, 2, 3))
