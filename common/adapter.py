@@ -8,8 +8,10 @@ a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import io
 import json
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
@@ -52,13 +54,101 @@ def set_state(model, state: Mapping[str, np.ndarray]) -> None:
 
 
 def to_arrayrecord(state: Mapping[str, np.ndarray]):
-    from flwr.app import Array, ArrayRecord
+    """Adapter tensors as a Flower ArrayRecord, each copied once.
 
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))
+    Each :class:`flwr.app.Array` carries exactly the bytes ``Array(ndarray)`` would (the
+    ``.npy`` format, ``stype`` ``numpy.ndarray``: a header, then the C-order data), but
+    built with a single copy of the tensor into the ``bytes`` object — Flower's own path
+    goes through ``np.save`` into a growing ``BytesIO`` (two or three copies). Dtypes or
+    shapes the plain ``.npy`` 1.0 header cannot describe take Flower's path.
+    """
+    from flwr.app import Array, ArrayRecord
+    from flwr.common.constant import SType
+
+    out = OrderedDict()
+    for k, v in state.items():
+        arr = np.asarray(v, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
+        header = _npy_header(arr.dtype, arr.shape) if type(arr.dtype)._legacy and not arr.dtype.hasobject else None
+        if header is None:
+            out[k] = Array(arr)
+        else:
+            out[k] = Array(dtype=str(arr.dtype), shape=tuple(int(d) for d in arr.shape), stype=SType.NUMPY,
+                           data=b"".join((header, arr)))
+    return ArrayRecord(out)
 
 
 def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
-    return OrderedDict((k, v.numpy()) for k, v in record.items())
+    """The tensors of an ArrayRecord, as **read-only** views of its bytes (no copy).
+
+    The array's layout comes from the ``.npy`` header inside the data, as ``Array.numpy()``
+    (``np.load``) reads it; anything that is not a plain C-order ``.npy`` payload of at
+    least the declared size (Fortran order, object dtypes, other serialisations, a
+    truncated payload) takes ``Array.numpy()`` and behaves — or fails — exactly as it
+    does. The views share memory with the record: callers build new arrays from them
+    (validation, subtraction, aggregation, ``set_state``) and never write into them; one
+    that must write takes a copy.
+    """
+    from flwr.common.constant import SType
+
+    out = OrderedDict()
+    for k, v in record.items():
+        data = v.data
+        layout = _npy_layout(bytes(data[:_npy_data_offset(data)])) if v.stype == SType.NUMPY else None
+        if layout is None:
+            out[k] = v.numpy()
+            continue
+        dtype, shape, offset = layout
+        count = int(np.prod(shape, dtype=np.int64))
+        if count == 0 or len(data) - offset < count * dtype.itemsize:
+            out[k] = v.numpy()
+        else:
+            out[k] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes | None:
+    """The ``.npy`` header ``np.save`` writes for a C-order array (format 1.0), or None."""
+    from numpy.lib import format as npy
+
+    fp = io.BytesIO()
+    try:
+        npy.write_array_header_1_0(fp, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
+                                        "shape": tuple(int(d) for d in shape)})
+    except ValueError:  # too large for a 1.0 header: np.save would pick another version
+        return None
+    return fp.getvalue()
+
+
+def _npy_data_offset(data) -> int:
+    """Where the array data starts in ``.npy`` bytes (0 when they are not ``.npy`` 1.0/2.0)."""
+    if len(data) < 12 or bytes(data[:6]) != b"\x93NUMPY":
+        return 0
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    if data[6] == 2:
+        return 12 + int.from_bytes(data[8:12], "little")
+    return 0
+
+
+@lru_cache(maxsize=1024)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, data offset) from a ``.npy`` header as ``np.load`` reads it, or None
+    where ``np.load`` must decide (Fortran order, object dtypes, unknown versions, errors)."""
+    from numpy.lib import format as npy
+
+    if not header:
+        return None
+    fp = io.BytesIO(header)
+    try:
+        version = npy.read_magic(fp)
+        read = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(fp)
+    except (KeyError, ValueError, OSError):
+        return None
+    if fortran or dtype.hasobject or fp.tell() != len(header):
+        return None
+    return dtype, tuple(shape), len(header)
 
 
 def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":

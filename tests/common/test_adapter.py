@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -76,3 +77,82 @@ def test_atomic_write_leaves_no_partial_directory(tmp_path, small_cfg, monkeypat
         pass
     # Assert: neither the final name nor a temporary directory is left
     assert list(tmp_path.iterdir()) == []
+
+
+def _through_flower(record):
+    """An ArrayRecord deflated into Flower's wire objects and inflated back, as messages travel."""
+    from flwr.app import ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    objects = get_all_nested_objects(record)
+    contents = {oid: obj.deflate() for oid, obj in objects.items()}
+    back = inflate_object_from_contents(record.object_id, contents, keep_object_contents=False)
+    assert isinstance(back, ArrayRecord)
+    return back
+
+
+STATES = {
+    "float32 LoRA pair": OrderedDict([("m.lora_A.weight", np.arange(24, dtype=np.float32).reshape(4, 6) / 7),
+                                      ("m.lora_B.weight", -np.arange(12, dtype=np.float32).reshape(6, 2))]),
+    "float16 and float64": OrderedDict([("h", np.array([[1.5, -2.0, 65504.0]], np.float16)),
+                                        ("d", np.array([np.pi, -0.0, 1e300]))]),
+    "edge shapes": OrderedDict([("scalar", np.array(3.25, np.float32)), ("empty", np.zeros((0, 5), np.float32)),
+                                ("fortran", np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))),
+                                ("big-endian", np.arange(3, dtype=">f4")), ("ints", np.arange(5, dtype=np.int64))]),
+}
+
+
+@pytest.mark.parametrize("name", list(STATES))
+def test_arrayrecord_bytes_are_flowers_own_and_round_trip_exactly(name):
+    from flwr.app import Array
+
+    from common.adapter import from_arrayrecord, to_arrayrecord
+
+    state = STATES[name]
+    # Execute: our record, through Flower's wire form and back
+    record = to_arrayrecord(state)
+    back = from_arrayrecord(_through_flower(record))
+    # Assert: each Array holds exactly what Flower's Array(ndarray) holds (np.save bytes),
+    # and what comes back has the same names, order, dtype, shape and bytes as what went in
+    assert list(back) == list(state)
+    for k, v in state.items():
+        flower = Array(np.asarray(v, order="C"))
+        assert (record[k].dtype, record[k].shape, record[k].stype, record[k].data) == \
+            (flower.dtype, flower.shape, flower.stype, flower.data), k
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        assert back[k].tobytes() == np.ascontiguousarray(v).tobytes(), k
+        np.testing.assert_array_equal(back[k], flower.numpy())
+
+
+def test_arrays_from_a_record_are_read_only_views_of_its_bytes():
+    from common.adapter import from_arrayrecord, to_arrayrecord
+
+    record = to_arrayrecord(STATES["float32 LoRA pair"])
+    back = from_arrayrecord(record)
+    a = back["m.lora_A.weight"]
+    assert not a.flags.writeable and np.shares_memory(a, np.frombuffer(record["m.lora_A.weight"].data, np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        a[0, 0] = 1.0
+
+
+def test_payloads_that_are_not_plain_npy_take_flowers_own_path():
+    # Prepare: a Fortran-order .npy payload, a truncated one, and an unknown serialisation
+    import io
+
+    from flwr.app import Array, ArrayRecord
+
+    from common.adapter import from_arrayrecord
+
+    f = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    buf = io.BytesIO()
+    np.save(buf, f, allow_pickle=False)
+    good = Array(np.arange(4, dtype=np.float32))
+    # Execute / Assert: Fortran order decoded as np.load decodes it
+    back = from_arrayrecord(ArrayRecord({"f": Array("float32", (2, 3), "numpy.ndarray", buf.getvalue())}))
+    np.testing.assert_array_equal(back["f"], f)
+    # a truncated payload fails as Array.numpy() fails
+    with pytest.raises(ValueError):
+        from_arrayrecord(ArrayRecord({"t": Array("float32", (4,), "numpy.ndarray", good.data[:-4])}))
+    with pytest.raises(TypeError, match="Unsupported serialization type"):
+        from_arrayrecord(ArrayRecord({"x": Array("float32", (4,), "other", good.data)}))

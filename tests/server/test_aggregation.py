@@ -74,3 +74,67 @@ def test_bad_reply_is_rejected_with_reason(mutate, reason):
 def test_update_keeps_count_and_capped_weight():
     u = _update(0.0, 500, cap=64)
     assert isinstance(u, Update) and u.num_examples == 500 and u.weight == 64
+
+
+def _raw(delta, weight):
+    """An update as weighted_sum sees it, without validation (sizes beyond REF's)."""
+    return Update(delta=delta, num_examples=1, weight=weight, metrics={})
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 50])
+def test_weighted_sum_is_within_its_documented_bound_of_the_exact_sum(count):
+    # Prepare: random deltas of mixed sign and magnitude, non-integer weights; one tensor
+    # longer than a summation block (2^15 elements), one shorter.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(count)
+    sizes = {"a": (1 << 15) + 37, "b": 5}
+    updates = [_raw(OrderedDict((k, (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, n)).astype(np.float32))
+                                for k, n in sizes.items()), float(rng.uniform(0.1, 300)))
+               for _ in range(count)]
+    # Execute
+    got = weighted_sum(updates).total
+    # Assert: |got - exact| <= m u / (1 - m u) * sum |w x|, m = 2 + ceil(log2 K), u = 2^-24,
+    # on a sample of coordinates (exact rational arithmetic), including both ends of the block
+    m = 2 + int(np.ceil(np.log2(count)))
+    gamma = m * 2.0**-24 / (1 - m * 2.0**-24)
+    for k, idx in (("a", [0, 1, 4095, (1 << 15) - 1, 1 << 15, (1 << 15) + 36, *rng.integers(0, 1 << 15, 40)]),
+                   ("b", range(5))):
+        for i in idx:
+            exact = sum(Fraction(u.weight) * Fraction(float(u.delta[k][i])) for u in updates)
+            scale = sum(abs(Fraction(u.weight) * Fraction(float(u.delta[k][i]))) for u in updates)
+            assert abs(Fraction(float(got[k][i])) - exact) <= Fraction(gamma) * scale, (k, i)
+
+
+def test_weighted_sum_is_exact_for_integer_weights_and_values():
+    # Prepare: 33 updates (not a power of two) of small integers, integer weights;
+    # every partial sum is an integer far below 2^24, so float32 holds it exactly.
+    rng = np.random.default_rng(1)
+    deltas = [rng.integers(-100, 101, (3, 40000)).astype(np.float32) for _ in range(33)]
+    weights = [int(w) for w in rng.integers(1, 50, 33)]
+    # Execute
+    agg = weighted_sum([_raw(OrderedDict(x=d), float(w)) for d, w in zip(deltas, weights)])
+    # Assert: equal to the integer sum, shape and dtype kept
+    want = sum(w * d.astype(np.int64) for d, w in zip(deltas, weights))
+    assert agg.total["x"].dtype == np.float32 and agg.total["x"].shape == (3, 40000)
+    np.testing.assert_array_equal(agg.total["x"], want.astype(np.float32))
+    assert agg.weight == sum(weights) and agg.count == 33
+
+
+@pytest.mark.parametrize("where", [0, 1, 4097, 99_999])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_element_anywhere_is_rejected(where, bad):
+    ref = OrderedDict(x=np.zeros(100_000, np.float32))
+    delta = OrderedDict(x=np.ones(100_000, np.float32))
+    delta["x"][where] = bad
+    with pytest.raises(Rejected, match="NaN or Inf"):
+        validate_update(delta, _metrics(), reference=ref, expected_metrics=TRAIN_METRICS,
+                        max_examples=100, weight_of=weight_rule("examples", max_weight=1000))
+
+
+def test_huge_finite_values_are_accepted_although_their_squares_overflow():
+    ref = OrderedDict(x=np.zeros(4, np.float32))
+    delta = OrderedDict(x=np.array([3e38, -3e38, 1e30, 0], np.float32))
+    u = validate_update(delta, _metrics(), reference=ref, expected_metrics=TRAIN_METRICS,
+                        max_examples=100, weight_of=weight_rule("examples", max_weight=1000))
+    assert u.delta["x"] is delta["x"]
