@@ -36,6 +36,7 @@ test-fast: $(BIN)/fedlora
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(BIN)/fedlora
+	$(BIN)/python -m simulations.bench.server
 	$(BIN)/python -m simulations.bench.qlora
 	$(BIN)/python -m simulations.bench.tenant
 	$(BIN)/python -m simulations.bench.dp

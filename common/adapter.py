@@ -65,16 +65,16 @@ def to_arrayrecord(state: Mapping[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
     from flwr.common.constant import SType
 
-    out = OrderedDict()
+    record = ArrayRecord()  # filled in place: ArrayRecord(dict) would build every Array a second time
     for k, v in state.items():
         arr = np.asarray(v, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
-        header = _npy_header(arr.dtype, arr.shape) if type(arr.dtype)._legacy and not arr.dtype.hasobject else None
-        if header is None:
-            out[k] = Array(arr)
+        layout = _npy_header(arr.dtype, arr.shape) if type(arr.dtype)._legacy and not arr.dtype.hasobject else None
+        if layout is None:
+            record[k] = Array(arr)
         else:
-            out[k] = Array(dtype=str(arr.dtype), shape=tuple(int(d) for d in arr.shape), stype=SType.NUMPY,
-                           data=b"".join((header, arr)))
-    return ArrayRecord(out)
+            header, dtype_name, shape = layout
+            record[k] = Array(dtype=dtype_name, shape=shape, stype=SType.NUMPY, data=b"".join((header, arr)))
+    return record
 
 
 def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
@@ -107,17 +107,18 @@ def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
 
 
 @lru_cache(maxsize=1024)
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes | None:
-    """The ``.npy`` header ``np.save`` writes for a C-order array (format 1.0), or None."""
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str, tuple[int, ...]] | None:
+    """(the ``.npy`` header ``np.save`` writes for a C-order array (format 1.0), the dtype's
+    name, the shape as ints), or None where a 1.0 header cannot hold it."""
     from numpy.lib import format as npy
 
+    shape = tuple(int(d) for d in shape)
     fp = io.BytesIO()
     try:
-        npy.write_array_header_1_0(fp, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
-                                        "shape": tuple(int(d) for d in shape)})
+        npy.write_array_header_1_0(fp, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     except ValueError:  # too large for a 1.0 header: np.save would pick another version
         return None
-    return fp.getvalue()
+    return fp.getvalue(), str(dtype), shape
 
 
 def _npy_data_offset(data) -> int:

@@ -6,8 +6,10 @@ Both arms use the one training function (``client.train.train``) on the same syn
 tenant, the default config (embedded base, LoRA r=8 on all linear layers, batch 16,
 128 tokens); the DP arm adds ``client.privacy.LocalDP`` (Opacus, Poisson sampling,
 noise calibrated for the default target epsilon). Arms are interleaved ``--repeats``
-times so that machine load hits both alike; the ratio is of median seconds per step
-(timed inside ``train``, after the Opacus wrapping). Target: <= 1.15x.
+times (the order reversed on every other repeat) so that machine load hits both alike;
+each repeat's DP run is divided by the same repeat's non-DP run, and the median of those
+ratios is reported with their spread and the load average at start and end (seconds
+per step timed inside ``train``, after the Opacus wrapping). Target: <= 1.15x.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from common.offline import quiet_and_offline
+from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,23 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     arm(None)  # warm-up: allocator, kernels, Opacus import
     for mode in modes:
         arm(mode)
-    times: dict[str, list[float]] = {"no-dp": [], **{m: [] for m in modes}}
-    for _ in range(args.repeats):
-        times["no-dp"].append(arm(None))
-        for mode in modes:
-            times[mode].append(arm(mode))
-    base = statistics.median(times["no-dp"])
+    load0 = loadavg()
+    times = interleave({"no-dp": lambda: arm(None), **{m: (lambda m=m: arm(m)) for m in modes}}, args.repeats)
+    load1 = loadavg()
+    ratios = {m: ratio_summary(times[m], times["no-dp"]) for m in modes}
     summary = {
         "model": cfg.model.base, "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length,
         "noise_multiplier": sigma, "sample_rate": q, "threads": args.threads, "steps": args.steps,
         "repeats": args.repeats, "seconds_per_step": {k: statistics.median(v) for k, v in times.items()},
-        "ratio": {m: statistics.median(times[m]) / base for m in modes},
+        "ratio": {m: ratios[m]["median"] for m in modes}, "ratio_spread": ratios,
+        "load_start": load0, "load_end": load1,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dp.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     for m in modes:
-        print(f"DP-SGD ({m}) step / non-DP step: {summary['ratio'][m]:.3f}x (target <= 1.15x)")
+        r = ratios[m]
+        print(f"DP-SGD ({m}) step / non-DP step: {r['median']:.3f}x (target <= 1.15x; per-repeat "
+              f"{r['min']:.3f}-{r['max']:.3f}x, spread {r['spread_pct']:.1f} %)")
+    print(load_line(load0, load1))
     return 0
 
 

@@ -8,17 +8,25 @@
    process with the same functions (no Flower): the baseline.
 3. Reports federated / sequential wall time (target <= 1.5x) and the uplink bytes per
    tenant-round over the full model's bytes.
+
+The two arms alternate run by run, ``--repeats`` times, the order reversed every other
+repeat (the sequential arm reads the tenant files the first federated run wrote); the
+ratio is the median of each repeat's federated / sequential, reported with its spread and
+the load average at start and end. ``--set`` shrinks the scenario for a quick run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import time
 from pathlib import Path
 
 from common.offline import quiet_and_offline
 from common.records import read_rounds, read_summary
+from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 
 def sequential(cfg, data_dir: Path, rounds: int) -> float:
@@ -61,35 +69,56 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", default="default")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each arm (median reported)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
-    run_dir = (args.out / "federation_run").resolve()
-    cfg = resolve(args.scenario, {**parse_overrides(args.set), "run.baselines": False, "dpo.enabled": False,
-                                  "publish.enabled": False}, str(run_dir))
-    simulate(cfg)
-    timings = json.loads((run_dir / "timings.json").read_text())
+    load0 = loadavg()
+    runs: list[tuple[Path, object]] = []
+
+    def federated() -> float:
+        run_dir = (args.out / "federation_run" / f"repeat{len(runs)}").resolve()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cfg = resolve(args.scenario, {**parse_overrides(args.set), "run.baselines": False, "dpo.enabled": False,
+                                      "publish.enabled": False}, str(run_dir))
+        simulate(cfg)
+        runs.append((run_dir, cfg))
+        return json.loads((run_dir / "timings.json").read_text())["federated_seconds"]
+
+    def sequential_run() -> float:
+        if not runs:  # the sequential arm needs the tenant files a federated run writes
+            federated()
+        run_dir, cfg = runs[0]
+        return sequential(cfg, run_dir / "data", read_summary(run_dir).rounds)
+
+    t = interleave({"federated": federated, "sequential": sequential_run}, args.repeats)
+    load1 = loadavg()
+    ratio = ratio_summary(t["federated"], t["sequential"])
+    run_dir, cfg = runs[0]
     fed = read_summary(run_dir)
     tenant_rounds = sum(len(r.finished) for r in read_rounds(run_dir))
-    seq = sequential(cfg, run_dir / "data", fed.rounds)
     from common.model import embedded_base_dir, resolve_base
 
     base_dir = Path(resolve_base(cfg.model.base)) if cfg.model.base != "embedded" else embedded_base_dir()
     full_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     summary = {
-        "federated_seconds": timings["federated_seconds"],
-        "sequential_seconds": seq,
-        "overhead_ratio": timings["federated_seconds"] / seq,
+        "federated_seconds": statistics.median(t["federated"]),
+        "sequential_seconds": statistics.median(t["sequential"]),
+        "overhead_ratio": ratio["median"], "ratio_spread": ratio, "repeats": args.repeats,
+        "runs": t,
         "uplink_bytes_per_tenant_round": fed.bytes_up / tenant_rounds,
         "full_model_bytes": full_bytes,
         "uplink_over_full_model": fed.bytes_up / tenant_rounds / full_bytes,
-        "rounds": fed.rounds, "tenant_rounds": tenant_rounds,
+        "rounds": fed.rounds, "tenant_rounds": tenant_rounds, "load_start": load0, "load_end": load1,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "federation.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"federated / sequential wall time: {summary['overhead_ratio']:.2f}x (target <= 1.5x); uplink per "
-          f"tenant-round {summary['uplink_bytes_per_tenant_round'] / 1e6:.3f} MB = "
+    print(f"federated / sequential wall time: {summary['overhead_ratio']:.2f}x (target <= 1.5x; per repeat "
+          f"{ratio['min']:.2f}-{ratio['max']:.2f}x, spread {ratio['spread_pct']:.1f} %, {args.repeats} repeats); "
+          f"uplink per tenant-round {summary['uplink_bytes_per_tenant_round'] / 1e6:.3f} MB = "
           f"{100 * summary['uplink_over_full_model']:.2f} % of the full model")
+    print(load_line(load0, load1))
     return 0
 
 

@@ -13,7 +13,10 @@ aggregation. Every message is serialized to Flower's protobuf form and back in b
 directions (as the simulation engine does), and bytes are counted on that form. Tenants
 run one after another, or ``--parallel N`` at a time (threads) as the simulation engine
 runs N ClientApps at once; Flower's polling waits between exchanges are not included.
-Prints a Markdown table; ``--json`` writes the numbers.
+Plain and secure rounds (or runs, on the simulation engine) alternate, the order reversed
+every other repeat; the ratio is the median of the repeats' secure / plain, with its
+spread. Prints a Markdown table and the load average at start and end; ``--json`` writes
+the numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from logging import WARNING
 from pathlib import Path
 
 from common.offline import quiet_and_offline
+from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 import numpy as np
 
@@ -114,7 +118,8 @@ def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, paralle
     from common.secagg import quantizer_for
     from server.aggregation import FedAvg
     from server.records import RoundRecorder
-    from server.secagg import make_strategy
+    from server.secagg import SecAggTransport
+    from server.strategy import FedLoraStrategy
 
     fed = FederationConfig(min_train_nodes=2, fraction_evaluate=0.0, max_weight=1024)
     sec = SecAggConfig(enabled=secure, neighbours=neighbours)
@@ -127,7 +132,8 @@ def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, paralle
              for i in range(tenants)}
     grid = _Grid(nodes, parallel)
     with tempfile.TemporaryDirectory() as tmp:
-        strategy = make_strategy(fed, FedAvg(), RoundRecorder(tmp, save=lambda *a: None), secagg=sec, seed=0)
+        transport = SecAggTransport(sec, q, seed=0) if secure else None  # None: the plain transport
+        strategy = FedLoraStrategy(fed, FedAvg(), RoundRecorder(tmp, save=lambda *a: None), transport=transport, seed=0)
         start = time.perf_counter()
         strategy.start(grid=grid, initial_arrays=to_arrayrecord(base), num_rounds=1, timeout=60)
         seconds = time.perf_counter() - start
@@ -135,15 +141,24 @@ def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, paralle
 
 
 def bench(tenants: int, floats: int, repeats: int, neighbours: int = 0, parallel: int = 1) -> dict:
-    plain, secure = [], []
+    """Plain and secure rounds interleaved (order reversed every other repeat); the ratio
+    is the median of each repeat's secure / plain, with its spread."""
     _round(False, tenants, floats, 0, parallel), _round(True, tenants, floats, neighbours, parallel)  # warm-up
-    for _ in range(repeats):
-        plain.append(_round(False, tenants, floats, 0, parallel))
-        secure.append(_round(True, tenants, floats, neighbours, parallel))
-    p, s = statistics.median(t for t, _ in plain), statistics.median(t for t, _ in secure)
+    runs: dict[str, list] = {"plain": [], "secure": []}
+
+    def arm(secure: bool):
+        def run() -> float:
+            seconds, size = _round(secure, tenants, floats, neighbours if secure else 0, parallel)
+            runs["secure" if secure else "plain"].append(size)
+            return seconds
+        return run
+
+    t = interleave({"plain": arm(False), "secure": arm(True)}, repeats)
+    ratio = ratio_summary(t["secure"], t["plain"])
     return {"tenants": tenants, "neighbours": neighbours or tenants - 1, "floats": floats,
-            "plain_seconds": p, "secure_seconds": s, "ratio": s / p,
-            "plain_bytes_per_tenant": plain[0][1], "secure_bytes_per_tenant": secure[0][1]}
+            "plain_seconds": statistics.median(t["plain"]), "secure_seconds": statistics.median(t["secure"]),
+            "ratio": ratio["median"], "ratio_spread": ratio,
+            "plain_bytes_per_tenant": runs["plain"][0], "secure_bytes_per_tenant": runs["secure"][0]}
 
 
 def _adapter_rank_for(floats: int) -> int:
@@ -177,19 +192,30 @@ def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int,
 
 
 def main_simulation(args) -> int:
+    load0 = loadavg()
     rank = _adapter_rank_for(args.floats)
     out = Path(args.out or tempfile.mkdtemp(prefix="fedlora-bench-secagg-"))
     rows = []
     for n in args.tenants:
-        plain = simulation_round_seconds(n, False, rank, args.rounds, out)
-        secure = simulation_round_seconds(n, True, rank, args.rounds, out)
-        rows.append({"tenants": n, "rank": rank, "plain_seconds": plain["seconds"],
-                     "secure_seconds": secure["seconds"], "ratio": secure["seconds"] / plain["seconds"],
-                     "plain_bytes_per_tenant": plain["bytes_per_tenant"],
-                     "secure_bytes_per_tenant": secure["bytes_per_tenant"]})
+        got: dict[str, list[dict]] = {"plain": [], "secure": []}
+
+        def arm(secure: bool):
+            def run() -> float:
+                r = simulation_round_seconds(n, secure, rank, args.rounds, out / f"repeat{len(got['plain'])}")
+                got["secure" if secure else "plain"].append(r)
+                return r["seconds"]
+            return run
+
+        t = interleave({"plain": arm(False), "secure": arm(True)}, args.repeats or 1)
+        ratio = ratio_summary(t["secure"], t["plain"])
+        rows.append({"tenants": n, "rank": rank, "plain_seconds": statistics.median(t["plain"]),
+                     "secure_seconds": statistics.median(t["secure"]), "ratio": ratio["median"],
+                     "ratio_spread": ratio, "plain_bytes_per_tenant": got["plain"][0]["bytes_per_tenant"],
+                     "secure_bytes_per_tenant": got["secure"][0]["bytes_per_tenant"]})
     _report(rows, [("tenants", lambda r: r["tenants"]),
                    ("LoRA rank (floats)", lambda r: f"{r['rank']} (~{args.floats:,})"),
                    *_timing_columns(2, "tenant-round")], args.json)
+    print(load_line(load0, loadavg()))
     return 0
 
 
@@ -198,6 +224,8 @@ def _timing_columns(decimals: int, per: str) -> list:
     return [("plain round s", lambda r: f"{r['plain_seconds']:.{decimals}f}"),
             ("secure round s", lambda r: f"{r['secure_seconds']:.{decimals}f}"),
             ("secure / plain", lambda r: f"{r['ratio']:.2f}x"),
+            ("ratio min-max (spread)", lambda r: f"{r['ratio_spread']['min']:.2f}-{r['ratio_spread']['max']:.2f}x "
+                                                 f"({r['ratio_spread']['spread_pct']:.0f} %)"),
             (f"plain bytes/{per}", lambda r: f"{r['plain_bytes_per_tenant']:,.0f}"),
             (f"secure bytes/{per}", lambda r: f"{r['secure_bytes_per_tenant']:,.0f}")]
 
@@ -218,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, nargs="+", default=[4, 10])
     p.add_argument("--floats", type=int, default=1_000_000, help="adapter size in floats")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds of each kind (median reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats of each kind, median reported (grid: timed rounds, default 3; "
+                        "simulation: runs, default 1)")
     p.add_argument("--neighbours", type=int, default=0, help="secagg.neighbours (0 = every other tenant)")
     p.add_argument("--parallel", type=int, default=1, help="tenants served at once (simulation: CPUs per tenant)")
     p.add_argument("--json", help="also write the results to this file")
@@ -237,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
 
     FLOWER_LOGGER.setLevel(WARNING)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # messages outside a run
-    rows = [bench(n, args.floats, args.repeats, args.neighbours, args.parallel) for n in args.tenants]
+    load0 = loadavg()
+    rows = [bench(n, args.floats, args.repeats or 3, args.neighbours, args.parallel) for n in args.tenants]
     _report(rows, [("tenants", lambda r: r["tenants"]), ("neighbours", lambda r: r["neighbours"]),
                    ("floats", lambda r: f"{r['floats']:,}"), *_timing_columns(3, "tenant")], args.json)
+    print(load_line(load0, loadavg()))
     return 0
 
 
