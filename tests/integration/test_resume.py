@@ -50,6 +50,7 @@ def _processes_of(run_dir: Path) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(2700)  # three tiny runs; 15 min on 2 busy cores
 def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_run(tmp_path):
     # Prepare: an uninterrupted reference run
     ref = subprocess.run(_cmd("--run-dir", str(tmp_path / "ref"), *TINY), capture_output=True, text=True,
