@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
@@ -97,8 +98,7 @@ def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
         if layout is None:
             out[k] = v.numpy()
             continue
-        dtype, shape, offset = layout
-        count = int(np.prod(shape, dtype=np.int64))
+        dtype, shape, offset, count = layout
         if count == 0 or len(data) - offset < count * dtype.itemsize:
             out[k] = v.numpy()
         else:
@@ -133,8 +133,8 @@ def _npy_data_offset(data) -> int:
 
 
 @lru_cache(maxsize=1024)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
-    """(dtype, shape, data offset) from a ``.npy`` header as ``np.load`` reads it, or None
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int, int] | None:
+    """(dtype, shape, data offset, element count) from a ``.npy`` header as ``np.load`` reads it, or None
     where ``np.load`` must decide (Fortran order, object dtypes, unknown versions, errors)."""
     from numpy.lib import format as npy
 
@@ -149,7 +149,7 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
         return None
     if fortran or dtype.hasobject or fp.tell() != len(header):
         return None
-    return dtype, tuple(shape), len(header)
+    return dtype, tuple(shape), len(header), math.prod(shape)
 
 
 def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
