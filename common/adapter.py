@@ -47,7 +47,9 @@ def set_state(model, state: Mapping[str, np.ndarray]) -> None:
         arr = np.asarray(state[k])
         if tuple(arr.shape) != tuple(ref.shape):
             raise ValueError(f"adapter tensor {k}: shape {arr.shape} != expected {tuple(ref.shape)}")
-        tensors[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+        arr = np.ascontiguousarray(arr)
+        # read-only views (from_arrayrecord) are copied: torch refuses to share non-writable memory
+        tensors[k] = (torch.from_numpy(arr) if arr.flags.writeable else torch.tensor(arr)).to(ref.dtype)
     result = set_peft_model_state_dict(model, tensors)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
