@@ -29,12 +29,11 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from common import messages as keys
 from common import secagg_crypto as crypto
@@ -257,8 +256,7 @@ class SecAggTransport(Transport):
 
     @staticmethod
     def _drop(out: SecAggOutcome, stage: str, node: int, reason: str) -> None:
-        name = wire.STAGE_NAMES[stage]
-        log(WARNING, "Secure aggregation: node %d dropped in %s: %s", node, name, reason)
+        name = wire.STAGE_NAMES[stage]  # logged once, by the strategy, with the round
         out.dropped[name].append({"node": node, "reason": f"{name}: {reason}"})
 
     @staticmethod

@@ -44,10 +44,6 @@ class Collected:
     failure: str | None = None            # why the round produced no aggregate, if it failed
     report: dict | None = None            # the transport's own record (secure aggregation summary)
 
-    @property
-    def empty(self) -> bool:
-        return not self.updates and self.total is None
-
 
 def sender(sent: list[Message], reply: Message) -> int:
     """The node a reply answers for. An error reply made by the SuperLink (e.g. "Node
