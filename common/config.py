@@ -87,12 +87,19 @@ class TrainConfig:
     seed: int = _opt(0, "seed", lo=0)
     # Torch CPU threads (0 keeps torch's default).
     threads: int = _opt(0, "CPU threads (0 = default)", lo=0)
+    # Recompute activations in the backward pass instead of keeping them (reentrant, so
+    # Opacus' hooks still see every layer): less memory for large bases, ~30 % more time.
+    gradient_checkpointing: bool = _opt(False, "gradient checkpointing (less memory, more time)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Tenant file format: alpaca (instruction/input/output), chat (messages), or auto.
     format: str = _opt("auto", "JSONL format", choices=("auto", "alpaca", "chat"))
+    # How rows become token sequences: "chat" renders every row through the base
+    # tokenizer's chat template, "alpaca" through the fixed ### Instruction template,
+    # "auto" uses the chat template when the base's tokenizer has one.
+    template: str = _opt("auto", "prompt template", choices=("auto", "chat", "alpaca"))
     # Directory holding tenant_XXX/{train,holdout}.jsonl in simulation (empty: the
     # simulate command fills it with synthetic tenants). Deployment nodes use the
     # node config's data-path instead.
