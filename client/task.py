@@ -19,6 +19,7 @@ from common.adapter import get_state, set_state, subtract
 from common.config import Config
 from common.data import Example, Tokenized, holdout_for, read_examples, tenant_paths, tokenize_examples
 from common.evaluate import evaluate
+from common.templates import PromptFormat, make_format
 from common.model import Loaded, load_model, set_threads
 
 
@@ -48,6 +49,7 @@ class TenantData:
     train: list[Example]
     holdout: list[Example]
     tokenized: Tokenized
+    template: PromptFormat | None = None  # data.template for this base (None: auto)
 
 
 def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> Tenant:
@@ -85,12 +87,13 @@ def session(cfg: Config) -> Loaded:
 
 
 def tenant_data(tenant: Tenant, cfg: Config, tokenizer) -> TenantData:
-    key = (tenant, cfg.data)
+    key = (tenant, cfg.data, cfg.model.base)
     if key not in _DATA:
+        template = make_format(cfg.data, tokenizer)
         train = read_examples(tenant.train_path, fmt=cfg.data.format)
         holdout = read_examples(tenant.holdout_path, fmt=cfg.data.format) if tenant.holdout_path else []
-        tok = tokenize_examples(train, tokenizer, max_length=cfg.data.max_length)
-        _DATA[key] = TenantData(tenant, train, holdout, tok)
+        tok = tokenize_examples(train, tokenizer, max_length=cfg.data.max_length, template=template)
+        _DATA[key] = TenantData(tenant, train, holdout, tok, template)
     return _DATA[key]
 
 
@@ -150,7 +153,7 @@ def evaluate_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, 
     start = time.perf_counter()
     set_state(loaded.model, global_state)
     m = evaluate(loaded.model, loaded.tokenizer, data.holdout, cfg.eval, max_length=cfg.data.max_length,
-                 device=loaded.device)
+                 device=loaded.device, template=data.template or make_format(cfg.data, loaded.tokenizer))
     return {
         keys.NUM_EXAMPLES: m.n,
         keys.TENANT: data.tenant.tenant_id,

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 from common.config import Config
-from common.data import Example, format_prompt, read_examples, read_preferences, tenant_paths
+from common.data import Example, read_examples, read_preferences, tenant_paths
+from common.templates import PromptFormat, make_format
 from server.release.stages import ReleaseInputs
 from server.release.tables import dpo_table, merge_line
 
-# Prompts the merge check uses when the run has no preference holdout to draw from.
-FALLBACK_PROMPTS = (
-    format_prompt("Extract the visit as JSON.", "Maria Lopez, 54, was seen for asthma and given salbutamol."),
-    format_prompt("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
-    format_prompt("Say hello."),
+# Requests (instruction, input) the merge check uses when the run has no preference holdout.
+FALLBACK_REQUESTS = (
+    ("Extract the visit as JSON.", "Maria Lopez, 54, was seen for asthma and given salbutamol."),
+    ("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
+    ("Say hello.", ""),
 )
 
 
@@ -31,12 +32,17 @@ def tenant_holdouts(cfg: Config) -> dict[str, list[Example]]:
     return out
 
 
-def merge_prompts(cfg: Config, n: int = 8) -> tuple[str, ...]:
-    """Prompts for the merge check: held-out preference prompts, else fixed ones."""
+def merge_prompts(cfg: Config, n: int = 8, *, template: PromptFormat | None = None) -> tuple[str, ...]:
+    """Prompts for the merge check, formatted as the run formats them (``data.template``):
+    held-out preference requests, else fixed ones."""
+    if template is None:
+        from common.model import load_tokenizer
+
+        template = make_format(cfg.data, load_tokenizer(cfg.model.base))
     path = Path(cfg.data.dir) / "preferences" / "holdout.jsonl" if cfg.data.dir else None
     if path is not None and path.is_file():
-        return tuple(p.prompt for p in read_preferences(path)[:n])
-    return FALLBACK_PROMPTS
+        return tuple(template.generation_prompt(p.request()) for p in read_preferences(path)[:n])
+    return tuple(template.prompt(instruction, inp) for instruction, inp in FALLBACK_REQUESTS)
 
 
 def federated_em(run_dir: Path) -> dict[str, float] | None:

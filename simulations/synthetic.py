@@ -20,7 +20,6 @@ import random
 from pathlib import Path
 
 from common.config import DataConfig, EvalConfig
-from common.data import format_prompt
 from simulations.domains import (CLINIC, CURRENCIES, DOMAINS, FLAG_CODES, FLAG_PHRASES, INSTRUCTIONS, LAB,
                                  LOAN_TERMS, MERCHANT_PREFIXES, MERCHANT_TYPES, PURPOSES, TASK_FIELDS,
                                  _bucket, _dumps, _facts, _name, _num, _prose, _rng, _summary, _task_answer)
@@ -208,10 +207,11 @@ def _distractor(domain: str, facts: dict, rng: random.Random) -> tuple[str, str,
 
 
 def preference_pairs(*, n: int, seed: int, split: str) -> list[dict]:
-    """``n`` preference rows ``{"prompt", "chosen", "rejected"}`` over all four domains.
+    """``n`` preference rows ``{"prompt", "input", "chosen", "rejected"}`` over all four domains.
 
-    The prompt is the formatted task prompt, ``chosen`` the correct JSON. Half the pairs are
-    hard cases the tenants' data never shows: the record names a second value of one field
+    ``prompt`` is the task instruction and ``input`` the record, as in an Alpaca row (the
+    run's prompt format templates them when DPO uses them), ``chosen`` the correct JSON.
+    Half the pairs are hard cases the tenants' data never shows: the record names a second value of one field
     (:func:`_distractor`) and ``rejected`` takes it. In the other half ``rejected`` is a
     plausible wrong answer (a wrong value in one field, preferring a near miss; a missing
     field; invalid JSON; prose instead of JSON), cycling through those kinds. "train" and "holdout" come
@@ -237,7 +237,7 @@ def preference_pairs(*, n: int, seed: int, split: str) -> list[dict]:
         else:
             kind = _REJECT_KINDS[(i // 2) % len(_REJECT_KINDS)]
             rejected = _rejected(domain, facts, prose, kind, rng)
-        rows.append({"prompt": format_prompt(instruction, prose), "chosen": _dumps(answer), "rejected": rejected})
+        rows.append({"prompt": instruction, "input": prose, "chosen": _dumps(answer), "rejected": rejected})
     rng.shuffle(rows)
     return rows
 

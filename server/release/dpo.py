@@ -11,6 +11,10 @@ log-probabilities of chosen vs rejected answers, before and after:
 * log-prob margin: mean ``log p(chosen) - log p(rejected)``;
 * reward margin / reward accuracy: DPO's implicit reward
   ``beta * (log p(y) - log p_ref(y))``, chosen minus rejected (0 before, by definition).
+
+Preference prompts are users' requests; the run's prompt format (``data.template``) turns
+them into the prompt TRL trains on and into the conversations scored here, so DPO sees
+the same text as training and evaluation.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 import torch
 
 from common.config import Config
-from common.data import IGNORE_INDEX, Example, Preference, collate, read_preferences, tokenize_examples
+from common.data import IGNORE_INDEX, Preference, collate, read_preferences, tokenize_examples
+from common.templates import PromptFormat, make_format
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,17 @@ class DPOReport:
 
 @torch.no_grad()
 def sequence_logps(model, tokenizer, pairs: list[Preference], *, max_length: int, batch_size: int = 16,
-                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-probabilities of the chosen and of the rejected answers (incl. EOS),
-    each given its prompt, tokenized exactly as fedlora trains and evaluates."""
+                   device: torch.device | str = "cpu", template: PromptFormat | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probabilities of the chosen and of the rejected answers (incl. their
+    end-of-turn token), each given its prompt, tokenized exactly as fedlora trains and
+    evaluates (``template``; default ``data.template=auto`` for this tokenizer)."""
     model.eval()
+    template = template or make_format("auto", tokenizer)
     out = []
     for side in ("chosen", "rejected"):
-        tok = tokenize_examples([Example(p.prompt, getattr(p, side)) for p in pairs], tokenizer,
-                                max_length=max_length)
+        tok = tokenize_examples([p.example(side) for p in pairs], tokenizer, max_length=max_length,
+                                template=template)
         sums: list[float] = []
         for s in range(0, len(tok), batch_size):
             ids, mask, lab = collate(tok.input_ids[s:s + batch_size], tok.labels[s:s + batch_size],
@@ -101,10 +109,17 @@ def score(chosen: np.ndarray, rejected: np.ndarray, ref_chosen: np.ndarray, ref_
                             reward_margin=float(np.mean(rewards)), n=int(len(chosen)))
 
 
-def _dataset(pairs: list[Preference]):
+def dpo_rows(pairs: list[Preference], template: PromptFormat) -> list[dict[str, str]]:
+    """TRL's rows: the templated prompt and each answer as the model writes it after it."""
+    return [{"prompt": template.generation_prompt(p.request()),
+             "chosen": template.completion(p.example("chosen")),
+             "rejected": template.completion(p.example("rejected"))} for p in pairs]
+
+
+def _dataset(pairs: list[Preference], template: PromptFormat):
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    return Dataset.from_list(dpo_rows(pairs, template))
 
 
 def _trainer_args(cfg: Config, output_dir: Path, device: torch.device):
@@ -161,16 +176,17 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
     start = time.perf_counter()
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(cfg.model.base)
+    template = make_format(cfg.data, tokenizer)
     aggregate = load_adapter_file(adapter_dir)
     model = PeftModel.from_pretrained(load_base(cfg.model, for_training=True), str(adapter_dir), is_trainable=True)
-    measure = dict(max_length=cfg.dpo.max_length, device=device)
+    measure = dict(max_length=cfg.dpo.max_length, device=device, template=template)
     ref_c, ref_r = sequence_logps(model, tokenizer, preferences.holdout, **measure)
     before = score(ref_c, ref_r, ref_c, ref_r, beta=cfg.dpo.beta)
 
     with warnings.catch_warnings():  # transformers renamed gradient_checkpointing; TRL still uses the old names
         warnings.simplefilter("ignore", FutureWarning)
         trainer = DPOTrainer(model=model, args=_trainer_args(cfg, Path(output_dir), device),
-                             train_dataset=_dataset(preferences.train), processing_class=tokenizer)
+                             train_dataset=_dataset(preferences.train, template), processing_class=tokenizer)
         trainer.remove_callback(PrinterCallback)  # keep TRL's per-run metrics dump off the console
         for p in model.parameters():  # TRL casts LoRA weights on a 4-bit base to bf16: slow and lossy on CPU
             if p.requires_grad and p.dtype != torch.float32 and device.type == "cpu":

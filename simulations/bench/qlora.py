@@ -39,7 +39,7 @@ def prepare(precision: str, steps: int, batch_size: int, warmup: int) -> dict:
     """Load one variant, run its warm-up steps; returns its step function and memory."""
     from client.train import make_loader
     from common.config import parse_config
-    from common.data import Example, format_prompt, tokenize_examples
+    from common.data import Example, tokenize_examples
     from common.model import load_model
     from simulations.synthetic import tenant_split
 
@@ -49,7 +49,7 @@ def prepare(precision: str, steps: int, batch_size: int, warmup: int) -> dict:
     loaded = load_model(cfg.model, cfg.adapter)
     base_bytes = loaded.model.get_base_model().get_memory_footprint()
     rows = tenant_split(0, split="train", n=256, own_fraction=0.85, seed=0)
-    data = tokenize_examples([Example(format_prompt(r["instruction"], r["input"]), r["output"]) for r in rows],
+    data = tokenize_examples([Example.from_alpaca(r["instruction"], r["input"], r["output"]) for r in rows],
                              loaded.tokenizer, max_length=cfg.data.max_length)
     loader = make_loader(data, batch_size, loaded.tokenizer.pad_token_id, seed=0)
     batches = [b for _, b in zip(range(steps + warmup), iter(_cycle(loader)))]

@@ -8,12 +8,12 @@ import torch
 from client.train import train
 from common.adapter import get_state
 from common.config import parse_config
-from common.data import Example, format_prompt, tokenize_examples
+from common.data import Example, tokenize_examples
 from common.model import ModelNotFoundError, count_parameters, load_model, resolve_base
 
 
 def _batch(tok):
-    ex = [Example(format_prompt("Extract the visit as JSON.", f"Patient {n}, age {n + 20}."), f'{{"age": {n + 20}}}')
+    ex = [Example.from_alpaca("Extract the visit as JSON.", f"Patient {n}, age {n + 20}.", f'{{"age": {n + 20}}}')
           for n in range(8)]
     return tokenize_examples(ex, tok, max_length=64)
 

@@ -14,8 +14,6 @@ from simulations import domains
 from simulations import synthetic as syn
 
 BASE_DIR = Path(syn.__file__).resolve().parent / "base_model"
-PROMPT_HEAD = "### Instruction:\n"
-PROMPT_TAIL = "\n\n### Response:\n"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -148,12 +146,8 @@ def test_preference_pairs_well_formed():
     assert train == syn.preference_pairs(n=64, seed=0, split="train")
     kinds = Counter()
     for row in train + hold:
-        assert set(row) == {"prompt", "chosen", "rejected"}
-        p = row["prompt"]
-        assert p.startswith(PROMPT_HEAD) and p.endswith(PROMPT_TAIL) and "\n\n### Input:\n" in p
-        instruction = p[len(PROMPT_HEAD):p.index("\n\n### Input:\n")]
-        record = p[p.index("\n\n### Input:\n") + len("\n\n### Input:\n"):-len(PROMPT_TAIL)]
-        example = {"instruction": instruction, "input": record, "output": row["chosen"]}
+        assert set(row) == {"prompt", "input", "chosen", "rejected"}
+        example = {"instruction": row["prompt"], "input": row["input"], "output": row["chosen"]}
         _check_row(example)
         assert row["rejected"] != row["chosen"]
         try:
@@ -164,8 +158,8 @@ def test_preference_pairs_well_formed():
         assert rej != json.loads(row["chosen"])
         kinds["missing" if len(rej) < len(syn.TASK_FIELDS[syn.domain_of(example)]) else "wrong_value"] += 1
     assert kinds["invalid_or_prose"] and kinds["missing"] and kinds["wrong_value"]
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in hold}
-    assert Counter(syn.domain_of({"instruction": r["prompt"].split("\n")[1]}) for r in train) == \
+    assert not {r["input"] for r in train} & {r["input"] for r in hold}
+    assert Counter(syn.domain_of({"instruction": r["prompt"]}) for r in train) == \
         {d: 16 for d in syn.DOMAINS}
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 
 from common.config import parse_config
-from common.data import format_prompt
 from common.evaluate import generate
+from common.model import load_tokenizer
+from common.templates import make_format
 from server.release.hotswap import HotSwap
 from server.release.merge import max_abs_diff, merge, prompt_logits
 from tests.server.adapters import write_noisy_adapter
 
 pytestmark = pytest.mark.slow  # each test trains or loads several models
 
-PROMPTS = [format_prompt("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
-           format_prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
-           format_prompt("Say hello.")]
+_FORMAT = make_format(parse_config({}).data, load_tokenizer("embedded"))  # hot-swap takes formatted prompts
+PROMPTS = [_FORMAT.prompt("Extract the transaction as JSON.", "Card ending 0463 - 12.50 EUR at Maple Cafe."),
+           _FORMAT.prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
+           _FORMAT.prompt("Say hello.")]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from common.config import parse_config
-from common.data import format_prompt
+from common.model import load_tokenizer
+from common.templates import make_format
 from server.release.merge import MERGE_FILE, max_abs_diff, merge, prompt_logits, read_report
 from tests.server.adapters import write_noisy_adapter
 
-PROMPTS = [format_prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
-           format_prompt("Say hello.")]
+_FORMAT = make_format(parse_config({}).data, load_tokenizer("embedded"))  # the run's format, upstream of merge
+PROMPTS = [_FORMAT.prompt("Extract the visit as JSON.", "Anna Kim, 41, has asthma; given salbutamol."),
+           _FORMAT.prompt("Say hello.")]
 
 
 @pytest.fixture(scope="module")
