@@ -34,3 +34,66 @@ def small_cfg():
     from common.config import parse_config
 
     return parse_config({"train.local-steps": 4, "train.batch-size": 8, "eval.batch-size": 24})
+
+
+# ChatML, as Qwen2 / SmolLM2 instruct tokenizers write it: every turn
+# "<|im_start|>{role}\n{content}<|im_end|>\n", and "<|im_start|>assistant\n" as the
+# generation prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def chatml_tokenizer(*, eos_is_im_end: bool = False):
+    """The embedded base's tokenizer with ``<|im_start|>``/``<|im_end|>`` added as special
+    tokens (ids 3072, 3073) and a ChatML chat template; ``eos_is_im_end`` makes
+    ``<|im_end|>`` its EOS, as in Qwen2-Instruct."""
+    from common.model import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    if eos_is_im_end:
+        tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def build_qwen2_chat_base(out_dir, *, seed: int = 0):
+    """A tiny randomly initialised Qwen2 model (another architecture family than the
+    embedded Llama-style base: its own module names, grouped-query attention, q/k/v
+    biases) saved with its tokenizer into ``out_dir``, usable as ``model.base=<out_dir>``.
+
+    The tokenizer has a ChatML chat template (so ``data.template=auto`` picks the chat
+    template) and ``<|im_end|>`` as EOS; the generation config stops at ``<|im_end|>`` and
+    ``</s>``. About 0.5 M parameters; builds in well under a second.
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    tok = chatml_tokenizer(eos_is_im_end=True)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=im_end, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [im_end, tok.convert_tokens_to_ids("</s>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen2_chat_base(tmp_path_factory):
+    """Directory of a tiny random Qwen2 base with a ChatML tokenizer (see
+    :func:`build_qwen2_chat_base`): pass it as ``model.base``, e.g.
+    ``parse_config({"model.base": str(qwen2_chat_base)})``."""
+    return build_qwen2_chat_base(tmp_path_factory.mktemp("qwen2_chat_base"))
