@@ -319,7 +319,24 @@ def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = 
     rc = write_run_config(cfg, run_dir / "run_config.toml")
     log = log or run_dir / "flower.log"
     timeout = timeout or cfg.federation.round_timeout * cfg.federation.rounds * 3 + 600
-    submit_run(rc, flwr_home=flwr_home, log=log, timeout=timeout, on_line=on_line, env_extra=env_extra)
+    try:
+        submit_run(rc, flwr_home=flwr_home, log=log, timeout=timeout, on_line=on_line, env_extra=env_extra)
+    except DeploymentError as err:
+        raise DeploymentError(f"{err}{_how_to_continue(run_dir)}") from None
     if not (run_dir / "FEDERATION_DONE").is_file():
-        raise DeploymentError(f"the run ended without a final adapter in {run_dir}; see {log}")
+        raise DeploymentError(f"the run ended without a final adapter in {run_dir}; see {log}"
+                              f"{_how_to_continue(run_dir)}")
     return report_deployment(run_dir, cfg)
+
+
+def _how_to_continue(run_dir: Path) -> str:
+    """The resume command, when the ServerApp stopped after a complete round (crash, kill, lost node)."""
+    from simulations.cli.resume import resumable
+
+    if not resumable(run_dir):
+        return ""
+    from common.records import read_rounds
+
+    last = read_rounds(run_dir)[-1].round
+    return (f"\nround {last} is the last complete one and its checkpoint is kept; continue with: "
+            f"fedlora deploy run --superlink ... --ca ... --resume {run_dir}")

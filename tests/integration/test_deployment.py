@@ -1,9 +1,11 @@
 """End to end on Flower's Deployment Engine on 127.0.0.1: TLS, node authentication, tenant nodes.
 
 One SuperLink (TLS, ``--enable-supernode-auth``, SQLite state) serves the whole module. Three
-registered tenant SuperNodes, each with its own JSONL file, run 2 rounds of the real apps on
-the tiny base; one tenant's SuperNode is killed after round 1 and the run completes with the
-other two. A node with an unregistered key and a node without the CA are refused. Every
+registered tenant SuperNodes, each with its own JSONL file, run 3 rounds of the real apps on
+the tiny base; one tenant's SuperNode is killed after round 1 and round 2 completes with the
+other two; the ServerApp is killed after round 2 and ``--resume`` (a new Flower run on the same
+SuperLink) finishes round 3 from round 2's checkpoint. A node with an unregistered key and a
+node without the CA are refused. Every
 process the module starts carries a tag in its environment; the fixture kills all of them,
 also when a test fails, and the last test proves none is left.
 """
@@ -49,45 +51,88 @@ def federation(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(federation, tmp_path_factory):
-    """2 rounds; the SuperNode of tenant ``KILLED`` is SIGKILLed as soon as round 1 is recorded."""
+    """3 rounds: tenant ``KILLED``'s SuperNode is SIGKILLed as soon as round 1 is recorded, the
+    ServerApp as soon as round 2 is; then the run is resumed as ``fedlora deploy run --resume`` does."""
+    from simulations.cli.launcher import DeploymentError
+    from simulations.cli.resume import resume_config
+
     run_dir = tmp_path_factory.mktemp("run") / "deploy-run"
     cfg = parse_config({
         "model.base": os.environ.get("FEDLORA_TEST_BASE", "embedded"),
-        "federation.rounds": 2, "federation.min-train-nodes": 2, "federation.round-timeout": ROUND_TIMEOUT,
+        "federation.rounds": 3, "federation.min-train-nodes": 2, "federation.round-timeout": ROUND_TIMEOUT,
         "train.local-steps": 4, "train.batch-size": 8, "train.threads": 1, "eval.max-new-tokens": 16,
         "run.dir": str(run_dir), "run.baselines": False,
     })
     killed = {}
 
-    def kill_after_round_one() -> None:
-        while not (run_dir / "metrics" / "round_001.json").is_file():
+    def recorded(k: int) -> bool:
+        while not (run_dir / "metrics" / f"round_00{k}.json").is_file():
             if stop.is_set():
-                return
+                return False
             time.sleep(0.2)
-        proc = federation.procs[f"supernode-tenant-{KILLED}"].popen
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a goodbye
+        return True
+
+    def crash() -> None:
+        if not recorded(1):
+            return
+        os.killpg(federation.procs[f"supernode-tenant-{KILLED}"].popen.pid, signal.SIGKILL)  # a crash
         killed["at"] = time.monotonic()
+        if not recorded(2):
+            return
+        killed["serverapp"] = [pid for pid in tagged_pids(federation.tag) if _is_serverapp(pid)]
+        for pid in killed["serverapp"]:
+            os.kill(pid, signal.SIGKILL)
 
     stop = threading.Event()
-    killer = threading.Thread(target=kill_after_round_one, daemon=True)
+    killer = threading.Thread(target=crash, daemon=True)
     killer.start()
     start = time.monotonic()
     try:
-        report = federation.run(cfg, timeout=600)
+        with pytest.raises(DeploymentError) as first:
+            federation.run(cfg, timeout=900)
+        interrupted = json.loads((run_dir / "metrics" / "round_002.json").read_text())
+        report = federation.run(resume_config(run_dir), timeout=600)
     finally:
         stop.set()
         killer.join(timeout=5)
-    rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2)]
+    rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2, 3)]
     return {"dir": run_dir, "report": report, "rounds": rounds, "seconds": time.monotonic() - start,
-            "after_kill": time.monotonic() - killed["at"]}
+            "after_kill": time.monotonic() - killed["at"], "serverapp": killed["serverapp"],
+            "first_error": str(first.value), "round2_before_resume": interrupted}
 
 
-def test_two_rounds_land_a_final_adapter_in_the_run_dir(run):
-    # Assert: the final adapter is a PEFT directory in run.dir, written after round 2
+def _is_serverapp(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"flwr-serverapp" in fh.read()
+    except OSError:
+        return False
+
+
+def test_three_rounds_land_a_final_adapter_in_the_run_dir(run):
+    # Assert: the final adapter is a PEFT directory in run.dir, written after round 3
     adapter = run["dir"] / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "adapter_config.json").is_file()
-    assert json.loads((run["dir"] / "federation.json").read_text())["rounds"] == 2
+    assert json.loads((run["dir"] / "federation.json").read_text())["rounds"] == 3
+
+
+def test_killed_serverapp_run_stops_and_says_how_to_resume(run):
+    # Assert: the ServerApp was killed; the first run failed naming the kept round and the command
+    assert run["serverapp"], "no ServerApp process was found to kill"
+    assert "round 2 is the last complete one" in run["first_error"]
+    assert f"--resume {run['dir']}" in run["first_error"]
+
+
+def test_resumed_run_continues_after_round_two_with_the_rounds_before_kept(run):
+    # Assert: round 3 ran in the resumed Flower run; rounds 1-2 are the interrupted run's records
+    summary = json.loads((run["dir"] / "federation.json").read_text())
+    assert summary["resumed_after"] == 2 and summary["aggregated_rounds"] == 3
+    assert run["rounds"][1] == run["round2_before_resume"]
+    third = run["rounds"][2]
+    assert third["round"] == 3 and third["aggregated"] and third["finished"] == ["0", "1"]
+    assert (run["dir"] / "FEDERATION_DONE").is_file()
+    assert (run["dir"] / "checkpoints" / "round_003" / "adapter_model.safetensors").is_file()
 
 
 def test_every_tenant_finishes_round_one(run):
@@ -114,6 +159,7 @@ def test_report_states_engine_tls_auth_and_who_finished(run):
     assert "Flower Deployment Engine (SuperLink + SuperNodes), TLS on, SuperNode authentication on" in text
     assert "| 1 | 0, 1, 2 | 0, 1, 2 | - |" in text
     assert "| 2 | 0, 1, 2 | 0, 1 | 2 |" in text
+    assert "| 3 | 0, 1 | 0, 1 | - |" in text  # the resumed run's report covers every round
 
 
 def test_unregistered_key_is_refused(federation):

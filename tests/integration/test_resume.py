@@ -15,18 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli.launcher import APP_DIR, free_port
+from simulations.cli.launcher import APP_DIR
+from tests.integration.conftest import TINY, simulate_cmd
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--set", "simulation.tenants=3", "--set", "federation.rounds=3", "--set", "train.local-steps=30",
-        "--set", "data.train-size=96", "--set", "data.holdout-size=16", "--set", "eval.probe-size=8",
-        "--set", "run.baselines=false", "--set", "dpo.enabled=false", "--set", "publish.enabled=false"]
-
-
 def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--port", str(free_port()),
-            "--control-port", str(free_port()), *args]
+    return simulate_cmd(*args)
 
 
 def _sha256(path: Path) -> str:
@@ -50,12 +45,10 @@ def _processes_of(run_dir: Path) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(2700)  # three tiny runs; 15 min on 2 busy cores
-def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_run(tmp_path):
-    # Prepare: an uninterrupted reference run
-    ref = subprocess.run(_cmd("--run-dir", str(tmp_path / "ref"), *TINY), capture_output=True, text=True,
-                         timeout=900, cwd=APP_DIR)
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+@pytest.mark.timeout(2700)  # up to three tiny runs; 15 min on 2 busy cores
+def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_run):
+    # Prepare: the uninterrupted reference run (shared, same TINY settings and seed)
+    ref = tiny_run.run_dir
     run_dir = tmp_path / "crash"
     launcher = subprocess.Popen(_cmd("--run-dir", str(run_dir), *TINY), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=APP_DIR)
@@ -85,7 +78,7 @@ def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_ru
     summary = json.loads((run_dir / "federation.json").read_text())
     assert summary["resumed_after"] == 1 and summary["rounds"] == 3
     assert _sha256(run_dir / "adapter" / "adapter_model.safetensors") == \
-        _sha256(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+        _sha256(ref / "adapter" / "adapter_model.safetensors")
     assert _processes_of(run_dir) == []
 
 

@@ -1,4 +1,4 @@
-"""End to end through Flower's simulation engine: 3 tenants, 2 rounds, the real apps."""
+"""End to end through Flower's simulation engine: 3 tenants, 3 rounds, the real apps."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from simulations.cli.launcher import free_port
-
 pytestmark = pytest.mark.slow
 
 
@@ -18,36 +16,26 @@ def _superlinks_on(port: int) -> list[str]:
     return [line for line in out.splitlines() if "flower-superlink" in line and f"--port {port}" in line]
 
 
-def test_simulation_learns_and_leaves_artifacts(tmp_path):
-    # Prepare: tiny settings, fixed ports so we can look for leftovers
-    port, control = free_port(), free_port()
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir),
-           "--port", str(port), "--control-port", str(control),
-           "--set", "simulation.tenants=3", "--set", "federation.rounds=2",
-           "--set", "train.local-steps=30", "--set", "data.train-size=96", "--set", "data.holdout-size=16",
-           "--set", "eval.probe-size=8", "--set", "run.baselines=false",
-           # DPO, merge and publish have their own tests (tests/server); this one is the federation
-           "--set", "dpo.enabled=false", "--set", "publish.enabled=false"]
-    # Execute
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def test_simulation_learns_and_leaves_artifacts(tiny_run):
+    # Prepare + Execute: the shared tiny run (tests/integration/conftest.py; 3 tenants, 3 rounds)
+    run_dir, port, proc = tiny_run.run_dir, tiny_run.port, tiny_run.proc
     # Assert: the run completed and said where the report is
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"report written to {run_dir / 'report.md'}" in proc.stdout
     for path in ["config.json", "run_config.toml", "federation.json", "comparison.json", "report.md",
-                 "metrics/round_001.json", "metrics/round_002.json", "checkpoints/round_002/adapter_model.safetensors",
+                 "metrics/round_001.json", "metrics/round_003.json", "checkpoints/round_003/adapter_model.safetensors",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "plots/tenants_per_round.png", "plots/bytes_per_round.png"]:
         assert (run_dir / path).is_file(), path
-    rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2)]
+    rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2, 3)]
     assert all(sorted(r["finished"]) == ["0", "1", "2"] and not r["dropped"] for r in rounds)
     # The metric improves: the federated adapter beats the untuned base on the holdouts
     table = {row["model"]: row for row in json.loads((run_dir / "comparison.json").read_text())}
     assert table["federated"]["mean_exact_match"] >= table["untuned base"]["mean_exact_match"] + 0.2
     assert table["federated"]["mean_loss"] < table["untuned base"]["mean_loss"]
-    # Round 2's holdout loss (after two aggregations) is below round 1's
+    # The last round's holdout loss (after three aggregations) is below round 1's
     loss = [sum(m["eval-loss"] for m in r["eval"].values()) / len(r["eval"]) for r in rounds]
-    assert loss[1] < loss[0]
+    assert loss[2] < loss[0]
     # The final adapter loads with plain PEFT in a fresh process
     code = ("import sys; from transformers import AutoModelForCausalLM; from peft import PeftModel;"
             "from common.model import embedded_base_dir;"
