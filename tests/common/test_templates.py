@@ -107,7 +107,7 @@ def test_other_template_styles_mask_the_answers_and_their_end_token(template, an
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
 
 
-def test_a_template_whose_start_is_no_prefix_of_the_whole_is_refused(chatml):
+def test_a_template_whose_start_is_no_prefix_of_the_whole_is_refused():
     tok = chatml_tokenizer()
     tok.chat_template = UNSTABLE_TEMPLATE
     with pytest.raises(TemplateError, match=r"renders the first 3 message\(s\) differently.*data.template=alpaca"):
