@@ -39,7 +39,6 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from client.ledger import PrivacyLedger, Spend
@@ -61,8 +60,9 @@ class ClientPrivacy:
     def prepare(self, model, optimizer, loader):
         return model, optimizer, loader
 
-    def loss(self, out, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return out.loss
+    def loss(self, tokens: TokenLogits) -> torch.Tensor:
+        """The micro-batch's loss from its supervised positions' logits."""
+        return tokens.mean_loss()
 
     def after_train(self) -> None:
         """Undo whatever :meth:`prepare` did to the model."""
@@ -81,15 +81,6 @@ class ClientPrivacy:
 
 class NoPrivacy(ClientPrivacy):
     """No differential privacy (the default)."""
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Causal-LM loss per example: mean over that example's labelled tokens, shape (batch,)."""
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # shift the labels, not the (large) logits
-    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100,
-                          reduction="none").view(shifted.shape)
-    counted = (shifted != -100).sum(dim=1).clamp(min=1)
-    return tok.sum(dim=1) / counted
 
 
 def entropy_generator(seed: int | None = None) -> torch.Generator:
@@ -168,10 +159,9 @@ class LocalDP(ClientPrivacy):
         loader.collate_fn = _collate_or_empty(getattr(loader.collate_fn, "wrapped_collator_fn", loader.collate_fn))
         return _SkipEmpty(self._wrapped, optimizer), optimizer, loader
 
-    def loss(self, out, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if batch["input_ids"].shape[0] == 0:  # an empty Poisson batch still takes a (noise-only) step
-            return out.logits.sum() * 0.0
-        return per_example_loss(out.logits, batch["labels"]).mean()
+    def loss(self, tokens: TokenLogits) -> torch.Tensor:
+        # Opacus scales per-sample gradients for a mean over the batch of per-example losses.
+        return tokens.per_example_loss().mean()
 
     def after_train(self) -> None:
         if self.engine is not None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from client.loss import OutputHead
 from client.privacy import ClientPrivacy, NoPrivacy
 from common.config import TrainConfig
 from common.data import Tokenized, collate
@@ -81,6 +83,32 @@ def make_schedule(optimizer, cfg: TrainConfig, steps: int, *, start: int = 0):
     return schedule
 
 
+@contextmanager
+def checkpointing(model, enabled: bool):
+    """Gradient checkpointing for the block: activations are recomputed in the backward pass.
+    Reentrant, because Opacus' per-sample hooks and ghost clipping break under the
+    non-reentrant variant; the inputs then need ``requires_grad`` for the adapter's
+    gradients to flow through the recomputed segments."""
+    if not enabled:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (fp32 master weights and adapter); nothing on CPU, where bf16
+    matmuls are several times slower than fp32 on common hardware."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
           steps: int | None = None, seed: int | None = None, progress: bool = True,
           desc: str = "train", privacy: ClientPrivacy | None = None,
@@ -111,34 +139,41 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
         raise ValueError(f"schedule window {start}+{steps} steps exceeds its span of {total}")
     schedule = make_schedule(optimizer, cfg, total, start=start)
     privacy = NoPrivacy() if privacy is None else privacy
-    model, optimizer, loader = privacy.prepare(model, optimizer, make_loader(data, cfg.batch_size, pad_id, seed))
-    batches = _forever(loader)
-    model.train()
-    losses: list[float] = []
-    examples = tokens = 0
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
-    for _ in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _micro in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = privacy.loss(out, batch)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            examples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"training loss became {step_loss}; lower train.learning-rate")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-    model.eval()
-    privacy.after_train()
+    head = OutputHead(model)  # the output layer only where a token is supervised (client.loss)
+    with checkpointing(model, cfg.gradient_checkpointing), head:
+        model, optimizer, loader = privacy.prepare(model, optimizer,
+                                                   make_loader(data, cfg.batch_size, pad_id, seed))
+        batches = _forever(loader)
+        model.train()
+        losses: list[float] = []
+        examples = tokens = 0
+        start = time.perf_counter()
+        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+        for _ in bar:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with autocast(device):
+                    out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+                    if batch["input_ids"].shape[0] == 0:  # Poisson drew no example: a noise-only DP step
+                        loss = out.logits.sum() * 0.0
+                    else:
+                        loss = privacy.loss(head.token_logits(out.logits, batch["labels"]))
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                examples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"training loss became {step_loss}; lower train.learning-rate")
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+        model.eval()
+        privacy.after_train()
     tail = losses[-max(1, len(losses) // 4):]
     return TrainMetrics(loss=sum(tail) / len(tail), first_loss=losses[0], steps=steps,
                         examples=examples, tokens=tokens, seconds=time.perf_counter() - start)

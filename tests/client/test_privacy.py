@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from client.ledger import Spend, epsilon_of
-from client.privacy import LocalDP, NoPrivacy, clip_delta, per_example_loss
+from client.loss import OutputHead
+from client.privacy import LocalDP, NoPrivacy, clip_delta
 from client.train import make_loader, train
 from common.adapter import get_state, subtract
 from common.config import ConfigError, TrainConfig, parse_config
@@ -62,14 +63,18 @@ def test_per_sample_gradients_of_lora_match_per_example_autograd(mode):
     model = tiny_lora()
     params = lora_params(model)
     b = batch()
-    per = per_example_loss(model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-    expected = [torch.autograd.grad(per[i], list(params.values()), retain_graph=True) for i in range(len(IDS))]
+    per = [model(torch.tensor([ids]), labels=torch.tensor([lab])).loss for ids, lab in zip(IDS, LABELS)]
+    expected = [torch.autograd.grad(per[i], list(params.values())) for i in range(len(IDS))]
     mech = dp(mode=mode)
     opt = torch.optim.SGD(list(params.values()), lr=0.0)
-    # Execute: one forward/backward through the Opacus-wrapped model, with the mechanism's loss
-    wrapped, opt, _ = mech.prepare(model, opt, make_loader(DATA, 4, 0, 0))
-    out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-    mech.loss(out, b).backward()
+    # Execute: one forward/backward as the training loop does it (Opacus-wrapped model, output
+    # layer at the supervised positions only, the mechanism's loss)
+    head = OutputHead(model)
+    with head:
+        wrapped, opt, _ = mech.prepare(model, opt, make_loader(DATA, 4, 0, 0))
+        out = wrapped(b["input_ids"], attention_mask=b["attention_mask"])
+        mech.loss(head.token_logits(out.logits, b["labels"])).backward()
+    assert head.response_only
     # Assert: every LoRA tensor has per-sample gradients, equal to the per-example ones
     assert len(params) == 14  # A and B of q, k, v, o, gate, up, down
     for j, (name, p) in enumerate(params.items()):
@@ -85,11 +90,13 @@ def _one_sgd_step(mech, *, zero_loss: bool):
     params = lora_params(model)
     before = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.SGD(list(params.values()), lr=1.0)
-    wrapped, opt, _ = mech.prepare(model, opt, make_loader(DATA, 4, 0, 0))
-    b = batch()
-    out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-    loss = mech.loss(out, b)
-    (loss * 0.0 if zero_loss else loss).backward()
+    head = OutputHead(model)
+    with head:
+        wrapped, opt, _ = mech.prepare(model, opt, make_loader(DATA, 4, 0, 0))
+        b = batch()
+        out = wrapped(b["input_ids"], attention_mask=b["attention_mask"])
+        loss = mech.loss(head.token_logits(out.logits, b["labels"]))
+        (loss * 0.0 if zero_loss else loss).backward()
     opt.step()
     mech.after_train()
     return {n: (params[n].detach() - before[n]) for n in params}
@@ -198,7 +205,7 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step():
     b = loader.collate_fn([])
     # Execute: the training loop's step on it
     out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-    mech.loss(out, b).backward()
+    (out.logits.sum() * 0.0).backward()  # what client.train does for an empty batch
     opt.step()
     mech.after_train()
     # Assert: every LoRA tensor moved by noise alone; the step was accounted
@@ -216,15 +223,3 @@ def test_noise_free_training_statistics_do_not_leave_under_local_dp():
     # Assert: loss, tokens and truncation (computed from the records without noise) leave as 0
     assert local == {**metrics, "train-loss": 0.0, "train-first-loss": 0.0, "train-tokens": 0.0, "truncated": 0.0}
     assert plain == metrics
-
-
-def test_per_example_loss_is_each_examples_own_token_mean():
-    # Prepare: the padded batch, and each example alone (where the model's own loss is its token mean)
-    model = tiny_lora()
-    b = batch()
-    # Execute
-    with torch.no_grad():
-        per = per_example_loss(model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-        alone = [model(torch.tensor([ids]), labels=torch.tensor([lab])).loss for ids, lab in zip(IDS, LABELS)]
-    # Assert
-    torch.testing.assert_close(per, torch.stack(alone), atol=1e-5, rtol=1e-5)
