@@ -92,13 +92,14 @@ def checkpointing(model, enabled: bool):
     if not enabled:
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    lm.enable_input_require_grads()
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
-        model.disable_input_require_grads()
+        lm.activation_checkpointing_disable()
+        lm.disable_input_require_grads()
 
 
 def autocast(device: torch.device | str):

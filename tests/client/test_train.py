@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,29 @@ def test_a_window_past_its_span_is_refused(tmp_path):
     with pytest.raises(ValueError, match="exceeds its span"):
         train(loaded.model, tok, cfg.train, pad_id=loaded.tokenizer.pad_token_id, progress=False,
               schedule_window=(12, 15))
+
+
+@pytest.mark.parametrize("privacy", ["none", "hooks"])
+def test_gradient_checkpointing_trains_the_same_adapter(privacy):
+    # Prepare: the tiny Llama of the DP tests, two copies with the same initialisation
+    from common.config import TrainConfig
+    from tests.client.test_privacy import DATA, dp, tiny_lora
+
+    cfg = TrainConfig(local_steps=3, batch_size=4, learning_rate=1e-2, max_grad_norm=0.0, schedule="constant",
+                      warmup_ratio=0.0)
+    results, forwards = {}, {}
+    for gc in (False, True):
+        model = tiny_lora()
+        calls = []
+        model.get_base_model().model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+        mech = dp(mode="hooks", sigma=0.5, clip=1.0, seed=1) if privacy == "hooks" else None  # same noise draws
+        # Execute
+        train(model, DATA, dataclasses.replace(cfg, gradient_checkpointing=gc), pad_id=0, seed=0, progress=False,
+              privacy=mech)
+        results[gc], forwards[gc] = get_state(model), len(calls)
+        # Assert: checkpointing is switched off again after training
+        assert not model.get_base_model().is_activation_checkpointing
+    # Assert: with checkpointing every layer ran again in the backward pass, and that changed nothing
+    assert forwards == {False: 3, True: 6}
+    for name, value in results[False].items():
+        np.testing.assert_allclose(results[True][name], value, atol=1e-6, rtol=1e-5, err_msg=name)
