@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import Config, parse_config
+from common.model import set_threads
 from common.offline import quiet_and_offline
 from server.aggregation import make_aggregator
 from server.bounds import UpdateBounds
@@ -38,6 +39,7 @@ def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
 def main(grid: Grid, context: Context) -> None:
     quiet_and_offline()
     cfg = parse_config(context.run_config)
+    set_threads(cfg.train.threads)  # the server builds and checkpoints adapters on its own CPU
     t0 = time.perf_counter()
     run = prepare(cfg)
     strategy = make_strategy(cfg, run.recorder)

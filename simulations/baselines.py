@@ -25,6 +25,7 @@ from common.adapter import get_state, load_adapter_file, set_state
 from common.config import Config
 from common.data import Example, read_examples, read_texts, tenant_paths, tokenize_examples
 from common.evaluate import evaluate, probe_loss
+from common.templates import make_format
 from common.model import Loaded, load_model
 
 
@@ -67,7 +68,8 @@ def pooled_budget(cfg: Config, *, rounds_done: int, total_tenant_rounds: int) ->
 def _train_from(loaded: Loaded, init: Mapping[str, np.ndarray], examples: list[Example], cfg: Config, *,
                 steps: int, seed: int, desc: str, accumulate: int = 1):
     set_state(loaded.model, init)
-    tok = tokenize_examples(examples, loaded.tokenizer, max_length=cfg.data.max_length)
+    tok = tokenize_examples(examples, loaded.tokenizer, max_length=cfg.data.max_length,
+                            template=make_format(cfg.data, loaded.tokenizer))
     tcfg = replace(cfg.train, grad_accum=cfg.train.grad_accum * accumulate)
     metrics = train(loaded.model, tok, tcfg, pad_id=loaded.tokenizer.pad_token_id, device=loaded.device,
                     steps=steps, seed=seed, progress=True, desc=desc)
@@ -88,15 +90,17 @@ def train_baselines(loaded: Loaded, init: Mapping[str, np.ndarray], sets: Tenant
 
 
 def evaluate_table(loaded: Loaded, models: Mapping[str, Mapping[str, np.ndarray]], sets: TenantSets,
-                   cfg: Config) -> list[dict]:
-    """Every model on every tenant's holdout and on the forgetting probe."""
+                   cfg: Config, *, template: str | None = None) -> list[dict]:
+    """Every model on every tenant's holdout and on the forgetting probe, through the run's
+    prompt template (or ``template``: ``alpaca`` / ``chat``)."""
+    fmt = make_format(template or cfg.data, loaded.tokenizer)
     rows = []
     for name, state in tqdm(list(models.items()), desc="evaluate models", leave=False):
         set_state(loaded.model, state)
         row: dict = {"model": name, "per_tenant": {}}
         for t, holdout in sets.holdout.items():
             m = evaluate(loaded.model, loaded.tokenizer, holdout, cfg.eval, max_length=cfg.data.max_length,
-                         device=loaded.device)
+                         device=loaded.device, template=fmt)
             row["per_tenant"][str(t)] = m.as_dict()
         per = row["per_tenant"].values()
         row["mean_exact_match"] = float(np.mean([m["exact_match"] for m in per]))
@@ -125,6 +129,9 @@ def compare(cfg: Config, run_dir: Path, data_dir: Path, tenants: list[int], *, r
     if "pooled" in baselines:
         models["pooled"] = baselines["pooled"]
     rows = evaluate_table(loaded, models, sets, cfg)
+    if make_format(cfg.data, loaded.tokenizer).name != "alpaca":  # an instruct base: also zero-shot via Alpaca
+        alpaca = evaluate_table(loaded, {"untuned base (Alpaca template)": init}, sets, cfg, template="alpaca")
+        rows[1:1] = alpaca
     for row in rows:
         if row["model"] == "pooled":
             row["budget"] = f"{budget.describe(cfg.train.batch_size)} (run.pooled-budget = {cfg.run.pooled_budget})"

@@ -44,11 +44,13 @@ def _holdout_em(cfg: Config, state, holdouts: Mapping[str, list[Example]]) -> di
     from common.adapter import set_state
     from common.evaluate import evaluate
     from common.model import load_model
+    from common.templates import make_format
 
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed, for_training=False)
     set_state(loaded.model, state)
+    fmt = make_format(cfg.data, loaded.tokenizer)
     return {t: evaluate(loaded.model, loaded.tokenizer, rows, cfg.eval, max_length=cfg.data.max_length,
-                        device=loaded.device).exact_match for t, rows in holdouts.items()}
+                        device=loaded.device, template=fmt).exact_match for t, rows in holdouts.items()}
 
 
 def run_dpo(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | None = None) -> dict:
@@ -132,8 +134,10 @@ def run_publish(source: Source, *, registry: str | Path, name: str, signing_key:
 
 def run_stages(cfg: Config, run_dir: Path, inputs: ReleaseInputs) -> dict:
     """Run the enabled stages on a finished run directory; results also go to ``release.json``."""
+    from common.model import set_threads
     from server.release.artifacts import locate
 
+    set_threads(cfg.train.threads)
     source = locate(run_dir)
     out: dict = {}
     if cfg.dpo.enabled:

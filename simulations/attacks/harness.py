@@ -68,11 +68,14 @@ def honest_em(cfg, run_dir: Path, data_dir: Path) -> dict[str, float]:
     from common.data import read_examples, tenant_paths
     from common.evaluate import evaluate
     from common.model import load_model
+    from common.templates import make_format
 
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed, for_training=False)
     set_state(loaded.model, load_adapter_file(run_dir / "adapter"))
+    fmt = make_format(cfg.data, loaded.tokenizer)
     return {str(t): evaluate(loaded.model, loaded.tokenizer, read_examples(tenant_paths(data_dir, t)[1]), cfg.eval,
-                             max_length=cfg.data.max_length, device=loaded.device).exact_match for t in HONEST}
+                             max_length=cfg.data.max_length, device=loaded.device, template=fmt).exact_match
+            for t in HONEST}
 
 
 def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, app_dir: Path) -> dict:

@@ -73,7 +73,7 @@ class Preflight:
             self.tenant_file(holdout, tenant=str(t), fmt=fmt)
 
     # -- model ------------------------------------------------------------------
-    def base_model(self, name: str, *, load_config: bool = True) -> None:
+    def base_model(self, name: str, *, load_config: bool = True, template: str = "auto") -> None:
         """The base resolves offline (a directory with config.json, or the HF cache), its
         config.json names a ``model_type`` and, with ``load_config``, ``AutoConfig`` loads it
         (importing transformers takes seconds, so callers skip it when other checks failed)."""
@@ -88,6 +88,10 @@ class Preflight:
         if not isinstance(config, dict) or not config.get("model_type"):
             self.add(f"model.base {name!r}: {path / 'config.json'} names no model_type; not a Hugging Face model")
             return
+        if template == "chat" and not _has_chat_template(path):
+            self.add(f"model.base {name!r}: data.template is chat but its tokenizer has no chat template "
+                     "(tokenizer_config.json has no chat_template, no chat_template.jinja); use data.template=auto "
+                     "or alpaca")
         if not load_config:
             return
         try:
@@ -189,6 +193,16 @@ class Preflight:
             self.add(f"signing key {path}: {err}")
 
 
+def _has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer files in ``model_dir`` carry a chat template (without loading them)."""
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_simulation(cfg) -> None:
     """Everything ``fedlora simulate`` needs before Flower starts."""
     pf = Preflight()
@@ -197,7 +211,7 @@ def check_simulation(cfg) -> None:
     pf.writable_dir(Path(cfg.run.dir))
     if cfg.publish.enabled and cfg.publish.signing_key:
         pf.signing_key(cfg.publish.signing_key)
-    pf.base_model(cfg.model.base, load_config=not pf.problems)
+    pf.base_model(cfg.model.base, load_config=not pf.problems, template=cfg.data.template)
     pf.raise_if_any()
 
 
@@ -208,7 +222,7 @@ def check_deployment_run(cfg, *, ca_cert: str | Path) -> None:
     pf.writable_dir(Path(cfg.run.dir))
     if cfg.publish.enabled and cfg.publish.signing_key:
         pf.signing_key(cfg.publish.signing_key)
-    pf.base_model(cfg.model.base, load_config=not pf.problems)
+    pf.base_model(cfg.model.base, load_config=not pf.problems, template=cfg.data.template)
     pf.raise_if_any()
 
 

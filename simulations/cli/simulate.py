@@ -83,7 +83,9 @@ def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
     from simulations.cli.preflight import check_simulation
 
     check_simulation(cfg)  # before anything heavy is imported, written or started
+    from common.model import set_threads
 
+    set_threads(cfg.train.threads)  # baselines, evaluation, DPO and merge run in this process
     with PeakTreeMemory() as memory:
         report = _simulate(cfg, http_port=http_port, control_port=control_port, memory=memory)
     return report

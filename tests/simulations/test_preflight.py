@@ -124,3 +124,18 @@ def test_debug_flag_parses_for_every_command(flag):
 
     args = build_parser().parse_args([*flag, "config"])
     assert args.debug is bool(flag)
+
+
+def test_chat_template_asked_of_a_base_without_one_is_a_preflight_problem(tmp_path):
+    # Prepare: the embedded base's tokenizer has no chat template
+    from common.config import parse_config
+    from simulations.cli.preflight import PreflightError, check_simulation
+
+    cfg = parse_config({"data.template": "chat", "run.dir": str(tmp_path / "run")})
+    # Execute
+    with pytest.raises(PreflightError) as err:
+        check_simulation(cfg)
+    # Assert: one problem, naming the key and what to do
+    assert len(err.value.problems) == 1
+    assert "data.template is chat but its tokenizer has no chat template" in err.value.problems[0]
+    assert "use data.template=auto or alpaca" in err.value.problems[0]
