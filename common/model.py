@@ -9,6 +9,7 @@ CUDA unless told otherwise.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,12 @@ from pathlib import Path
 import torch
 
 from common.config import AdapterConfig, ModelConfig
+
 EMBEDDED = "embedded"
 _WEIGHTS = "model.safetensors"
+BASE_RECORD = "fedlora-base.json"  # written by `fedlora import-base` beside an imported base
+# Files that make up a base: config, weights, tokenizer (vocabularies, merges, the chat template).
+_FINGERPRINTED = (".json", ".safetensors", ".model", ".txt", ".jinja")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -56,8 +61,20 @@ def embedded_base_dir() -> Path:
     )
 
 
-def resolve_base(name: str) -> str:
-    """A path or hub id that ``from_pretrained`` can open offline, or a clear error."""
+def resolve_base(name: str, override: str | Path | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` can open offline, or a clear error.
+
+    ``name`` is what a config or an artifact records (``embedded``, a local directory, a hub
+    id, or an imported base's portable name); ``override`` (``--base PATH``) says where the
+    base lies on this machine and wins over the name, since a recorded name or path is the
+    writing machine's, not necessarily this one's.
+    """
+    if override is not None:
+        path = Path(override).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"--base {override}: not a model directory (no config.json there); "
+                                     "give the directory holding the base's config.json and weights")
+        return str(path.resolve())
     if name == EMBEDDED:
         return str(embedded_base_dir())
     path = Path(name).expanduser()
@@ -67,33 +84,97 @@ def resolve_base(name: str) -> str:
                                      "point model.base at a Hugging Face model directory")
         return str(path)
     if path.is_absolute() or name.startswith("."):
-        raise ModelNotFoundError(f"model directory {name} does not exist")
+        raise ModelNotFoundError(f"model directory {name} does not exist on this machine; set model.base (or "
+                                 "--base PATH for merge, dpo and verify) to where the base is here")
     from huggingface_hub import try_to_load_from_cache
 
-    if try_to_load_from_cache(name, "config.json") is None:
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not even a valid hub id (huggingface_hub's HFValidationError)
+        cached = None
+    if cached is None or not isinstance(cached, str):
         raise ModelNotFoundError(
-            f"model {name!r} is not in the local Hugging Face cache and fedlora runs offline; "
-            f"download it on a connected machine (huggingface-cli download {name}) and copy the "
-            "cache over, or set model.base to a local directory"
+            f"model {name!r} is not a local directory nor in the local Hugging Face cache, and fedlora runs "
+            f"offline; download it on a connected machine (huggingface-cli download {name}) and copy the cache "
+            "over, or set model.base (for merge, dpo and verify: --base PATH) to a local directory"
         )
     return name
 
 
-def base_fingerprint(name: str) -> str:
-    """SHA-256 over the base's config and weight files, recorded beside every artifact."""
-    root = Path(resolve_base(name))
+def base_name(name: str) -> str:
+    """The base's portable name, written into every ``adapter_config.json`` fedlora writes.
+
+    A hub id stays as given, the embedded base is ``embedded``, an imported base
+    (``fedlora import-base``) is the name in its record; any other local directory is known
+    by its directory name. Never an absolute path: that is only true on the writing machine.
+    """
+    if name == EMBEDDED:
+        return EMBEDDED
+    path = Path(name).expanduser()
+    if not path.is_dir():  # a hub id as given; a directory of another machine by its own name
+        return path.name if path.is_absolute() or name.startswith(".") else name
+    try:
+        if path.resolve() == embedded_base_dir().resolve():
+            return EMBEDDED
+    except ModelNotFoundError:
+        pass
+    record = path / BASE_RECORD
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text()).get("name")
+        except ValueError:
+            recorded = None
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    return path.resolve().name
+
+
+class BaseMismatchError(ValueError):
+    """The base found on this machine is not the one an artifact was trained on."""
+
+
+def base_fingerprint(name: str, override: str | Path | None = None) -> str:
+    """SHA-256 over the base's config, tokenizer and weight files, recorded beside every artifact.
+
+    Only file names and contents count, so a base moved or copied elsewhere keeps its
+    fingerprint; an imported base's own record (``fedlora-base.json``) is left out, since it
+    holds the fingerprint itself.
+    """
+    root = Path(resolve_base(name, override))
     if not root.is_dir():
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(name, local_files_only=True))
     digest = hashlib.sha256()
     for path in sorted(root.glob("*")):
-        if path.suffix in (".json", ".safetensors", ".model", ".txt") and path.is_file():
+        if path.name == BASE_RECORD:
+            continue
+        if path.suffix in _FINGERPRINTED and path.is_file():
             digest.update(path.name.encode())
             with path.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(chunk)
     return digest.hexdigest()
+
+
+def require_base(name: str, expected_sha256: str | None, *, override: str | Path | None = None,
+                 what: str = "the adapter") -> str:
+    """Resolve the base (``override`` first) and refuse it when its fingerprint is not the recorded one.
+
+    Merging or serving an adapter on another base gives wrong answers without any error, so
+    the fingerprint an artifact records is checked before its weights are used. Returns the
+    resolved path or hub id.
+    """
+    resolved = resolve_base(name, override)
+    if expected_sha256:
+        found = base_fingerprint(name, override)
+        if found != expected_sha256:
+            where = f"--base {override}" if override is not None else f"base {name!r} ({resolved})"
+            raise BaseMismatchError(
+                f"{where} is not the base {what} was trained on: expected SHA-256 {expected_sha256}, found "
+                f"{found}; pass --base with the directory of the original base (`fedlora import-base` "
+                "records its fingerprint in fedlora-base.json)")
+    return resolved
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:

@@ -12,7 +12,8 @@ from common.offline import quiet_and_offline
 # name so that checking does not import the modules that define them.
 USER_ERRORS = frozenset({"ConfigError", "DataError", "PreflightError", "ResumeError", "ResumeRefused", "SourceError",
                          "PublishError", "ManifestError", "ModelNotFoundError", "DeploymentConfigError",
-                         "TenantConfigError", "SafetensorError"})
+                         "TenantConfigError", "SafetensorError",
+                         "BaseImportError", "BaseMismatchError"})
 # A run that started and did not finish: its message, exit code 1.
 RUN_ERRORS = frozenset({"SimulationError", "DeploymentError", "MergeMismatch"})
 
@@ -22,6 +23,7 @@ examples:
   fedlora simulate --scenario non_iid       # a shipped scenario (see simulations/scenarios/)
   fedlora simulate --set federation.rounds=2 --set adapter.r=16
   fedlora config                            # every run-config key, its default and meaning
+  fedlora import-base SmolLM2-135M-Instruct.Q4_1.gguf --out bases/smollm2   # a real base from a GGUF
   fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
   fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
   fedlora certs --out certs/ --host 127.0.0.1 --host superlink.example.org
@@ -73,6 +75,14 @@ def _cmd_verify(args) -> int:
     result = verify_version(args.path, args.public_key)
     if result.ok:
         print(f"verified: {result.files_checked} files match the signed manifest")
+        if args.base:
+            from common.model import require_base
+            from server.release.manifest import read_metadata
+
+            meta = read_metadata(args.path)
+            require_base(str(meta.get("base_model") or args.base), meta.get("base_sha256"), override=args.base,
+                         what=f"{args.path}")
+            print(f"base {args.base} has the recorded fingerprint {meta.get('base_sha256')}")
         return 0
     print(f"verification FAILED for {args.path}:", file=sys.stderr)
     for problem in result.problems:
@@ -120,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check a published version's hashes and signature")
     ver.add_argument("path", help="the version directory (<registry>/<name>/<version>)")
     ver.add_argument("--public-key", required=True, help="the publisher's Ed25519 public key (PEM)")
+    ver.add_argument("--base", metavar="PATH", help="also check that the base model directory on this machine has "
+                                                 "the fingerprint the version records")
+
+    from simulations.cli.import_base import add_command as add_import_command
+
+    add_import_command(sub)
 
     from simulations.cli.deploy import add_commands as add_deploy_commands
 
@@ -169,6 +185,10 @@ def _dispatch(args) -> int:
         from simulations.cli.deploy import main_deploy
 
         return main_deploy(args)
+    if args.command == "import-base":
+        from simulations.cli.import_base import main_import_base
+
+        return main_import_base(args)
     if args.command in ("dpo", "merge", "publish"):
         from simulations.cli.release import main_release
 
