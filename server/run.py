@@ -22,7 +22,7 @@ from common.adapter import get_state, save_adapter, write_json_atomic
 from common.config import Config
 from common.files import default_run_dir
 from common.records import SUMMARY_FILE, Drop, FederationSummary, read_rounds
-from common.model import attach_adapter, base_fingerprint, load_base, resolve_base
+from common.model import attach_adapter, base_fingerprint, base_name, load_base
 from server.records import RoundRecorder
 
 
@@ -32,7 +32,7 @@ class ServerRun:
     run_dir: Path
     initial: dict[str, np.ndarray]
     peft_cfg: object
-    base_path: str
+    base_path: str  # the base's portable name (adapter_config.json), never this machine's path
     base_sha256: str
     recorder: RoundRecorder
     start: dict[str, np.ndarray] | None = None  # the global adapter to start from (resume)
@@ -59,7 +59,7 @@ def prepare(cfg: Config) -> ServerRun:
     model = attach_adapter(base, cfg.adapter, seed=cfg.train.seed)
     holder: dict = {}
     run = ServerRun(cfg=cfg, run_dir=run_dir, initial=get_state(model),
-                    peft_cfg=model.peft_config["default"], base_path=resolve_base(cfg.model.base),
+                    peft_cfg=model.peft_config["default"], base_path=base_name(cfg.model.base),
                     base_sha256=base_fingerprint(cfg.model.base),
                     recorder=RoundRecorder(run_dir, save=lambda p, s, r: holder["run"].save(p, s, r)))
     holder["run"] = run

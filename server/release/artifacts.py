@@ -129,6 +129,24 @@ def locate(path: str | Path, *, public_key: str | Path | None = None) -> Source:
     return source
 
 
+def with_base(source: Source, base: str | Path | None = None) -> Source:
+    """The source with its base located on this machine (``base``: ``--base PATH``) and checked.
+
+    An artifact records its base by portable name and fingerprint, not by where it was on
+    the training machine; the base found here (``base``, else the recorded ``model.base``)
+    must have the recorded fingerprint, or merge/DPO would silently use another model.
+    """
+    import dataclasses
+
+    from common.model import require_base
+
+    resolved = require_base(source.cfg.model.base, source.metadata.get("base_sha256"), override=base,
+                            what=f"{source.aggregate_dir}")
+    if base is None:
+        return source
+    return dataclasses.replace(source, cfg=source.cfg.replace(**{"model.base": resolved}))
+
+
 def require_verified(source: Source, *, stage: str) -> None:
     """A published version's files are used only after its signature verified."""
     if source.kind == "version" and not source.verified:

@@ -43,19 +43,35 @@ def check_adapter(adapter_dir: Path, *, public_key: str | Path | None) -> None:
     check_safetensors(adapter_dir / "adapter_model.safetensors")
 
 
+def _recorded_base(adapter_dir: Path) -> str | None:
+    """The base fingerprint an adapter's fedlora.json records (None for a plain PEFT adapter)."""
+    import json
+
+    from common.adapter import METADATA_FILE
+
+    meta = adapter_dir / METADATA_FILE
+    return json.loads(meta.read_text()).get("base_sha256") if meta.is_file() else None
+
+
 class HotSwap:
     """One base model with named adapters; ``use(name)`` switches the active one."""
 
     def __init__(self, mcfg: ModelConfig, adapters: Mapping[str, str | Path], *, fp32: bool = True,
-                 public_key: str | Path | None = None) -> None:
+                 public_key: str | Path | None = None, base: str | Path | None = None) -> None:
+        """``base``: where the base is on this machine (else ``mcfg.base``); every adapter's recorded
+        base fingerprint must match it."""
         from peft import PeftModel
 
-        from common.model import load_base, load_tokenizer, pick_device
+        from common.model import load_base, load_tokenizer, pick_device, require_base
 
         if not adapters:
             raise ValueError("HotSwap needs at least one adapter directory")
         for path in adapters.values():
             check_adapter(Path(path), public_key=public_key)
+        for recorded, path in {_recorded_base(Path(p)): p for p in adapters.values()}.items():
+            resolved = require_base(mcfg.base, recorded, override=base, what=str(path))
+        if base is not None:
+            mcfg = dataclasses.replace(mcfg, base=resolved)
         if fp32:
             mcfg = dataclasses.replace(mcfg, precision="fp32")
         self.tokenizer = load_tokenizer(mcfg.base)

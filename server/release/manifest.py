@@ -328,3 +328,13 @@ def verify_version(version_dir: Path | str, public_key_path: Path | str) -> Veri
         f"{rel}: file is not in the manifest" for rel in scan.files if rel not in listed
     )
     return VerifyResult(ok=not problems, problems=tuple(problems), files_checked=files_checked)
+
+
+def read_metadata(version_dir: Path | str) -> dict[str, Any]:
+    """The ``metadata`` of a version's manifest (name, version, base name and fingerprint).
+
+    Read it only after :func:`verify_version` succeeded; unverified, it is just a claim.
+    """
+    document = _parse_manifest((_require_dir(version_dir) / MANIFEST_NAME).read_bytes())
+    metadata = document.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}

@@ -59,6 +59,16 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def check_base(adapter_dir: Path, mcfg: ModelConfig) -> None:
+    """Refuse to merge into a base other than the one the adapter's fedlora.json records."""
+    from common.adapter import METADATA_FILE
+    from common.model import require_base
+
+    meta = adapter_dir / METADATA_FILE
+    recorded = json.loads(meta.read_text()).get("base_sha256") if meta.is_file() else None
+    require_base(mcfg.base, recorded, what=str(adapter_dir))
+
+
 def merge(adapter_dir: str | Path, out_dir: str | Path, mcfg: ModelConfig, *, prompts: list[str],
           tolerance: float = DEFAULT_TOLERANCE) -> MergeReport:
     """Merge ``adapter_dir`` into the fp32 base of ``mcfg`` and save model + tokenizer
@@ -72,6 +82,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, mcfg: ModelConfig, *, pr
         raise ValueError("merge needs at least one sample prompt to check the merged logits")
     start = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_base(adapter_dir, mcfg)
     fp32_cpu = dataclasses.replace(mcfg, precision="fp32", device="cpu")
     tokenizer = load_tokenizer(mcfg.base)
     model = PeftModel.from_pretrained(load_base(fp32_cpu, for_training=False), str(adapter_dir))

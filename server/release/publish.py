@@ -2,7 +2,9 @@
 
 A version holds
 
-* ``adapter/``  - the final adapter in PEFT format (+ ``fedlora.json`` metadata),
+* ``adapter/``  - the final adapter in PEFT format (+ ``fedlora.json`` metadata); it names its
+  base by portable name (hub id, ``embedded``, an imported base's name), never by a path,
+  and records the base's SHA-256 fingerprint, so it loads on any machine that has the base,
 * ``merged/``   - the merged fp32 Hugging Face model and its tokenizer (safetensors),
 * ``README.md`` - the model card, ``card.json`` - the facts it is written from, and
   ``fedlora-config.json`` - the run configuration,
@@ -22,6 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.adapter import METADATA_FILE
 from common.config import Config
 from common.files import atomic_dir, file_digest
 from common.records import RoundRecord, read_rounds, read_summary
@@ -85,7 +88,7 @@ def card_facts(source: Source, *, name: str, version: str) -> dict:
                            f"run `fedlora merge {source.root}` first")
     return {
         "name": name, "version": version, "date": _now(),
-        "base_model": cfg.model.base, "base_sha256": source.metadata.get("base_sha256") or _fingerprint(cfg),
+        "base_model": portable_base(source), "base_sha256": source.metadata.get("base_sha256") or _fingerprint(cfg),
         "base_precision_in_training": cfg.model.precision,
         "adapter": {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("adapter.")},
         "rounds": fed.rounds if fed else source.metadata.get("round"),
@@ -98,6 +101,36 @@ def card_facts(source: Source, *, name: str, version: str) -> dict:
         "merge": merge,
         "final_adapter": "dpo-refined" if final != source.aggregate_dir else "federated aggregate",
     }
+
+
+def portable_base(source: Source) -> str:
+    """The base's portable name: what the final adapter records, else derived from ``model.base``.
+
+    An adapter written before fedlora recorded names may hold the training machine's path;
+    the version gets a name instead, so loading it elsewhere depends on nothing of that machine.
+    """
+    from common.model import base_name
+
+    cfg_path = source.final_adapter_dir / "adapter_config.json"
+    recorded = json.loads(cfg_path.read_text()).get("base_model_name_or_path") if cfg_path.is_file() else None
+    if isinstance(recorded, str) and recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
+        return recorded
+    return base_name(source.cfg.model.base)
+
+
+def _make_portable(adapter_dir: Path, base: str) -> None:
+    """Name the base (not a path) in the published adapter's config and metadata."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    peft_cfg = json.loads(cfg_path.read_text())
+    peft_cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(peft_cfg, indent=2, sort_keys=True) + "\n")
+    meta_path = adapter_dir / METADATA_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        meta["base_model"] = base
+        if isinstance(meta.get("config"), dict) and "model.base" in meta["config"]:
+            meta["config"]["model.base"] = base
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
 def _fingerprint(cfg) -> str | None:
@@ -154,7 +187,8 @@ def model_card(f: dict, cfg: Config) -> str:
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained('merged')",
               "tokenizer = AutoTokenizer.from_pretrained('merged')",
-              "# or the adapter on the base: PeftModel.from_pretrained(base, 'adapter')", "```", ""]
+              "# or the adapter on the base (a directory holding it, whose fingerprint is the one above):",
+              "# PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), 'adapter')", "```", ""]
     return "\n".join(lines)
 
 
@@ -178,8 +212,10 @@ def publish(source: Source, *, registry: str | Path, name: str, signing_key: str
     try:
         with atomic_dir(final, overwrite=False) as tmp:
             _copy_files(source.final_adapter_dir, tmp / "adapter")
+            _make_portable(tmp / "adapter", facts["base_model"])
             _copy_files(source.merged_dir, tmp / "merged")
-            (tmp / VERSION_CONFIG).write_text(json.dumps(source.cfg.to_flat(), indent=2, sort_keys=True) + "\n")
+            flat = {**source.cfg.to_flat(), "model.base": facts["base_model"]}
+            (tmp / VERSION_CONFIG).write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
             (tmp / CARD_FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True, default=str) + "\n")
             (tmp / "README.md").write_text(model_card(facts, source.cfg))
             write_manifest(tmp, metadata={"name": name, "version": version, "date": facts["date"],
