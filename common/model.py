@@ -94,7 +94,7 @@ def resolve_base(name: str, override: str | Path | None = None) -> str:
         cached = None
     if cached is None or not isinstance(cached, str):
         raise ModelNotFoundError(
-            f"model {name!r} is not a local directory nor in the local Hugging Face cache, and fedlora runs "
+            f"model {name!r} is not in the local Hugging Face cache nor a local directory, and fedlora runs "
             f"offline; download it on a connected machine (huggingface-cli download {name}) and copy the cache "
             "over, or set model.base (for merge, dpo and verify: --base PATH) to a local directory"
         )
