@@ -31,4 +31,5 @@ def merge_line(m: dict) -> str:
     """The merge check in one sentence, from ``merged/fedlora-merge.json``."""
     return (f"Final adapter merged into the fp32 base (trained on a {m['trained_precision']} base): "
             f"max |logit difference| vs base + adapter on {m['prompts']} prompts **{m['max_abs_diff']:.2e}** "
-            f"(tolerance {m['tolerance']:g}).")
+            f"(tolerance {m['tolerance']:.2e}" + (f" = {m['rtol']:g} x the logits' scale {m['logit_scale']:.3g}"
+                                                  if "rtol" in m else "") + ").")

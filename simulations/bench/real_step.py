@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     def timed(arm: str):
         def go() -> float:
             results[arm].append(_child(arm, args))
-            return results[arm][-1]["seconds_per_step"]
+            r = results[arm][-1]
+            print(f"  {arm}: {r['seconds_per_step']:.2f} s/step, peak {r['peak_mb_above_loaded']:.0f} MB above "
+                  f"{r['loaded_rss_mb']:.0f} MB loaded", file=sys.stderr, flush=True)
+            return r["seconds_per_step"]
         return go
 
     seconds = interleave({a: timed(a) for a in ARMS}, args.repeats)

@@ -93,7 +93,8 @@ def _cmd_merge(args) -> int:
     source = _source(args)
     report = run_merge(source, release_inputs(source.cfg), out_dir=args.out)
     print(f"merged into fp32: max |logit diff| vs base + adapter = {report.max_abs_diff:.2e} "
-          f"on {report.prompts} prompts (tolerance {report.tolerance:g})")
+          f"on {report.prompts} prompts (tolerance {report.tolerance:.2e} = {report.rtol:g} x the logits' scale "
+          f"{report.logit_scale:.3g})")
     return 0
 
 

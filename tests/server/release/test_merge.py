@@ -78,3 +78,49 @@ def test_merge_changes_the_model(adapter, tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert max_abs_diff(prompt_logits(merged, load_tokenizer(cfg.model.base), PROMPTS), base) > 1e-2
+
+
+def test_an_honestly_trained_strong_adapter_is_not_refused(tenants_dir, tmp_path):
+    # Prepare: an adapter really trained (lr 2e-2, 40 steps), then its B matrices x4 (longer training)
+    from client.train import train
+    from common.adapter import get_state, save_adapter
+    from common.data import read_examples, tenant_paths, tokenize_examples
+    from common.model import base_fingerprint, base_name, load_model
+
+    cfg = parse_config({"train.local-steps": 40, "train.batch-size": 8, "train.learning-rate": 0.02})
+    loaded = load_model(cfg.model, cfg.adapter)
+    data = tokenize_examples(read_examples(tenant_paths(tenants_dir, 0)[0]), loaded.tokenizer,
+                             max_length=cfg.data.max_length)
+    train(loaded.model, data, cfg.train, pad_id=loaded.tokenizer.pad_token_id, progress=False)
+    state = {k: v * 4 if "lora_B" in k else v for k, v in get_state(loaded.model).items()}
+    adapter_dir = save_adapter(tmp_path / "adapter", state, loaded.model.peft_config["default"],
+                               base_model=base_name(cfg.model.base),
+                               metadata={"base_sha256": base_fingerprint(cfg.model.base)})
+    # Execute
+    report = merge(adapter_dir, tmp_path / "merged", cfg.model, prompts=PROMPTS)
+    # Assert: accepted, against a bound scaled to its logits
+    assert report.logit_scale > 1.0 and report.tolerance == pytest.approx(report.rtol * report.logit_scale)
+    assert report.max_abs_diff <= report.tolerance
+
+
+def test_a_merge_off_by_one_percent_of_the_adapter_is_refused(adapter, tmp_path, monkeypatch):
+    # Prepare: a merge bug — every LoRA B scaled by 1.01 before merging (a wrong scaling)
+    from peft.tuners.lora import LoraModel
+
+    from server.release.merge import MergeMismatch
+
+    original = LoraModel.merge_and_unload
+
+    def off_by_one_percent(self, *args, **kwargs):
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(1.01)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", off_by_one_percent)
+    adapter_dir, cfg = adapter
+    # Execute / Assert: refused, nothing saved
+    with pytest.raises(MergeMismatch, match="the logits' scale"):
+        merge(adapter_dir, tmp_path / "merged", cfg.model, prompts=PROMPTS)
+    assert not (tmp_path / "merged").exists()
