@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +193,21 @@ def model_card(f: dict, cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def _copy_files(src: Path, dst: Path) -> None:
-    """Regular files only (a symlink or pickle would be refused by the manifest anyway)."""
-    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".*"))
+def _copy_files(src: Path, dst: Path, *, link: bool = False) -> None:
+    """Regular files only (a symlink or pickle would be refused by the manifest anyway).
+
+    ``link`` hard-links instead of copying where both lie on one filesystem: the merged
+    model (538 MB for a 135M base, 28 GB for 7B) is then stored once per run, not once in
+    ``merged/`` and again in the registry. Nothing rewrites those files in place (a new
+    merge writes a new directory), so the published bytes, hashed in the manifest, stay."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem, or links not allowed there
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(".*"),
+                    copy_function=link_or_copy if link else shutil.copy2)
 
 
 def publish(source: Source, *, registry: str | Path, name: str, signing_key: str | Path,
@@ -213,7 +226,7 @@ def publish(source: Source, *, registry: str | Path, name: str, signing_key: str
         with atomic_dir(final, overwrite=False) as tmp:
             _copy_files(source.final_adapter_dir, tmp / "adapter")
             _make_portable(tmp / "adapter", facts["base_model"])
-            _copy_files(source.merged_dir, tmp / "merged")
+            _copy_files(source.merged_dir, tmp / "merged", link=True)
             flat = {**source.cfg.to_flat(), "model.base": facts["base_model"]}
             (tmp / VERSION_CONFIG).write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
             (tmp / CARD_FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True, default=str) + "\n")

@@ -138,3 +138,23 @@ def test_card_states_epsilon_from_the_round_records(run_dir, keys, tmp_path):
     # Assert
     card = (published.path / "README.md").read_text()
     assert "central = 1.23" in card and "tenant 0 = 2.5" in card
+
+
+def test_the_merged_model_is_stored_once_per_run(version, run_dir):
+    # Assert: the registry's merged weights are the run's file (a hard link), not a second copy
+    import os
+
+    published, merged = version / "merged" / "model.safetensors", run_dir / "merged" / "model.safetensors"
+    assert os.stat(published).st_ino == os.stat(merged).st_ino
+
+
+def test_merging_the_run_again_leaves_the_published_version_intact(run_dir, keys, tmp_path):
+    # Prepare: a copy of the run, published (its merged weights linked into the registry)
+    from server.release.stages import ReleaseInputs, run_merge
+
+    run = shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
+    result = publish(locate(run), registry=tmp_path / "registry", name="demo", signing_key=keys[0])
+    # Execute: a new merge of the run replaces its merged/ directory
+    run_merge(locate(run), ReleaseInputs(merge_prompts=("Say hi.",)))
+    # Assert: the version's bytes are the signed ones still
+    assert verify_version(result.path, keys[1]).ok
