@@ -25,6 +25,22 @@ BASE_RECORD = "fedlora-base.json"  # written by `fedlora import-base` beside an 
 _FINGERPRINTED = (".json", ".safetensors", ".model", ".txt", ".jinja")
 
 
+BASES_ENV = "FEDLORA_BASES"  # where `fedlora import-base` puts bases by default
+
+
+def bases_dir() -> Path:
+    """The directory of imported bases: ``$FEDLORA_BASES``, else ``~/.fedlora/bases``."""
+    return Path(os.environ.get(BASES_ENV) or Path.home() / ".fedlora" / "bases").expanduser()
+
+
+def imported_base(name: str) -> Path | None:
+    """An imported base known by its portable name (``<bases dir>/NAME``), or None."""
+    if not name or "/" in name or name.startswith(".") or name == EMBEDDED:
+        return None
+    cand = bases_dir() / name
+    return cand if (cand / "config.json").is_file() else None
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The base model is neither a local directory nor in the local Hugging Face cache."""
 
@@ -83,6 +99,8 @@ def resolve_base(name: str, override: str | Path | None = None) -> str:
             raise ModelNotFoundError(f"model directory {path} has no config.json; "
                                      "point model.base at a Hugging Face model directory")
         return str(path)
+    if (imported := imported_base(name)) is not None:
+        return str(imported)
     if path.is_absolute() or name.startswith("."):
         raise ModelNotFoundError(f"model directory {name} does not exist on this machine; set model.base (or "
                                  "--base PATH for merge, dpo and verify) to where the base is here")

@@ -116,6 +116,10 @@ class Preflight:
                          "directory is needed)")
                 return None
             return path
+        from common.model import imported_base
+
+        if (imported := imported_base(name)) is not None:
+            return imported
         if path.is_absolute() or name.startswith("."):
             self.add(f"model.base {name!r}: directory {path} does not exist")
             return None

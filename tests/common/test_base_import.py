@@ -148,3 +148,19 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, tiny_gguf):
         assert expected in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert (busy / "keep.txt").is_file() and not (tmp_path / "b").exists()
+
+
+def test_import_without_out_lands_in_the_bases_dir_and_the_name_resolves(tiny_gguf, tmp_path, monkeypatch, capsys):
+    # Prepare: an empty bases directory
+    from common.model import BASES_ENV, resolve_base
+    from simulations.cli.main import main
+
+    monkeypatch.setenv(BASES_ENV, str(tmp_path / "bases"))
+    # Execute: no --out
+    code = main(["import-base", str(tiny_gguf)])
+    # Assert: written to <bases>/tiny-llama; model.base=tiny-llama finds it; the printed command uses the name
+    assert code == 0
+    assert (tmp_path / "bases" / "tiny-llama" / "config.json").is_file()
+    assert resolve_base("tiny-llama") == str(tmp_path / "bases" / "tiny-llama")
+    assert "fedlora simulate --set model.base=tiny-llama" in capsys.readouterr().out
+    assert base_name("tiny-llama") == "tiny-llama"
