@@ -26,8 +26,9 @@ def add_commands(sub) -> None:
     dpo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dpo.* key, e.g. dpo.steps=80")
     dpo.add_argument("--public-key", help="the publisher's Ed25519 public key; required for a published version, "
                                           "whose signature is verified before it is used")
-    dpo.add_argument("--base", metavar="PATH", help="where the base model is on this machine (a model directory); its fingerprint must be the one "
-                              "the adapter recorded (default: the recorded model.base)")
+    dpo.add_argument("--base", metavar="PATH", help="where the base model is on this machine (a model directory); "
+                                                    "its fingerprint must be the one the adapter recorded "
+                                                    "(default: the recorded model.base)")
 
     merge = sub.add_parser("merge", help="merge the final adapter into the fp32 base (Hugging Face model)",
                            description="Merge the run's final adapter (DPO-refined when present) into the base "
@@ -37,8 +38,9 @@ def add_commands(sub) -> None:
     merge.add_argument("--out", help="output directory (default: <run>/merged; required for a published version)")
     merge.add_argument("--public-key", help="the publisher's Ed25519 public key; required for a published version, "
                                             "whose signature is verified before it is used")
-    merge.add_argument("--base", metavar="PATH", help="where the base model is on this machine (a model directory); its fingerprint must be the one "
-                              "the adapter recorded (default: the recorded model.base)")
+    merge.add_argument("--base", metavar="PATH", help="where the base model is on this machine (a model "
+                                                      "directory); its fingerprint must be the one the adapter "
+                                                      "recorded (default: the recorded model.base)")
 
     pub = sub.add_parser("publish", help="publish a signed version to a registry directory",
                          description="Copy the final adapter and merged model into <registry>/<name>/<version>/ "
@@ -56,6 +58,9 @@ def _source(args):
     source = locate(args.path, public_key=getattr(args, "public_key", None))
     if args.command == "publish":  # copies files; never loads the base
         return source
+    from common.model import set_threads
+
+    set_threads(source.cfg.train.threads)  # the run's thread count, as in its own stages
     return with_base(source, getattr(args, "base", None))
 
 
