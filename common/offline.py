@@ -36,4 +36,8 @@ def quiet_and_offline() -> dict[str, str]:
     # PEFT reads transformers' deprecated alias whenever it wraps a model; nothing a user
     # can act on, printed once per process (every tenant's log).
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Adapters name their base portably (not by a path), so PEFT cannot open the base's
+    # config when it saves one and says so; the vocabulary check it skips is ours to make
+    # (the base fingerprint), not a problem.
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in ", category=UserWarning)
     return {key: os.environ[key] for key in OFFLINE_ENV}
