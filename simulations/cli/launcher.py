@@ -172,21 +172,31 @@ def tagged_pids(tag: str) -> list[int]:
     return pids
 
 
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
-    """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+    """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds.
+
+    The SIGKILL phase signals every tagged process it sees on each pass, not only those of
+    its first scan: a Ray raylet that is shutting down restarts its dashboard and
+    runtime-env agents, and those new processes must not outlive the sweep."""
+    pids = tagged_pids(tag)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.1)
         pids = tagged_pids(tag)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = tagged_pids(tag)
-        if not pids:
-            return
+    deadline = time.monotonic() + 3.0
+    while pids and time.monotonic() < deadline:
+        _signal_all(pids, signal.SIGKILL)
+        time.sleep(0.1)
+        pids = tagged_pids(tag)
 
 
 @contextmanager
