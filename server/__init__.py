@@ -10,5 +10,6 @@
 - ``records``: the round recorder (checkpoints and ``metrics/round_XXX.json``).
 - ``run``: the run directory, the initial or resumed adapter, the final summary.
 - ``grid``: a Grid that collects replies promptly.
+- ``memory``: the server process keeps the memory it frees for the next round (glibc malloc tuning).
 - ``release/``: after the rounds: DPO, merge, publish and verify, hot-swap (its own map).
 """

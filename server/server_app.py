@@ -15,6 +15,7 @@ from server.aggregation import make_aggregator
 from server.bounds import UpdateBounds
 from server.central_dp import make_server_privacy
 from server.grid import PromptGrid
+from server.memory import reuse_freed_memory
 from server.records import RoundRecorder
 from server.run import finish, prepare
 from server.strategy import FedLoraStrategy
@@ -40,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     quiet_and_offline()
     cfg = parse_config(context.run_config)
     set_threads(cfg.train.threads)  # the server builds and checkpoints adapters on its own CPU
+    reuse_freed_memory()  # each round's adapter-sized arrays reuse the last round's pages
     t0 = time.perf_counter()
     run = prepare(cfg)
     strategy = make_strategy(cfg, run.recorder)

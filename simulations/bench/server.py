@@ -27,6 +27,10 @@ pool of four distinct random adapters (each update its own weight and metrics), 
 memcpy copies the same pool arrays into four preallocated destinations, so 50 updates of
 168 MB touch 8.4 GB while ~1.4 GB is resident; four adapters (68 MB at 17 MB) exceed the
 32 MB last-level cache of the 2-core machine the README's figures come from.
+
+The process's malloc is tuned first, as the ServerApp tunes its own (``server.memory``:
+freed tensors are kept for the next round instead of being faulted in again);
+``--default-allocator`` measures glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -140,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[17, 168], choices=sorted(LAYOUTS), help="adapter MB")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per pair (median reported)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc as it is instead of tuning it as the ServerApp does (server.memory)")
     args = p.parse_args(argv)
+    from server.memory import reuse_freed_memory
+
+    tuned = False if args.default_allocator else reuse_freed_memory()
+    print(f"allocator: {'tuned as the ServerApp tunes it (server.memory)' if tuned else 'malloc defaults'}")
     load0 = loadavg()
     rows = []
     for size in args.sizes:
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(load_line(load0, load1))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "repeats": args.repeats, "load_start": load0, "load_end": load1}, fh, indent=2)
+            json.dump({"rows": rows, "repeats": args.repeats, "allocator_tuned": tuned, "load_start": load0, "load_end": load1}, fh, indent=2)
     return 0
 
 

@@ -19,7 +19,8 @@ def test_ratio_summary_is_the_median_of_paired_ratios_with_its_spread():
 
 
 def test_server_bench_reports_every_arm_against_memcpy_and_the_load(capsys, tmp_path):
-    rc = bench_server.main(["--sizes", "17", "--updates", "2", "--repeats", "1", "--json", str(tmp_path / "s.json")])
+    rc = bench_server.main(["--sizes", "17", "--updates", "2", "--repeats", "1", "--default-allocator",
+                            "--json", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
     assert rc == 0
     for what in ("validate + sum + apply | 2 | 16.8", "to_arrayrecord | 1 | 16.8", "from_arrayrecord | 1 | 16.8"):
