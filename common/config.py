@@ -24,6 +24,7 @@ Scalar = bool | int | float | str
 # which secure aggregation does not reveal (a test proves both match the registry).
 AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean", "krum")
 INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "trimmed-mean", "krum"})
+SERVER_OPTIMIZER_NAMES = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # server.optimizers.OPTIMIZERS
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None,
@@ -81,6 +82,8 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.1, "warm-up fraction", lo=0.0, hi=1.0)
     # AdamW weight decay.
     weight_decay: float = _opt(0.0, "weight decay", lo=0.0)
+    # FedProx (client.prox), federated rounds only: after each step w -= lr * prox-mu * (w - round's global); 0 = off.
+    prox_mu: float = _opt(0.0, "FedProx mu: pull toward the round's global adapter (0 = off)", lo=0.0)
     # Gradient clipping by global norm (0 disables).
     max_grad_norm: float = _opt(1.0, "gradient clip norm (0 = off)", lo=0.0)
     # Seed for shuffling, dropout and initialisation.
@@ -163,8 +166,15 @@ class FederationConfig:
     # Fewer aggregated rounds than this and the run counts as failed: nothing is refined,
     # merged or published from it.
     min_successful_rounds: int = _opt(1, "fewest aggregated rounds for a run to count", lo=0)
-    # Server learning rate applied to the aggregated delta (1.0 = plain FedAvg).
+    # Server learning rate on the aggregated delta (1.0 = plain FedAvg; the adaptive optimizers want ~1e-2..1e-1).
     server_lr: float = _opt(1.0, "server learning rate on the mean delta", lo=0.0)
+    # Rule turning the mean delta into the next global adapter (server.optimizers); it needs only the sum, so it
+    # also runs under secure aggregation and central DP (post-processing). beta1: fedavgm's momentum and the
+    # first-moment decay; beta2: the second-moment decay; tau: the floor in m / (sqrt(v) + tau).
+    server_optimizer: str = _opt("sgd", "server optimizer on the mean delta", choices=SERVER_OPTIMIZER_NAMES)
+    server_beta1: float = _opt(0.9, "server optimizer: momentum / first-moment decay (< 1)", lo=0.0, hi=1.0)
+    server_beta2: float = _opt(0.99, "server optimizer: second-moment decay (< 1)", lo=0.0, hi=1.0)
+    server_tau: float = _opt(1e-3, "server optimizer: tau in m / (sqrt(v) + tau) (> 0)", lo=0.0)
     # Server-side bound on each update's L2 norm (plain transport): absolute (0 = off) ...
     max_update_norm: float = _opt(0.0, "absolute bound on an update's L2 norm (0 = off)", lo=0.0)
     # ... and adaptive: this x the round's median update norm (0 = off). The tighter applies.
@@ -387,7 +397,4 @@ def parse_config(flat: Mapping[str, Any], *, source: str = "run config") -> Conf
     cross_check(sections, problems)
     if problems:
         raise ConfigError(problems, source)
-    kwargs = {}
-    for sec_field in dataclasses.fields(Config):
-        kwargs[sec_field.name] = sec_field.default_factory(**sections.get(sec_field.name, {}))
-    return Config(**kwargs)
+    return Config(**{f.name: f.default_factory(**sections.get(f.name, {})) for f in dataclasses.fields(Config)})

@@ -93,6 +93,7 @@ def cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> Non
             problems.append(f"federation.example-caps: {why}")
     _check_privacy(sections, problems)
     _check_secagg(sections, problems)
+    _check_optimizers(sections, problems)
     run_dir = sections.get("run", {}).get("dir", "")
     if run_dir and not run_dir.startswith("/") and ":" not in run_dir[:3]:
         problems.append(f"run.dir: {run_dir!r} must be an absolute path (the ServerApp runs in the "
@@ -159,3 +160,22 @@ def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> N
     if tenants > capacity:
         problems.append(f"secagg.modulus-bits: the sum of {tenants} tenants' vectors would overflow 2^"
                         f"{sec['modulus_bits']} (at most {capacity}); raise it or lower secagg.quantization-bits")
+
+
+def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Server-optimizer and FedProx values at the edge of their ranges that would not work.
+
+    No rule ties the server optimizer to secure aggregation or central DP: it needs only the
+    (noised) sum, so it is post-processing and runs under both."""
+    fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
+    for name in ("server_beta1", "server_beta2"):
+        if fed[name] >= 1.0:
+            problems.append(f"federation.{name.replace('_', '-')}: {fed[name]!r} must be below 1 (a decay of 1 "
+                            "never forgets the first rounds); 0.9 and 0.99 are the usual values")
+    if fed["server_optimizer"] in ("fedadam", "fedyogi", "fedadagrad") and fed["server_tau"] <= 0:
+        problems.append(f"federation.server-tau: {fed['server_optimizer']} needs tau > 0 (it keeps m / (sqrt(v) + "
+                        "tau) finite where v is 0); 1e-3 is the usual value")
+    train = {**dataclasses.asdict(TrainConfig()), **sections.get("train", {})}
+    if train["prox_mu"] * train["learning_rate"] > 1.0:
+        problems.append(f"train.prox-mu: prox-mu x train.learning-rate = {train['prox_mu'] * train['learning_rate']:g} "
+                        "> 1 would step past the global adapter; lower train.prox-mu or the learning rate")
