@@ -1,8 +1,9 @@
 """What a run leaves behind, round by round: checkpoints and metrics files.
 
 ``RoundRecorder`` is fed by the strategy and knows nothing about Flower. Each round
-writes ``checkpoints/round_XXX/`` (a PEFT adapter directory, atomically) and
-``metrics/round_XXX.json``, a :class:`common.records.RoundRecord` (who was sampled, who
+writes ``checkpoints/round_XXX/`` (a PEFT adapter directory, atomically; with a stateful
+server optimizer also its moments, ``server_optimizer.safetensors``, atomically, after the
+adapter) and ``metrics/round_XXX.json``, a :class:`common.records.RoundRecord` (who was sampled, who
 was dropped and why, per-tenant training and evaluation metrics, the per-tenant audit,
 bytes down/up, seconds).
 """
@@ -18,7 +19,11 @@ import numpy as np
 
 from common import messages as keys
 from common.adapter import write_json_atomic
+from common.files import write_atomic
 from common.records import Drop, RoundRecord, TenantAudit, round_path
+
+# The server optimizer's moments, beside the round's checkpointed adapter.
+SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
 
 
 @dataclass
@@ -91,13 +96,27 @@ class RoundRecorder:
         assert self._cur is not None
         self._cur.privacy = dict(report)
 
-    def end_train(self, new_global: Mapping[str, np.ndarray] | None) -> None:
+    def end_train(self, new_global: Mapping[str, np.ndarray] | None, *,
+                  optimizer_arrays: Mapping[str, np.ndarray] | None = None,
+                  optimizer_name: str = "") -> str | None:
+        """Checkpoint the new global adapter (None: the round aggregated nothing) and, when
+        there are any, the server optimizer's moments beside it (safetensors, written
+        atomically after the adapter). Returns the moments file, relative to the run directory."""
         assert self._cur is not None
-        if new_global is not None:
-            path = self.run_dir / "checkpoints" / f"round_{self._cur.number:03d}"
-            self._save(path, new_global, self._cur.number)
-            self._cur.aggregated = True
-            self._cur.checkpoint = str(path.relative_to(self.run_dir))
+        if new_global is None:
+            return None
+        path = self.run_dir / "checkpoints" / f"round_{self._cur.number:03d}"
+        self._save(path, new_global, self._cur.number)
+        self._cur.aggregated = True
+        self._cur.checkpoint = str(path.relative_to(self.run_dir))
+        if not optimizer_arrays:
+            return None
+        from safetensors.numpy import save
+
+        data = save({k: np.ascontiguousarray(v) for k, v in optimizer_arrays.items()},
+                    metadata={"optimizer": optimizer_name, "round": str(self._cur.number)})
+        write_atomic(path / SERVER_OPTIMIZER_FILE, data)
+        return str((path / SERVER_OPTIMIZER_FILE).relative_to(self.run_dir))
 
     def resume_from(self, records: list[RoundRecord]) -> None:
         """Continue a run: its earlier rounds' records (node -> tenant names are relearnt)."""

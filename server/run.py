@@ -1,10 +1,10 @@
 """Server-side set-up and wrap-up of a federated run, in plain functions.
 
 ``prepare`` makes the run directory, the initial adapter and the strategy's recorder, or,
-with ``run.resume``, reads back an interrupted run's last complete round (its record and
-the checkpoint of the global adapter after it); ``finish`` writes the final adapter and a
-summary, and says when the run does not count (``federation.min-successful-rounds``). The
-ServerApp only wires these to Flower.
+with ``run.resume``, reads back an interrupted run's last complete round (its record, the
+checkpoint of the global adapter after it and the server optimizer's moments beside that
+checkpoint); ``finish`` writes the final adapter and a summary, and says when the run does
+not count (``federation.min-successful-rounds``). The ServerApp only wires these to Flower.
 
 A round is complete when its record (``metrics/round_XXX.json``, written atomically after
 its checkpoint and evaluation) exists; a round interrupted before that is run again.
@@ -38,6 +38,7 @@ class ServerRun:
     start: dict[str, np.ndarray] | None = None  # the global adapter to start from (resume)
     rounds_done: int = 0                         # complete rounds before this start
     server_state: dict | None = None             # the strategy's state after them
+    optimizer_arrays: dict[str, np.ndarray] | None = None  # the server optimizer's moments after them
 
     def metadata(self, **extra) -> dict:
         return {"fedlora": 1, "base_model": self.cfg.model.base, "base_sha256": self.base_sha256,
@@ -85,10 +86,32 @@ def _resume(run: ServerRun) -> ServerRun:
     ckpt = next((r.checkpoint for r in reversed(records) if r.checkpoint), "checkpoints/round_000")
     run.start = load_adapter_file(run.run_dir / ckpt)
     run.rounds_done, run.server_state = len(records), records[-1].server_state
+    run.optimizer_arrays = optimizer_moments(run.run_dir, run.server_state, run.cfg.federation.server_optimizer)
     run.recorder.resume_from(records)
     for stale in (run.run_dir / SUMMARY_FILE, run.run_dir / "FEDERATION_DONE"):
         stale.unlink(missing_ok=True)
     return run
+
+
+def optimizer_moments(run_dir: Path, server_state: dict, configured: str) -> dict[str, np.ndarray] | None:
+    """The server optimizer's moments that a complete round's ``server_state`` names
+    (safetensors, beside its checkpoint), after checking the run used the optimizer the
+    config names now (``configured``); None when it has none (sgd, or no step yet)."""
+    from safetensors.numpy import load_file
+
+    from server.optimizers import resume_mismatch
+
+    saved = server_state.get("optimizer", {})
+    why = resume_mismatch(saved, configured)
+    if why is not None:
+        raise ResumeError(f"{run_dir}: {why}")
+    if not saved.get("file"):
+        return None
+    path = run_dir / saved["file"]
+    if not path.resolve().is_relative_to(run_dir.resolve()) or not path.is_file():
+        raise ResumeError(f"{run_dir}: the server optimizer's moments {saved['file']} are missing; "
+                          "start the run again without --resume")
+    return load_file(str(path))
 
 
 def finish(run: ServerRun, final_state, *, seconds: float) -> Path:

@@ -16,6 +16,7 @@ from server.bounds import UpdateBounds
 from server.central_dp import make_server_privacy
 from server.grid import PromptGrid
 from server.memory import reuse_freed_memory
+from server.optimizers import make_server_optimizer
 from server.records import RoundRecorder
 from server.run import finish, prepare
 from server.strategy import FedLoraStrategy
@@ -24,7 +25,7 @@ app = ServerApp()
 
 
 def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
-    """The one strategy, with the transport, aggregator, bounds and privacy the config names."""
+    """The one strategy, with the transport, aggregator, bounds, privacy and server optimizer the config names."""
     transport = None  # plain: validated individual updates
     if cfg.secagg.enabled:
         from common.secagg import quantizer_for
@@ -33,7 +34,8 @@ def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
         transport = SecAggTransport(cfg.secagg, quantizer_for(cfg.secagg, cfg.federation), seed=cfg.train.seed)
     return FedLoraStrategy(cfg.federation, make_aggregator(cfg.federation), recorder, transport=transport,
                            bounds=UpdateBounds.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
-                           seed=cfg.train.seed, stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop")
+                           optimizer=make_server_optimizer(cfg.federation), seed=cfg.train.seed,
+                           stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop")
 
 
 @app.main()
@@ -47,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(cfg, run.recorder)
     start = run.initial if run.start is None else run.start
     if run.rounds_done:  # a resumed run: continue after its last complete round
-        strategy.resume(run.rounds_done, run.server_state or {})
+        strategy.resume(run.rounds_done, run.server_state or {}, optimizer_arrays=run.optimizer_arrays)
     if run.rounds_done >= cfg.federation.rounds:
         finish(run, start, seconds=0.0)
         return

@@ -4,7 +4,7 @@ Each training round reads, in one place:
 
     configure (sample, build messages: the transport) -> Flower sends and collects ->
     collect (validate or unmask: the transport) -> bound (weights, norms, central clip) ->
-    aggregate (the aggregator) -> noise (central DP) -> apply (server lr) -> checkpoint, audit
+    aggregate (the aggregator) -> noise (central DP) -> apply (the server optimizer) -> checkpoint, audit
 
 Differences from Flower's stock FedAvg, each for a reason:
 
@@ -16,6 +16,9 @@ Differences from Flower's stock FedAvg, each for a reason:
   aggregate robustly (``server.aggregation``); under secure aggregation it sees only the sum;
 * sampling waits for the minimum number of tenants only up to the round timeout, so a
   lost tenant never hangs a run;
+* the mean delta is applied by a server optimizer (``server.optimizers``: sgd, which is
+  FedAvg's step, or fedavgm / fedadam / fedyogi / fedadagrad), whose moments are saved with
+  each checkpoint so a resumed run continues exactly;
 * each round's global adapter is checkpointed atomically and its record (metrics, bytes,
   per-tenant audit) written (``server.records``).
 """
@@ -37,9 +40,10 @@ from common import messages as keys
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
 from common.weighting import parse_caps
-from server.aggregation import Aggregator, WeightedSum, apply_mean, mean_delta, weight_rule
+from server.aggregation import Aggregator, WeightedSum, mean_delta, weight_rule
 from server.bounds import UpdateBounds, audit, bounds_info
 from server.central_dp import NoServerPrivacy, ServerPrivacy
+from server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
 from server.records import RoundRecorder
 from server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
 
@@ -71,7 +75,8 @@ class FedLoraStrategy(Strategy):
 
     def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
                  transport: Transport | None = None, bounds: UpdateBounds | None = None,
-                 privacy: ServerPrivacy | None = None, seed: int = 0, stop_on_failure: bool = False) -> None:
+                 privacy: ServerPrivacy | None = None, optimizer: ServerOptimizer | None = None,
+                 seed: int = 0, stop_on_failure: bool = False) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
@@ -85,6 +90,9 @@ class FedLoraStrategy(Strategy):
                                f"{self.transport.name} reveals only their sum; use fedavg"])
         self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
         self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
+        # The step from the mean delta; the config's (sgd: x += server-lr * mean) unless given.
+        self.optimizer = make_server_optimizer(cfg) if optimizer is None else optimizer
+        self._moments_file: str | None = None  # where the optimizer's moments were last saved
         self.rng = random.Random(seed)
         self.seed = seed
         self.stop_on_failure = stop_on_failure
@@ -95,20 +103,34 @@ class FedLoraStrategy(Strategy):
 
     # -- resume -------------------------------------------------------------------
     def resume_state(self) -> dict:
-        """Everything besides the global adapter that the next round depends on (JSON)."""
+        """Everything besides the global adapter that the next round depends on (JSON). The
+        optimizer's moments are adapter-sized: the state names their safetensors file
+        (``checkpoints/round_XXX/server_optimizer.safetensors``; None before the first step)."""
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "privacy": self.privacy.state()}
+        return {"rng": [version, list(internal), gauss], "privacy": self.privacy.state(),
+                "optimizer": {"name": self.optimizer.name, "file": self._moments_file}}
 
-    def resume(self, rounds_done: int, state: dict) -> None:
-        """Continue after round ``rounds_done`` of an interrupted run, from its recorded state."""
+    def resume(self, rounds_done: int, state: dict, *, optimizer_arrays: dict | None = None) -> None:
+        """Continue after round ``rounds_done`` of an interrupted run, from its recorded state
+        and the moments read from the file it names (``server.run`` reads them)."""
+        saved = state.get("optimizer", {})
+        why = resume_mismatch(saved, self.optimizer.name)
+        if why is not None:
+            raise ValueError(why)
+        if saved.get("file") and optimizer_arrays is None:
+            raise ValueError(f"the recorded state names the server optimizer's moments {saved['file']}, "
+                             "but none were given")
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.privacy.restore(state.get("privacy", {}))
+        self.optimizer.load_state_arrays(optimizer_arrays or {})
+        self._moments_file = saved.get("file")
         self.round_offset = rounds_done
 
     def summary(self) -> None:
         log(INFO, "\t├── Transport: %s", self.transport.summary())
-        log(INFO, "\t├── Aggregator: %s (server lr %.3g)", self.aggregator.describe(), self.cfg.server_lr)
+        log(INFO, "\t├── Aggregator: %s", self.aggregator.describe())
+        log(INFO, "\t├── Server optimizer: %s", self.optimizer.describe())
         log(INFO, "\t├── Bounds: %s", self.bounds.describe() if self.transport.reveals_individual_updates
             else "none on individual updates (the server sees only the sum)")
         log(INFO, "\t├── Sampling: fraction %.2f, minimum %d", self.cfg.fraction_train, self.cfg.min_train_nodes)
@@ -155,11 +177,14 @@ class FedLoraStrategy(Strategy):
         summed = self.privacy.on_server_aggregate(summed, received=summed.count, sampled=self._sampled,
                                                   connected=self._connected)
         self.recorder.privacy(self.privacy.round_report())
-        new_global = apply_mean(self._global, summed, server_lr=self.cfg.server_lr)
+        new_global = self.optimizer.step(self._global, summed)
         info["server_seconds"] = round(info.get("server_seconds", 0.0) + time.perf_counter() - t, 6)
+        info["server_optimizer"] = self.optimizer.describe()
         self.recorder.audit(audits, info)
         self._global = new_global
-        self.recorder.end_train(new_global)
+        saved = self.recorder.end_train(new_global, optimizer_arrays=self.optimizer.state_arrays(),
+                                        optimizer_name=self.optimizer.name)
+        self._moments_file = saved or self._moments_file
         return to_arrayrecord(new_global), MetricRecord(self._train_metrics(got, summed))
 
     def _record_collected(self, server_round: int, got: Collected) -> None:

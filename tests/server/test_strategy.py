@@ -193,3 +193,69 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
         assert np.array_equal(from_arrayrecord(got.arrays)[k], v)
     r3 = [json.loads((tmp_path / d / "metrics" / "round_003.json").read_text()) for d in ("full", "part")]
     assert r3[0]["sampled"] == r3[1]["sampled"] and r3[1]["round"] == 3
+
+
+def test_the_configured_server_optimizer_takes_the_step(tmp_path):
+    # Prepare: two tenants whose mean delta is 1 every round; sgd and fedavgm (momentum 0.5)
+    grid = FakeGrid({1: good(1.0, tenant=0), 2: good(1.0, tenant=1)})
+    sgd, _ = _strategy(tmp_path / "sgd")
+    avgm, _ = _strategy(tmp_path / "avgm", server_optimizer="fedavgm", server_beta1=0.5)
+    # Execute: two rounds each
+    finals = {name: from_arrayrecord(s.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=2,
+                                             timeout=5).arrays) for name, s in (("sgd", sgd), ("avgm", avgm))}
+    # Assert: sgd 0 + 1 + 1 = 2; fedavgm m1 = 1, m2 = 0.5 * 1 + 1 = 1.5, so 0 + 1 + 1.5 = 2.5
+    for k in GLOBAL:
+        assert np.all(finals["sgd"][k] == 2.0) and np.all(finals["avgm"][k] == 2.5)
+    record = json.loads((tmp_path / "avgm" / "metrics" / "round_002.json").read_text())
+    assert record["aggregation"]["server_optimizer"] == "fedavgm (server lr 1, beta1 0.5)"
+    assert record["server_state"]["optimizer"] == {
+        "name": "fedavgm", "file": "checkpoints/round_002/server_optimizer.safetensors"}
+    sgd_record = json.loads((tmp_path / "sgd" / "metrics" / "round_002.json").read_text())
+    assert sgd_record["server_state"]["optimizer"] == {"name": "sgd", "file": None}
+    assert not list((tmp_path / "sgd").rglob("*.safetensors"))  # sgd has no moments to save
+    assert (tmp_path / "avgm" / "checkpoints" / "round_001" / "server_optimizer.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_a_resumed_run_restores_the_optimizer_moments_exactly(tmp_path, name):
+    # Prepare: as the resume test above, with an adaptive server optimizer
+    from server.run import optimizer_moments
+
+    behaviour = {n: _spread(n) for n in range(1, 7)}
+    opt = {"fraction_train": 0.5, "server_optimizer": name, "server_lr": 0.1}
+    full, _ = _strategy(tmp_path / "full", **opt)
+    first, _ = _strategy(tmp_path / "part", **opt)
+    want = full.start(grid=FakeGrid(behaviour), initial_arrays=to_arrayrecord(GLOBAL), num_rounds=3, timeout=5)
+    part = first.start(grid=FakeGrid(behaviour), initial_arrays=to_arrayrecord(GLOBAL), num_rounds=2, timeout=5)
+    # Execute: a fresh strategy, its moments read back from the file round 2's record names
+    state = json.loads((tmp_path / "part" / "metrics" / "round_002.json").read_text())["server_state"]
+    moments = optimizer_moments(tmp_path / "part", state, name)
+    second, _ = _strategy(tmp_path / "part", **opt)
+    second.resume(2, state, optimizer_arrays=moments)
+    got = second.start(grid=FakeGrid(behaviour), initial_arrays=part.arrays, num_rounds=1, timeout=5)
+    # Assert: the moments are m/ and v/ per tensor, and the final adapter is the same, bit for bit
+    assert sorted(moments) == sorted(f"{m}/{k}" for m in "mv" for k in GLOBAL)
+    for k, v in from_arrayrecord(want.arrays).items():
+        assert np.array_equal(from_arrayrecord(got.arrays)[k], v), k
+    without, _ = _strategy(tmp_path / "again", **opt)  # the same resume with fresh moments ends elsewhere
+    without.resume(2, {**state, "optimizer": {"name": name, "file": None}})
+    other = without.start(grid=FakeGrid(behaviour), initial_arrays=part.arrays, num_rounds=1, timeout=5)
+    assert not np.array_equal(from_arrayrecord(other.arrays)["x.lora_A.weight"],
+                              from_arrayrecord(want.arrays)["x.lora_A.weight"])
+
+
+def test_a_resume_with_another_server_optimizer_is_refused(tmp_path):
+    # Prepare: a run recorded with fedadam
+    from server.run import ResumeError, optimizer_moments
+
+    first, _ = _strategy(tmp_path, server_optimizer="fedadam", server_lr=0.1)
+    first.start(grid=FakeGrid({1: good(1.0, tenant=0), 2: good(2.0, tenant=1)}),
+                initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    state = first.recorder.rounds[-1].server_state
+    # Execute / Assert: one line naming both optimizers, from the run directory and from the strategy
+    with pytest.raises(ResumeError, match="trained with federation.server-optimizer = 'fedadam', not 'fedyogi'") as err:
+        optimizer_moments(tmp_path, state, "fedyogi")
+    assert "\n" not in str(err.value)
+    second, _ = _strategy(tmp_path, server_optimizer="sgd")
+    with pytest.raises(ValueError, match="resume it with 'fedadam' or start a new run"):
+        second.resume(1, state)
