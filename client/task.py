@@ -113,9 +113,11 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
                 server_round: int, seed: int, progress: bool = False):
     """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
 
+    With ``train.prox-mu > 0`` local training is pulled toward ``global_state`` (FedProx).
     The privacy mechanism may decline (``client.ledger.BudgetExhausted``) before any
     training, and accounts for the update (writes the ledger) before it is returned."""
     from client.privacy import make_client_privacy
+    from client.prox import make_proximal
     from client.train import train
 
     state_dir = data.tenant.state_dir or _state_dir({}, data.tenant.train_path)
@@ -126,7 +128,8 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
         result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
                        device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
                        progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}",
-                       privacy=privacy, schedule_window=schedule_window(cfg, server_round))
+                       privacy=privacy, schedule_window=schedule_window(cfg, server_round),
+                       proximal=make_proximal(cfg.train.prox_mu))
     finally:
         privacy.after_train()  # the process-cached model leaves unwrapped even after an error
     delta = privacy.finalize_delta(subtract(get_state(loaded.model), global_state))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.loss import OutputHead
 from client.privacy import ClientPrivacy, NoPrivacy
+from client.prox import NoProximal
 from common.config import TrainConfig
 from common.data import Tokenized, collate
 
@@ -113,7 +114,7 @@ def autocast(device: torch.device | str):
 def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
           steps: int | None = None, seed: int | None = None, progress: bool = True,
           desc: str = "train", privacy: ClientPrivacy | None = None,
-          schedule_window: tuple[int, int] | None = None) -> TrainMetrics:
+          schedule_window: tuple[int, int] | None = None, proximal: NoProximal | None = None) -> TrainMetrics:
     """Train the trainable (adapter) parameters of ``model`` in place.
 
     ``steps`` overrides ``cfg.local_steps`` (the pooled baseline takes the summed budget);
@@ -123,6 +124,8 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
     schedule spans exactly these ``steps``).
     ``privacy`` wraps model, optimizer and batches and chooses the loss (default
     :class:`client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
+    ``proximal`` pulls the adapter toward where it started after every step (FedProx,
+    :class:`client.prox.Proximal`; default :class:`client.prox.NoProximal`, nothing).
     """
     from tqdm.auto import tqdm
 
@@ -140,6 +143,8 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
         raise ValueError(f"schedule window {start}+{steps} steps exceeds its span of {total}")
     schedule = make_schedule(optimizer, cfg, total, start=start)
     privacy = NoPrivacy() if privacy is None else privacy
+    proximal = NoProximal() if proximal is None else proximal
+    proximal.start(params)  # before any step: the parameters hold the round's global adapter
     head = OutputHead(model)  # the output layer only where a token is supervised (client.loss)
     with checkpointing(model, cfg.gradient_checkpointing), head:
         model, optimizer, loader = privacy.prepare(model, optimizer,
@@ -170,6 +175,7 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            proximal.after_step(optimizer.param_groups[0]["lr"])  # this step's rate, before the schedule moves
             schedule.step()
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.3f}")
