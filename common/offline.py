@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -26,6 +27,13 @@ OFFLINE_ENV = {
 }
 
 
+def _not_a_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes, on CPUs with AVX512-BF16, tries to fetch a 4-bit kernel from the hub
+    (``kernels-community``) and logs a warning when it cannot; offline, it always cannot and
+    falls back to its own kernel. Nothing a user can act on."""
+    return "kernels-community" not in record.getMessage()
+
+
 def quiet_and_offline() -> dict[str, str]:
     """Set every switch not already set by the user; returns the environment to pass on.
 
@@ -40,4 +48,7 @@ def quiet_and_offline() -> dict[str, str]:
     # config when it saves one and says so; the vocabulary check it skips is ours to make
     # (the base fingerprint), not a problem.
     warnings.filterwarnings("ignore", message=r"Could not find a config file in ", category=UserWarning)
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_a_hub_kernel_notice not in bnb.filters:
+        bnb.addFilter(_not_a_hub_kernel_notice)
     return {key: os.environ[key] for key in OFFLINE_ENV}
