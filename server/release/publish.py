@@ -159,7 +159,8 @@ def model_card(f: dict, cfg: Config) -> str:
              f"| base precision in training | {f['base_precision_in_training']} (merged into fp32) |",
              f"| adapter | {a.method} r={a.r} alpha={a.alpha} on `{a.target_modules}` |",
              f"| federated rounds | {f['rounds']} |", f"| tenants | {f['tenants']} |",
-             f"| aggregation | `{fed.aggregator}`, server lr {fed.server_lr}, max weight {fed.max_weight} examples |",
+             f"| aggregation | `{fed.aggregator}`, server optimizer `{fed.server_optimizer}` (lr {fed.server_lr}), "
+             f"max weight {fed.max_weight} examples |",
              f"| differential privacy | {cfg.privacy.mode}; epsilon: {eps} |",
              f"| secure aggregation | {cfg.secagg.enabled} |",
              f"| published | {f['date']} |", ""]
