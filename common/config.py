@@ -25,6 +25,8 @@ Scalar = bool | int | float | str
 AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean", "krum")
 INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "trimmed-mean", "krum"})
 SERVER_OPTIMIZER_NAMES = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # server.optimizers.OPTIMIZERS
+LORA_RULES = ("ab", "ffa", "svd")  # server.lora_rules
+DELTA_ENCODINGS = ("fp32", "bf16", "int8")  # common.encoding
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None,
@@ -175,6 +177,15 @@ class FederationConfig:
     server_beta1: float = _opt(0.9, "server optimizer: momentum / first-moment decay (< 1)", lo=0.0, hi=1.0)
     server_beta2: float = _opt(0.99, "server optimizer: second-moment decay (< 1)", lo=0.0, hi=1.0)
     server_tau: float = _opt(1e-3, "server optimizer: tau in m / (sqrt(v) + tau) (> 0)", lo=0.0)
+    # How LoRA's factors are federated: ab averages the A and B deltas separately; ffa freezes A at the
+    # shared seeded initialisation and federates only B (FFA-LoRA: exact); svd averages the tenants' products
+    # B A and factors the mean back to rank r (FlexLoRA; individual updates; tenants may differ in rank).
+    lora_rule: str = _opt("ab", "how LoRA factors are aggregated", choices=LORA_RULES)
+    # What a tenant's delta travels as: fp32, bf16 (half the bytes), int8 with a float32 scale per row or
+    # tensor (about a quarter); the rounding error stays on the tenant for its next delta (error feedback).
+    delta_encoding: str = _opt("fp32", "wire encoding of a tenant's delta", choices=DELTA_ENCODINGS)
+    int8_scale: str = _opt("row", "int8 encoding: one scale per row or per tensor", choices=("row", "tensor"))
+    error_feedback: bool = _opt(True, "keep the encoding's rounding error on the tenant for its next delta")
     # Server-side bound on each update's L2 norm (plain transport): absolute (0 = off) ...
     max_update_norm: float = _opt(0.0, "absolute bound on an update's L2 norm (0 = off)", lo=0.0)
     # ... and adaptive: this x the round's median update norm (0 = off). The tighter applies.

@@ -94,6 +94,7 @@ def cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> Non
     _check_privacy(sections, problems)
     _check_secagg(sections, problems)
     _check_optimizers(sections, problems)
+    _check_lora_rule(sections, problems)
     run_dir = sections.get("run", {}).get("dir", "")
     if run_dir and not run_dir.startswith("/") and ":" not in run_dir[:3]:
         problems.append(f"run.dir: {run_dir!r} must be an absolute path (the ServerApp runs in the "
@@ -179,3 +180,31 @@ def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) 
     if train["prox_mu"] * train["learning_rate"] > 1.0:
         problems.append(f"train.prox-mu: prox-mu x train.learning-rate = {train['prox_mu'] * train['learning_rate']:g} "
                         "> 1 would step past the global adapter; lower train.prox-mu or the learning rate")
+
+
+def _check_lora_rule(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Which LoRA rules combine with which methods, aggregators, secure aggregation and DP.
+
+    ffa and ab are linear in the updates: both run under secure aggregation, central DP and
+    every aggregator. svd multiplies each tenant's factors before averaging, which a sum of
+    factors cannot give: it needs individual updates and averages them itself."""
+    fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
+    rule = fed["lora_rule"]
+    if rule == "ab":
+        return
+    method = sections.get("adapter", {}).get("method", "lora")
+    if method != "lora":
+        problems.append(f"federation.lora-rule: {rule!r} works on LoRA's A and B factors, not on {method!r}; "
+                        "set adapter.method = lora or federation.lora-rule = ab")
+    if rule != "svd":
+        return
+    if sections.get("secagg", {}).get("enabled", False):
+        problems.append("federation.lora-rule: 'svd' multiplies each tenant's B and A before averaging, but secure "
+                        "aggregation reveals only the sum of the factors; use ffa (exact under sums) or set "
+                        "secagg.enabled = false")
+    if fed["aggregator"] != "fedavg":
+        problems.append(f"federation.lora-rule: 'svd' averages the tenants' products itself; it does not combine "
+                        f"with federation.aggregator = {fed['aggregator']!r} (use fedavg)")
+    if sections.get("privacy", {}).get("mode", "none") == "central":
+        problems.append("federation.lora-rule: central DP noises the sum of the deltas, which 'svd' does not use; "
+                        "use ffa or ab with central DP, or local DP with svd")
