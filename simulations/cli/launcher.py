@@ -180,22 +180,28 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def kill_tagged(tag: str, *, grace: float = 5.0) -> None:
+def kill_tagged(tag: str, *, grace: float = 5.0, quiet: float = 0.5, limit: float = 10.0) -> None:
     """SIGTERM every tagged process, then SIGKILL what is left after ``grace`` seconds.
 
-    The SIGKILL phase signals every tagged process it sees on each pass, not only those of
-    its first scan: a Ray raylet that is shutting down restarts its dashboard and
-    runtime-env agents, and those new processes must not outlive the sweep."""
+    ``grace=0`` skips SIGTERM: the reaper uses it once the launcher is dead, when there is no
+    clean shutdown left to wait for (checkpoints are written atomically, SQLite survives a
+    SIGKILL). A process that handles SIGTERM may start others while it shuts down (a Ray
+    raylet restarts its dashboard and runtime-env agents), so the SIGKILL phase signals every
+    tagged process on each pass and ends only after no tagged process has been seen for
+    ``quiet`` seconds (or after ``limit`` seconds)."""
     pids = tagged_pids(tag)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.1)
-        pids = tagged_pids(tag)
-    deadline = time.monotonic() + 3.0
-    while pids and time.monotonic() < deadline:
-        _signal_all(pids, signal.SIGKILL)
-        time.sleep(0.1)
+    if grace > 0:
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = tagged_pids(tag)
+    start = last_seen = time.monotonic()
+    while time.monotonic() - last_seen < quiet and time.monotonic() - start < limit:
+        if pids:
+            _signal_all(pids, signal.SIGKILL)
+            last_seen = time.monotonic()
+        time.sleep(0.05)
         pids = tagged_pids(tag)
 
 

@@ -36,10 +36,10 @@ def _processes_of(run_dir: Path) -> list[str]:
         if not entry.name.isdigit():
             continue
         try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and \
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{entry.name} {args[:120]}")
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if needle in (entry / "environ").read_bytes().split(b"\0") and state != "Z":
+                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append(f"{entry.name} (state {state}, parent {ppid}) {args[:120]}")
         except (OSError, IndexError):
             continue
     return found
