@@ -209,6 +209,8 @@ class SimulationConfig:
     tenants: int = _opt(4, "simulated tenants", lo=1, hi=10_000)
     # CPU cores reserved per tenant's ClientApp; 1 on a 2-core machine runs two at once.
     cpus_per_tenant: int = _opt(1, "CPU cores per simulated tenant", lo=1)
+    # LoRA rank of each simulated tenant, "R0,R1,..." (each <= adapter.r; federation.lora-rule = svd only). Empty: all r.
+    tenant_ranks: str = _opt("", "LoRA rank per simulated tenant 'R0,R1,...' (lora-rule svd; empty: adapter.r)")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from common.config import (INDIVIDUAL_UPDATE_AGGREGATORS, FederationConfig, PrivacyConfig, SecAggConfig,
+from common.config import (INDIVIDUAL_UPDATE_AGGREGATORS, AdapterConfig, FederationConfig, PrivacyConfig, SecAggConfig,
                            SimulationConfig, TrainConfig)
 
 
@@ -143,7 +143,11 @@ def _check_privacy(sections: dict[str, dict[str, Any]], problems: list[str]) -> 
 
 
 def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Secure-aggregation settings that cannot work together."""
+    """Secure-aggregation settings that cannot work together.
+
+    fp32 uses secagg.quantization-bits and secagg.modulus-bits as given; bf16 and int8 size
+    the quantizer from the encoding and each round's tenants (``common.secagg.sized_bits``),
+    so only a modulus past 64 bits can fail there."""
     sec = {**dataclasses.asdict(SecAggConfig()), **sections.get("secagg", {})}
     fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
     if not sec["enabled"]:
@@ -151,12 +155,20 @@ def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> N
     if fed["aggregator"] in INDIVIDUAL_UPDATE_AGGREGATORS:
         problems.append(f"federation.aggregator: {fed['aggregator']!r} needs individual updates, but secure "
                         "aggregation reveals only their sum; use fedavg or set secagg.enabled = false")
+    tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
+    if fed["delta_encoding"] != "fp32":
+        from common.secagg import sized_bits
+
+        try:
+            sized_bits(fed["delta_encoding"], max(int(tenants), 2), int(fed["max_weight"]))
+        except ValueError as why:
+            problems.append(f"federation.delta-encoding: {why}")
+        return
     if sec["quantization_bits"] >= sec["modulus_bits"]:
         problems.append(f"secagg.quantization-bits: {sec['quantization_bits']} must be below "
                         f"secagg.modulus-bits {sec['modulus_bits']} (the sum must fit the modulus)")
     if fed["max_weight"] >= 2 ** sec["modulus_bits"]:
         problems.append("federation.max-weight: does not fit secagg.modulus-bits")
-    tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
     capacity = (2 ** sec["modulus_bits"] - 1) // max(2 ** sec["quantization_bits"] - 1, fed["max_weight"], 1)
     if tenants > capacity:
         problems.append(f"secagg.modulus-bits: the sum of {tenants} tenants' vectors would overflow 2^"
@@ -183,13 +195,16 @@ def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) 
 
 
 def _check_lora_rule(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Which LoRA rules combine with which methods, aggregators, secure aggregation and DP.
+    """Which LoRA rules combine with which methods, aggregators, optimizers, secure aggregation and DP.
 
-    ffa and ab are linear in the updates: both run under secure aggregation, central DP and
-    every aggregator. svd multiplies each tenant's factors before averaging, which a sum of
-    factors cannot give: it needs individual updates and averages them itself."""
+    ffa and ab are linear in the updates: both run under secure aggregation, central DP, every
+    aggregator and every server optimizer. svd multiplies each tenant's factors before averaging,
+    which a sum of factors cannot give: it needs individual updates and averages them itself,
+    stepping in product space (sgd's server-lr) because its factors are re-derived every round.
+    Tenants of different ranks (``simulation.tenant-ranks``) need svd."""
     fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
     rule = fed["lora_rule"]
+    _check_tenant_ranks(sections, rule, problems)
     if rule == "ab":
         return
     method = sections.get("adapter", {}).get("method", "lora")
@@ -208,3 +223,33 @@ def _check_lora_rule(sections: dict[str, dict[str, Any]], problems: list[str]) -
     if sections.get("privacy", {}).get("mode", "none") == "central":
         problems.append("federation.lora-rule: central DP noises the sum of the deltas, which 'svd' does not use; "
                         "use ffa or ab with central DP, or local DP with svd")
+    if fed["server_optimizer"] != "sgd":
+        problems.append(f"federation.server-optimizer: 'svd' re-derives both factors by an SVD every round (their "
+                        f"basis rotates, their signs may flip), so {fed['server_optimizer']!r}'s moments kept per "
+                        "factor element would mix unrelated directions; use sgd (federation.server-lr then steps "
+                        "in product space) or federation.lora-rule = ab / ffa")
+
+
+def _check_tenant_ranks(sections: dict[str, dict[str, Any]], rule: str, problems: list[str]) -> None:
+    """``simulation.tenant-ranks``: one integer 1..adapter.r per simulated tenant, under svd only."""
+    text = sections.get("simulation", {}).get("tenant_ranks", "")
+    if not text:
+        return
+    from common.lora import parse_ranks
+
+    if rule != "svd":
+        problems.append(f"simulation.tenant-ranks: tenants of different LoRA ranks need federation.lora-rule = svd "
+                        f"(it is {rule!r}); set it, or leave simulation.tenant-ranks empty")
+    try:
+        ranks = parse_ranks(text)
+    except ValueError as why:
+        problems.append(f"simulation.tenant-ranks: {why}; write one integer per tenant, e.g. '8,4,2,8'")
+        return
+    tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
+    if len(ranks) != tenants:
+        problems.append(f"simulation.tenant-ranks: {len(ranks)} rank(s) for {tenants} tenant(s) "
+                        "(simulation.tenants); give one per tenant")
+    r = sections.get("adapter", {}).get("r", AdapterConfig().r)
+    bad = [k for k in ranks if not 1 <= k <= r]
+    if bad:
+        problems.append(f"simulation.tenant-ranks: rank(s) {bad} outside 1..{r} (adapter.r)")

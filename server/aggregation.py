@@ -72,8 +72,12 @@ def coordinate_median(stacked: np.ndarray) -> np.ndarray:
 
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
                     expected_metrics: frozenset[str], max_examples: int,
-                    weight_of: Callable[[int, int], float], node: int = 0) -> Update:
-    """Check one reply against the global adapter; raise :class:`Rejected` with the reason."""
+                    weight_of: Callable[[int, int], float], node: int = 0,
+                    check_shapes: Callable[[Arrays, Arrays], None] | None = None) -> Update:
+    """Check one reply against the global adapter; raise :class:`Rejected` with the reason.
+
+    Shapes must be the reference's, unless ``check_shapes(arrays, reference)`` is given: it
+    then decides, raising :class:`Rejected` (``server.lora_rules``: tenants of lower LoRA rank)."""
     keys = set(metrics)
     if keys != expected_metrics:
         extra, missing = sorted(keys - expected_metrics), sorted(expected_metrics - keys)
@@ -88,11 +92,13 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
     if names != ref_names:
         extra, missing = sorted(names - ref_names), sorted(ref_names - names)
         raise Rejected(f"tensor names differ from the adapter: unknown {extra[:3]}, missing {missing[:3]}")
+    if check_shapes is not None:
+        check_shapes(arrays, reference)
     delta = OrderedDict()
     with np.errstate(over="ignore", invalid="ignore"):  # once per update, not per tensor (it costs microseconds)
         for k, ref in reference.items():
             arr = arrays[k]
-            if arr.shape != ref.shape:
+            if check_shapes is None and arr.shape != ref.shape:
                 raise Rejected(f"tensor {k}: shape {arr.shape} != expected {ref.shape}")
             if arr.dtype != ref.dtype:
                 raise Rejected(f"tensor {k}: dtype {arr.dtype} != expected {ref.dtype}")

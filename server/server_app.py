@@ -15,6 +15,7 @@ from server.aggregation import make_aggregator
 from server.bounds import UpdateBounds
 from server.central_dp import make_server_privacy
 from server.grid import PromptGrid
+from server.lora_rules import make_lora_rule
 from server.memory import reuse_freed_memory
 from server.optimizers import make_server_optimizer
 from server.records import RoundRecorder
@@ -24,8 +25,9 @@ from server.strategy import FedLoraStrategy
 app = ServerApp()
 
 
-def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
-    """The one strategy, with the transport, aggregator, bounds, privacy and server optimizer the config names."""
+def make_strategy(cfg: Config, recorder: RoundRecorder, *, initial=None) -> FedLoraStrategy:
+    """The one strategy, with the transport, aggregator, bounds, privacy, server optimizer and LoRA rule the
+    config names (``initial``: the seeded initial adapter, where svd restarts the components it lacks)."""
     transport = None  # plain: validated individual updates
     if cfg.secagg.enabled:
         from common.secagg import quantizer_for
@@ -34,7 +36,8 @@ def make_strategy(cfg: Config, recorder: RoundRecorder) -> FedLoraStrategy:
         transport = SecAggTransport(cfg.secagg, quantizer_for(cfg.secagg, cfg.federation), seed=cfg.train.seed)
     return FedLoraStrategy(cfg.federation, make_aggregator(cfg.federation), recorder, transport=transport,
                            bounds=UpdateBounds.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
-                           optimizer=make_server_optimizer(cfg.federation), seed=cfg.train.seed,
+                           optimizer=make_server_optimizer(cfg.federation),
+                           rule=make_lora_rule(cfg, initial=initial), seed=cfg.train.seed,
                            stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop")
 
 
@@ -46,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     reuse_freed_memory()  # each round's adapter-sized arrays reuse the last round's pages
     t0 = time.perf_counter()
     run = prepare(cfg)
-    strategy = make_strategy(cfg, run.recorder)
+    strategy = make_strategy(cfg, run.recorder, initial=run.initial)
     start = run.initial if run.start is None else run.start
     if run.rounds_done:  # a resumed run: continue after its last complete round
         strategy.resume(run.rounds_done, run.server_state or {}, optimizer_arrays=run.optimizer_arrays)

@@ -3,8 +3,9 @@
 Each training round reads, in one place:
 
     configure (sample, build messages: the transport) -> Flower sends and collects ->
-    collect (validate or unmask: the transport) -> bound (weights, norms, central clip) ->
-    aggregate (the aggregator) -> noise (central DP) -> apply (the server optimizer) -> checkpoint, audit
+    collect (validate or unmask: the transport, against the LoRA rule's reference) -> bound (weights,
+    norms, central clip) -> aggregate (the LoRA rule, through the aggregator) -> noise (central DP) ->
+    apply (the LoRA rule, through the server optimizer) -> checkpoint, audit
 
 Differences from Flower's stock FedAvg, each for a reason:
 
@@ -16,6 +17,9 @@ Differences from Flower's stock FedAvg, each for a reason:
   aggregate robustly (``server.aggregation``); under secure aggregation it sees only the sum;
 * sampling waits for the minimum number of tenants only up to the round timeout, so a
   lost tenant never hangs a run;
+* how LoRA's A and B factors are federated is a rule (``server.lora_rules``: ab averages
+  them separately, ffa federates B alone over a frozen shared A, svd factors the mean of the
+  tenants' products back to rank r);
 * the mean delta is applied by a server optimizer (``server.optimizers``: sgd, which is
   FedAvg's step, or fedavgm / fedadam / fedyogi / fedadagrad), whose moments are saved with
   each checkpoint so a resumed run continues exactly;
@@ -43,6 +47,7 @@ from common.weighting import parse_caps
 from server.aggregation import Aggregator, WeightedSum, mean_delta, weight_rule
 from server.bounds import UpdateBounds, audit, bounds_info
 from server.central_dp import NoServerPrivacy, ServerPrivacy
+from server.lora_rules import AB, LoraRule
 from server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
 from server.records import RoundRecorder
 from server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
@@ -76,22 +81,28 @@ class FedLoraStrategy(Strategy):
     def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
                  transport: Transport | None = None, bounds: UpdateBounds | None = None,
                  privacy: ServerPrivacy | None = None, optimizer: ServerOptimizer | None = None,
-                 seed: int = 0, stop_on_failure: bool = False) -> None:
+                 rule: LoraRule | None = None, seed: int = 0, stop_on_failure: bool = False) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
+        self.rule = AB() if rule is None else rule  # how A and B are federated (server.lora_rules)
         self.transport = transport if transport is not None else PlainTransport(
             max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight,
-                                                                 caps=parse_caps(cfg.example_caps)))
-        if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
-            from common.config import ConfigError
-
-            raise ConfigError([f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
-                               f"{self.transport.name} reveals only their sum; use fedavg"])
-        self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
-        self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
+                                                                 caps=parse_caps(cfg.example_caps)),
+            check_shapes=self.rule.check_shapes)
         # The step from the mean delta; the config's (sgd: x += server-lr * mean) unless given.
         self.optimizer = make_server_optimizer(cfg) if optimizer is None else optimizer
+        problems = self.rule.problems(aggregator=aggregator, optimizer_name=self.optimizer.name,
+                                      reveals_individual_updates=self.transport.reveals_individual_updates)
+        if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
+            problems.append(f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
+                            f"{self.transport.name} reveals only their sum; use fedavg")
+        if problems:
+            from common.config import ConfigError
+
+            raise ConfigError(problems)
+        self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
+        self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
         self._moments_file: str | None = None  # where the optimizer's moments were last saved
         self.rng = random.Random(seed)
         self.seed = seed
@@ -129,6 +140,7 @@ class FedLoraStrategy(Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├── Transport: %s", self.transport.summary())
+        log(INFO, "\t├── LoRA rule: %s", self.rule.describe())
         log(INFO, "\t├── Aggregator: %s", self.aggregator.describe())
         log(INFO, "\t├── Server optimizer: %s", self.optimizer.describe())
         log(INFO, "\t├── Bounds: %s", self.bounds.describe() if self.transport.reveals_individual_updates
@@ -160,7 +172,7 @@ class FedLoraStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset  # Flower counts from 1 on every start
         assert self._global is not None
-        got = self.transport.collect(server_round, replies, reference=self._global)
+        got = self.transport.collect(server_round, replies, reference=self.rule.reference(self._global))
         self._record_collected(server_round, got)
         summed, audits, info = self._aggregate(got)
         if summed is None:
@@ -177,7 +189,7 @@ class FedLoraStrategy(Strategy):
         summed = self.privacy.on_server_aggregate(summed, received=summed.count, sampled=self._sampled,
                                                   connected=self._connected)
         self.recorder.privacy(self.privacy.round_report())
-        new_global = self.optimizer.step(self._global, summed)
+        new_global = self.rule.step(self.optimizer, self._global, summed)
         info["server_seconds"] = round(info.get("server_seconds", 0.0) + time.perf_counter() - t, 6)
         info["server_optimizer"] = self.optimizer.describe()
         self.recorder.audit(audits, info)
@@ -185,7 +197,11 @@ class FedLoraStrategy(Strategy):
         saved = self.recorder.end_train(new_global, optimizer_arrays=self.optimizer.state_arrays(),
                                         optimizer_name=self.optimizer.name)
         self._moments_file = saved or self._moments_file
-        return to_arrayrecord(new_global), MetricRecord(self._train_metrics(got, summed))
+        rule_metrics = self.rule.round_metrics()
+        if rule_metrics:
+            log(INFO, "Round %d: LoRA rule %s: %s", server_round, self.rule.name,
+                ", ".join(f"{k} {v:.3g}" for k, v in rule_metrics.items()))
+        return to_arrayrecord(new_global), MetricRecord({**self._train_metrics(got, summed), **rule_metrics})
 
     def _record_collected(self, server_round: int, got: Collected) -> None:
         self.recorder.add_bytes(down=got.bytes_down, up=got.bytes_up)
@@ -200,9 +216,10 @@ class FedLoraStrategy(Strategy):
     def _aggregate(self, got: Collected) -> tuple[WeightedSum | None, dict, dict]:
         """The round's sum: the transport's (secure) or bounded and aggregated here (plain)."""
         t = time.perf_counter()
-        info: dict = {"aggregator": self.aggregator.describe(), "transport": self.transport.name}
+        info: dict = {"aggregator": self.aggregator.describe(), "transport": self.transport.name,
+                      "lora_rule": self.rule.name}
         if got.total is not None:
-            return got.total, {}, {**info, "server_seconds": round(time.perf_counter() - t, 6)}
+            return self.rule.restrict(got.total), {}, {**info, "server_seconds": round(time.perf_counter() - t, 6)}
         if not got.updates:
             return None, {}, info
         bounded = self.bounds.apply(got.updates)
@@ -213,14 +230,16 @@ class FedLoraStrategy(Strategy):
         kept = [self.privacy.bound_update(u) for u in bounded.kept]
         for u in kept:
             self.recorder.weight(u.node, u.weight)
+        received = self.rule.comparable(got.updates, self._global)  # of one shape, for the audit
         if not kept:
-            return None, audit(got.updates, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine,
+            return None, audit(received, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine,
                                outlier_cosine_ratio=self.cfg.outlier_cosine_ratio), info
-        summed, decided = self.aggregator.combine(kept)
+        summed, decided = self.rule.combine(self.aggregator, kept, self._global)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
         info["server_seconds"] = round(time.perf_counter() - t, 6)
-        audits = audit(got.updates, bounded, kept, mean_delta(summed), outlier_cosine=self.cfg.outlier_cosine,
+        audits = audit(received, bounded, self.rule.comparable(kept, self._global), mean_delta(summed),
+                       outlier_cosine=self.cfg.outlier_cosine,
                        outlier_cosine_ratio=self.cfg.outlier_cosine_ratio, excluded=excluded)
         for node, a in audits.items():
             if a.outlier:

@@ -6,8 +6,10 @@ the replies Flower collected into a :class:`Collected` (:meth:`Transport.collect
 from ``aggregate_train``):
 
 * :class:`PlainTransport` sends the global adapter, validates every reply
-  (``server.aggregation.validate_update``) and hands over the **individual** updates, so
-  the server can bound, audit and robustly aggregate them;
+  (``server.aggregation.validate_update``) against the reference the strategy passes (its
+  LoRA rule's: the whole adapter, ffa's B tensors, or svd's with a per-tenant rank) and
+  hands over the **individual** updates, so the server can bound, audit and robustly
+  aggregate them;
 * ``server.secagg.SecAggTransport`` runs SecAgg+'s key stages before the upload, and the
   unmasking after it, and hands over only the **sum** (all secure aggregation reveals).
 
@@ -82,9 +84,10 @@ class PlainTransport(Transport):
 
     name = "plain"
 
-    def __init__(self, *, max_examples: int, weight_of) -> None:
+    def __init__(self, *, max_examples: int, weight_of, check_shapes=None) -> None:
         self.max_examples = max_examples
         self.weight_of = weight_of  # claimed example count -> weight (server.aggregation.Weighting)
+        self.check_shapes = check_shapes  # the LoRA rule's shape check (None: the reference's shapes exactly)
         self._sent: list[Message] = []
 
     def configure(self, server_round, nodes, arrays, config, grid):
@@ -106,7 +109,7 @@ class PlainTransport(Transport):
                 update = validate_update(
                     from_arrayrecord(content.array_records[keys.ARRAYS]), dict(content.metric_records[keys.METRICS]),
                     reference=reference, expected_metrics=keys.TRAIN_METRICS, max_examples=self.max_examples,
-                    weight_of=self.weight_of, node=node)
+                    weight_of=self.weight_of, node=node, check_shapes=self.check_shapes)
             except Rejected as why:
                 out.dropped.append((node, str(why)))
                 continue
