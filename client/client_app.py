@@ -5,12 +5,13 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import BudgetExhausted
+from client.feedback import DeltaSender
+from client.ledger import STATE_DIR_NAME, BudgetExhausted
 from client import secagg
 from client.task import evaluate_round, session, tenant_data, tenant_from_node_config, train_round
 from common import messages as keys
 from common import secagg_wire as wire
-from common.adapter import from_arrayrecord, to_arrayrecord
+from common.adapter import from_arrayrecord
 from common.config import parse_config
 from common.offline import quiet_and_offline
 from common.secagg import quantizer_for
@@ -26,6 +27,12 @@ def _setup(msg: Message, context: Context):
     return cfg, loaded, data, from_arrayrecord(msg.content.array_records[keys.ARRAYS])
 
 
+def _sender(msg: Message, cfg, data, server_round: int) -> DeltaSender:
+    """The round's delta encoding and error feedback, kept in the tenant's state directory."""
+    state_dir = data.tenant.state_dir or data.tenant.train_path.parent / STATE_DIR_NAME
+    return DeltaSender.for_round(cfg, state_dir=state_dir, run=str(msg.metadata.run_id), server_round=server_round)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, loaded, data, global_state = _setup(msg, context)
@@ -35,7 +42,9 @@ def train(msg: Message, context: Context) -> Message:
                                      seed=int(conf[keys.SEED]))
     except BudgetExhausted as why:  # declines: the server records the reason and carries on
         return Message(Error(code=keys.DECLINED, reason=str(why)), reply_to=msg)
-    content = RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(metrics)})
+    sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
+    content = RecordDict({keys.ARRAYS: sender.plain(delta), keys.METRICS: MetricRecord(metrics)})
+    sender.commit()  # the residual is on disk before the reply leaves
     return Message(content=content, reply_to=msg)
 
 
@@ -86,8 +95,10 @@ def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
         metrics.update({k: v for k, v in metrics_.items() if k in keys.SECAGG_TRAIN_METRICS})
         return delta, metrics_[keys.NUM_EXAMPLES]
 
+    sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
     vector = secagg.masked_upload(store, quantizer=quantizer_for(cfg.secagg, cfg.federation), train=local_round,
-                                  **wire.read_upload_request(msg.content))
+                                  pack_update=sender.secagg, **wire.read_upload_request(msg.content))
+    sender.commit()
     return RecordDict({keys.ARRAYS: wire.upload_array(vector), keys.METRICS: MetricRecord(metrics)})
 
 

@@ -8,8 +8,9 @@ serialized as one JSON blob, and are wiped after the unmask stage.
 Every stage checks before it acts and refuses (:class:`SecAggRefused`, with the reason)
 rather than guess: messages out of order or from a stale attempt, a weak threshold,
 public keys that are not exactly the neighbourhood, a missing neighbour's shares, an
-update that is not finite, outside the clipping range or over the weight cap, a second
-masked upload in the same round, and an unmask request that names a node as both
+update that is not finite, outside the clipping range or over the weight cap, a round
+that claims fewer tenants than the neighbourhood, a second masked upload in the same
+round, and an unmask request that names a node as both
 active and dropped.
 """
 
@@ -146,15 +147,31 @@ def receive_shares(store: MutableMapping[str, bytes], *, server_round: int, atte
 
 def masked_upload(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
                   ciphertexts: Mapping[int, bytes], quantizer: Quantizer,
-                  train: Callable[[], tuple[Mapping[str, np.ndarray], int]]) -> np.ndarray:
+                  train: Callable[[], tuple[Mapping[str, np.ndarray], int]], tenants: int | None = None,
+                  pack_update: Callable[[Mapping[str, np.ndarray], int, Quantizer], np.ndarray] = pack
+                  ) -> np.ndarray:
     """Check the stage, train (``train() -> (delta, num_examples)``), check the update,
-    and return ``pack(update) + self mask + pairwise masks`` mod the modulus."""
+    and return ``pack_update(update) + self mask + pairwise masks`` mod the modulus.
+
+    ``tenants`` (from the server's request) sizes a bf16 / int8 quantizer for the round
+    (``Quantizer.for_tenants``); it cannot be fewer than this tenant's share holders.
+    ``pack_update`` is :func:`common.secagg.pack` unless the tenant keeps error feedback
+    (``client.feedback``)."""
     receive_shares(store, server_round=server_round, attempt=attempt, ciphertexts=ciphertexts)
+    if tenants is not None:
+        holders = len(_expect(store, "received", server_round, attempt).holders)
+        if tenants < holders:
+            raise SecAggRefused(f"the round claims {tenants} tenant(s), fewer than this tenant's {holders} share "
+                                "holders")
+        try:
+            quantizer = quantizer.for_tenants(tenants)
+        except ValueError as why:
+            raise SecAggRefused(str(why)) from None
     delta, num_examples = train()
     try:
         weight = check_update(delta, num_examples, clip=quantizer.clip, max_weight=quantizer.max_weight,
                               weighting=quantizer.weighting)
-        vector = pack(delta, weight, quantizer)
+        vector = pack_update(delta, weight, quantizer)
     except UpdateRefused as why:
         raise SecAggRefused(f"update refused before masking: {why}") from None
     st = _expect(store, "received", server_round, attempt)

@@ -56,8 +56,11 @@ def set_state(model, state: Mapping[str, np.ndarray]) -> None:
         raise KeyError(f"PEFT did not accept adapter tensors: {unexpected[:3]}")
 
 
-def to_arrayrecord(state: Mapping[str, np.ndarray]):
+def to_arrayrecord(state: Mapping[str, np.ndarray], *, encoding=None):
     """Adapter tensors as a Flower ArrayRecord, each copied once.
+
+    ``encoding`` (a :class:`common.encoding.Encoding`; None or fp32: the ``.npy`` float32
+    form below) gives the bf16 / int8 wire form of ``common.encoding`` instead.
 
     Each :class:`flwr.app.Array` carries exactly the bytes ``Array(ndarray)`` would (the
     ``.npy`` format, ``stype`` ``numpy.ndarray``: a header, then the C-order data), but
@@ -68,6 +71,10 @@ def to_arrayrecord(state: Mapping[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
     from flwr.common.constant import SType
 
+    if encoding is not None and encoding.name != "fp32":
+        from common.encoding import encode
+
+        return encode(state, encoding).record()
     record = ArrayRecord()  # filled in place: ArrayRecord(dict) would build every Array a second time
     for k, v in state.items():
         arr = np.asarray(v, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
@@ -80,7 +87,7 @@ def to_arrayrecord(state: Mapping[str, np.ndarray]):
     return record
 
 
-def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
+def from_arrayrecord(record, *, encoding=None, reference=None) -> "OrderedDict[str, np.ndarray]":
     """The tensors of an ArrayRecord, as **read-only** views of its bytes (no copy).
 
     The array's layout comes from the ``.npy`` header inside the data, as ``Array.numpy()``
@@ -90,22 +97,48 @@ def from_arrayrecord(record) -> "OrderedDict[str, np.ndarray]":
     does. The views share memory with the record: callers build new arrays from them
     (validation, subtraction, aggregation, ``set_state``) and never write into them; one
     that must write takes a copy.
+
+    ``encoding`` (a :class:`common.encoding.Encoding`) reads a tenant's reply strictly as
+    that wire encoding: bf16 / int8 are decoded to float32 (``common.encoding.decode``,
+    checked against ``reference``'s shapes); fp32 takes the path above, but an entry in
+    another serialisation, or one ``Array.numpy()`` cannot read, raises
+    :class:`common.encoding.EncodingError` naming the tensor instead of whatever
+    ``Array.numpy()`` raises. None (the default): as above, for trusted records.
     """
     from flwr.common.constant import SType
 
+    if encoding is not None and encoding.name != "fp32":
+        from common.encoding import decode
+
+        return decode(record, encoding, reference=reference)
     out = OrderedDict()
     for k, v in record.items():
         data = v.data
         layout = _npy_layout(bytes(data[:_npy_data_offset(data)])) if v.stype == SType.NUMPY else None
         if layout is None:
-            out[k] = v.numpy()
+            out[k] = v.numpy() if encoding is None else _strict_numpy(k, v)
             continue
         dtype, shape, offset, count = layout
         if count == 0 or len(data) - offset < count * dtype.itemsize:
-            out[k] = v.numpy()
+            out[k] = v.numpy() if encoding is None else _strict_numpy(k, v)
         else:
             out[k] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
     return out
+
+
+def _strict_numpy(name: str, arr) -> np.ndarray:
+    """``Array.numpy()`` of a reply's fp32 entry, its failures as an EncodingError naming the tensor."""
+    from flwr.common.constant import SType
+
+    from common.encoding import EncodingError, _encoding_of
+
+    if arr.stype != SType.NUMPY:
+        raise EncodingError(f"tensor {name}: encoded as {_encoding_of(arr.stype)}, but federation.delta-encoding "
+                            "is fp32")
+    try:
+        return arr.numpy()
+    except (ValueError, TypeError, OSError, EOFError) as why:
+        raise EncodingError(f"tensor {name}: not a readable .npy array ({why})") from None
 
 
 @lru_cache(maxsize=1024)

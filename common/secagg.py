@@ -10,14 +10,28 @@ Vector layout (``n`` adapter floats, one weight element)::
     [ quantize((w / max_weight) * delta) ... ,  w ]   mod 2**modulus_bits
 
 Quantization: each value ``x`` in ``[-clip, clip]`` becomes
-``q = rint((x + clip) / step)`` with ``step = 2 * clip / (2**bits - 1)``, so
+``q = rint((x + clip) / step)`` with ``step = 2 * clip / top``, so
 ``|x - (q * step - clip)| <= step / 2``. The weight ``w`` (an integer, at most
 ``max_weight``) travels unquantized, so the total weight is exact. For ``n`` finishers
 with total weight ``W`` the recovered weighted sum is off by at most
 ``n * max_weight * step / 2`` per element, and the weighted **mean** by at most
 :func:`mean_error_bound` ``= n * max_weight * step / (2 * W)`` (plus float32 rounding
-of the result). The modulus must hold the sum: ``n * max(2**bits - 1, max_weight) <
+of the result). The modulus must hold the sum: ``n * max(top, max_weight) <
 2**modulus_bits`` (:func:`capacity`).
+
+Sizing, by ``federation.delta-encoding`` (:func:`quantizer_for`, :meth:`Quantizer.for_tenants`):
+
+* **fp32**: ``secagg.quantization-bits`` levels mod ``2**secagg.modulus-bits``, as configured;
+  ``top = 2**bits - 1`` (an even number of levels: 0 lies half a step off the grid, which
+  is negligible at the default 22 bits);
+* **int8**: 8 bits; **bf16**: 16-bit words — ``16 - headroom`` bits while the weight cap and
+  at least 9 bits (bfloat16's significand and sign) fit beside the headroom, else 16 bits
+  in 32-bit words. Both grids are **centred** (``top = 2**bits - 2``: an odd number of
+  levels, 0 exactly on the grid, so small values are not all pushed half a step off), and
+  the modulus is sized for the round's ``n`` tenants: ``max(bits, bit length of
+  max_weight) + headroom``, ``headroom = ceil(log2 n) + 1``. The masked vector travels as
+  uint16 where the modulus fits 16 bits (half of fp32's bytes), else uint32 / uint64. The
+  server tells each tenant ``n`` with the upload request; both sides size the same way.
 
 Masks are the AES-256-CTR keystream (``cryptography``) keyed with the full 256-bit seed,
 never folded to 32 bits: seeds that differ anywhere give unrelated masks.
@@ -28,7 +42,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
@@ -47,38 +61,88 @@ class Quantizer:
     """Fixed-point encoding of the masked vector (see the module docstring)."""
 
     clip: float          # values must lie in [-clip, clip]
-    bits: int            # quantization levels: 2**bits
+    bits: int            # quantization levels: 2**bits (2**bits - 1 on a centred grid)
     modulus_bits: int    # arithmetic is mod 2**modulus_bits
     max_weight: int      # cap on one tenant's FedAvg weight
     weighting: str = "examples"  # federation.weighting (common.weighting)
+    encoding: str = "fp32"       # federation.delta-encoding: fp32 as configured; bf16 / int8 sized per round
+
+    @property
+    def centred(self) -> bool:
+        """Whether 0 is on the grid (the bf16 / int8 sizings)."""
+        return self.encoding != "fp32"
+
+    @property
+    def top(self) -> int:
+        """The largest quantized value (the grid is 0..top)."""
+        return 2**self.bits - 1 - int(self.centred)
 
     @property
     def step(self) -> float:
-        return 2.0 * self.clip / (2**self.bits - 1)
+        return 2.0 * self.clip / self.top
 
     @property
     def dtype(self) -> type:
+        if self.modulus_bits <= 16:
+            return np.uint16
         return np.uint32 if self.modulus_bits <= 32 else np.uint64
 
     def reduce(self, v: np.ndarray) -> np.ndarray:
         """``v mod 2**modulus_bits`` (the dtype wraps; smaller moduli are masked)."""
-        if self.modulus_bits in (32, 64):
+        if self.modulus_bits in (16, 32, 64):
             return v
         return v & self.dtype((1 << self.modulus_bits) - 1)
 
     def capacity(self) -> int:
         """Most tenants whose vectors can be summed without wrapping the modulus."""
-        return (2**self.modulus_bits - 1) // max(2**self.bits - 1, self.max_weight)
+        return (2**self.modulus_bits - 1) // max(self.top, self.max_weight)
 
     def mean_error_bound(self, n: int, total_weight: float) -> float:
         """Largest per-element error of the recovered weighted mean of ``n`` finishers."""
         return n * self.max_weight * self.step / (2.0 * total_weight)
 
+    def for_tenants(self, n: int) -> "Quantizer":
+        """This quantizer sized for a round that sums ``n`` tenants (fp32: itself, as configured)."""
+        if not self.centred:
+            return self
+        bits, modulus = sized_bits(self.encoding, n, self.max_weight)
+        return replace(self, bits=bits, modulus_bits=modulus)
+
+    def describe(self) -> str:
+        wire = np.dtype(self.dtype).name
+        return f"{self.bits} bits mod 2^{self.modulus_bits} ({wire})"
+
+
+def headroom_bits(n: int) -> int:
+    """Bits the sum of ``n`` values needs above one value's: ``ceil(log2 n) + 1``."""
+    return math.ceil(math.log2(max(n, 1))) + 1
+
+
+def sized_bits(encoding: str, n: int, max_weight: int) -> tuple[int, int]:
+    """(quantization bits, modulus bits) of ``encoding`` (bf16 / int8) for a sum of ``n`` tenants."""
+    head, wbits = headroom_bits(n), int(max_weight).bit_length()
+    if encoding == "int8":
+        bits = 8
+    elif encoding == "bf16":
+        bits = 16 - head if max(9, wbits) + head <= 16 else 16  # 16-bit words while they hold the sum
+    else:
+        raise ValueError(f"no sizing for delta encoding {encoding!r}")
+    modulus = max(bits, wbits) + head
+    if modulus > 64:
+        raise ValueError(f"{n} tenants with federation.max-weight {max_weight} need a {modulus}-bit modulus "
+                         "(at most 64); lower federation.max-weight")
+    return bits, modulus
+
 
 def quantizer_for(secagg, federation) -> Quantizer:
-    """The quantizer of a run (``Config.secagg``, ``Config.federation``); both sides build the same one."""
-    return Quantizer(clip=secagg.clip, bits=secagg.quantization_bits, modulus_bits=secagg.modulus_bits,
-                     max_weight=federation.max_weight, weighting=federation.weighting)
+    """The quantizer of a run (``Config.secagg``, ``Config.federation``); both sides build the same one.
+
+    fp32: as configured. bf16 / int8: sized for 2 tenants here; :meth:`Quantizer.for_tenants`
+    sizes it for the round."""
+    encoding = getattr(federation, "delta_encoding", "fp32")
+    q = Quantizer(clip=secagg.clip, bits=secagg.quantization_bits, modulus_bits=secagg.modulus_bits,
+                  max_weight=federation.max_weight, weighting=federation.weighting, encoding=encoding)
+    return q.for_tenants(2)
 
 
 def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: float, max_weight: int,
@@ -99,28 +163,50 @@ def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: fl
     return weight
 
 
-def pack(delta: Mapping[str, np.ndarray], weight: int, q: Quantizer) -> np.ndarray:
-    """The integer vector a tenant masks: quantized ``(w / max_weight) * delta``, then ``w``."""
+def pack(delta: Mapping[str, np.ndarray], weight: int, q: Quantizer, *, toward_zero: bool = False) -> np.ndarray:
+    """The integer vector a tenant masks: quantized ``(w / max_weight) * delta``, then ``w``.
+
+    ``toward_zero`` (centred grids only) rounds every value toward 0, so none grows in
+    magnitude (``client.feedback`` keeps a central-DP clip so)."""
     if not 1 <= weight <= q.max_weight:
         raise UpdateRefused(f"weight {weight} outside [1, {q.max_weight}] (federation.max-weight)")
+    if toward_zero and not q.centred:
+        raise ValueError("rounding toward zero needs a centred grid (a bf16 / int8 sizing)")
     flat = np.concatenate([np.ravel(a) for a in delta.values()] or [np.zeros(0, np.float32)])
     x = np.multiply(flat, weight / q.max_weight / q.step, dtype=np.float64)  # (x / step), in float64
-    x += q.clip / q.step
-    top = 2**q.bits - 1
-    if x.size and not (-0.5 <= x.min() and x.max() <= top + 0.5):  # NaN fails both comparisons
-        raise UpdateRefused("update outside the clipping range or not finite")
+    top = q.top
+    mid = top // 2  # centred: the grid's zero
+    if q.centred:
+        if x.size and not (-mid - 0.5 <= x.min() and x.max() <= mid + 0.5):  # NaN fails both comparisons
+            raise UpdateRefused("update outside the clipping range or not finite")
+        (np.trunc if toward_zero else np.rint)(x, out=x)
+        x += mid
+    else:
+        x += q.clip / q.step
+        if x.size and not (-0.5 <= x.min() and x.max() <= top + 0.5):  # NaN fails both comparisons
+            raise UpdateRefused("update outside the clipping range or not finite")
+        np.rint(x, out=x)
     out = np.empty(x.size + 1, dtype=q.dtype)
-    np.rint(x, out=x)
     np.clip(x, 0, top, out=x)  # only float rounding at the very edges can reach past 0 or top
     out[:-1] = x
     out[-1] = weight
     return out
 
 
+def dequantize(vector: np.ndarray, weight: int, q: Quantizer) -> np.ndarray:
+    """What one packed vector stands for, as float64 ``delta`` values (the inverse of :func:`pack`
+    up to the rounding): the tenant's share of the sum, for its error feedback."""
+    zero = q.top // 2 if q.centred else q.clip / q.step
+    return (vector[:-1].astype(np.float64) - zero) * q.step * (q.max_weight / weight)
+
+
 def unpack(total: np.ndarray, n: int, shapes: Mapping[str, tuple[int, ...]], q: Quantizer
            ) -> tuple["OrderedDict[str, np.ndarray]", float]:
     """From the unmasked sum of ``n`` vectors: (``sum_k w_k * delta_k`` by tensor, ``sum_k w_k``)."""
-    x = total[:-1].astype(np.float64) * q.step - n * q.clip
+    if q.centred:
+        x = (total[:-1].astype(np.float64) - n * (q.top // 2)) * q.step
+    else:
+        x = total[:-1].astype(np.float64) * q.step - n * q.clip
     weighted = x * q.max_weight
     out, offset = OrderedDict(), 0
     for name, shape in shapes.items():

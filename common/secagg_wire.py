@@ -104,10 +104,14 @@ def read_share_reply(content: RecordDict) -> dict[int, bytes]:
 
 
 # -- masked upload ------------------------------------------------------------------
-def upload_request(server_round: int, attempt: int, ciphertexts: dict[int, bytes]) -> RecordDict:
-    """Shares addressed to one node (the caller adds the global adapter and train config)."""
+def upload_request(server_round: int, attempt: int, ciphertexts: dict[int, bytes], *,
+                   tenants: int | None = None) -> RecordDict:
+    """Shares addressed to one node and the number of tenants the round sums (which sizes a
+    bf16 / int8 quantizer, ``common.secagg.Quantizer.for_tenants``); the caller adds the
+    global adapter and train config."""
     src = sorted(ciphertexts)
-    return _record(round=server_round, attempt=attempt, src=_strs(src), ct=[ciphertexts[s] for s in src])
+    extra = {} if tenants is None else {"tenants": int(tenants)}
+    return _record(round=server_round, attempt=attempt, src=_strs(src), ct=[ciphertexts[s] for s in src], **extra)
 
 
 def read_upload_request(content: RecordDict) -> dict:
@@ -115,7 +119,11 @@ def read_upload_request(content: RecordDict) -> dict:
     src, ct = _ids(_get(content, "src")), _get(content, "ct")
     if len(src) != len(ct):
         raise ValueError("ciphertext list malformed")
-    return {"server_round": r, "attempt": a, "ciphertexts": dict(zip(src, ct))}
+    rec = content.config_records[RECORD]
+    tenants = rec["tenants"] if "tenants" in rec else None
+    if tenants is not None and (isinstance(tenants, bool) or not isinstance(tenants, int) or tenants < 2):
+        raise ValueError(f"tenants {tenants!r} is not a count of at least 2")
+    return {"server_round": r, "attempt": a, "ciphertexts": dict(zip(src, ct)), "tenants": tenants}
 
 
 def upload_array(vector: np.ndarray) -> ArrayRecord:

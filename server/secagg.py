@@ -86,6 +86,7 @@ class _Round:
     thr: dict[int, int]
     pk_s: dict[int, bytes]
     shapes: dict[str, tuple[int, ...]]
+    q: Quantizer                  # sized for this attempt's members (Quantizer.for_tenants)
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # u -> {v: share for u}
     sent: list[Message] = field(default_factory=list)
 
@@ -103,8 +104,11 @@ class SecAggTransport(Transport):
         self._configured_bytes = 0
 
     def summary(self) -> str:
+        sizing = (f"{self.q.bits} bits mod 2^{self.q.modulus_bits}" if not self.q.centred else
+                  f"{self.q.encoding}: {self.q.bits} bits mod 2^{self.q.modulus_bits} ({np.dtype(self.q.dtype).name}) "
+                  "for 2 tenants, sized per round")
         return (f"SecAgg+ (neighbours {self.scfg.neighbours or 'all'}, threshold > {self.scfg.threshold:.2f}, "
-                f"clip {self.scfg.clip:g}, {self.scfg.quantization_bits} bits mod 2^{self.scfg.modulus_bits})")
+                f"clip {self.scfg.clip:g}, {sizing})")
 
     # -- before the upload --------------------------------------------------------
     def configure(self, server_round, nodes, arrays, config, grid):
@@ -138,8 +142,12 @@ class SecAggTransport(Transport):
               shapes: dict[str, tuple[int, ...]]) -> _Round:
         if len(members) < 2:
             raise _RoundFailed(f"{len(members)} tenant(s) left; secure aggregation needs at least 2")
-        if len(members) > self.q.capacity():
-            raise _RoundFailed(f"{len(members)} tenants overflow the modulus (at most {self.q.capacity()}); "
+        try:
+            q = self.q.for_tenants(len(members))
+        except ValueError as why:
+            raise _RoundFailed(str(why)) from None
+        if len(members) > q.capacity():
+            raise _RoundFailed(f"{len(members)} tenants overflow the modulus (at most {q.capacity()}); "
                                "raise secagg.modulus-bits or lower secagg.quantization-bits")
         graph = neighbour_graph(members, self.scfg.neighbours, seed=_graph_seed(self.seed, rnd, attempt))
         holders = {u: sorted([*graph[u], u]) for u in members}
@@ -158,14 +166,14 @@ class SecAggTransport(Transport):
                 del shares[u]
                 self._drop(out, wire.SHARE, u, f"shares addressed to {sorted(cts)}, not its neighbours")
         self._after_key_stage(out, shares, members, restartable)
-        return _Round(rnd, attempt, members, graph, holders, thr, {u: replies[u][1] for u in members}, shapes,
+        return _Round(rnd, attempt, members, graph, holders, thr, {u: replies[u][1] for u in members}, shapes, q,
                       ciphertexts={u: {v: shares[v][u] for v in graph[u]} for u in members})
 
     def _upload_messages(self, st: _Round, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         """3. masked upload: each tenant trains and sends its masked vector (Flower sends these)."""
         msgs = []
         for u in st.members:
-            content = wire.upload_request(st.number, st.attempt, st.ciphertexts[u])
+            content = wire.upload_request(st.number, st.attempt, st.ciphertexts[u], tenants=len(st.members))
             self._out.bytes_down += wire.content_bytes(content)
             content[keys.ARRAYS] = arrays
             content[keys.CONFIG] = config
@@ -187,6 +195,10 @@ class SecAggTransport(Transport):
                         bytes_down=out.bytes_down - self._configured_bytes,  # the unmasking stage's
                         dropped=[(d["node"], d["reason"]) for ds in out.dropped.values() for d in ds],
                         report=out.summary())
+        if st is not None and st.q.centred:
+            got.report = {**got.report, "quantizer": {"encoding": st.q.encoding, "bits": st.q.bits,
+                                                      "modulus_bits": st.q.modulus_bits,
+                                                      "wire_dtype": np.dtype(st.q.dtype).name}}
         if out.result is not None:
             log(INFO, "Round %d: securely aggregated %d tenant(s), total weight %g", server_round,
                 out.result.count, out.result.weight)
@@ -195,7 +207,7 @@ class SecAggTransport(Transport):
     def _finish(self, out: SecAggOutcome, st: _Round, replies: Iterable[Message]) -> None:
         size = sum(int(np.prod(s)) for s in st.shapes.values()) + 1
         uploads = self._parse(out, wire.UPLOAD, {m.metadata.dst_node_id for m in st.sent}, replies, lambda c: (
-            wire.read_upload_array(c, size=size, dtype=self.q.dtype), _secure_metrics(c)),
+            wire.read_upload_array(c, size=size, dtype=st.q.dtype), _secure_metrics(c)),
             sent=st.sent, timeout=None)
         active = sorted(uploads)
         dead = sorted(set(st.members) - set(active))
@@ -212,14 +224,14 @@ class SecAggTransport(Transport):
         self._check_thresholds(list(shares), dead, st.holders, st.thr, "after unmasking", owners=active)
         try:
             total = self._unmask({u: uploads[u][0] for u in active}, shares, dead, st.graph, st.holders, st.thr,
-                                 st.pk_s)
+                                 st.pk_s, st.q)
         except ValueError as why:  # shares that do not combine into a seed or a key
             raise _RoundFailed(f"unmasking failed, a share was corrupted: {why}") from None
         n = len(active)
         top, weight_sum = int(total[:-1].max(initial=0)), int(total[-1])
-        if top > n * (2**self.q.bits - 1) or not n <= weight_sum <= n * self.q.max_weight:
+        if top > n * st.q.top or not n <= weight_sum <= n * st.q.max_weight:
             raise _RoundFailed("unmasked sum out of range: a share or a masked vector was corrupted")
-        summed, weight = unpack(total, n, st.shapes, self.q)
+        summed, weight = unpack(total, n, st.shapes, st.q)
         out.result = WeightedSum(summed, weight, len(active))
         out.metrics = {u: uploads[u][1] for u in active}
 
@@ -279,21 +291,21 @@ class SecAggTransport(Transport):
 
     def _unmask(self, vectors: dict[int, np.ndarray], shares: dict[int, dict[int, bytes]], dead: list[int],
                 graph: dict[int, list[int]], holders: dict[int, list[int]], thr: dict[int, int],
-                pk_s: dict[int, bytes]) -> np.ndarray:
+                pk_s: dict[int, bytes], q: Quantizer) -> np.ndarray:
         total = np.zeros_like(next(iter(vectors.values())))
         for vec in vectors.values():
             total += vec
         n = total.size
         for u in vectors:
             b = crypto.combine([shares[r][u] for r in holders[u] if r in shares][:thr[u]])
-            total -= prg_mask(b, n, self.q)
+            total -= prg_mask(b, n, q)
         for d in dead:
             sk = crypto.load_private(crypto.combine([shares[r][d] for r in holders[d] if r in shares][:thr[d]]))
             for u in graph[d]:
                 if u in vectors:  # u added sign(u, d) * mask(u, d); take it out
-                    mask = prg_mask(crypto.mask_seed(sk, pk_s[u]), n, self.q)
+                    mask = prg_mask(crypto.mask_seed(sk, pk_s[u]), n, q)
                     total = total - mask if mask_sign(u, d) > 0 else total + mask
-        return self.q.reduce(total)
+        return q.reduce(total)
 
 
 def _graph_seed(seed: int, server_round: int, attempt: int) -> int:
