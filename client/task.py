@@ -35,6 +35,9 @@ class Tenant:
     # Where the node keeps state that outlives runs (the privacy ledger): node config
     # ``state-dir``, else ``.fedlora-state/`` beside the training file.
     state_dir: Path | None = None
+    # The tenant's own LoRA rank (federation.lora-rule = svd): node config ``lora-rank``, in
+    # simulation ``simulation.tenant-ranks``; None: adapter.r.
+    rank: int | None = None
 
 
 def _state_dir(node_config: Mapping[str, object], train: Path) -> Path:
@@ -53,13 +56,13 @@ class TenantData:
 
 
 def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> Tenant:
-    """Deployment: ``data-path`` (and optional ``holdout-path``, ``tenant-id``);
+    """Deployment: ``data-path`` (and optional ``holdout-path``, ``tenant-id``, ``lora-rank``);
     simulation: ``partition-id`` inside ``data.dir``."""
     if "data-path" in node_config:
         train = Path(str(node_config["data-path"]))
         holdout = Path(str(node_config["holdout-path"])) if "holdout-path" in node_config else holdout_for(train)
         return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None,
-                      _state_dir(node_config, train))
+                      _state_dir(node_config, train), tenant_rank(node_config, cfg))
     if "partition-id" in node_config:
         if not cfg.data.dir:
             raise TenantConfigError("simulation node has a partition-id but data.dir is empty; "
@@ -67,9 +70,34 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
                                     "tenant_XXX/ folders")
         pid = int(node_config["partition-id"])  # type: ignore[arg-type]
         train, holdout = tenant_paths(cfg.data.dir, pid)
-        return Tenant(pid, train, holdout, _state_dir(node_config, train))
+        return Tenant(pid, train, holdout, _state_dir(node_config, train), tenant_rank(node_config, cfg, partition=pid))
     raise TenantConfigError("node config has neither data-path (deployment) nor partition-id (simulation); "
                             "start the SuperNode with --node-config 'data-path=\"/path/train.jsonl\"'")
+
+
+def tenant_rank(node_config: Mapping[str, object], cfg: Config, *, partition: int | None = None) -> int | None:
+    """The tenant's LoRA rank: node config ``lora-rank``, else (simulation) its entry of
+    ``simulation.tenant-ranks``; None: adapter.r. Only the svd rule federates mixed ranks."""
+    where, value = "node config lora-rank", node_config.get("lora-rank")
+    if value is None and partition is not None and cfg.simulation.tenant_ranks:
+        from common.lora import parse_ranks
+
+        where, ranks = f"simulation.tenant-ranks (tenant {partition})", parse_ranks(cfg.simulation.tenant_ranks)
+        if partition >= len(ranks):
+            raise TenantConfigError(f"simulation.tenant-ranks names {len(ranks)} rank(s); tenant {partition} has none")
+        value = ranks[partition]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise TenantConfigError(f"{where} = {value!r}: expected a positive integer LoRA rank")
+    rank = int(str(value).strip())
+    if cfg.federation.lora_rule != "svd":
+        raise TenantConfigError(f"{where} = {rank}: a tenant of its own LoRA rank needs federation.lora-rule = svd "
+                                f"(this run uses {cfg.federation.lora_rule!r}); remove lora-rank from the node "
+                                "config or run with the svd rule")
+    if not 1 <= rank <= cfg.adapter.r:
+        raise TenantConfigError(f"{where} = {rank}: outside 1..{cfg.adapter.r} (adapter.r, the global rank)")
+    return rank
 
 
 _MODELS: dict[tuple, Loaded] = {}
@@ -113,9 +141,13 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
                 server_round: int, seed: int, progress: bool = False):
     """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
 
-    With ``train.prox-mu > 0`` local training is pulled toward ``global_state`` (FedProx).
+    The run's LoRA rule (``client.lora_rules``) says which factors train and which deltas are
+    sent: ffa freezes A and sends B; a lower-rank svd tenant trains and sends its first
+    ``rank`` components. With ``train.prox-mu > 0`` local training is pulled toward the
+    adapter the tenant started from (FedProx).
     The privacy mechanism may decline (``client.ledger.BudgetExhausted``) before any
     training, and accounts for the update (writes the ledger) before it is returned."""
+    from client.lora_rules import make_tenant_rule
     from client.privacy import make_client_privacy
     from client.prox import make_proximal
     from client.train import train
@@ -123,16 +155,19 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
     state_dir = data.tenant.state_dir or _state_dir({}, data.tenant.train_path)
     privacy = make_client_privacy(cfg, state_dir=state_dir, num_examples=len(data.tokenized))
     privacy.before_round()
-    set_state(loaded.model, global_state)
-    try:
-        result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
-                       device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
-                       progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}",
-                       privacy=privacy, schedule_window=schedule_window(cfg, server_round),
-                       proximal=make_proximal(cfg.train.prox_mu))
-    finally:
-        privacy.after_train()  # the process-cached model leaves unwrapped even after an error
-    delta = privacy.finalize_delta(subtract(get_state(loaded.model), global_state))
+    rule = make_tenant_rule(cfg, rank=data.tenant.rank)
+    start = rule.start(global_state)
+    set_state(loaded.model, start)
+    with rule.training(loaded.model) as after_step:
+        try:
+            result = train(loaded.model, data.tokenized, cfg.train, pad_id=loaded.tokenizer.pad_token_id,
+                           device=loaded.device, seed=round_seed(seed, data.tenant.tenant_id, server_round),
+                           progress=progress, desc=f"tenant {data.tenant.tenant_id} round {server_round}",
+                           privacy=privacy, schedule_window=schedule_window(cfg, server_round),
+                           proximal=make_proximal(cfg.train.prox_mu), after_step=after_step)
+        finally:
+            privacy.after_train()  # the process-cached model leaves unwrapped even after an error
+    delta = privacy.finalize_delta(rule.reply(subtract(get_state(loaded.model), start)))
     epsilon = privacy.commit(round=server_round, tenant=data.tenant.tenant_id, examples=len(data.train))
     metrics = privacy.public_metrics({
         keys.NUM_EXAMPLES: len(data.train),

@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -114,7 +115,8 @@ def autocast(device: torch.device | str):
 def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torch.device | str = "cpu",
           steps: int | None = None, seed: int | None = None, progress: bool = True,
           desc: str = "train", privacy: ClientPrivacy | None = None,
-          schedule_window: tuple[int, int] | None = None, proximal: NoProximal | None = None) -> TrainMetrics:
+          schedule_window: tuple[int, int] | None = None, proximal: NoProximal | None = None,
+          after_step: Callable[[], None] | None = None) -> TrainMetrics:
     """Train the trainable (adapter) parameters of ``model`` in place.
 
     ``steps`` overrides ``cfg.local_steps`` (the pooled baseline takes the summed budget);
@@ -126,6 +128,8 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
     :class:`client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
     ``proximal`` pulls the adapter toward where it started after every step (FedProx,
     :class:`client.prox.Proximal`; default :class:`client.prox.NoProximal`, nothing).
+    ``after_step()`` runs after every step, last (``client.lora_rules``: a lower-rank
+    tenant's unused components held at zero).
     """
     from tqdm.auto import tqdm
 
@@ -176,6 +180,8 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             proximal.after_step(optimizer.param_groups[0]["lr"])  # this step's rate, before the schedule moves
+            if after_step is not None:
+                after_step()
             schedule.step()
             losses.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.3f}")
