@@ -87,7 +87,7 @@ def to_arrayrecord(state: Mapping[str, np.ndarray], *, encoding=None):
     return record
 
 
-def from_arrayrecord(record, *, encoding=None, reference=None) -> "OrderedDict[str, np.ndarray]":
+def from_arrayrecord(record, *, encoding=None) -> "OrderedDict[str, np.ndarray]":
     """The tensors of an ArrayRecord, as **read-only** views of its bytes (no copy).
 
     The array's layout comes from the ``.npy`` header inside the data, as ``Array.numpy()``
@@ -99,8 +99,8 @@ def from_arrayrecord(record, *, encoding=None, reference=None) -> "OrderedDict[s
     that must write takes a copy.
 
     ``encoding`` (a :class:`common.encoding.Encoding`) reads a tenant's reply strictly as
-    that wire encoding: bf16 / int8 are decoded to float32 (``common.encoding.decode``,
-    checked against ``reference``'s shapes); fp32 takes the path above, but an entry in
+    that wire encoding: bf16 / int8 are decoded to float32 (``common.encoding.decode``);
+    fp32 takes the path above, but an entry in
     another serialisation, or one ``Array.numpy()`` cannot read, raises
     :class:`common.encoding.EncodingError` naming the tensor instead of whatever
     ``Array.numpy()`` raises. None (the default): as above, for trusted records.
@@ -110,7 +110,7 @@ def from_arrayrecord(record, *, encoding=None, reference=None) -> "OrderedDict[s
     if encoding is not None and encoding.name != "fp32":
         from common.encoding import decode
 
-        return decode(record, encoding, reference=reference)
+        return decode(record, encoding)
     out = OrderedDict()
     for k, v in record.items():
         data = v.data
