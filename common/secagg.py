@@ -32,6 +32,10 @@ Sizing, by ``federation.delta-encoding`` (:func:`quantizer_for`, :meth:`Quantize
   max_weight) + headroom``, ``headroom = ceil(log2 n) + 1``. The masked vector travels as
   uint16 where the modulus fits 16 bits (half of fp32's bytes), else uint32 / uint64. The
   server tells each tenant ``n`` with the upload request; both sides size the same way.
+  The grid is fixed over ``[-secagg.clip, secagg.clip]`` (the tenants cannot each have a
+  scale: the sum needs one grid), so int8's step is ``clip / 127``: set ``secagg.clip`` near
+  the largest weighted delta element, or most of a small delta waits in the tenants' error
+  feedback (``client.feedback``) for later rounds.
 
 Masks are the AES-256-CTR keystream (``cryptography``) keyed with the full 256-bit seed,
 never folded to 32 bits: seeds that differ anywhere give unrelated masks.
