@@ -259,8 +259,3 @@ def _decode_scale(name: str, arr, expected: tuple[int, ...]) -> np.ndarray:
         raise EncodingError(f"tensor {name}: a scale is negative (int8 scales are max|x| / 127 >= 0)")
     return scale
 
-
-def wire_bytes(record) -> int:
-    """Bytes a reply's arrays count on the wire, as the server's round records count them
-    (``ArrayRecord.count_bytes``: each array's data plus its name)."""
-    return int(record.count_bytes())
