@@ -43,6 +43,7 @@ from flwr.serverapp.strategy import Strategy
 from common import messages as keys
 from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
+from common.encoding import encoding_for
 from common.weighting import parse_caps
 from server.aggregation import Aggregator, WeightedSum, mean_delta, weight_rule
 from server.bounds import UpdateBounds, audit, bounds_info
@@ -89,7 +90,7 @@ class FedLoraStrategy(Strategy):
         self.transport = transport if transport is not None else PlainTransport(
             max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight,
                                                                  caps=parse_caps(cfg.example_caps)),
-            check_shapes=self.rule.check_shapes)
+            check_shapes=self.rule.check_shapes, encoding=encoding_for(cfg))
         # The step from the mean delta; the config's (sgd: x += server-lr * mean) unless given.
         self.optimizer = make_server_optimizer(cfg) if optimizer is None else optimizer
         problems = self.rule.problems(aggregator=aggregator, optimizer_name=self.optimizer.name,

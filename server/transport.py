@@ -84,10 +84,11 @@ class PlainTransport(Transport):
 
     name = "plain"
 
-    def __init__(self, *, max_examples: int, weight_of, check_shapes=None) -> None:
+    def __init__(self, *, max_examples: int, weight_of, check_shapes=None, encoding=None) -> None:
         self.max_examples = max_examples
         self.weight_of = weight_of  # claimed example count -> weight (server.aggregation.Weighting)
         self.check_shapes = check_shapes  # the LoRA rule's shape check (None: the reference's shapes exactly)
+        self.encoding = encoding  # the run's delta encoding (common.encoding), decoded strictly; None: plain fp32
         self._sent: list[Message] = []
 
     def configure(self, server_round, nodes, arrays, config, grid):
@@ -107,7 +108,7 @@ class PlainTransport(Transport):
                 if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:
                     raise Rejected(f"reply lacks '{keys.ARRAYS}' or '{keys.METRICS}' record")
                 update = validate_update(
-                    from_arrayrecord(content.array_records[keys.ARRAYS]), dict(content.metric_records[keys.METRICS]),
+                    self._decode(content.array_records[keys.ARRAYS]), dict(content.metric_records[keys.METRICS]),
                     reference=reference, expected_metrics=keys.TRAIN_METRICS, max_examples=self.max_examples,
                     weight_of=self.weight_of, node=node, check_shapes=self.check_shapes)
             except Rejected as why:
@@ -116,3 +117,14 @@ class PlainTransport(Transport):
             out.updates.append(update)
             out.metrics[node] = update.metrics
         return out
+
+    def _decode(self, record) -> Arrays:
+        """A reply's tensors as float32; a record not in the run's encoding is :class:`Rejected`."""
+        if self.encoding is None:
+            return from_arrayrecord(record)
+        from common.encoding import EncodingError, decode
+
+        try:
+            return decode(record, self.encoding)
+        except EncodingError as why:
+            raise Rejected(str(why)) from None
