@@ -115,9 +115,9 @@ class SVD(LoraRule):
 
     New factors: ``B = U_r S_r / s`` and ``A = V_r^T`` (so ``s B A = U_r S_r V_r^T``, the best
     rank-r approximation of T, Eckart-Young). The singular values go to B and A keeps
-    orthonormal rows, at the scale of LoRA's own initialisation of A: a component with a
-    small singular value still learns (a balanced split ``sqrt(S)`` into both factors would
-    shrink A with it). Where T has fewer than r directions, the missing components restart
+    orthonormal rows, near the scale of LoRA's own initialisation of A (rows of norm about
+    0.6): a component with a small singular value still learns (a balanced split ``sqrt(S)``
+    into both factors would shrink A with it and slow that component down). Where T has fewer than r directions, the missing components restart
     as LoRA starts one: B = 0 and A the initial adapter's row. Tenants may train lower ranks
     (:meth:`check_shapes`); each one's local factors are ``B[:, :r_k] + dB_k`` and
     ``A[:r_k] + dA_k`` with the same scaling s (the tenant's alpha is alpha r_k / r).
