@@ -24,7 +24,7 @@ Scalar = bool | int | float | str
 # which secure aggregation does not reveal (a test proves both match the registry).
 AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean", "krum")
 INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "trimmed-mean", "krum"})
-SERVER_OPTIMIZER_NAMES = ("sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # server.optimizers.OPTIMIZERS
+SERVER_OPTIMIZER_NAMES = ("sgd", "fedexp", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # server.optimizers.OPTIMIZERS
 LORA_RULES = ("ab", "ffa", "svd")  # server.lora_rules
 DELTA_ENCODINGS = ("fp32", "bf16", "int8")  # common.encoding
 

@@ -178,8 +178,8 @@ def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> N
 def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
     """Server-optimizer and FedProx values at the edge of their ranges that would not work.
 
-    No rule ties the server optimizer to secure aggregation or central DP: it needs only the
-    (noised) sum, so it is post-processing and runs under both."""
+    Only fedexp is tied to secure aggregation and central DP (it needs each update's norm);
+    every other optimizer needs only the (noised) sum: post-processing, it runs under both."""
     fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
     for name in ("server_beta1", "server_beta2"):
         if fed[name] >= 1.0:
@@ -188,6 +188,13 @@ def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) 
     if fed["server_optimizer"] in ("fedadam", "fedyogi", "fedadagrad") and fed["server_tau"] <= 0:
         problems.append(f"federation.server-tau: {fed['server_optimizer']} needs tau > 0 (it keeps m / (sqrt(v) + "
                         "tau) finite where v is 0); 1e-3 is the usual value")
+    if fed["server_optimizer"] == "fedexp":
+        if sections.get("secagg", {}).get("enabled", False):
+            problems.append("federation.server-optimizer: 'fedexp' sizes its step from each update's norm, but "
+                            "secure aggregation reveals only their sum; use sgd or fedavgm, or turn secagg off")
+        if sections.get("privacy", {}).get("mode", "none") == "central":
+            problems.append("federation.server-optimizer: 'fedexp' sizes its step from the un-noised norms of the "
+                            "updates, which central DP does not account for; use sgd or fedavgm with central DP")
     train = {**dataclasses.asdict(TrainConfig()), **sections.get("train", {})}
     if train["prox_mu"] * train["learning_rate"] > 1.0:
         problems.append(f"train.prox-mu: prox-mu x train.learning-rate = {train['prox_mu'] * train['learning_rate']:g} "

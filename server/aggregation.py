@@ -54,6 +54,9 @@ class WeightedSum:
     total: "OrderedDict[str, np.ndarray]"  # sum_k w_k * delta_k
     weight: float                          # sum_k w_k
     count: int                             # number of updates summed
+    # sum_k w_k ||delta_k||^2 / sum_k w_k, where the server saw the updates and a server
+    # optimizer asked for it (fedexp); None otherwise.
+    sq_norm_mean: float | None = None
 
 
 def l2_norm(arrays: Arrays) -> float:

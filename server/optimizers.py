@@ -11,6 +11,18 @@ rule here is one line of their Algorithm 2, per tensor, elementwise, in float32:
                   x += lr * m / (sqrt(v) + tau)
 * ``fedyogi``:    m as fedadam;  v = v - (1 - beta2) d^2 sign(v - d^2);  x += lr * m / (sqrt(v) + tau)
 
+and one rule that is not in Algorithm 2:
+
+* ``fedexp``:     x += lr * eta d,  eta = max(1, sum_k p_k ||delta_k||^2 / (2 (||d||^2 + tau)))
+                  (Jhunjhunwala, Wang & Joshi, "FedExP", ICLR 2023, arXiv:2301.09604; p_k = w_k / sum w)
+
+FedExP extrapolates FedAvg's step when the tenants' updates disagree: for updates of equal
+norm the ratio is 1/2 when all agree (eta = 1, FedAvg) and M/2 when M of them are orthogonal,
+as under strongly non-IID data, where each tenant's progress on its own data is otherwise
+divided by M in the mean. ``tau`` is the paper's epsilon (its default is 1e-3 too). It needs
+each update's norm, which a sum does not give: it is refused with secure aggregation and with
+central DP (the step size would depend on the un-noised norms).
+
 Moments start at zero and there is no bias correction. That matches Flower's own
 ``FedAvgM``, ``FedAdagrad`` (its beta_1 = 0, so m = d) and ``FedYogi`` exactly, and
 ``FedAdam`` except that Flower's FedAdam also scales its lr by
@@ -43,6 +55,7 @@ class ServerOptimizer:
 
     name = "base"
     moments: tuple[str, ...] = ()  # the moment vectors the rule keeps
+    needs_update_norms = False  # True: the sum must carry sum_k w_k ||delta_k||^2 / sum_k w_k
     uses: tuple[str, ...] = ("lr",)  # the hyperparameters it reads (for describe())
 
     def __init__(self, *, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
@@ -69,6 +82,10 @@ class ServerOptimizer:
 
     def _direction(self, k: str, d: np.ndarray) -> None:
         raise NotImplementedError
+
+    def round_info(self) -> dict[str, float]:
+        """What the last step decided, for the round record (empty for most rules)."""
+        return {}
 
     def _init_moments(self, global_state: Arrays) -> None:
         if not self.moments:
@@ -110,6 +127,30 @@ class SGD(ServerOptimizer):
 
     def step(self, global_state, summed):
         return apply_mean(global_state, summed, server_lr=self.lr)
+
+
+class FedExP(ServerOptimizer):
+    """x += lr * eta * d with FedExP's eta (see the module docstring); no moments."""
+
+    name = "fedexp"
+    needs_update_norms = True
+    uses = ("lr", "tau")
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.eta = 1.0
+
+    def step(self, global_state, summed):
+        if summed.sq_norm_mean is None:
+            raise ValueError("fedexp needs the updates' mean squared norm, which this aggregate lacks "
+                             "(secure aggregation and central DP reveal only a sum)")
+        d_sq = sum(float(np.dot(v.ravel(), v.ravel())) for v in summed.total.values()) / summed.weight ** 2
+        denominator = 2.0 * (d_sq + self.tau)  # 0 only for d = 0 with tau = 0: no step to extrapolate
+        self.eta = max(1.0, summed.sq_norm_mean / denominator) if denominator > 0 else 1.0
+        return apply_mean(global_state, summed, server_lr=self.lr * self.eta)
+
+    def round_info(self):
+        return {"fedexp_eta": round(self.eta, 6)}
 
 
 class FedAvgM(ServerOptimizer):
@@ -184,7 +225,7 @@ def _divide_by_root(d: np.ndarray, v: np.ndarray, tau: float, *, scratch: np.nda
 
 
 OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    cls.name: cls for cls in (SGD, FedAvgM, FedAdagrad, FedAdam, FedYogi)}
+    cls.name: cls for cls in (SGD, FedExP, FedAvgM, FedAdagrad, FedAdam, FedYogi)}
 
 
 def make_server_optimizer(cfg) -> ServerOptimizer:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from collections.abc import Iterable
 from logging import ERROR, INFO, WARNING
 
@@ -45,7 +46,7 @@ from common.adapter import from_arrayrecord, to_arrayrecord
 from common.config import FederationConfig
 from common.encoding import encoding_for
 from common.weighting import parse_caps
-from server.aggregation import Aggregator, WeightedSum, mean_delta, weight_rule
+from server.aggregation import Aggregator, WeightedSum, l2_norm, mean_delta, weight_rule
 from server.bounds import UpdateBounds, audit, bounds_info
 from server.central_dp import NoServerPrivacy, ServerPrivacy
 from server.lora_rules import AB, LoraRule
@@ -95,6 +96,9 @@ class FedLoraStrategy(Strategy):
         self.optimizer = make_server_optimizer(cfg) if optimizer is None else optimizer
         problems = self.rule.problems(aggregator=aggregator, optimizer_name=self.optimizer.name,
                                       reveals_individual_updates=self.transport.reveals_individual_updates)
+        if self.optimizer.needs_update_norms and not self.transport.reveals_individual_updates:
+            problems.append(f"federation.server-optimizer: {self.optimizer.name!r} needs each update's norm, but "
+                            f"{self.transport.name} reveals only their sum; use sgd or fedavgm")
         if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
             problems.append(f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
                             f"{self.transport.name} reveals only their sum; use fedavg")
@@ -193,6 +197,7 @@ class FedLoraStrategy(Strategy):
         new_global = self.rule.step(self.optimizer, self._global, summed)
         info["server_seconds"] = round(info.get("server_seconds", 0.0) + time.perf_counter() - t, 6)
         info["server_optimizer"] = self.optimizer.describe()
+        info.update(self.optimizer.round_info())
         self.recorder.audit(audits, info)
         self._global = new_global
         saved = self.recorder.end_train(new_global, optimizer_arrays=self.optimizer.state_arrays(),
@@ -236,6 +241,8 @@ class FedLoraStrategy(Strategy):
             return None, audit(received, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine,
                                outlier_cosine_ratio=self.cfg.outlier_cosine_ratio), info
         summed, decided = self.rule.combine(self.aggregator, kept, self._global)
+        if self.optimizer.needs_update_norms:  # fedexp: sum_k w_k ||delta_k||^2 / sum_k w_k
+            summed = replace(summed, sq_norm_mean=sum(u.weight * l2_norm(u.delta) ** 2 for u in kept) / summed.weight)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
         info["server_seconds"] = round(time.perf_counter() - t, 6)

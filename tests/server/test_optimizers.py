@@ -145,8 +145,8 @@ def test_moments_for_another_adapter_are_refused():
 
 def test_unknown_optimizer_is_refused_with_the_names():
     cfg = dataclasses.replace(FederationConfig(), server_optimizer="adamw")
-    with pytest.raises(ValueError, match="unknown server optimizer 'adamw'; choose one of sgd, fedavgm, "
-                                         "fedadagrad, fedadam, fedyogi"):
+    with pytest.raises(ValueError, match="unknown server optimizer 'adamw'; choose one of sgd, fedexp, "
+                                         "fedavgm, fedadagrad, fedadam, fedyogi"):
         make_server_optimizer(cfg)
 
 
@@ -175,7 +175,7 @@ def test_config_parses_the_server_optimizer_keys():
 
 @pytest.mark.parametrize("flat, message", [
     ({"federation.server-optimizer": "adamw"},
-     "federation.server-optimizer: 'adamw' is not allowed; choose one of sgd, fedavgm, fedadam, fedyogi, fedadagrad"),
+     "federation.server-optimizer: 'adamw' is not allowed; choose one of sgd, fedexp, fedavgm, fedadam, fedyogi, fedadagrad"),
     ({"federation.server-beta1": 1.0}, "federation.server-beta1: 1.0 must be below 1"),
     ({"federation.server-beta2": 1.5}, "federation.server-beta2: 1.5 is above the maximum 1.0"),
     ({"federation.server-optimizer": "fedadam", "federation.server-tau": 0.0},
@@ -192,3 +192,65 @@ def test_server_optimizers_run_with_secure_aggregation_and_central_dp():
     flat = {"federation.server-optimizer": "fedadam", "federation.server-lr": 0.01, "secagg.enabled": True,
             "privacy.mode": "central", "federation.max-weight": 1, "privacy.trust-clients": True}
     assert parse_config(flat).federation.server_optimizer == "fedadam"
+
+
+# -- fedexp -------------------------------------------------------------------------------
+def _updates_sum(deltas, weights, sq_norms=True) -> WeightedSum:
+    total = OrderedDict((k, sum(np.float32(w) * d[k] for d, w in zip(deltas, weights))) for k in deltas[0])
+    sq = sum(w * sum(float(np.sum(v ** 2)) for v in d.values()) for d, w in zip(deltas, weights)) / sum(weights)
+    return WeightedSum(total, float(sum(weights)), len(deltas), sq_norm_mean=sq if sq_norms else None)
+
+
+def test_fedexp_extrapolates_orthogonal_updates_by_half_their_count():
+    # Prepare: 4 orthogonal unit updates of weight 1: mean d = e/4, ||d||^2 = 4/16 = 1/4,
+    # mean ||delta||^2 = 1, so eta = max(1, 1 / (2 * (1/4 + tau))) with tau = 0: 2
+    eye = np.eye(4, dtype=np.float32)
+    deltas = [OrderedDict(a=eye[i]) for i in range(4)]
+    opt = OPTIMIZERS["fedexp"](lr=1.0, tau=0.0)
+    # Execute
+    x = opt.step(OrderedDict(a=np.zeros(4, np.float32)), _updates_sum(deltas, [1, 1, 1, 1]))
+    # Assert: x = 0 + 2 * (1/4, 1/4, 1/4, 1/4)
+    assert opt.eta == pytest.approx(2.0)
+    np.testing.assert_allclose(x["a"], [0.5, 0.5, 0.5, 0.5], rtol=1e-6)
+    assert opt.round_info() == {"fedexp_eta": 2.0}
+
+
+def test_fedexp_is_fedavg_when_the_updates_agree():
+    # Prepare: 3 identical updates: mean ||delta||^2 = ||d||^2, ratio 1/2 -> eta = max(1, 1/2) = 1
+    deltas = [OrderedDict(a=np.array([3.0, 4.0], np.float32))] * 3
+    opt = OPTIMIZERS["fedexp"](lr=1.0, tau=1e-3)
+    x0 = OrderedDict(a=np.array([1.0, 1.0], np.float32))
+    summed_ = _updates_sum(deltas, [1, 2, 3])
+    # Execute
+    x = opt.step(x0, summed_)
+    # Assert: bit for bit FedAvg's step
+    assert opt.eta == 1.0
+    np.testing.assert_array_equal(x["a"], apply_mean(x0, summed_, server_lr=1.0)["a"])
+
+
+def test_fedexp_weights_the_norms_and_adds_tau_to_the_denominator():
+    # Prepare: deltas (2, 0) weight 1 and (0, 1) weight 3: d = (2, 3) / 4 = (0.5, 0.75), ||d||^2 = 0.8125;
+    # mean ||delta||^2 = (1 * 4 + 3 * 1) / 4 = 1.75; tau = 0.1: eta = 1.75 / (2 * 0.9125) = 0.9589 -> 1
+    # and with tau = 0: 1.75 / 1.625 = 1.0769
+    deltas = [OrderedDict(a=np.array([2.0, 0.0], np.float32)), OrderedDict(a=np.array([0.0, 1.0], np.float32))]
+    x0 = OrderedDict(a=np.zeros(2, np.float32))
+    damped, plain = OPTIMIZERS["fedexp"](lr=1.0, tau=0.1), OPTIMIZERS["fedexp"](lr=0.5, tau=0.0)
+    # Execute
+    damped.step(x0, _updates_sum(deltas, [1, 3]))
+    x = plain.step(x0, _updates_sum(deltas, [1, 3]))
+    # Assert: the server lr multiplies eta's step
+    assert damped.eta == 1.0
+    assert plain.eta == pytest.approx(1.75 / 1.625)
+    np.testing.assert_allclose(x["a"], 0.5 * plain.eta * np.array([0.5, 0.75]), rtol=1e-6)
+
+
+def test_fedexp_refuses_a_sum_without_norms():
+    opt = OPTIMIZERS["fedexp"](lr=1.0)
+    with pytest.raises(ValueError, match="mean squared norm"):
+        opt.step(X0, summed(D1))
+
+
+@pytest.mark.parametrize("section", [{"secagg.enabled": True}, {"privacy.mode": "central"}])
+def test_fedexp_is_refused_where_the_server_sees_only_a_sum(section):
+    with pytest.raises(ConfigError, match="fedexp"):
+        parse_config({"federation.server-optimizer": "fedexp", **section})

@@ -216,6 +216,36 @@ def test_the_configured_server_optimizer_takes_the_step(tmp_path):
     assert (tmp_path / "avgm" / "checkpoints" / "round_001" / "server_optimizer.safetensors").is_file()
 
 
+def test_fedexp_through_the_strategy_takes_the_extrapolated_step(tmp_path):
+    # Prepare: two tenants of equal weight sending deltas +1 and +3 everywhere (12 elements each)
+    grid = FakeGrid({1: good(1.0, tenant=0), 2: good(3.0, tenant=1)})
+    strategy, _ = _strategy(tmp_path, server_optimizer="fedexp", server_tau=0.0)
+    # Execute: one round
+    final = from_arrayrecord(strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1,
+                                            timeout=5).arrays)
+    # Assert: mean ||delta||^2 = (12 + 108) / 2 = 60, ||d||^2 = 12 * 4 = 48: eta = 60 / 96 < 1 -> 1, so x = 2
+    for k in GLOBAL:
+        assert np.all(final[k] == 2.0)
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert record["aggregation"]["fedexp_eta"] == 1.0
+
+
+def test_fedexp_is_refused_over_a_transport_that_reveals_only_the_sum(tmp_path):
+    # Prepare: a transport like secure aggregation's
+    from common.config import ConfigError
+    from server.transport import PlainTransport
+
+    class SumOnly(PlainTransport):
+        name = "sum-only"
+        reveals_individual_updates = False
+
+    rec = RoundRecorder(tmp_path, save=lambda p, s, r: None)
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="'fedexp' needs each update's norm"):
+        FedLoraStrategy(FederationConfig(server_optimizer="fedexp"), FedAvg(), rec,
+                        transport=SumOnly(max_examples=10, weight_of=lambda n, node=0: float(n)))
+
+
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_a_resumed_run_restores_the_optimizer_moments_exactly(tmp_path, name):
     # Prepare: as the resume test above, with an adaptive server optimizer
