@@ -38,16 +38,17 @@ from simulations.bench.timing import load_line, loadavg
 # The arms of the README's table. Values as run-config strings, as on the command line.
 ARMS: dict[str, dict[str, str]] = {
     "fedavg": {},
-    "fedavgm": {"federation.server-optimizer": "fedavgm", "federation.server-lr": "1.0",
-                "federation.server-beta1": "0.5"},
+    "fedavg-lr2": {"federation.server-lr": "2.0"},
+    "fedexp": {"federation.server-optimizer": "fedexp"},
+    "fedavgm": {"federation.server-optimizer": "fedavgm", "federation.server-beta1": "0.5"},
     "fedadam": {"federation.server-optimizer": "fedadam", "federation.server-lr": "0.01"},
-    "fedprox": {"train.prox-mu": "1.0"},
+    "fedprox": {"train.prox-mu": "5.0"},
     "ffa": {"federation.lora-rule": "ffa"},
     "svd": {"federation.lora-rule": "svd"},
     "bf16": {"federation.delta-encoding": "bf16"},
     "int8": {"federation.delta-encoding": "int8"},
 }
-DEFAULT_ARMS = "fedavg,fedavgm,fedadam,fedprox,ffa,svd,bf16,int8"
+DEFAULT_ARMS = "fedavg,fedexp,fedavg-lr2,fedavgm,fedadam,fedprox,ffa,svd,bf16,int8"
 
 
 @dataclass
