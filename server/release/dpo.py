@@ -15,6 +15,11 @@ log-probabilities of chosen vs rejected answers, before and after:
 Preference prompts are users' requests; the run's prompt format (``data.template``) turns
 them into the prompt TRL trains on and into the conversations scored here, so DPO sees
 the same text as training and evaluation.
+
+DPO trains the factors the run federates: under ``federation.lora-rule = ffa`` every
+``lora_A`` stays frozen at the aggregate's (the shared initial A), so the refined adapter
+keeps FFA-LoRA's A; :attr:`DPOReport.trained_factors` says which, and the A factors are
+checked unchanged after training.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from common.config import Config
 from common.data import IGNORE_INDEX, Preference, collate, read_preferences, tokenize_examples
+from common.lora import is_a
 from common.templates import PromptFormat, make_format
 
 
@@ -68,6 +74,7 @@ class DPOReport:
     learning_rate: float
     reference_drift: float    # max |ref adapter after training - aggregate|; 0 = frozen
     seconds: float
+    trained_factors: str = "A and B"  # "B" under federation.lora-rule = ffa (every lora_A frozen, unchanged)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +165,24 @@ def _reference_drift(model, aggregate: Mapping[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(ref[k].detach().float().cpu().numpy() - aggregate[k]))) for k in aggregate)
 
 
+def _freeze_a(model) -> None:
+    """``ffa``: turn off ``requires_grad`` on every ``lora_A`` (before TRL builds its
+    optimizer, and before it casts trainable LoRA weights of a 4-bit base to bf16, which
+    would round A)."""
+    frozen = [p for n, p in model.named_parameters() if is_a(n) and p.requires_grad]
+    if not frozen:
+        raise RuntimeError("federation.lora-rule = ffa, but the adapter has no trainable lora_A tensor to freeze")
+    for p in frozen:
+        p.requires_grad_(False)
+
+
+def _check_a_unchanged(state: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> None:
+    moved = [k for k in aggregate if is_a(k) and not np.array_equal(state[k], aggregate[k])]
+    if moved:
+        raise RuntimeError(f"federation.lora-rule = ffa, but DPO changed {len(moved)} lora_A tensor(s) "
+                           f"(first: {moved[0]}); A must stay the shared initial A")
+
+
 def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
            output_dir: str | Path) -> tuple["dict[str, np.ndarray]", DPOReport]:
     """DPO on ``preferences.train`` starting from (and referenced to) the adapter in
@@ -179,6 +204,9 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
     template = make_format(cfg.data, tokenizer)
     aggregate = load_adapter_file(adapter_dir)
     model = PeftModel.from_pretrained(load_base(cfg.model, for_training=True), str(adapter_dir), is_trainable=True)
+    frozen_a = cfg.federation.lora_rule == "ffa"
+    if frozen_a:  # before DPOTrainer (its "ref" copy of the adapter is frozen whatever the rule)
+        _freeze_a(model)
     measure = dict(max_length=cfg.dpo.max_length, device=device, template=template)
     ref_c, ref_r = sequence_logps(model, tokenizer, preferences.holdout, **measure)
     before = score(ref_c, ref_r, ref_c, ref_r, beta=cfg.dpo.beta)
@@ -197,10 +225,12 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
     after = score(pol_c, pol_r, ref_c, ref_r, beta=cfg.dpo.beta)
     drift = _reference_drift(model, aggregate)
     state = get_state(model)
+    if frozen_a:
+        _check_a_unchanged(state, aggregate)
     report = DPOReport(before=before, after=after, steps=int(result.global_step),
                        train_pairs=len(preferences.train), train_loss=float(result.training_loss),
                        beta=cfg.dpo.beta, learning_rate=cfg.dpo.learning_rate, reference_drift=drift,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, trained_factors="B" if frozen_a else "A and B")
     return state, report
 
 

@@ -14,15 +14,22 @@ from tests.server.adapters import write_noisy_adapter
 pytestmark = pytest.mark.slow  # each test trains or loads several models
 
 
-@pytest.fixture(scope="module")
-def refined(tmp_path_factory, tenants_dir):
+SMALL_DPO = {"dpo.steps": 6, "dpo.batch-size": 4, "dpo.learning-rate": 5e-3, "dpo.beta": 0.5}
+
+
+def _refine(tmp_path_factory, tenants_dir, flat: dict, *, pairs: int = 12):
     """A few DPO steps from a non-trivial aggregate on a tiny preference set."""
-    cfg = parse_config({"dpo.steps": 6, "dpo.batch-size": 4, "dpo.learning-rate": 5e-3, "dpo.beta": 0.5})
+    cfg = parse_config({**SMALL_DPO, **flat})
     work = tmp_path_factory.mktemp("dpo")
     aggregate = write_noisy_adapter(work / "aggregate", cfg, seed=3, scale=0.01)
-    pairs = read_preferences(tenants_dir / "preferences" / "train.jsonl")[:12]
-    state, report = refine(aggregate, PreferenceSets(train=pairs, holdout=pairs), cfg, output_dir=work / "trainer")
+    rows = read_preferences(tenants_dir / "preferences" / "train.jsonl")[:pairs]
+    state, report = refine(aggregate, PreferenceSets(train=rows, holdout=rows), cfg, output_dir=work / "trainer")
     return load_adapter_file(aggregate), state, report
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory, tenants_dir):
+    return _refine(tmp_path_factory, tenants_dir, {})
 
 
 def test_score_hand_computed():
@@ -61,3 +68,23 @@ def test_refined_state_moves_away_from_the_aggregate(refined):
     aggregate, state, _ = refined
     assert set(state) == set(aggregate)
     assert max(float(np.abs(state[k] - aggregate[k]).max()) for k in state) > 0.0
+
+
+def test_both_factors_train_under_the_ab_rule(refined):
+    # The counterpart of the ffa test below: without the rule, DPO does move A.
+    aggregate, state, report = refined
+    assert report.trained_factors == "A and B"
+    assert any(not np.array_equal(state[k], aggregate[k]) for k in state if ".lora_A." in k)
+
+
+def test_ffa_keeps_every_lora_a_byte_identical_and_trains_b(tmp_path_factory, tenants_dir):
+    # Prepare / Execute: DPO on an aggregate of a run federating B only (FFA-LoRA)
+    aggregate, state, report = _refine(tmp_path_factory, tenants_dir, {"federation.lora-rule": "ffa"}, pairs=8)
+    a_names = [k for k in aggregate if ".lora_A." in k]
+    b_names = [k for k in aggregate if ".lora_B." in k]
+    # Assert: the refined adapter's A is the input's, to the byte; B moved; the reference did not
+    assert a_names and set(state) == set(aggregate)
+    assert all(state[k].dtype == aggregate[k].dtype and state[k].tobytes() == aggregate[k].tobytes()
+               for k in a_names)
+    assert any(not np.array_equal(state[k], aggregate[k]) for k in b_names)
+    assert (report.trained_factors, report.reference_drift) == ("B", 0.0)
