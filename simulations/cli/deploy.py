@@ -40,6 +40,9 @@ def add_commands(sub) -> None:
     node.add_argument("--holdout", help="holdout JSONL (default: beside --data)")
     node.add_argument("--tenant-id", type=int, default=0, help="this tenant's number in reports (default: 0)")
     node.add_argument("--runtime-port", type=int, default=9094, help="loopback port for ClientApp processes")
+    node.add_argument("--lora-rank", type=int, metavar="N",
+                      help="train at LoRA rank N, 1..the run's adapter.r (runs with federation.lora-rule = svd "
+                           "only; default: the run's rank)")
     node.add_argument("--print", action="store_true", help="print the command instead of running it")
 
     for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
@@ -84,14 +87,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.deploy_command == "supernode":
         from simulations.cli.preflight import check_supernode
 
-        if not args.print:
-            check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
-                            tenant_id=args.tenant_id)
-        return _exec(deployment.supernode_command(
+        cmd = deployment.supernode_command(  # refuses a bad --lora-rank before any file is read
             superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
             data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
             holdout_path=Path(args.holdout).resolve() if args.holdout else None,
-            runtime_port=args.runtime_port), args.print)
+            runtime_port=args.runtime_port, lora_rank=args.lora_rank)
+        if not args.print:
+            check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
+                            tenant_id=args.tenant_id)
+        return _exec(cmd, args.print)
     home = Path(args.flwr_home)
     deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":
@@ -128,6 +132,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if caps and "federation.example-caps" not in overrides:  # the operator's caps from registration
             overrides["federation.example-caps"] = caps
         cfg = resolve(args.scenario, overrides, args.run_dir)
+    deployment.deployment_config(cfg, node_auth=not args.no_node_auth)  # what the engine cannot run, first
     check_deployment_run(cfg, ca_cert=args.ca)
     try:
         report = deployment.run_deployment(cfg, flwr_home=home, node_auth=not args.no_node_auth,

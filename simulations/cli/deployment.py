@@ -69,31 +69,43 @@ def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1",
     return cmd
 
 
-def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None) -> str:
-    """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``)."""
+def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
+                lora_rank: int | None = None) -> str:
+    """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``).
+
+    ``lora_rank``: the tenant's own LoRA rank (``lora-rank``; runs with ``federation.lora-rule
+    = svd`` only, at most the run's ``adapter.r``, which the ClientApp checks); None: the run's rank.
+    """
     data_path = Path(data_path)
     if not data_path.is_absolute():
         raise DeploymentConfigError(f"data path {data_path} must be absolute (the ClientApp runs in another directory)")
     parts = [f"data-path={json.dumps(str(data_path))}", f"tenant-id={int(tenant_id)}"]
     if holdout_path is not None:
         parts.append(f"holdout-path={json.dumps(str(Path(holdout_path).resolve()))}")
+    if lora_rank is not None:
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise DeploymentConfigError(f"LoRA rank {lora_rank!r} must be a positive integer "
+                                        "(at most the run's adapter.r; federation.lora-rule = svd)")
+        parts.append(f"lora-rank={lora_rank}")
     return " ".join(parts)
 
 
 def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path | None, data_path: Path | str,
                       tenant_id: int, holdout_path: Path | str | None = None, runtime_port: int = 9094,
-                      max_retries: int | None = None) -> list[str]:
+                      max_retries: int | None = None, lora_rank: int | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
-    ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals).
+    ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals);
+    ``lora_rank``: the tenant's own LoRA rank (see :func:`node_config`).
     """
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink]
     if ca_cert is not None:
         cmd += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
-    cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path),
+    cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path,
+                                         lora_rank=lora_rank),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
@@ -147,11 +159,12 @@ def online_nodes(*, flwr_home: Path) -> int:
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class Tenant:
-    """One tenant node: its name (key file), its tenant id and its data file."""
+    """One tenant node: its name (key file), its tenant id, its data file and its LoRA rank."""
 
     name: str
     tenant_id: int
     data_path: Path
+    lora_rank: int | None = None  # its own LoRA rank (federation.lora-rule = svd); None: adapter.r
 
 
 @dataclass
@@ -240,7 +253,7 @@ class LocalFederation:
             self.register(tenant.name)
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
-                                runtime_port=free_port(), max_retries=max_retries)
+                                runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank)
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc
@@ -276,6 +289,10 @@ def deployment_config(cfg, *, node_auth: bool):
     """The run's config as the Deployment Engine runs it (TLS is always on here)."""
     if not cfg.run.dir or not Path(cfg.run.dir).is_absolute():
         raise DeploymentConfigError("run.dir must be an absolute path: the ServerApp runs in the SuperLink's directory")
+    if cfg.simulation.tenant_ranks:  # the ClientApp would ignore it: its node config names no partition
+        raise DeploymentConfigError(f"simulation.tenant-ranks = {cfg.simulation.tenant_ranks!r} applies to simulated "
+                                    "tenants only; in a deployment each tenant states its own rank with "
+                                    "`fedlora deploy supernode ... --lora-rank N`; drop the key")
     return cfg.replace(**{"deployment.engine": "deployment", "deployment.tls": True,
                           "deployment.node-auth": node_auth})
 

@@ -77,6 +77,36 @@ def test_node_config_reaches_the_client_as_the_tenant_data(tmp_path):
     assert (tenant.tenant_id, tenant.train_path, tenant.holdout_path) == (5, train, tmp_path / "my data" / "holdout.jsonl")
 
 
+def test_a_tenants_lora_rank_reaches_the_client_through_the_node_config(tmp_path):
+    # Prepare: a tenant of rank 2 in a rank-8 svd run
+    from flwr.common.config import parse_config_args
+
+    train = tmp_path / "train.jsonl"
+    cfg = parse_config({"federation.lora-rule": "svd", "adapter.r": 8})
+    # Execute
+    text = deploy.node_config(train, tenant_id=1, lora_rank=2)
+    tenant = tenant_from_node_config(parse_config_args([text]), cfg)
+    # Assert
+    assert text == f'data-path="{train}" tenant-id=1 lora-rank=2'
+    assert tenant.rank == 2
+    assert tenant_from_node_config(parse_config_args([deploy.node_config(train, tenant_id=1)]), cfg).rank is None
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_node_config_refuses_a_rank_that_is_not_a_positive_integer(tmp_path, rank):
+    with pytest.raises(deploy.DeploymentConfigError, match=f"LoRA rank {rank!r} must be a positive integer"):
+        deploy.node_config(tmp_path / "train.jsonl", tenant_id=0, lora_rank=rank)
+
+
+def test_simulated_tenant_ranks_are_refused_in_a_deployment_run():
+    # Prepare: a valid svd config for simulation, with ranks per simulated tenant
+    cfg = parse_config({"run.dir": "/abs/run", "federation.lora-rule": "svd", "simulation.tenants": 2,
+                        "simulation.tenant-ranks": "4,2"})
+    # Execute / Assert: the deployment's ClientApps would never read it, so say where ranks go
+    with pytest.raises(deploy.DeploymentConfigError, match=r"--lora-rank N"):
+        deploy.deployment_config(cfg, node_auth=True)
+
+
 def test_node_config_refuses_a_relative_data_path():
     with pytest.raises(deploy.DeploymentError, match="must be absolute"):
         deploy.node_config("data/train.jsonl", tenant_id=0)
@@ -155,3 +185,23 @@ def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, caps
     rc = main(["deploy", "superlink", "--certs", str(tmp_path), "--database", str(tmp_path / "db"), "--print"])
     assert rc == 2
     assert "fedlora certs --out" in capsys.readouterr().err
+
+
+def test_cli_passes_the_tenants_lora_rank_to_its_supernode(tmp_path, capsys):
+    # Prepare
+    from simulations.cli.main import main
+
+    data = tmp_path / "train.jsonl"
+    args = ["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "hospital-a"), "--data", str(data), "--tenant-id", "4", "--print"]
+    # Execute
+    rc = main([*args, "--lora-rank", "2"])
+    out = capsys.readouterr().out.strip()
+    refused = main([*args, "--lora-rank", "0"])
+    err = capsys.readouterr().err.strip()
+    # Assert: the rank travels in the node config; a rank of 0 is one line naming the problem
+    assert rc == 0
+    assert f"""--node-config 'data-path="{data}" tenant-id=4 lora-rank=2'""" in out
+    assert refused == 2
+    assert err.splitlines() == ["fedlora deploy supernode: LoRA rank 0 must be a positive integer "
+                                "(at most the run's adapter.r; federation.lora-rule = svd)"]
