@@ -3,6 +3,9 @@
 - ``client_app``: the ClientApp (train, evaluate, and the four secure-aggregation stages).
 - ``task``: one tenant round (load once, train, return the delta; evaluate the global adapter).
 - ``train``: local LoRA/QLoRA training (AdamW, schedule, gradient accumulation).
+- ``lora_rules``: the tenant's side of the LoRA rule (ffa freezes A; a lower-rank svd tenant).
+- ``feedback``: the delta in the run's wire encoding, with error feedback kept in the state dir.
+- ``prox``: FedProx's proximal step after each optimizer step.
 - ``privacy``: privacy mechanisms as objects (none, local DP-SGD with Opacus, central-DP client clip).
 - ``ledger``: the tenant's persistent privacy ledger and its budget.
 - ``secagg``: the tenant's SecAgg+ state machine (keys, shares, masked upload, unmasking).

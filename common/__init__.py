@@ -8,6 +8,8 @@ of them). Importing it changes nothing: entry points call :func:`common.offline.
 - ``evaluate``: exact match, JSON validity and loss of a model on a holdout; forgetting probe
 - ``records``: typed records of a run (one round, the federation summary), to and from JSON
 - ``messages``: the keys of the messages the apps exchange
+- ``encoding``: wire encodings of a delta (fp32, bf16, int8 with scales), strict decoding
+- ``lora``: LoRA tensor naming (A / B pairs) and rank helpers
 - ``weighting``: how a tenant's example count becomes its aggregation weight
 - ``secagg``, ``secagg_crypto``, ``secagg_wire``: SecAgg+ shared by both sides (quantizer and
   masks, key agreement and Shamir sharing, the wire format)

@@ -5,7 +5,8 @@
 - ``transport``: how updates reach the strategy; the plain transport (validated individual updates).
 - ``secagg``: the SecAgg+ transport (key stages before the upload, unmasking after; only the sum).
 - ``aggregation``: validation, the weighted sum, weighting, and the aggregators (fedavg, median, trimmed mean, krum).
-- ``optimizers``: server optimizers on the mean delta (sgd, fedavgm, fedadam, fedyogi, fedadagrad; Reddi et al.).
+- ``optimizers``: server optimizers on the mean delta (sgd, fedexp, fedavgm, fedadam, fedyogi, fedadagrad).
+- ``lora_rules``: how LoRA's factors are federated (ab, ffa: A frozen and B federated, svd: FlexLoRA).
 - ``bounds``: server-side weight and norm bounds on individual updates; the per-tenant audit.
 - ``central_dp``: tenant-level central DP (server clip, Gaussian noise on the sum, RDP accounting).
 - ``records``: the round recorder (checkpoints and ``metrics/round_XXX.json``).

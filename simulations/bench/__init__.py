@@ -6,6 +6,7 @@
 - ``federation``: a federated run's wall time against the same work run sequentially; uplink bytes
 - ``secagg``: a secure round against a plain round (in-process grid, or the simulation engine)
 - ``dp``: the DP-SGD step against the non-DP step
+- ``compare``: aggregation rules, server optimizers and encodings side by side (EM, bytes, server s)
 - ``deployment``: seconds per round on the Deployment Engine against the simulation engine
 
 The ratio benchmarks (server, qlora, dp, secagg, federation) interleave their two arms
