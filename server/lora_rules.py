@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common import messages as keys
 from common.lora import is_a, pad, pairs
 from server.aggregation import Aggregator, Arrays, Rejected, Update, WeightedSum
 
@@ -211,7 +212,9 @@ class SVD(LoraRule):
                          "svd-error-mean": float(np.mean(errors)) if errors else 0.0}
         info = {"svd_error_max": self._metrics["svd-error-max"], "svd_error_mean": self._metrics["svd-error-mean"],
                 "svd_modules": len(errors), "svd_seconds": round(time.perf_counter() - t, 6),
-                "svd_ranks": {str(u.node): int(u.delta[first_a].shape[0]) for u in updates} if first_a else {}}
+                # by tenant id, as every record names tenants (the node id is Flower's, not the operator's)
+                "svd_ranks": {str(int(u.metrics.get(keys.TENANT, u.node))): int(u.delta[first_a].shape[0])
+                              for u in updates} if first_a else {}}
         return summed, info
 
     def comparable(self, updates, global_state):
