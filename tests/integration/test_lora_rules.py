@@ -1,6 +1,7 @@
 """The LoRA rules end to end through ``fedlora simulate`` and Flower: ffa under secure
-aggregation keeps A bit-identical to the initial A in every checkpoint and in the final
-adapter (which still loads in plain PEFT); svd federates tenants of ranks 4 and 2."""
+aggregation and local DP-SGD keeps A bit-identical to the initial A in every checkpoint and
+in the final adapter (which still loads in plain PEFT); svd federates tenants of ranks 4 and 2
+under local DP-SGD with int8 deltas."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tests.integration.conftest import simulate_cmd
 pytestmark = pytest.mark.slow
 
 # 2 tenants, 2 rounds of 5 steps; tiny holdouts and answers; no baselines, DPO or publish.
+LOCAL_DP = ["--set", "privacy.mode=local", "--set", "privacy.target-epsilon=8.0", "--set", "privacy.delta=1e-5",
+            "--set", "privacy.budget=100.0"]
 SMALL = ["--set", "simulation.tenants=2", "--set", "federation.rounds=2", "--set", "train.local-steps=5",
          "--set", "data.train-size=32", "--set", "data.holdout-size=4", "--set", "eval.probe-size=2",
          "--set", "eval.max-new-tokens=8", "--set", "run.baselines=false", "--set", "dpo.enabled=false",
@@ -32,16 +35,21 @@ def rounds(run_dir) -> list[dict]:
     return [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2)]
 
 
-def test_ffa_under_secure_aggregation_never_moves_a(tmp_path):
-    # Prepare / Execute: ffa with SecAgg+
+def dp_epsilons(r: dict) -> list[float]:
+    return [m["dp-epsilon"] for m in r["train"].values()]
+
+
+def test_ffa_under_secure_aggregation_and_local_dp_never_moves_a(tmp_path):
+    # Prepare / Execute: ffa with SecAgg+ and DP-SGD on every tenant
     from common.adapter import load_adapter_file
 
     run_dir = tmp_path / "run"
-    simulate(run_dir, "--set", "federation.lora-rule=ffa", "--set", "secagg.enabled=true")
-    # Assert: both rounds were secure rounds of both tenants under the ffa rule
+    simulate(run_dir, "--set", "federation.lora-rule=ffa", "--set", "secagg.enabled=true", *LOCAL_DP)
+    # Assert: both rounds were secure rounds of both tenants under the ffa rule, each charged epsilon
     for r in rounds(run_dir):
         assert r["secagg"]["enabled"] and r["secagg"]["finished"] == 2 and r["aggregated"] and not r["dropped"]
         assert r["aggregation"]["lora_rule"] == "ffa"
+        assert len(dp_epsilons(r)) == 2 and all(e > 0 for e in dp_epsilons(r))
     # A is the initial A, byte for byte, in every checkpoint and the final adapter; B moved
     initial = load_adapter_file(run_dir / "checkpoints" / "round_000")
     for where in ("checkpoints/round_001", "checkpoints/round_002", "adapter"):
@@ -59,15 +67,17 @@ def test_ffa_under_secure_aggregation_never_moves_a(tmp_path):
     assert type(model).__name__ == "PeftModelForCausalLM"
 
 
-def test_svd_federates_tenants_of_ranks_4_and_2(tmp_path):
-    # Prepare / Execute: svd, tenant 0 at rank 4 and tenant 1 at rank 2 (adapter.r = 8)
+def test_svd_federates_tenants_of_ranks_4_and_2_with_int8_deltas_under_local_dp(tmp_path):
+    # Prepare / Execute: svd, tenant 0 at rank 4 and tenant 1 at rank 2 (adapter.r = 8), DP-SGD, int8
     from common.adapter import load_adapter_file
 
     run_dir = tmp_path / "run"
-    simulate(run_dir, "--set", "federation.lora-rule=svd", "--set", "simulation.tenant-ranks=4,2")
+    simulate(run_dir, "--set", "federation.lora-rule=svd", "--set", "simulation.tenant-ranks=4,2",
+             "--set", "federation.delta-encoding=int8", *LOCAL_DP)
     # Assert: every reply counted at its rank; 4 + 2 <= 8 components, so the SVD lost nothing
     for r in rounds(run_dir):
         assert sorted(r["finished"]) == ["0", "1"] and r["aggregated"] and not r["dropped"]
+        assert all(e > 0 for e in dp_epsilons(r))
         agg = r["aggregation"]
         assert agg["lora_rule"] == "svd" and sorted(agg["svd_ranks"].values()) == [2, 4]
         assert agg["svd_modules"] > 0 and agg["svd_error_max"] <= 1e-6
