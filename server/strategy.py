@@ -21,7 +21,7 @@ Differences from Flower's stock FedAvg, each for a reason:
   them separately, ffa federates B alone over a frozen shared A, svd factors the mean of the
   tenants' products back to rank r);
 * the mean delta is applied by a server optimizer (``server.optimizers``: sgd, which is
-  FedAvg's step, or fedavgm / fedadam / fedyogi / fedadagrad), whose moments are saved with
+  FedAvg's step, fedexp, or fedavgm / fedadam / fedyogi / fedadagrad), whose moments are saved with
   each checkpoint so a resumed run continues exactly;
 * each round's global adapter is checkpointed atomically and its record (metrics, bytes,
   per-tenant audit) written (``server.records``).
