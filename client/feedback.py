@@ -48,6 +48,7 @@ from typing import Mapping
 
 import numpy as np
 
+from client.privacy import clip_delta
 from common.encoding import FP32, Encoding, encode, encoding_for
 from common.files import write_atomic
 from common.secagg import Quantizer, dequantize, pack
@@ -62,13 +63,6 @@ _SHRINK = (1.0, 1.0 - 2.0**-20, 1.0 - 2.0**-10)  # toward-zero attempts before s
 def norm(arrays: Mapping[str, np.ndarray]) -> float:
     """L2 norm of all tensors together, in float64."""
     return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in arrays.values()))
-
-
-def clip_to(arrays: Mapping[str, np.ndarray], clip: float) -> "OrderedDict[str, np.ndarray]":
-    """Scale all tensors together to L2 norm at most ``clip`` (float32)."""
-    n = norm(arrays)
-    scale = min(1.0, clip / n) if n > 0 else 1.0
-    return OrderedDict((k, (np.asarray(v, np.float64) * scale).astype(np.float32)) for k, v in arrays.items())
 
 
 def _shapes_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -180,7 +174,7 @@ class DeltaSender:
         if self.store is not None:
             e = self.store.load(x, run=self.run, wire=wire, server_round=self.server_round)
             x = OrderedDict((k, v + e[k]) for k, v in x.items())
-        return clip_to(x, self.clip) if self.clip is not None else x
+        return clip_delta(x, clip=self.clip) if self.clip is not None else x
 
     def _finish(self, x: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
         residual = OrderedDict((k, (np.asarray(v, np.float64) - np.asarray(sent[k], np.float64)).astype(np.float32))
