@@ -43,6 +43,9 @@ def add_commands(sub) -> None:
     node.add_argument("--lora-rank", type=int, metavar="N",
                       help="train at LoRA rank N, 1..the run's adapter.r (runs with federation.lora-rule = svd "
                            "only; default: the run's rank)")
+    node.add_argument("--state-dir", metavar="DIR",
+                      help="writable directory for this node's privacy ledger, delta residuals and worker socket "
+                           "(default: .fedlora-state/ beside --data)")
     node.add_argument("--print", action="store_true", help="print the command instead of running it")
 
     for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
@@ -91,7 +94,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
             data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
             holdout_path=Path(args.holdout).resolve() if args.holdout else None,
-            runtime_port=args.runtime_port, lora_rank=args.lora_rank)
+            runtime_port=args.runtime_port, lora_rank=args.lora_rank,
+            state_dir=Path(args.state_dir).resolve() if args.state_dir else None)
         if not args.print:
             check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
                             tenant_id=args.tenant_id)

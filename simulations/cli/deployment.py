@@ -70,11 +70,15 @@ def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1",
 
 
 def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
-                lora_rank: int | None = None) -> str:
+                lora_rank: int | None = None, state_dir: Path | str | None = None,
+                worker_socket: Path | str | None = None) -> str:
     """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``).
 
     ``lora_rank``: the tenant's own LoRA rank (``lora-rank``; runs with ``federation.lora-rule
     = svd`` only, at most the run's ``adapter.r``, which the ClientApp checks); None: the run's rank.
+    ``state_dir``: where the node keeps its privacy ledger and delta residuals (``state-dir``;
+    default: ``.fedlora-state/`` beside the data file); ``worker_socket``: the tenant worker's
+    Unix socket (``worker-socket``; the ClientApp then forwards every message to it).
     """
     data_path = Path(data_path)
     if not data_path.is_absolute():
@@ -87,12 +91,16 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
             raise DeploymentConfigError(f"LoRA rank {lora_rank!r} must be a positive integer "
                                         "(at most the run's adapter.r; federation.lora-rule = svd)")
         parts.append(f"lora-rank={lora_rank}")
+    for key, path in (("state-dir", state_dir), ("worker-socket", worker_socket)):
+        if path is not None:
+            parts.append(f"{key}={json.dumps(str(Path(path).resolve()))}")
     return " ".join(parts)
 
 
 def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path | None, data_path: Path | str,
                       tenant_id: int, holdout_path: Path | str | None = None, runtime_port: int = 9094,
-                      max_retries: int | None = None, lora_rank: int | None = None) -> list[str]:
+                      max_retries: int | None = None, lora_rank: int | None = None,
+                      state_dir: Path | str | None = None, worker_socket: Path | str | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
@@ -105,7 +113,7 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
     cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path,
-                                         lora_rank=lora_rank),
+                                         lora_rank=lora_rank, state_dir=state_dir, worker_socket=worker_socket),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
