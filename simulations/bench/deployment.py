@@ -82,7 +82,7 @@ def cold_clientapp_seconds(cfg, data_path: Path) -> dict[str, float]:
     code = f"""
 import json, time
 t0 = time.perf_counter()
-import client.client_app
+import client.handlers
 t1 = time.perf_counter()
 from client.task import session, tenant_data, tenant_from_node_config
 from common.config import parse_config

@@ -46,7 +46,16 @@ def add_commands(sub) -> None:
     node.add_argument("--state-dir", metavar="DIR",
                       help="writable directory for this node's privacy ledger, delta residuals and worker socket "
                            "(default: .fedlora-state/ beside --data)")
+    node.add_argument("--no-worker", action="store_true",
+                      help="no tenant worker: every ClientApp process imports torch and loads the model itself "
+                           "(Flower starts one per message)")
     node.add_argument("--print", action="store_true", help="print the command instead of running it")
+
+    worker = cmds.add_parser("worker-status", help="ask this tenant's worker how it is (JSON)",
+                             description="Prints the tenant worker's health: pid, uptime, messages served and "
+                                         "failed, what it holds loaded, its memory. Exit 1 if none answers.")
+    worker.add_argument("--state-dir", help="the node's --state-dir (default: .fedlora-state/ beside --data)")
+    worker.add_argument("--data", help="the node's --data, to find the default state dir")
 
     for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
         p = cmds.add_parser(name, help=text)
@@ -75,6 +84,66 @@ def _exec(cmd: list[str], print_only: bool) -> int:
     return 1  # not reached
 
 
+def _node_state_dir(state_dir: str | None, data: str | None) -> Path:
+    from client.ledger import STATE_DIR_NAME
+
+    if state_dir:
+        return Path(state_dir).resolve()
+    if not data:
+        raise deployment.DeploymentConfigError("give --state-dir, or --data to find the default state dir")
+    return Path(data).resolve().parent / STATE_DIR_NAME
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    """The tenant's SuperNode, with its tenant worker unless --no-worker (see simulations.cli.tenant_node)."""
+    from client import worker_link
+    from simulations.cli.preflight import check_supernode
+
+    socket = None
+    if not args.no_worker:
+        try:
+            socket = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
+        except ValueError as err:
+            raise deployment.DeploymentConfigError(str(err)) from None
+    cmd = deployment.supernode_command(  # refuses a bad --lora-rank before any file is read
+        superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
+        data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
+        holdout_path=Path(args.holdout).resolve() if args.holdout else None,
+        runtime_port=args.runtime_port, lora_rank=args.lora_rank,
+        state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket)
+    if args.print:
+        if socket is not None:
+            from simulations.cli.tenant_node import worker_command
+
+            print(shlex.join(worker_command(socket, os.getpid())).replace(str(os.getpid()), "SUPERVISOR_PID"))
+        return _exec(cmd, True)
+    check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
+                    tenant_id=args.tenant_id)
+    if socket is None:
+        return _exec(cmd, False)
+    from simulations.cli.tenant_node import run_node
+
+    try:
+        return run_node(cmd, socket, env=deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME))))
+    except RuntimeError as err:
+        print(f"fedlora deploy supernode: {err}", file=sys.stderr)
+        return 1
+
+
+def _worker_status(args: argparse.Namespace) -> int:
+    import json
+
+    from client import worker_link
+
+    path = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
+    try:
+        print(json.dumps(worker_link.health(path), indent=2))
+    except (worker_link.WorkerUnavailable, worker_link.WorkerFailed) as err:
+        print(f"fedlora deploy worker-status: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main_deploy(args: argparse.Namespace) -> int:
     """One ``deploy`` step; errors are printed by ``fedlora``'s main (exit 2, or 1 for a failed run)."""
     return _dispatch(args)
@@ -88,18 +157,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                                               host=args.host, port=args.port, node_auth=not args.no_node_auth),
                      args.print)
     if args.deploy_command == "supernode":
-        from simulations.cli.preflight import check_supernode
-
-        cmd = deployment.supernode_command(  # refuses a bad --lora-rank before any file is read
-            superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
-            data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
-            holdout_path=Path(args.holdout).resolve() if args.holdout else None,
-            runtime_port=args.runtime_port, lora_rank=args.lora_rank,
-            state_dir=Path(args.state_dir).resolve() if args.state_dir else None)
-        if not args.print:
-            check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
-                            tenant_id=args.tenant_id)
-        return _exec(cmd, args.print)
+        return _supernode(args)
+    if args.deploy_command == "worker-status":
+        return _worker_status(args)
     home = Path(args.flwr_home)
     deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":

@@ -254,14 +254,21 @@ class LocalFederation:
         return register_node(self.node_key(name)[1], flwr_home=self.cli_home)
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
-                   max_retries: int | None = None) -> Proc:
-        """Start one tenant's SuperNode (registering its key first unless told not to)."""
+                   max_retries: int | None = None, worker: bool = True) -> Proc:
+        """Start one tenant's node (registering its key first unless told not to): its SuperNode
+        and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does."""
+        from client.worker_link import socket_path
+
         priv, _ = self.node_key(tenant.name)
         if register:
             self.register(tenant.name)
+        socket = socket_path(self.state_dir / f"node-{tenant.name}") if worker else None
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
-                                runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank)
+                                runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
+                                worker_socket=socket)
+        if socket is not None:
+            cmd = [str(BIN / "python"), "-m", "simulations.cli.tenant_node", "--socket", str(socket), "--", *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import client_app
+from client import handlers as client_app
 from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, Spend, epsilon_of
 from client.privacy import noise_for_target, sample_rate_for
 from client.task import Tenant, TenantData

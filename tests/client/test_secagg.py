@@ -114,7 +114,7 @@ def test_client_app_turns_a_refusal_into_an_error_reply_with_the_reason():
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.client_app import secagg_unmask
+    from client.handlers import secagg_unmask
     from common import messages as keys
     from common import secagg_wire as wire
 

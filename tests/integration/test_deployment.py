@@ -1,7 +1,8 @@
 """End to end on Flower's Deployment Engine on 127.0.0.1: TLS, node authentication, tenant nodes.
 
 One SuperLink (TLS, ``--enable-supernode-auth``, SQLite state) serves the whole module. Three
-registered tenant SuperNodes, each with its own JSONL file, run 3 rounds of the real apps on
+registered tenant nodes (SuperNode + tenant worker, as ``fedlora deploy supernode`` runs them),
+each with its own JSONL file, run 3 rounds of the real apps on
 the tiny base; one tenant's SuperNode is killed after round 1 and round 2 completes with the
 other two; the ServerApp is killed after round 2 and ``--resume`` (a new Flower run on the same
 SuperLink) finishes round 3 from round 2's checkpoint. A node with an unregistered key and a
@@ -160,6 +161,21 @@ def test_report_states_engine_tls_auth_and_who_finished(run):
     assert "| 1 | 0, 1, 2 | 0, 1, 2 | - |" in text
     assert "| 2 | 0, 1, 2 | 0, 1 | 2 |" in text
     assert "| 3 | 0, 1 | 0, 1 | - |" in text  # the resumed run's report covers every round
+
+
+def test_every_message_of_the_surviving_tenants_was_served_by_their_worker(run, federation):
+    # Prepare: each surviving tenant's worker, asked over its socket
+    from client.worker_link import health, socket_path
+
+    for name in ("tenant-0", "tenant-1"):
+        # Execute
+        record = health(socket_path(federation.state_dir / f"node-{name}"))
+        # Assert: train + evaluate in each of the 3 rounds (and round 3's again after the resume
+        # if the kill landed mid-round), all in the one long-lived worker, none failed
+        assert record["served"] >= 6 and record["failed"] == 0, record
+        assert [m["base"] for m in record["models"]] == [os.environ.get("FEDLORA_TEST_BASE", "embedded")]
+        log = federation.procs[f"supernode-{name}"].text()
+        assert "in the ClientApp process instead" not in log
 
 
 def test_unregistered_key_is_refused(federation):

@@ -172,11 +172,41 @@ def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     # Execute
     rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
                "--key", str(tmp_path / "hospital-a"), "--data", str(data), "--tenant-id", "4", "--print"])
-    # Assert
-    line = capsys.readouterr().out.strip()
+    # Assert: the tenant worker's command, then the SuperNode's naming the worker's socket
+    worker, line = capsys.readouterr().out.strip().splitlines()
+    socket = tmp_path / ".fedlora-state" / "worker" / "worker.sock"
     assert rc == 0
+    assert f"-m client.worker --socket {socket} --parent-pid SUPERVISOR_PID" in worker
     assert f"--auth-supernode-private-key {tmp_path / 'hospital-a'}" in line
-    assert f"""--node-config 'data-path="{data}" tenant-id=4'""" in line
+    assert f"""--node-config 'data-path="{data}" tenant-id=4 worker-socket="{socket}"'""" in line
+
+
+def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path, capsys):
+    # Prepare
+    from simulations.cli.main import main
+
+    data, state = tmp_path / "train.jsonl", tmp_path / "state"
+    # Execute
+    rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+               "--key", str(tmp_path / "k"), "--data", str(data), "--state-dir", str(state), "--print"])
+    # Assert
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 0
+    assert f'state-dir="{state}" worker-socket="{state / "worker" / "worker.sock"}"' in line
+
+
+def test_cli_supernode_without_worker_is_the_plain_supernode(tmp_path, capsys):
+    # Prepare
+    from simulations.cli.main import main
+
+    data = tmp_path / "train.jsonl"
+    # Execute
+    rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+               "--key", str(tmp_path / "k"), "--data", str(data), "--no-worker", "--print"])
+    # Assert: one command, and its node config names no worker
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1
+    assert "worker-socket" not in lines[0] and lines[0].split()[0].endswith("flower-supernode")
 
 
 def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, capsys):
@@ -201,7 +231,7 @@ def test_cli_passes_the_tenants_lora_rank_to_its_supernode(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     # Assert: the rank travels in the node config; a rank of 0 is one line naming the problem
     assert rc == 0
-    assert f"""--node-config 'data-path="{data}" tenant-id=4 lora-rank=2'""" in out
+    assert f"""--node-config 'data-path="{data}" tenant-id=4 lora-rank=2 worker-socket=""" in out
     assert refused == 2
     assert err.splitlines() == ["fedlora deploy supernode: LoRA rank 0 must be a positive integer "
                                 "(at most the run's adapter.r; federation.lora-rule = svd)"]

@@ -1,0 +1,114 @@
+"""The tenant's message handlers: a tenant trains on its own data and replies with the LoRA delta only.
+
+``app`` is an in-process ClientApp with every handler (train, evaluate, the four SecAgg+
+stages). The ClientApp Flower loads (:mod:`client.client_app`) runs it in its own process,
+or forwards each message to the node's tenant worker (:mod:`client.worker`), which runs it
+with the model already loaded.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.feedback import DeltaSender
+from client.ledger import STATE_DIR_NAME, BudgetExhausted
+from client import secagg
+from client.task import evaluate_round, session, tenant_data, tenant_from_node_config, train_round
+from common import messages as keys
+from common import secagg_wire as wire
+from common.adapter import from_arrayrecord
+from common.config import parse_config
+from common.offline import quiet_and_offline
+from common.secagg import quantizer_for
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    quiet_and_offline()
+    cfg = parse_config(context.run_config)
+    loaded = session(cfg)
+    data = tenant_data(tenant_from_node_config(context.node_config, cfg), cfg, loaded.tokenizer)
+    return cfg, loaded, data, from_arrayrecord(msg.content.array_records[keys.ARRAYS])
+
+
+def _sender(msg: Message, cfg, data, server_round: int) -> DeltaSender:
+    """The round's delta encoding and error feedback, kept in the tenant's state directory."""
+    state_dir = data.tenant.state_dir or data.tenant.train_path.parent / STATE_DIR_NAME
+    return DeltaSender.for_round(cfg, state_dir=state_dir, run=str(msg.metadata.run_id), server_round=server_round)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, loaded, data, global_state = _setup(msg, context)
+    conf = msg.content.config_records[keys.CONFIG]
+    try:
+        delta, metrics = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
+                                     seed=int(conf[keys.SEED]))
+    except BudgetExhausted as why:  # declines: the server records the reason and carries on
+        return Message(Error(code=keys.DECLINED, reason=str(why)), reply_to=msg)
+    sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
+    content = RecordDict({keys.ARRAYS: sender.plain(delta), keys.METRICS: MetricRecord(metrics)})
+    sender.commit()  # the residual is on disk before the reply leaves
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, loaded, data, global_state = _setup(msg, context)
+    metrics = evaluate_round(loaded, data, global_state, cfg)
+    return Message(content=RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+# -- secure aggregation (SecAgg+): four stages instead of one train message ---------------
+def _secure(stage):
+    """Run a stage on the node's secagg state; a refusal becomes an error reply with its reason."""
+    def wrapped(msg: Message, context: Context) -> Message:
+        if "secagg" not in context.state.config_records:
+            context.state["secagg"] = ConfigRecord()
+        try:
+            return Message(content=stage(msg, context, context.state.config_records["secagg"]), reply_to=msg)
+        except (secagg.SecAggRefused, ValueError) as why:
+            return Message(Error(code=keys.SECAGG_REFUSED, reason=str(why)), reply_to=msg)
+        except BudgetExhausted as why:
+            return Message(Error(code=keys.DECLINED, reason=str(why)), reply_to=msg)
+    return wrapped
+
+
+@app.train(wire.SETUP)
+@_secure
+def secagg_setup(msg: Message, context: Context, store) -> RecordDict:
+    node = msg.metadata.dst_node_id
+    return wire.setup_reply(*secagg.setup(store, node=node, **wire.read_setup_request(msg.content)))
+
+
+@app.train(wire.SHARE)
+@_secure
+def secagg_share(msg: Message, context: Context, store) -> RecordDict:
+    return wire.share_reply(secagg.share_keys(store, **wire.read_share_request(msg.content)))
+
+
+@app.train(wire.UPLOAD)
+@_secure
+def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
+    cfg, loaded, data, global_state = _setup(msg, context)
+    conf, metrics = msg.content.config_records[keys.CONFIG], {}
+
+    def local_round():
+        delta, metrics_ = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
+                                      seed=int(conf[keys.SEED]))
+        metrics.update({k: v for k, v in metrics_.items() if k in keys.SECAGG_TRAIN_METRICS})
+        return delta, metrics_[keys.NUM_EXAMPLES]
+
+    sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
+    vector = secagg.masked_upload(store, quantizer=quantizer_for(cfg.secagg, cfg.federation), train=local_round,
+                                  pack_update=sender.secagg, **wire.read_upload_request(msg.content))
+    sender.commit()
+    return RecordDict({keys.ARRAYS: wire.upload_array(vector), keys.METRICS: MetricRecord(metrics)})
+
+
+@app.train(wire.UNMASK)
+@_secure
+def secagg_unmask(msg: Message, context: Context, store) -> RecordDict:
+    return wire.unmask_reply(secagg.unmask(store, **wire.read_unmask_request(msg.content)))

@@ -1,0 +1,151 @@
+"""A tenant's deployment node: its SuperNode and the tenant worker beside it, supervised.
+
+``fedlora deploy supernode`` runs :func:`run_node`: it starts the tenant worker
+(:mod:`client.worker`, which loads the ML stack once), waits until the worker answers on
+its socket, then starts ``flower-supernode`` with that socket in its node config, and stays
+in the foreground:
+
+- the worker is restarted if it dies (its ClientApps fall back to in-process meanwhile);
+- SIGTERM, SIGINT or SIGHUP stops the SuperNode first, then the worker;
+- when the SuperNode exits, the worker is stopped and its exit code is the node's;
+- both children get the kernel's parent-death signal, so even a SIGKILLed supervisor leaves
+  nothing behind (the worker also watches its parent).
+
+    python -m simulations.cli.tenant_node --socket PATH -- flower-supernode ARGS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from client import worker_link
+
+PR_SET_PDEATHSIG = 1
+READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
+RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
+RESTART_WINDOW = 300.0
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the worker's own parent watch remains
+        pass
+
+
+def worker_command(socket: Path, parent_pid: int, *, preload: bool = True) -> list[str]:
+    return [sys.executable, "-m", "client.worker", "--socket", str(socket), "--parent-pid", str(parent_pid),
+            *([] if preload else ["--no-preload"])]
+
+
+class TenantNode:
+    """The two children and the supervisor's decisions about them."""
+
+    def __init__(self, supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None,
+                 say: Callable[[str], None] | None = None, preload: bool = True):
+        self.supernode_cmd, self.socket, self.env, self.preload = supernode_cmd, Path(socket), env, preload
+        self.say = say or (lambda line: print(f"fedlora deploy supernode: {line}", file=sys.stderr, flush=True))
+        self.worker: subprocess.Popen | None = None
+        self.supernode: subprocess.Popen | None = None
+        self.restarts: list[float] = []
+        self.stopping = False
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        import os
+
+        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                cwd=os.getcwd())
+
+    def start_worker(self) -> None:
+        import os
+
+        self.worker = self._spawn(worker_command(self.socket, os.getpid(), preload=self.preload))
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and not self.stopping:
+            if self.worker.poll() is not None:
+                raise RuntimeError(f"the tenant worker exited with code {self.worker.returncode} before it served "
+                                   f"(its log is above); start with --no-worker to train in each ClientApp instead")
+            try:
+                health = worker_link.health(self.socket, timeout=2.0)
+            except (worker_link.WorkerUnavailable, worker_link.WorkerFailed):
+                time.sleep(0.2)
+                continue
+            self.say(f"tenant worker ready (pid {health['pid']}) on {self.socket}")
+            return
+        raise RuntimeError(f"the tenant worker did not answer on {self.socket} within {READY_TIMEOUT:.0f} s")
+
+    def _keep_worker(self) -> None:
+        """Restart a worker that died, a bounded number of times."""
+        if self.worker is None or self.worker.poll() is None or self.stopping:
+            return
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
+        if len(self.restarts) > RESTARTS:
+            self.say(f"the tenant worker died {RESTARTS + 1} times in {RESTART_WINDOW:.0f} s; not restarting it "
+                     "(ClientApps now train in their own processes)")
+            self.worker = None
+            return
+        self.say(f"the tenant worker exited with code {self.worker.returncode}; restarting it")
+        try:
+            self.start_worker()
+        except RuntimeError as err:
+            self.say(str(err))
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+        for child, grace in ((self.supernode, 15.0), (self.worker, 10.0)):
+            if child is None or child.poll() is not None:
+                continue
+            child.terminate()
+            try:
+                child.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.stop)
+        try:
+            self.start_worker()
+            if self.stopping:
+                return 0
+            self.supernode = self._spawn(self.supernode_cmd)
+            while self.supernode.poll() is None and not self.stopping:
+                self._keep_worker()
+                time.sleep(0.5)
+        finally:
+            self.stop()
+        return self.supernode.returncode if self.supernode is not None else 0
+
+
+def run_node(supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None) -> int:
+    """Run a tenant's SuperNode with its worker until the SuperNode exits or a signal comes."""
+    return TenantNode(supernode_cmd, socket, env=env).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.cli.tenant_node", description=__doc__.split("\n\n")[0])
+    p.add_argument("--socket", required=True, type=Path, help="the tenant worker's Unix socket")
+    p.add_argument("--no-preload", action="store_true", help="the worker imports the ML stack at its first message")
+    p.add_argument("supernode", nargs=argparse.REMAINDER, help="-- then the flower-supernode command line")
+    args = p.parse_args(argv)
+    cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
+    if not cmd:
+        p.error("give the flower-supernode command after --")
+    try:
+        return TenantNode(cmd, args.socket, preload=not args.no_preload).run()
+    except RuntimeError as err:
+        print(f"fedlora deploy supernode: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
