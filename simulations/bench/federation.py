@@ -8,6 +8,10 @@
    process with the same functions (no Flower): the baseline.
 3. Reports federated / sequential wall time (target <= 1.5x) and the uplink bytes per
    tenant-round over the full model's bytes.
+4. Reports the steady-state ratio too: the median seconds of a round from round 2 on, in
+   each arm (Flower's and Ray's start-up and the first round's actor warm-up are left out,
+   as is the sequential arm's model load). The whole-run ratio moves with start-up when
+   rounds are short; this one measures what each further round costs.
 
 The two arms alternate run by run, ``--repeats`` times, the order reversed every other
 repeat (the sequential arm reads the tenant files the first federated run wrote); the
@@ -29,8 +33,14 @@ from common.records import read_rounds, read_summary
 from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 
-def sequential(cfg, data_dir: Path, rounds: int) -> float:
-    """The federation's work without Flower: same functions, same steps, one process."""
+def steady_seconds(per_round: list[float]) -> float:
+    """The median seconds of a round from round 2 on (round 1 alone if there is no other)."""
+    return statistics.median(per_round[1:] or per_round)
+
+
+def sequential(cfg, data_dir: Path, rounds: int, per_round: list[float] | None = None) -> float:
+    """The federation's work without Flower: same functions, same steps, one process.
+    ``per_round`` collects each round's seconds (train, aggregate, evaluate)."""
     from client.task import Tenant, TenantData, evaluate_round, train_round
     from common.adapter import get_state
     from common.data import read_examples, tenant_paths, tokenize_examples
@@ -49,6 +59,7 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
                                   tokenize_examples(train, loaded.tokenizer, max_length=cfg.data.max_length)))
     weight_of = weight_rule(cfg.federation.weighting, max_weight=cfg.federation.max_weight)
     for r in range(1, rounds + 1):
+        t_round = time.perf_counter()
         updates = []
         for data in tenants:
             delta, metrics = train_round(loaded, data, glob, cfg, server_round=r, seed=cfg.train.seed)
@@ -58,6 +69,8 @@ def sequential(cfg, data_dir: Path, rounds: int) -> float:
         glob = apply_mean(glob, weighted_sum(updates), server_lr=cfg.federation.server_lr)
         for data in tenants:
             evaluate_round(loaded, data, glob, cfg)
+        if per_round is not None:
+            per_round.append(time.perf_counter() - t_round)
     return time.perf_counter() - start
 
 
@@ -74,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     load0 = loadavg()
     runs: list[tuple[Path, object]] = []
+    steady: dict[str, list[float]] = {"federated": [], "sequential": []}  # per repeat, run order
 
     def federated() -> float:
         run_dir = (args.out / "federation_run" / f"repeat{len(runs)}").resolve()
@@ -83,17 +97,23 @@ def main(argv: list[str] | None = None) -> int:
                                       "publish.enabled": False}, str(run_dir))
         simulate(cfg)
         runs.append((run_dir, cfg))
+        steady["federated"].append(steady_seconds([r.seconds for r in read_rounds(run_dir)]))
         return json.loads((run_dir / "timings.json").read_text())["federated_seconds"]
 
     def sequential_run() -> float:
         if not runs:  # the sequential arm needs the tenant files a federated run writes
             federated()
+            steady["federated"].clear()  # that run is the data's writer, not a repeat
         run_dir, cfg = runs[0]
-        return sequential(cfg, run_dir / "data", read_summary(run_dir).rounds)
+        per_round: list[float] = []
+        seconds = sequential(cfg, run_dir / "data", read_summary(run_dir).rounds, per_round)
+        steady["sequential"].append(steady_seconds(per_round))
+        return seconds
 
     t = interleave({"federated": federated, "sequential": sequential_run}, args.repeats)
     load1 = loadavg()
     ratio = ratio_summary(t["federated"], t["sequential"])
+    steady_ratio = ratio_summary(steady["federated"], steady["sequential"])
     run_dir, cfg = runs[0]
     fed = read_summary(run_dir)
     tenant_rounds = sum(len(r.finished) for r in read_rounds(run_dir))
@@ -105,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "federated_seconds": statistics.median(t["federated"]),
         "sequential_seconds": statistics.median(t["sequential"]),
         "overhead_ratio": ratio["median"], "ratio_spread": ratio, "repeats": args.repeats,
-        "runs": t,
+        "runs": t, "steady_round_seconds": steady, "steady_ratio": steady_ratio["median"],
+        "steady_ratio_spread": steady_ratio,
         "uplink_bytes_per_tenant_round": fed.bytes_up / tenant_rounds,
         "full_model_bytes": full_bytes,
         "uplink_over_full_model": fed.bytes_up / tenant_rounds / full_bytes,
@@ -118,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{ratio['min']:.2f}-{ratio['max']:.2f}x, spread {ratio['spread_pct']:.1f} %, {args.repeats} repeats); "
           f"uplink per tenant-round {summary['uplink_bytes_per_tenant_round'] / 1e6:.3f} MB = "
           f"{100 * summary['uplink_over_full_model']:.2f} % of the full model")
+    print(f"steady state (median round from round 2 on): {steady_ratio['median']:.2f}x (per repeat "
+          f"{steady_ratio['min']:.2f}-{steady_ratio['max']:.2f}x, spread {steady_ratio['spread_pct']:.1f} %)")
     print(load_line(load0, load1))
     return 0
 
