@@ -8,6 +8,9 @@ Flower starts for every message costs only Flower's own start-up. Without a work
 (simulation, tests, a node started with ``--no-worker``) the same handlers
 (:mod:`client.handlers`) run here.
 
+Every ArrayRecord travels packed into one Array (the ``packed_arrays`` mod; see
+:mod:`common.packing`).
+
 If the node names a worker that does not answer, the message is handled in-process (slower,
 same result) and a warning says so; a worker that fails mid-request is an error for that
 message, never a second attempt (the round may already be charged to the privacy ledger).
@@ -22,9 +25,23 @@ from flwr.clientapp import ClientApp
 
 from client import worker_link
 from common import secagg_wire as wire
+from common.packing import pack_content, unpack_content
 
-app = ClientApp()
 log = logging.getLogger("fedlora.clientapp")
+
+
+def packed_arrays(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod: the server's packed ArrayRecords unpacked for the handlers, the reply's
+    packed for the way back (see :mod:`common.packing`)."""
+    if msg.has_content():
+        msg.content = unpack_content(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content = pack_content(reply.content)
+    return reply
+
+
+app = ClientApp(mods=[packed_arrays])
 
 
 def handle(msg: Message, context: Context) -> Message:

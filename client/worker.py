@@ -126,6 +126,7 @@ class Worker:
             self.served += 1
             self.last = {"type": what, "seconds": round(time.perf_counter() - start, 3),
                          "error": reply.error.reason if reply.has_error() else None}
+            log.info("%s message handled in %.2f s", what, self.last["seconds"])
             return link.REPLY, body
         except Exception as err:  # noqa: BLE001 - any handler error goes back to the ClientApp, as Flower would report it
             self.failed += 1

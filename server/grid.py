@@ -6,7 +6,13 @@ pulls replies and then sleeps 3 s before pulling again, so each exchange of a ro
 evaluate exchange per round (five with secure aggregation) that wait dominates a round on
 a small model. :class:`PromptGrid` delegates everything to the grid it wraps and only
 re-implements ``send_and_receive`` with the same push / pull calls and a short pull
-interval. Pulling is one cheap request to the SuperLink."""
+interval. Pulling is one cheap request to the SuperLink.
+
+It also packs the ArrayRecords of every message it pushes into one Array each, and unpacks
+those of every reply (:mod:`common.packing`): Flower moves each Array as its own object, and
+an adapter's hundreds of small tensors cost seconds of round trips on the Deployment Engine.
+A reply whose packed bytes do not add up is passed on packed, so the strategy drops it for
+its unexpected tensor name."""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from typing import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from common.packing import pack_content, unpack_content
 
 PULL_INTERVAL_S = 0.1
 
@@ -38,13 +46,25 @@ class PromptGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
 
+    # -- packed arrays on the wire
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages, cache = list(messages), {}
+        for m in messages:
+            if m.has_content():
+                m.content = pack_content(m.content, cache)
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        replies = list(self._grid.pull_messages(message_ids))
+        for m in replies:
+            if m.has_content():
+                try:
+                    m.content = unpack_content(m.content)
+                except ValueError:
+                    pass  # stays packed: the strategy refuses the unknown tensor and records why
+        return replies
 
-    # -- the only change: the pull interval
+    # -- and the pull interval
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull replies every ``interval`` s until every message has
         one or ``timeout`` s have passed (``None``: wait for all), as ``Grid`` specifies."""

@@ -22,7 +22,7 @@ from common.adapter import from_arrayrecord, to_arrayrecord
 
 ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples")
 
-app = ClientApp()
+app = ClientApp(mods=[honest.packed_arrays])  # the server packs its arrays for every ClientApp
 
 
 def rewrite(delta: "OrderedDict[str, np.ndarray]", metrics: dict, attack: str, *, seed: int,

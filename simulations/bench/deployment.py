@@ -1,12 +1,17 @@
 """Benchmark: seconds per round on the Deployment Engine vs the simulation engine, and
 where a deployment message's round trip goes.
 
-    python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--set KEY=VALUE ...]
+    python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
+                                           [--set KEY=VALUE ...]
 
-1. Writes synthetic tenants once; both runs use the same files and the same config.
-2. Deployment: a SuperLink with TLS + node auth + SQLite and one SuperNode per tenant on
-   127.0.0.1 (``simulations.deploy.LocalFederation``); 2 rounds.
+1. Writes synthetic tenants once; every run uses the same files and the same config.
+2. Deployment: a SuperLink with TLS + node auth + SQLite and one tenant node per tenant on
+   127.0.0.1 (``simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
+   ``fedlora deploy supernode`` runs them); 2 rounds. With ``--no-worker-arm`` also without
+   workers (each ClientApp process loads the model).
 3. Simulation: the same run through ``fedlora simulate`` (no baselines).
+   The arms alternate run by run (``--repeats``); the ratio is each repeat's mean round over
+   the simulation's, median and spread, with the load average at start and end.
 4. From the time-stamped SuperNode and run logs, splits each message's round trip into:
    waiting for the SuperNode's poll, the ClientApp process (start, imports, model load,
    the work itself) and waiting for the ServerApp's poll; and times a cold ClientApp
@@ -107,16 +112,82 @@ def per_round(run_dir: Path) -> list[float]:
     return [r.seconds for r in read_rounds(run_dir)]
 
 
+class NodeMemory:
+    """Peak resident memory of each tenant node's process tree (supervisor, worker, SuperNode,
+    its ClientApp processes), sampled from /proc while the run goes."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25):
+        import threading
+
+        self.pids, self.interval, self.peak = pids, interval, {name: 0 for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from simulations.cli.memory import _tree_rss_bytes
+
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], _tree_rss_bytes(pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "NodeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool) -> dict:
+    """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
+    message breakdown and each node's peak memory."""
+    from simulations.cli.deployment import LocalFederation, Tenant
+
+    name = "deployment" if worker else "deployment_no_worker"
+    run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
+    t = time.perf_counter()
+    with LocalFederation(out / f"{name}_federation") as fed:
+        for i in range(tenants):
+            fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"), worker=worker)
+        fed.wait_online(tenants)
+        up = time.perf_counter() - t
+        with NodeMemory({n: p.popen.pid for n, p in fed.procs.items() if n.startswith("supernode-")}) as mem:
+            fed.run(run_cfg)
+        node_logs = [fed.procs[f"supernode-tenant-{i}"].log for i in range(tenants)]
+    run_dir = Path(run_cfg.run.dir)
+    return {"seconds_per_round": per_round(run_dir), "startup_seconds": round(up, 1),
+            "breakdown": message_breakdown(run_dir / "flower.log", node_logs, read_rounds(run_dir)),
+            "node_peak_mb": {n: round(b / 2**20) for n, b in mem.peak.items()}}
+
+
+def simulation_arm(cfg, data: Path, out: Path) -> dict:
+    from simulations.cli.simulate import simulate
+
+    run_cfg = cfg.replace(**{"run.dir": str(out / "simulation_run"), "data.dir": str(data)})
+    simulate(run_cfg)
+    return {"seconds_per_round": per_round(Path(run_cfg.run.dir))}
+
+
+def overhead(b: dict) -> float:
+    """Median seconds of a message outside its training or evaluation: the SuperNode's poll wait,
+    the ClientApp process beyond the work, and the reply's upload."""
+    return round(b["supernode_poll_wait"] + b["clientapp_process"] - b["of_which_work"] + b["reply_upload"], 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
-    from simulations.cli.deployment import LocalFederation, Tenant
-    from simulations.cli.simulate import simulate
+    from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
     from simulations.scenario import parse_overrides, resolve
     from simulations.synthetic import write_tenants
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs of each arm (median reported)")
+    p.add_argument("--no-worker-arm", action="store_true",
+                   help="also run the deployment without tenant workers (a model load per message)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("runs/bench_deployment"))
     args = p.parse_args(argv)
@@ -130,48 +201,54 @@ def main(argv: list[str] | None = None) -> int:
             "train.threads": 1,
             **parse_overrides(args.set)}
     data = out / "data"
-    cfg = resolve("default", flat, str(out / "deployment_run"))
+    cfg = resolve("default", flat, str(out / "run"))
     write_tenants(data, num_tenants=args.tenants, train_size=cfg.data.train_size,
                   holdout_size=cfg.data.holdout_size, preference_size=8, seed=cfg.data.seed)
+    load0, results = loadavg(), {}
 
-    t = time.perf_counter()
-    with LocalFederation(out / "federation") as fed:
-        for i in range(args.tenants):
-            fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"))
-        fed.wait_online(args.tenants)
-        up = time.perf_counter() - t
-        fed.run(cfg)
-        node_logs = [fed.procs[f"supernode-tenant-{i}"].log for i in range(args.tenants)]
-    dep_dir = Path(cfg.run.dir)
-    breakdown = message_breakdown(dep_dir / "flower.log", node_logs, read_rounds(dep_dir))
+    def arm(name, fn):
+        def run() -> float:
+            results.setdefault(name, []).append(fn())
+            return statistics.mean(results[name][-1]["seconds_per_round"])
+        return run
 
-    sim_cfg = cfg.replace(**{"run.dir": str(out / "simulation_run"), "data.dir": str(data)})
-    simulate(sim_cfg)
-    sim_dir = Path(sim_cfg.run.dir)
-    summary = {
-        "tenants": args.tenants, "rounds": args.rounds, "local_steps": cfg.train.local_steps,
-        "deployment_seconds_per_round": per_round(dep_dir),
-        "simulation_seconds_per_round": per_round(sim_dir),
-        "deployment_federated_seconds": read_summary(dep_dir).seconds,
-        "simulation_federated_seconds": read_summary(sim_dir).seconds,
-        "deployment_startup_seconds": round(up, 1),
-        "message_breakdown_median_seconds": breakdown,
-        "cold_clientapp_seconds": cold_clientapp_seconds(cfg, data / "tenant_000" / "train.jsonl"),
-    }
+    arms = {"deployment": arm("deployment", lambda: deployment_arm(cfg, data, out, tenants=args.tenants, worker=True)),
+            "simulation": arm("simulation", lambda: simulation_arm(cfg, data, out))}
+    if args.no_worker_arm:
+        arms["deployment_no_worker"] = arm("deployment_no_worker", lambda: deployment_arm(
+            cfg, data, out, tenants=args.tenants, worker=False))
+    t = interleave(arms, args.repeats)
+    load1 = loadavg()
+    ratios = {n: ratio_summary(t[n], t["simulation"]) for n in t if n != "simulation"}
+    summary = {"tenants": args.tenants, "rounds": args.rounds, "local_steps": cfg.train.local_steps,
+               "repeats": args.repeats, "mean_round_seconds": t, "over_simulation": ratios, "runs": results,
+               "cold_clientapp_seconds": cold_clientapp_seconds(cfg, data / "tenant_000" / "train.jsonl"),
+               "load_start": load0, "load_end": load1}
     (out / "bench.json").write_text(json.dumps(summary, indent=2))
-    b, c = breakdown, summary["cold_clientapp_seconds"]
-    print(f"""
-| engine | seconds per round | federated seconds |
-|---|---|---|
-| deployment (TLS + node auth) | {', '.join(f'{s:.1f}' for s in summary['deployment_seconds_per_round'])} | {summary['deployment_federated_seconds']:.1f} |
-| simulation | {', '.join(f'{s:.1f}' for s in summary['simulation_seconds_per_round'])} | {summary['simulation_federated_seconds']:.1f} |
-
-Per deployment message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, ClientApp
-process {b['clientapp_process']} s (of which {b['of_which_until_clientapp_logs']} s until the new process logs its
-start, and the work itself {b['of_which_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup
-(after the last upload of the round, incl. aggregation) {b['serverapp_pickup']} s. A cold ClientApp process alone: imports {c['import_clientapp']} s, model load
-{c['load_model']} s, data {c['load_data']} s, whole process {c['whole_process']} s.
-Written to {out / 'bench.json'}""")
+    print("\n| engine | seconds per round (each run) | mean round / simulation's | message outside the work | "
+          "node peak memory |\n|---|---|---|---|---|")
+    for name, runs in results.items():
+        rounds = "; ".join(", ".join(f"{s:.1f}" for s in r["seconds_per_round"]) for r in runs)
+        rat = ratios.get(name)
+        ratio = f"{rat['median']:.2f}x ({rat['min']:.2f}-{rat['max']:.2f})" if rat else "1"
+        if "breakdown" in runs[0]:
+            extra = (f"{statistics.median(overhead(r['breakdown']) for r in runs):.2f} s | "
+                     f"{max(max(r['node_peak_mb'].values()) for r in runs)} MB")
+        else:
+            extra = "- | -"
+        print(f"| {name} | {rounds} | {ratio} | {extra} |")
+    for name, runs in results.items():
+        if "breakdown" in runs[-1]:
+            b = runs[-1]["breakdown"]
+            print(f"\n{name}, per message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, "
+                  f"ClientApp process {b['clientapp_process']} s (until it logs {b['of_which_until_clientapp_logs']} s; "
+                  f"the work {b['of_which_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup "
+                  f"{b['serverapp_pickup']} s.")
+    c = summary["cold_clientapp_seconds"]
+    print(f"\nA cold ClientApp process without a worker: imports {c['import_clientapp']} s, model load "
+          f"{c['load_model']} s, data {c['load_data']} s, whole process {c['whole_process']} s.")
+    print(load_line(load0, load1))
+    print(f"Written to {out / 'bench.json'}")
     return 0
 
 

@@ -46,6 +46,10 @@ def add_commands(sub) -> None:
     node.add_argument("--state-dir", metavar="DIR",
                       help="writable directory for this node's privacy ledger, delta residuals and worker socket "
                            "(default: .fedlora-state/ beside --data)")
+    node.add_argument("--poll-interval", type=float, default=deployment.DEFAULT_POLL, metavar="SECONDS",
+                      help="seconds between the idle SuperNode's requests for a message (default: "
+                           f"{deployment.DEFAULT_POLL}; Flower's own is 3, which delays every message 1.5 s "
+                           "on average)")
     node.add_argument("--no-worker", action="store_true",
                       help="no tenant worker: every ClientApp process imports torch and loads the model itself "
                            "(Flower starts one per message)")
@@ -110,7 +114,8 @@ def _supernode(args: argparse.Namespace) -> int:
         data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
         holdout_path=Path(args.holdout).resolve() if args.holdout else None,
         runtime_port=args.runtime_port, lora_rank=args.lora_rank,
-        state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket)
+        state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket,
+        poll_interval=args.poll_interval)
     if args.print:
         if socket is not None:
             from simulations.cli.tenant_node import worker_command

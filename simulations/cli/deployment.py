@@ -26,6 +26,7 @@ from simulations.cli.launcher import (APP_DIR, BIN, TAG_ENV, DeploymentConfigErr
 from simulations.cli.launcher import flower_env as _base_env
 
 CONNECTION = "fedlora"
+DEFAULT_POLL = 0.5  # seconds between an idle SuperNode's polls (Flower's own: 3)
 TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
 
 
@@ -100,14 +101,21 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
 def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path | None, data_path: Path | str,
                       tenant_id: int, holdout_path: Path | str | None = None, runtime_port: int = 9094,
                       max_retries: int | None = None, lora_rank: int | None = None,
-                      state_dir: Path | str | None = None, worker_socket: Path | str | None = None) -> list[str]:
+                      state_dir: Path | str | None = None, worker_socket: Path | str | None = None,
+                      poll_interval: float | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
     ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals);
+    ``poll_interval``: seconds between the idle SuperNode's polls for a message, below Flower's
+    fixed 3 s (through :mod:`simulations.cli.supernode_poll`; None: Flower's own);
     ``lora_rank``: the tenant's own LoRA rank (see :func:`node_config`).
     """
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink]
+    if poll_interval is not None and poll_interval < 3.0:  # Flower's own idle poll is 3 s
+        if poll_interval <= 0:
+            raise DeploymentConfigError(f"poll interval {poll_interval} s must be positive")
+        cmd = [str(BIN / "python"), "-m", "simulations.cli.supernode_poll", f"{poll_interval:g}", *cmd[1:]]
     if ca_cert is not None:
         cmd += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
@@ -254,9 +262,11 @@ class LocalFederation:
         return register_node(self.node_key(name)[1], flwr_home=self.cli_home)
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
-                   max_retries: int | None = None, worker: bool = True) -> Proc:
+                   max_retries: int | None = None, worker: bool = True,
+                   poll_interval: float | None = DEFAULT_POLL) -> Proc:
         """Start one tenant's node (registering its key first unless told not to): its SuperNode
-        and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does."""
+        and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does;
+        ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s)."""
         from client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
@@ -266,7 +276,7 @@ class LocalFederation:
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
-                                worker_socket=socket)
+                                worker_socket=socket, poll_interval=poll_interval)
         if socket is not None:
             cmd = [str(BIN / "python"), "-m", "simulations.cli.tenant_node", "--socket", str(socket), "--", *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import time
+
+import pytest
 from types import SimpleNamespace
 
 from server.grid import PromptGrid
+
+
+def _msg():
+    return SimpleNamespace(has_content=lambda: False)
 
 
 class _FakeGrid:
@@ -24,7 +30,7 @@ class _FakeGrid:
         for mid in list(ids):
             at = self.ready[int(mid[1:])]
             if at is not None and self.pulls >= at:
-                out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid)))
+                out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), has_content=lambda: False))
         return out
 
     def get_node_ids(self):
@@ -33,7 +39,7 @@ class _FakeGrid:
 
 def test_collects_every_reply_and_stops_pulling_when_done():
     fake = _FakeGrid([1, 3])
-    replies = PromptGrid(fake, interval=0.01).send_and_receive([object(), object()], timeout=5)
+    replies = PromptGrid(fake, interval=0.01).send_and_receive([_msg(), _msg()], timeout=5)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
     assert fake.pulls == 3  # no pull after the last reply arrived
 
@@ -41,10 +47,89 @@ def test_collects_every_reply_and_stops_pulling_when_done():
 def test_timeout_returns_the_replies_that_arrived():
     fake = _FakeGrid([1, None])
     start = time.monotonic()
-    replies = PromptGrid(fake, interval=0.01).send_and_receive([object(), object()], timeout=0.2)
+    replies = PromptGrid(fake, interval=0.01).send_and_receive([_msg(), _msg()], timeout=0.2)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert 0.2 <= time.monotonic() - start < 2.0
 
 
 def test_delegates_the_rest():
     assert list(PromptGrid(_FakeGrid([])).get_node_ids()) == [1, 2]
+
+
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+class _Wire:
+    """A grid that keeps what was pushed and answers each message with a given reply content."""
+
+    def __init__(self, reply_content):
+        self.pushed, self.reply_content = [], reply_content
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return [f"m{i}" for i, _ in enumerate(self.pushed)]
+
+    def pull_messages(self, ids):
+        from flwr.app import Message
+
+        return [Message(self.reply_content, reply_to=m) for m in self.pushed]
+
+
+def _adapter_content():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    arrays = ArrayRecord({f"t{i}": Array(np.full((2, 3), i, np.float32)) for i in range(4)})
+    return RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+
+
+def _messages(content, n):
+    from flwr.app import Message
+
+    return [Message(content, message_type="train", dst_node_id=1 + i) for i in range(n)]
+
+
+def test_pushed_arrays_travel_as_one_packed_array_and_replies_come_back_unpacked(task_identity):
+    # Prepare
+    from common.packing import PACKED_KEY, pack_content
+
+    content = _adapter_content()
+    wire = _Wire(pack_content(content))
+    # Execute
+    replies = PromptGrid(wire, interval=0.01).send_and_receive(_messages(content, 2), timeout=5)
+    # Assert: each pushed message holds one packed Array; each reply holds the 4 tensors again
+    assert [list(m.content.array_records["arrays"]) for m in wire.pushed] == [[PACKED_KEY]] * 2
+    assert all(m.content.config_records["config"]["server-round"] == 1 for m in wire.pushed)
+    for r in replies:
+        assert {k: a.data for k, a in r.content.array_records["arrays"].items()} == \
+            {k: a.data for k, a in content.array_records["arrays"].items()}
+
+
+def test_the_global_adapter_sent_to_many_tenants_is_packed_once(task_identity):
+    # Prepare
+    content = _adapter_content()
+    wire = _Wire(content)
+    # Execute
+    PromptGrid(wire, interval=0.01).send_and_receive(_messages(content, 3), timeout=5)
+    # Assert: the three messages share one packed record
+    assert len({id(m.content.array_records["arrays"]) for m in wire.pushed}) == 1
+
+
+def test_a_malformed_packed_reply_stays_packed_for_the_strategy_to_refuse(task_identity):
+    # Prepare: a reply whose packed bytes are cut short
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from common.packing import PACKED_KEY, PACKED_STYPE, pack_record
+
+    good = pack_record(_adapter_content().array_records["arrays"])[PACKED_KEY].data
+    cut = ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(good) - 4,), stype=PACKED_STYPE, data=good[:-4])})
+    wire = _Wire(RecordDict({"arrays": cut}))
+    # Execute
+    replies = PromptGrid(wire, interval=0.01).send_and_receive(_messages(_adapter_content(), 1), timeout=5)
+    # Assert
+    assert list(replies[0].content.array_records["arrays"]) == [PACKED_KEY]

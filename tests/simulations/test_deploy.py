@@ -206,7 +206,23 @@ def test_cli_supernode_without_worker_is_the_plain_supernode(tmp_path, capsys):
     # Assert: one command, and its node config names no worker
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 1
-    assert "worker-socket" not in lines[0] and lines[0].split()[0].endswith("flower-supernode")
+    assert "worker-socket" not in lines[0] and "-m client.worker" not in lines[0]
+
+
+def test_cli_supernode_polls_at_the_given_interval_or_as_flower_does(tmp_path, capsys):
+    # Prepare
+    from simulations.cli.main import main
+
+    args = ["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "k"), "--data", str(tmp_path / "train.jsonl"), "--no-worker", "--print"]
+    # Execute
+    main([*args, "--poll-interval", "0.25"])
+    fast = capsys.readouterr().out.split()
+    main([*args, "--poll-interval", "3"])
+    flower = capsys.readouterr().out.split()
+    # Assert: below Flower's 3 s the SuperNode runs through the poll wrapper; at 3 s it is Flower's own
+    assert fast[1:4] == ["-m", "simulations.cli.supernode_poll", "0.25"] and fast[4] == "--superlink"
+    assert flower[0].endswith("flower-supernode") and flower[1] == "--superlink"
 
 
 def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, capsys):
