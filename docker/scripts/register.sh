@@ -1,19 +1,17 @@
 #!/bin/sh
-# Register every tenant public key in /keys/*.pub with the SuperLink (operator side).
-# A key already registered is reported and skipped, so the script can run at every start.
+# Register every tenant public key in /keys/*.pub with the SuperLink (operator side). Waits
+# for the SuperLink first; a key already registered counts as registered, so the script can
+# run at every start. Any other refusal fails it (compose restarts it).
 set -eu
-: "${SUPERLINK:?set SUPERLINK=host:port}"
-export FLWR_HOME="${FLWR_HOME:-/tmp/flwr-home}"
-mkdir -p "$FLWR_HOME"
-cat > "$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "fedlora"
-
-[superlink.fedlora]
-address = "$SUPERLINK"
-root-certificates = "${CA_CERT:-/certs/ca.crt}"
-TOML
+. "$(dirname "$0")/flwr-cli.sh"
+wait_superlink "${WAIT_SECONDS:-120}"
 for key in /keys/*.pub; do
-  echo "registering $key"
-  flwr supernode register "$key" fedlora || echo "  (not registered: already known, or see the message above)"
+  if out=$(flwr supernode register "$key" fedlora 2>&1); then
+    echo "registered $key: $out"
+  elif printf '%s' "$out" | grep -qi "already in use"; then
+    echo "registered $key: already known to the SuperLink"
+  else
+    printf 'registering %s failed:\n%s\n' "$key" "$out" >&2
+    exit 1
+  fi
 done
