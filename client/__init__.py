@@ -1,6 +1,9 @@
 """A tenant's side: the ClientApp and the plain functions behind it.
 
-- ``client_app``: the ClientApp (train, evaluate, and the four secure-aggregation stages).
+- ``client_app``: the ClientApp Flower loads: forwards each message to the tenant worker, or runs the handlers.
+- ``handlers``: the message handlers (train, evaluate, and the four secure-aggregation stages).
+- ``worker``: the tenant worker, one long-running process per deployment node with the model loaded.
+- ``worker_link``: the worker's private Unix socket, both ends (imports no torch).
 - ``task``: one tenant round (load once, train, return the delta; evaluate the global adapter).
 - ``train``: local LoRA/QLoRA training (AdamW, schedule, gradient accumulation).
 - ``lora_rules``: the tenant's side of the LoRA rule (ffa freezes A; a lower-rank svd tenant).

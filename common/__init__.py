@@ -8,6 +8,7 @@ of them). Importing it changes nothing: entry points call :func:`common.offline.
 - ``evaluate``: exact match, JSON validity and loss of a model on a holdout; forgetting probe
 - ``records``: typed records of a run (one round, the federation summary), to and from JSON
 - ``messages``: the keys of the messages the apps exchange
+- ``packing``: an ArrayRecord of many tensors travels as one packed Array
 - ``encoding``: wire encodings of a delta (fp32, bf16, int8 with scales), strict decoding
 - ``lora``: LoRA tensor naming (A / B pairs) and rank helpers
 - ``weighting``: how a tenant's example count becomes its aggregation weight

@@ -8,4 +8,6 @@
 - ``deployment``: Flower's Deployment Engine: command lines, a local federation, a run and its report
 - ``launcher``: Flower's simulation engine, and starting, streaming and stopping processes
 - ``memory``: peak memory of the whole process tree of a run
+- ``tenant_node``: a tenant's deployment node: its SuperNode and its tenant worker, supervised
+- ``supernode_poll``: ``flower-supernode`` with a shorter idle poll than Flower's fixed 3 s
 """
