@@ -44,7 +44,7 @@ COPY docker/constraints.txt /build/constraints.txt
 RUN set -e; \
     if [ -s /build/certs/ca-certificates.crt ]; then export PIP_CERT=/build/certs/ca-certificates.crt; fi; \
     if ls /build/wheels/torch-*.whl >/dev/null 2>&1; then \
-      pip install --no-index --find-links /build/wheels "torch>=2.10"; \
+      pip install /build/wheels/torch-*.whl; \
     else pip install --index-url "${TORCH_INDEX}" "torch>=2.10"; fi; \
     python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt; \
