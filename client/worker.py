@@ -148,6 +148,10 @@ class Worker:
 
     def close(self) -> None:
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept()
+        except OSError:
+            pass
+        try:
             self.sock.close()
         finally:
             if self.path.exists():

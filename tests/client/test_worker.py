@@ -172,6 +172,7 @@ def test_socket_path_over_the_os_limit_is_a_clear_error(tmp_path):
         link.socket_path(tmp_path / ("d" * 120))
 
 
+@pytest.mark.slow  # imports the handlers' ML stack
 def test_clientapp_without_an_answering_worker_handles_the_message_itself(tmp_path):
     # Prepare: the node names a worker socket nobody serves; a query message fedlora has no handler for
     from client import client_app
