@@ -57,22 +57,54 @@ class TenantData:
 
 def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> Tenant:
     """Deployment: ``data-path`` (and optional ``holdout-path``, ``tenant-id``, ``lora-rank``);
-    simulation: ``partition-id`` inside ``data.dir``."""
+    simulation: ``partition-id`` inside ``data.dir``, or with ``data.dir`` empty (a bare
+    ``flwr run``) the seeded synthetic tenant of that index (:func:`synthetic_tenant`)."""
     if "data-path" in node_config:
         train = Path(str(node_config["data-path"]))
         holdout = Path(str(node_config["holdout-path"])) if "holdout-path" in node_config else holdout_for(train)
         return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None,
                       _state_dir(node_config, train), tenant_rank(node_config, cfg))
     if "partition-id" in node_config:
-        if not cfg.data.dir:
-            raise TenantConfigError("simulation node has a partition-id but data.dir is empty; "
-                                    "run through `fedlora simulate`, or set data.dir to a directory of "
-                                    "tenant_XXX/ folders")
         pid = int(node_config["partition-id"])  # type: ignore[arg-type]
-        train, holdout = tenant_paths(cfg.data.dir, pid)
+        train, holdout = tenant_paths(cfg.data.dir, pid) if cfg.data.dir else synthetic_tenant(pid, cfg)
         return Tenant(pid, train, holdout, _state_dir(node_config, train), tenant_rank(node_config, cfg, partition=pid))
     raise TenantConfigError("node config has neither data-path (deployment) nor partition-id (simulation); "
                             "start the SuperNode with --node-config 'data-path=\"/path/train.jsonl\"'")
+
+
+def synthetic_tenant(partition_id: int, cfg: Config) -> tuple[Path, Path]:
+    """(train, holdout) of simulated tenant ``partition_id`` when ``data.dir`` is empty: the files
+    ``fedlora simulate`` writes for that tenant with the same ``data.*`` values, kept in
+    ``<fedlora home>/synthetic/<key>/tenant_XXX/`` (the key digests those values and the
+    generator's source, so nothing stale is read). A simulation thus has one tenant per SuperNode.
+    The first ClientApp that needs a tenant writes it beside the final name and renames it into
+    place; a concurrent writer (another run) writes the same bytes and keeps the winner's. Like a
+    real node, a synthetic tenant keeps its state (privacy ledger) beside its files across runs.
+    """
+    import hashlib
+    import json
+
+    from common.files import atomic_dir, fedlora_home
+    from simulations import domains, synthetic  # simulation only: deployment nodes name their data-path
+
+    digest = hashlib.sha256()
+    for module in (synthetic, domains):
+        digest.update(Path(module.__file__).read_bytes())
+    d = cfg.data
+    digest.update(json.dumps([d.train_size, d.holdout_size, d.own_fraction, d.seed]).encode())
+    train, holdout = tenant_paths(fedlora_home() / "synthetic" / digest.hexdigest()[:16], partition_id)
+    if train.parent.is_dir():
+        return train, holdout
+    try:
+        with atomic_dir(train.parent, overwrite=False) as tmp:
+            for path, size in ((train, d.train_size), (holdout, d.holdout_size)):
+                rows = synthetic.tenant_split(partition_id, split=path.stem, n=size, own_fraction=d.own_fraction,
+                                              seed=d.seed)
+                (tmp / path.name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    except OSError:  # another writer renamed the same tenant into place first
+        if not train.parent.is_dir():
+            raise
+    return train, holdout
 
 
 def tenant_rank(node_config: Mapping[str, object], cfg: Config, *, partition: int | None = None) -> int | None:
@@ -110,6 +142,7 @@ def session(cfg: Config) -> Loaded:
     if key not in _MODELS:
         set_threads(cfg.train.threads)
         _MODELS.clear()
+        _DATA.clear()  # tokenized for the old base; a long-lived worker must not keep every run's data
         _MODELS[key] = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
     return _MODELS[key]
 

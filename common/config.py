@@ -105,9 +105,9 @@ class DataConfig:
     # tokenizer's chat template, "alpaca" through the fixed ### Instruction template,
     # "auto" uses the chat template when the base's tokenizer has one.
     template: str = _opt("auto", "prompt template", choices=("auto", "chat", "alpaca"))
-    # Directory holding tenant_XXX/{train,holdout}.jsonl in simulation (empty: the
-    # simulate command fills it with synthetic tenants). Deployment nodes use the
-    # node config's data-path instead.
+    # Directory holding tenant_XXX/{train,holdout}.jsonl in simulation (empty: synthetic
+    # tenants, one per SuperNode: `fedlora simulate` writes them into the run, a bare
+    # `flwr run` into <fedlora home>/synthetic). Deployment nodes use their data-path.
     dir: str = _opt("", "directory of tenant_XXX/ folders (simulation)")
     # Longest tokenized example; longer ones are truncated and counted.
     max_length: int = _opt(128, "max tokens per example", lo=8)
@@ -215,8 +215,8 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    # Absolute directory for checkpoints, metrics and the report (the ServerApp's cwd
-    # is the SuperLink's, so relative paths are refused). Empty: ./runs/<timestamp>.
+    # Absolute directory for checkpoints, metrics and the report (the ServerApp runs in the SuperLink's cwd).
+    # Empty: ./runs/<timestamp> (fedlora simulate/deploy), <fedlora home>/runs/<timestamp>-<run id> (flwr run).
     dir: str = _opt("", "run directory (absolute)")
     # Continue the run in run.dir after its last complete round (its checkpoint and round
     # records), instead of starting at round 1. Set by `fedlora simulate --resume`.

@@ -1,5 +1,5 @@
 """Files fedlora writes and trusts: atomic writes (a directory, a JSON file), the SHA-256 of a
-file, the pickle-format suffixes it refuses, and where a run goes by default.
+file, the pickle-format suffixes it refuses, where a run goes by default and fedlora's home directory.
 
 Atomic means a crash never leaves a half-written directory or file under the final name:
 everything is written beside it under a hidden temporary name, flushed, then renamed.
@@ -113,5 +113,18 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 
 def default_run_dir() -> Path:
-    """Where a run goes when ``run.dir`` is empty: ``./runs/<YYYYmmdd-HHMMSS>``."""
+    """Where ``fedlora simulate`` / ``deploy`` put a run given no ``run.dir``: ``./runs/<YYYYmmdd-HHMMSS>``
+    (the user's working directory, resolved before Flower starts)."""
     return Path.cwd() / "runs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def fedlora_home() -> Path:
+    """fedlora's own directory on this machine: ``$FEDLORA_HOME``, else ``~/.fedlora``; absolute."""
+    return Path(os.environ.get("FEDLORA_HOME") or Path.home() / ".fedlora").expanduser().resolve()
+
+
+def app_run_dir(run_id: int) -> Path:
+    """Where the ServerApp writes a run submitted without ``run.dir`` (a bare ``flwr run``):
+    ``<fedlora home>/runs/<YYYYmmdd-HHMMSS>-<Flower run id>``. Absolute, so it does not depend on
+    the SuperLink's working directory; the run id is the one ``flwr ls`` / ``flwr log`` show."""
+    return fedlora_home() / "runs" / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{int(run_id)}"

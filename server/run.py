@@ -20,7 +20,7 @@ import numpy as np
 
 from common.adapter import get_state, save_adapter, write_json_atomic
 from common.config import Config
-from common.files import default_run_dir
+from common.files import app_run_dir, default_run_dir
 from common.records import SUMMARY_FILE, Drop, FederationSummary, read_rounds
 from common.model import attach_adapter, base_fingerprint, base_name, load_base
 from server.records import RoundRecorder
@@ -49,9 +49,16 @@ class ServerRun:
                             metadata=self.metadata(round=round_number, **extra))
 
 
-def prepare(cfg: Config) -> ServerRun:
-    """Run directory, resolved config, the initial global adapter and the recorder."""
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
+def prepare(cfg: Config, *, run_id: int | None = None) -> ServerRun:
+    """Run directory, resolved config, the initial global adapter and the recorder.
+
+    With ``run.dir`` empty (a bare ``flwr run``) the run goes to ``<fedlora home>/runs/
+    <timestamp>-<run_id>`` (``run_id``: Flower's; None: ``./runs/<timestamp>``), and the
+    config the run directory records names it."""
+    if not cfg.run.dir:
+        run_dir = (default_run_dir() if run_id is None else app_run_dir(run_id)).resolve()
+        cfg = cfg.replace(**{"run.dir": str(run_dir)})
+    run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", cfg.to_flat())
     # The server never trains: load the base in fp32 on CPU just to build the adapter.

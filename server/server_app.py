@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from logging import INFO
 
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import from_arrayrecord, to_arrayrecord
@@ -48,7 +50,8 @@ def main(grid: Grid, context: Context) -> None:
     set_threads(cfg.train.threads)  # the server builds and checkpoints adapters on its own CPU
     reuse_freed_memory()  # each round's adapter-sized arrays reuse the last round's pages
     t0 = time.perf_counter()
-    run = prepare(cfg)
+    run = prepare(cfg, run_id=context.run_id)
+    log(INFO, "fedlora: run %s writes to %s", context.run_id, run.run_dir)
     strategy = make_strategy(cfg, run.recorder, initial=run.initial)
     start = run.initial if run.start is None else run.start
     if run.rounds_done:  # a resumed run: continue after its last complete round

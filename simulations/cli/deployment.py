@@ -129,12 +129,11 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
 
 
 def write_cli_config(flwr_home: Path, *, superlink: str, ca_cert: Path) -> Path:
-    """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``fedlora`` (TLS with our CA)."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                    f'address = "{superlink}"\nroot-certificates = {json.dumps(str(Path(ca_cert).resolve()))}\n')
-    return path
+    """Add (or update) the SuperLink connection ``fedlora`` (TLS with our CA) in ``$FLWR_HOME/config.toml``,
+    keeping the file's other connections; ``fedlora`` becomes the default when the file names none."""
+    from simulations.cli.flwr_config import merge_connections, superlink_connection
+
+    return merge_connections(flwr_home, {CONNECTION: superlink_connection(superlink, ca_cert)}, default=CONNECTION)
 
 
 def flower_env(flwr_home: Path, tag: str | None = None) -> dict[str, str]:

@@ -23,6 +23,7 @@ examples:
   fedlora simulate --scenario non_iid       # a shipped scenario (see simulations/scenarios/)
   fedlora simulate --set federation.rounds=2 --set adapter.r=16
   fedlora config                            # every run-config key, its default and meaning
+  fedlora flwr-config                       # connections for Flower's own CLI: flwr run . fedlora-sim
   fedlora import-base SmolLM2-135M-Instruct.Q4_1.gguf --out bases/smollm2   # a real base from a GGUF
   fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
   fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.cli.release import add_commands as add_release_commands
 
     add_release_commands(sub)
+
+    from simulations.cli.flwr_config import add_command as add_flwr_config_command
+
+    add_flwr_config_command(sub)
     return parser
 
 
@@ -189,6 +194,10 @@ def _dispatch(args) -> int:
         from simulations.cli.import_base import main_import_base
 
         return main_import_base(args)
+    if args.command == "flwr-config":
+        from simulations.cli.flwr_config import main_flwr_config
+
+        return main_flwr_config(args)
     if args.command in ("dpo", "merge", "publish"):
         from simulations.cli.release import main_release
 
