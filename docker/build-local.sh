@@ -219,7 +219,7 @@ build_image() {  # NAME: docker/NAME.Dockerfile -> fedlora-NAME
   local name="$1" start
   say "building fedlora-$name (log: $LOGS/build-$name.log)"
   start=$(date +%s)
-  if ! docker build --build-arg "BASE=$BASE" --build-arg "TORCH_INDEX=$TORCH_INDEX" \
+  if ! docker build --force-rm --build-arg "BASE=$BASE" --build-arg "TORCH_INDEX=$TORCH_INDEX" \
         -f "$STAGE/context/docker/$name.Dockerfile" -t "fedlora-$name" "$STAGE/context" \
         > "$LOGS/build-$name.log" 2>&1; then
     tail -n 30 "$LOGS/build-$name.log" >&2
