@@ -3,7 +3,7 @@ ClientApp message with the model, the data and the ledger already loaded.
 
     python -m client.worker --socket STATE_DIR/worker/worker.sock [--parent-pid PID]
 
-It serves one request at a time on a Unix socket (see :mod:`client.worker_link` for the
+It handles one message at a time (health requests are answered meanwhile) on a Unix socket (see :mod:`client.worker_link` for the
 channel and its protection) with the very handlers a ClientApp runs in-process
 (:mod:`client.handlers`), so a message means the same thing with or without a worker. What
 the handlers cache per process (``client.task.session``: the base with its adapter slot;
@@ -46,6 +46,7 @@ class Worker:
         self.started = time.time()
         self.served = self.failed = self.dropped = 0
         self.busy: str | None = None
+        self._one_at_a_time = threading.Lock()
         self.last: dict = {}
         self.sock = self._bind()
 
@@ -71,13 +72,18 @@ class Worker:
 
     # -- serving ------------------------------------------------------------------
     def serve_forever(self) -> None:
+        """Accept connections; each is served on its own thread so that health requests are
+        answered while a message is handled, but messages are handled one at a time."""
         while True:
             try:
                 conn, _ = self.sock.accept()
             except OSError:  # closed by close()
                 return
-            with conn:
-                self._serve(conn)
+            threading.Thread(target=self._serve_and_close, args=(conn,), name="worker-request", daemon=True).start()
+
+    def _serve_and_close(self, conn: socket.socket) -> None:
+        with conn:
+            self._serve(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         if not _same_user(conn):
@@ -97,7 +103,8 @@ class Worker:
         if kind != link.HANDLE:
             link.send_frame(conn, link.FAILED, f"unknown request kind {kind}".encode())
             return
-        reply_kind, body = self._handle(payload)
+        with self._one_at_a_time:
+            reply_kind, body = self._handle(payload)
         try:
             link.send_frame(conn, reply_kind, body)
         except OSError as err:  # the ClientApp died while we worked: its reply is lost, we go on

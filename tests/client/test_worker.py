@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,16 @@ def _train(msg: Message, context: Context) -> Message:
 @echo.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     raise ValueError("holdout missing")
+
+
+RELEASE = threading.Event()
+
+
+@echo.query()
+def _query(msg: Message, context: Context) -> Message:
+    # a long message: holds the worker until the test releases it
+    RELEASE.wait(timeout=30)
+    return Message(RecordDict({"out": MetricRecord({"done": 1})}), reply_to=msg)
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +201,26 @@ def test_forwarding_clientapp_imports_no_torch():
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     # Assert
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_health_is_answered_while_a_message_is_handled_and_messages_wait_their_turn(worker):
+    # Prepare: a long message in flight, and a second one behind it
+    RELEASE.clear()
+    replies = []
+    long = threading.Thread(target=lambda: replies.append(link.forward(worker.path, _message("query"), _context())))
+    long.start()
+    deadline = time.monotonic() + 10
+    while worker.busy != "query" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = threading.Thread(target=lambda: replies.append(link.forward(worker.path, _message(x=1.0), _context())))
+    queued.start()
+    # Execute
+    record = link.health(worker.path, timeout=2.0)
+    time.sleep(0.2)
+    waiting = len(replies)
+    RELEASE.set()
+    long.join(timeout=10)
+    queued.join(timeout=10)
+    # Assert: health came back mid-message; the second message waited for the first
+    assert record["busy"] == "query" and waiting == 0
+    assert len(replies) == 2 and worker.served == 2
