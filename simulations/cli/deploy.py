@@ -120,7 +120,7 @@ def _supernode(args: argparse.Namespace) -> int:
         if socket is not None:
             from simulations.cli.tenant_node import worker_command
 
-            print(shlex.join(worker_command(socket, os.getpid())).replace(str(os.getpid()), "SUPERVISOR_PID"))
+            print(shlex.join(worker_command(socket, "SUPERVISOR_PID")))
         return _exec(cmd, True)
     check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
                     tenant_id=args.tenant_id)
@@ -140,7 +140,10 @@ def _worker_status(args: argparse.Namespace) -> int:
 
     from client import worker_link
 
-    path = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
+    try:
+        path = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
+    except ValueError as err:
+        raise deployment.DeploymentConfigError(str(err)) from None
     try:
         print(json.dumps(worker_link.health(path), indent=2))
     except (worker_link.WorkerUnavailable, worker_link.WorkerFailed) as err:

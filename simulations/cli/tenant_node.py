@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def worker_command(socket: Path, parent_pid: int, *, preload: bool = True) -> list[str]:
+def worker_command(socket: Path, parent_pid: int | str, *, preload: bool = True) -> list[str]:
     return [sys.executable, "-m", "client.worker", "--socket", str(socket), "--parent-pid", str(parent_pid),
             *([] if preload else ["--no-preload"])]
 
@@ -58,14 +59,10 @@ class TenantNode:
         self.stopping = False
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        import os
-
         return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                                 cwd=os.getcwd())
 
     def start_worker(self) -> None:
-        import os
-
         self.worker = self._spawn(worker_command(self.socket, os.getpid(), preload=self.preload))
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and not self.stopping:
