@@ -140,12 +140,12 @@ class NodeMemory:
         self._thread.join()
 
 
-def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool) -> dict:
+def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0) -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
     from simulations.cli.deployment import LocalFederation, Tenant
 
-    name = "deployment" if worker else "deployment_no_worker"
+    name = ("deployment" if worker else "deployment_no_worker") + (f"_{repeat}" if repeat else "")
     run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
     t = time.perf_counter()
     with LocalFederation(out / f"{name}_federation") as fed:
@@ -162,10 +162,11 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool) ->
             "node_peak_mb": {n: round(b / 2**20) for n, b in mem.peak.items()}}
 
 
-def simulation_arm(cfg, data: Path, out: Path) -> dict:
+def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0) -> dict:
     from simulations.cli.simulate import simulate
 
-    run_cfg = cfg.replace(**{"run.dir": str(out / "simulation_run"), "data.dir": str(data)})
+    run_dir = out / ("simulation_run" + (f"_{repeat}" if repeat else ""))
+    run_cfg = cfg.replace(**{"run.dir": str(run_dir), "data.dir": str(data)})
     simulate(run_cfg)
     return {"seconds_per_round": per_round(Path(run_cfg.run.dir))}
 
@@ -212,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             return statistics.mean(results[name][-1]["seconds_per_round"])
         return run
 
-    arms = {"deployment": arm("deployment", lambda: deployment_arm(cfg, data, out, tenants=args.tenants, worker=True)),
-            "simulation": arm("simulation", lambda: simulation_arm(cfg, data, out))}
+    def done(name: str) -> int:  # runs of an arm so far: each repeat gets its own directories
+        return len(results.get(name, []))
+
+    arms = {"deployment": arm("deployment", lambda: deployment_arm(cfg, data, out, tenants=args.tenants, worker=True,
+                                                                    repeat=done("deployment"))),
+            "simulation": arm("simulation", lambda: simulation_arm(cfg, data, out, repeat=done("simulation")))}
     if args.no_worker_arm:
         arms["deployment_no_worker"] = arm("deployment_no_worker", lambda: deployment_arm(
-            cfg, data, out, tenants=args.tenants, worker=False))
+            cfg, data, out, tenants=args.tenants, worker=False, repeat=done("deployment_no_worker")))
     t = interleave(arms, args.repeats)
     load1 = loadavg()
     ratios = {n: ratio_summary(t[n], t["simulation"]) for n in t if n != "simulation"}
