@@ -126,10 +126,11 @@ class NodeMemory:
     def _run(self) -> None:
         from simulations.cli.memory import _tree_rss_bytes
 
-        while not self._stop.is_set():
+        while True:  # at least one sample, however short the run
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], _tree_rss_bytes(pid))
-            self._stop.wait(self.interval)
+            if self._stop.wait(self.interval):
+                return
 
     def __enter__(self) -> "NodeMemory":
         self._thread.start()

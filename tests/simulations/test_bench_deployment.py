@@ -1,0 +1,22 @@
+"""The deployment benchmark's arithmetic: what counts as a message's overhead, and whose memory."""
+
+from __future__ import annotations
+
+import os
+
+from simulations.bench.deployment import NodeMemory, overhead
+
+
+def test_overhead_is_poll_wait_plus_process_beyond_the_work_plus_upload():
+    # Prepare: 0.1 s poll wait, a 5.0 s ClientApp process of which 4.0 s work, 0.3 s upload
+    breakdown = {"supernode_poll_wait": 0.1, "clientapp_process": 5.0, "of_which_work": 4.0, "reply_upload": 0.3}
+    # Execute / Assert: 0.1 + (5.0 - 4.0) + 0.3
+    assert overhead(breakdown) == 1.4
+
+
+def test_node_memory_samples_the_process_tree_it_is_given():
+    # Execute: this process stands for a node
+    with NodeMemory({"node": os.getpid()}, interval=0.01) as mem:
+        pass
+    # Assert: at least this interpreter's resident memory (well over 10 MB)
+    assert mem.peak["node"] > 10 * 2**20
