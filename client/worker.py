@@ -35,6 +35,7 @@ from pathlib import Path
 from client import worker_link as link
 
 log = logging.getLogger("fedlora.worker")
+IO_TIMEOUT = 120.0  # seconds a request or a reply may take to cross the local socket (not the handling)
 
 
 class Worker:
@@ -89,6 +90,7 @@ class Worker:
         if not _same_user(conn):
             log.warning("refused a connection from another user")
             return
+        conn.settimeout(IO_TIMEOUT)  # a peer that connects and goes quiet holds only its own thread, for a while
         try:
             version, kind, payload = link.read_frame(conn)
         except (ConnectionError, OSError, struct.error) as err:
