@@ -117,28 +117,22 @@ class NodeMemory:
     its ClientApp processes), sampled from /proc while the run goes."""
 
     def __init__(self, pids: dict[str, int], interval: float = 0.25):
-        import threading
+        from simulations.cli.memory import PeakTreeMemory
 
-        self.pids, self.interval, self.peak = pids, interval, {name: 0 for name in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.meters = {name: PeakTreeMemory(interval, root=pid) for name, pid in pids.items()}
 
-    def _run(self) -> None:
-        from simulations.cli.memory import _tree_rss_bytes
-
-        while True:  # at least one sample, however short the run
-            for name, pid in self.pids.items():
-                self.peak[name] = max(self.peak[name], _tree_rss_bytes(pid))
-            if self._stop.wait(self.interval):
-                return
+    @property
+    def peak(self) -> dict[str, int]:
+        return {name: m.peak_bytes for name, m in self.meters.items()}
 
     def __enter__(self) -> "NodeMemory":
-        self._thread.start()
+        for m in self.meters.values():
+            m.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        for m in self.meters.values():
+            m.__exit__(*exc)
 
 
 def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0) -> dict:

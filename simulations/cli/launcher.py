@@ -58,10 +58,10 @@ except (OSError, AttributeError):  # not Linux: the reaper alone covers it
     _prctl = None
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGKILL when the thread that started it dies (Linux)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """``preexec_fn``: the child gets ``sig`` when the thread that started it dies (Linux)."""
     if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def new_tag() -> str:

@@ -34,19 +34,22 @@ def _tree_rss_bytes(root: int) -> int:
 
 
 class PeakTreeMemory:
-    """``with PeakTreeMemory() as m: ...``; then ``m.peak_bytes``."""
+    """``with PeakTreeMemory() as m: ...``; then ``m.peak_bytes``. ``root``: the process whose
+    tree is measured (default: this one)."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, *, root: int | None = None) -> None:
         self.interval = interval
+        self.root = root
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(me))
-            self._stop.wait(self.interval)
+        root = self.root or os.getpid()
+        while True:  # at least one sample, however short the run
+            self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(root))
+            if self._stop.wait(self.interval):
+                return
 
     def __enter__(self) -> "PeakTreeMemory":
         if Path("/proc/self/statm").exists():

@@ -17,28 +17,21 @@ in the foreground:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from client import worker_link
+from simulations.cli.launcher import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
 RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
 RESTART_WINDOW = 300.0
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the worker's own parent watch remains
-        pass
 
 
 def worker_command(socket: Path, parent_pid: int | str, *, preload: bool = True) -> list[str]:
@@ -59,8 +52,9 @@ class TenantNode:
         self.stopping = False
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-                                cwd=os.getcwd())
+        # SIGTERM, not SIGKILL, when the supervisor dies: the worker removes its socket, the SuperNode stops cleanly
+        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+                                preexec_fn=partial(die_with_parent, signal.SIGTERM))
 
     def start_worker(self) -> None:
         self.worker = self._spawn(worker_command(self.socket, os.getpid(), preload=self.preload))
