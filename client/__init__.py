@@ -4,6 +4,8 @@
 - ``handlers``: the message handlers (train, evaluate, and the four secure-aggregation stages).
 - ``worker``: the tenant worker, one long-running process per deployment node with the model loaded.
 - ``worker_link``: the worker's private Unix socket, both ends (imports no torch).
+- ``clientapp_shim``: fedlora's ``flwr-clientapp`` on a node: hands each task to the worker (standard library only).
+- ``task_runner``: one ClientApp task pulled and answered inside the worker, with Flower's runtime functions.
 - ``task``: one tenant round (load once, train, return the delta; evaluate the global adapter).
 - ``train``: local LoRA/QLoRA training (AdamW, schedule, gradient accumulation).
 - ``lora_rules``: the tenant's side of the LoRA rule (ffa freezes A; a lower-rank svd tenant).

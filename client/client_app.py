@@ -6,7 +6,9 @@ which has the model and data loaded already, and its reply comes back (see
 :mod:`client.worker_link`). This module imports no torch, so the ClientApp process that
 Flower starts for every message costs only Flower's own start-up. Without a worker
 (simulation, tests, a node started with ``--no-worker``) the same handlers
-(:mod:`client.handlers`) run here.
+(:mod:`client.handlers`) run here. (A node started by ``fedlora deploy supernode`` does not
+start this process per message at all: its ``flwr-clientapp`` hands the whole task to the
+worker, see :mod:`client.task_runner`; this forwarder serves when that cannot.)
 
 Every ArrayRecord travels packed into one Array (the ``packed_arrays`` mod; see
 :mod:`common.packing`).

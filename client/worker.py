@@ -3,9 +3,13 @@ ClientApp message with the model, the data and the ledger already loaded.
 
     python -m client.worker --socket STATE_DIR/worker/worker.sock [--parent-pid PID]
 
-It handles one message at a time (health requests are answered meanwhile) on a Unix socket (see :mod:`client.worker_link` for the
-channel and its protection) with the very handlers a ClientApp runs in-process
-(:mod:`client.handlers`), so a message means the same thing with or without a worker. What
+It handles one message at a time (health requests are answered meanwhile) on a Unix socket
+(see :mod:`client.worker_link` for the channel and its protection) with the very handlers a
+ClientApp runs in-process (:mod:`client.handlers`), so a message means the same thing with
+or without a worker. A message reaches it in one of two ways: as a whole task, handed over
+by fedlora's ``flwr-clientapp`` (:mod:`client.clientapp_shim`), which the worker pulls from
+the SuperNode and answers itself (:mod:`client.task_runner`: no process per message); or
+forwarded by the ClientApp of a Flower ``flwr-clientapp`` process (:mod:`client.client_app`). What
 the handlers cache per process (``client.task.session``: the base with its adapter slot;
 ``client.task.tenant_data``: the tokenized data) therefore lives across messages and runs,
 and is reloaded when a run names another model, adapter or data config. The privacy ledger
@@ -45,7 +49,7 @@ class Worker:
         self.path = Path(path)
         self.app = app  # the ClientApp whose handlers run (None: client.handlers.app, imported on first use)
         self.started = time.time()
-        self.served = self.failed = self.dropped = 0
+        self.served = self.failed = self.dropped = self.tasks = 0  # tasks: served by pulling them itself
         self.busy: str | None = None
         self._one_at_a_time = threading.Lock()
         self.last: dict = {}
@@ -102,25 +106,62 @@ class Worker:
         if kind == link.HEALTH:
             link.send_frame(conn, link.REPLY, json.dumps(self.health()).encode())
             return
-        if kind != link.HANDLE:
+        if kind == link.RUN_TASK:
+            reply_kind, body = self._run_task(payload)
+        elif kind == link.HANDLE:
+            with self._one_at_a_time:
+                reply_kind, body = self._handle(payload)
+        else:
             link.send_frame(conn, link.FAILED, f"unknown request kind {kind}".encode())
             return
-        with self._one_at_a_time:
-            reply_kind, body = self._handle(payload)
         try:
             link.send_frame(conn, reply_kind, body)
         except OSError as err:  # the ClientApp died while we worked: its reply is lost, we go on
             self.dropped += 1
             log.warning("the ClientApp left before its reply (%s); serving the next request", err)
 
-    def _handle(self, payload: bytes) -> tuple[int, bytes]:
-        from flwr.common import serde
-        from flwr.proto.message_pb2 import Context as ProtoContext, Message as ProtoMessage
-
+    def _handlers(self):
         if self.app is None:
             from client.handlers import app as handlers
 
             self.app = handlers
+        return self.app
+
+    def _run_task(self, payload: bytes) -> tuple[int, bytes]:
+        """A ClientApp task handed over by ``flwr-clientapp``'s stand-in (see :mod:`client.task_runner`)."""
+        from client.client_app import packed_arrays
+        from client.task_runner import TaskSpec, run_task
+
+        try:
+            spec = TaskSpec.from_dict(json.loads(payload))
+        except (ValueError, TypeError, AttributeError) as err:  # refused before the token is used
+            return link.REFUSED, f"not a task: {err}".encode()
+        handlers = self._handlers()
+        log.info("took a ClientApp task")
+
+        def app(message, context):
+            self.busy = message.metadata.message_type
+            try:
+                return packed_arrays(message, context, handlers)
+            finally:
+                self.busy = None
+
+        start = time.perf_counter()
+        result = run_task(spec, app, one_at_a_time=self._one_at_a_time)
+        seconds = round(time.perf_counter() - start, 3)
+        ok = result.status == "completed"
+        self.served += ok
+        self.failed += not ok
+        self.tasks += 1
+        self.last = {"type": result.message_type, "seconds": seconds, "error": None if ok else result.details}
+        log.info("%s task %s in %.2f s", result.message_type, result.status, seconds)
+        return link.REPLY, json.dumps(result.as_dict()).encode()
+
+    def _handle(self, payload: bytes) -> tuple[int, bytes]:
+        from flwr.common import serde
+        from flwr.proto.message_pb2 import Context as ProtoContext, Message as ProtoMessage
+
+        self._handlers()
         start = time.perf_counter()
         what = "?"
         try:
@@ -151,7 +192,8 @@ class Worker:
         models = [{"base": k[0].base, "precision": k[0].precision, "adapter": k[1].method, "r": k[1].r}
                   for k in (task._MODELS if task else ())]
         return {"pid": os.getpid(), "socket": str(self.path), "uptime_s": round(time.time() - self.started, 1),
-                "served": self.served, "failed": self.failed, "dropped_replies": self.dropped, "busy": self.busy,
+                "served": self.served, "failed": self.failed, "dropped_replies": self.dropped, "tasks": self.tasks,
+                "busy": self.busy,
                 "last": self.last, "models": models, "tenants_cached": len(task._DATA) if task else 0,
                 "rss_mb": round(_rss_bytes() / 2**20, 1), "protocol": link.VERSION}
 

@@ -14,16 +14,21 @@ process of its own user (``SO_PEERCRED``).
 Frames: ``MAGIC`` (4 bytes), protocol version (1 byte), kind (1 byte), payload length
 (8 bytes, big-endian), payload. A request carries the Flower ``Message`` and ``Context`` as
 protobufs (Flower's own serde); a reply carries the reply ``Message`` and the context's
-updated ``state`` (the SecAgg+ stages keep their keys there), or an error text.
+updated ``state`` (the SecAgg+ stages keep their keys there), or an error text. A
+``RUN_TASK`` request (from :mod:`client.clientapp_shim`, which stands in for Flower's
+``flwr-clientapp``) carries the task's Runtime API address and token as JSON; the worker
+pulls and answers the task itself (:mod:`client.task_runner`) and replies with its status.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import struct
 from pathlib import Path
+from typing import Callable
 
 MAGIC = b"FLWK"
 VERSION = 1
@@ -33,7 +38,7 @@ NODE_CONFIG_KEY = "worker-socket"  # the node config key that names the worker's
 MAX_PATH = 107  # sun_path holds 108 bytes, the last one NUL
 
 # kinds
-HANDLE, HEALTH, REPLY, FAILED, REFUSED = 1, 2, 3, 4, 5
+HANDLE, HEALTH, REPLY, FAILED, REFUSED, RUN_TASK = 1, 2, 3, 4, 5, 6
 
 
 class WorkerUnavailable(ConnectionError):
@@ -145,6 +150,32 @@ def forward(path: Path | str, message, context):
     if reply.has_error():
         return Message(reply.error, reply_to=message)
     return Message(reply.content, reply_to=message)
+
+
+def run_task(path: Path | str, spec: dict, *, keep_waiting: Callable[[], bool] = lambda: True,
+             connect_timeout: float = 5.0) -> dict:
+    """Have the worker run one ClientApp task (``spec``: address, token, insecure,
+    root_certificates); returns its result (status, details, type, reply_pushed).
+
+    Raises :class:`WorkerUnavailable` when no worker takes the task (its token is unused), and
+    :class:`WorkerFailed` when the worker took it and then failed or went away, or when
+    ``keep_waiting()`` turned False while it worked (checked every second)."""
+    sock = _connect(path, connect_timeout)
+    with sock:
+        try:
+            send_frame(sock, RUN_TASK, json.dumps(spec).encode())
+            while not select.select([sock], [], [], 1.0)[0]:
+                if not keep_waiting():
+                    raise WorkerFailed("stopped waiting for the tenant worker's task (the SuperNode is gone)")
+            sock.settimeout(30.0)  # the reply is on its way: a small frame
+            version, kind, body = read_frame(sock)
+        except (ConnectionError, OSError) as err:
+            raise WorkerFailed(f"the tenant worker on {path} dropped the task: {err}") from None
+    if kind == REFUSED or version != VERSION:
+        raise WorkerUnavailable(f"the tenant worker on {path} refused the task: {body.decode(errors='replace')}")
+    if kind == FAILED:
+        raise WorkerFailed(body.decode(errors="replace"))
+    return json.loads(body)
 
 
 def health(path: Path | str, *, timeout: float = 5.0) -> dict:

@@ -2,13 +2,15 @@
 where a deployment message's round trip goes.
 
     python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
-                                           [--set KEY=VALUE ...]
+                                           [--flower-clientapp-arm] [--set KEY=VALUE ...]
 
 1. Writes synthetic tenants once; every run uses the same files and the same config.
 2. Deployment: a SuperLink with TLS + node auth + SQLite and one tenant node per tenant on
    127.0.0.1 (``simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
-   ``fedlora deploy supernode`` runs them); 2 rounds. With ``--no-worker-arm`` also without
-   workers (each ClientApp process loads the model).
+   ``fedlora deploy supernode`` runs them: the worker pulls and answers each task itself);
+   2 rounds. With ``--flower-clientapp-arm`` also with Flower's own ``flwr-clientapp`` per
+   message forwarding to the worker, with ``--no-worker-arm`` also without workers (each
+   ClientApp process loads the model).
 3. Simulation: the same run through ``fedlora simulate`` (no baselines).
    The arms alternate run by run (``--repeats``); the ratio is each repeat's mean round over
    the simulation's, median and spread, with the load average at start and end.
@@ -37,7 +39,7 @@ from common.records import RoundRecord, read_rounds, read_summary
 _SAMPLED = re.compile(r"^(\d+\.\d+) .*Round (\d+): \d+ of \d+ tenants sampled")
 _AGGREGATED = re.compile(r"^(\d+\.\d+) .*Aggregated MetricRecord")
 _NODE = re.compile(r"^(\d+\.\d+) .*(Receiving|Sending): (train|evaluate) message")
-_SPAWNED = re.compile(r"^(\d+\.\d+) .*Start `flwr-clientapp` process")
+_SPAWNED = re.compile(r"^(\d+\.\d+) .*(?:Start `flwr-clientapp` process|took a ClientApp task)")
 _SENT = re.compile(r"^(\d+\.\d+) .*Sent successfully")
 
 
@@ -135,17 +137,20 @@ class NodeMemory:
             m.__exit__(*exc)
 
 
-def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0) -> dict:
+def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0,
+                   flower_clientapp: bool = False) -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
     from simulations.cli.deployment import LocalFederation, Tenant
 
-    name = ("deployment" if worker else "deployment_no_worker") + (f"_{repeat}" if repeat else "")
+    name = ("deployment" if worker else "deployment_no_worker") + ("_flower_clientapp" if flower_clientapp else "")
+    name += f"_{repeat}" if repeat else ""
     run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
     t = time.perf_counter()
     with LocalFederation(out / f"{name}_federation") as fed:
         for i in range(tenants):
-            fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"), worker=worker)
+            fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"), worker=worker,
+                           flower_clientapp=flower_clientapp)
         fed.wait_online(tenants)
         up = time.perf_counter() - t
         with NodeMemory({n: p.popen.pid for n, p in fed.procs.items() if n.startswith("supernode-")}) as mem:
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of each arm (median reported)")
     p.add_argument("--no-worker-arm", action="store_true",
                    help="also run the deployment without tenant workers (a model load per message)")
+    p.add_argument("--flower-clientapp-arm", action="store_true",
+                   help="also run with workers behind Flower's own flwr-clientapp (a process per message)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("runs/bench_deployment"))
     args = p.parse_args(argv)
@@ -214,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = {"deployment": arm("deployment", lambda: deployment_arm(cfg, data, out, tenants=args.tenants, worker=True,
                                                                     repeat=done("deployment"))),
             "simulation": arm("simulation", lambda: simulation_arm(cfg, data, out, repeat=done("simulation")))}
+    if args.flower_clientapp_arm:
+        arms["deployment_flower_clientapp"] = arm("deployment_flower_clientapp", lambda: deployment_arm(
+            cfg, data, out, tenants=args.tenants, worker=True, flower_clientapp=True,
+            repeat=done("deployment_flower_clientapp")))
     if args.no_worker_arm:
         arms["deployment_no_worker"] = arm("deployment_no_worker", lambda: deployment_arm(
             cfg, data, out, tenants=args.tenants, worker=False, repeat=done("deployment_no_worker")))

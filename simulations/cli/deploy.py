@@ -53,6 +53,10 @@ def add_commands(sub) -> None:
     node.add_argument("--no-worker", action="store_true",
                       help="no tenant worker: every ClientApp process imports torch and loads the model itself "
                            "(Flower starts one per message)")
+    node.add_argument("--flower-clientapp", action="store_true",
+                      help="let Flower start its own flwr-clientapp for every message, which forwards it to the "
+                           "worker (seconds of start-up each); by default the worker pulls and answers each "
+                           "task itself")
     node.add_argument("--print", action="store_true", help="print the command instead of running it")
 
     worker = cmds.add_parser("worker-status", help="ask this tenant's worker how it is (JSON)",
@@ -129,7 +133,8 @@ def _supernode(args: argparse.Namespace) -> int:
     from simulations.cli.tenant_node import run_node
 
     try:
-        return run_node(cmd, socket, env=deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME))))
+        return run_node(cmd, socket, env=deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME))),
+                        hand_over_tasks=not args.flower_clientapp)
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1

@@ -262,10 +262,11 @@ class LocalFederation:
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
                    max_retries: int | None = None, worker: bool = True,
-                   poll_interval: float | None = DEFAULT_POLL) -> Proc:
+                   poll_interval: float | None = DEFAULT_POLL, flower_clientapp: bool = False) -> Proc:
         """Start one tenant's node (registering its key first unless told not to): its SuperNode
         and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does;
-        ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s)."""
+        ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``flower_clientapp``:
+        Flower's own ``flwr-clientapp`` per message, forwarding to the worker."""
         from client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
@@ -277,7 +278,8 @@ class LocalFederation:
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
                                 worker_socket=socket, poll_interval=poll_interval)
         if socket is not None:
-            cmd = [str(BIN / "python"), "-m", "simulations.cli.tenant_node", "--socket", str(socket), "--", *cmd]
+            cmd = [str(BIN / "python"), "-m", "simulations.cli.tenant_node", "--socket", str(socket),
+                   *(["--flower-clientapp"] if flower_clientapp else []), "--", *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc

@@ -5,7 +5,11 @@
 its socket, then starts ``flower-supernode`` with that socket in its node config, and stays
 in the foreground:
 
-- the worker is restarted if it dies (its ClientApps fall back to in-process meanwhile);
+- Flower's SuperExec finds fedlora's ``flwr-clientapp`` (:mod:`client.clientapp_shim`) first
+  on the SuperNode's PATH, so each message's task is pulled and answered by the worker itself
+  instead of a fresh Flower process per message (``--flower-clientapp`` leaves Flower's);
+- the worker is restarted if it dies (tasks fall back to Flower's ``flwr-clientapp`` meanwhile,
+  whose ClientApp then handles the message in-process);
 - SIGTERM, SIGINT or SIGHUP stops the SuperNode first, then the worker;
 - when the SuperNode exits, the worker is stopped and its exit code is the node's;
 - both children get the kernel's parent-death signal, so even a SIGKILLed supervisor leaves
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +31,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from client import worker_link
-from simulations.cli.launcher import die_with_parent
+from client import clientapp_shim, worker_link
+from simulations.cli.launcher import BIN, die_with_parent
 
 READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
 RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
@@ -43,17 +48,18 @@ class TenantNode:
     """The two children and the supervisor's decisions about them."""
 
     def __init__(self, supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None,
-                 say: Callable[[str], None] | None = None, preload: bool = True):
+                 say: Callable[[str], None] | None = None, preload: bool = True, hand_over_tasks: bool = True):
         self.supernode_cmd, self.socket, self.env, self.preload = supernode_cmd, Path(socket), env, preload
+        self.hand_over_tasks = hand_over_tasks
         self.say = say or (lambda line: print(f"fedlora deploy supernode: {line}", file=sys.stderr, flush=True))
         self.worker: subprocess.Popen | None = None
         self.supernode: subprocess.Popen | None = None
         self.restarts: list[float] = []
         self.stopping = False
 
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         # SIGTERM, not SIGKILL, when the supervisor dies: the worker removes its socket, the SuperNode stops cleanly
-        return subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
+        return subprocess.Popen(cmd, env=env or self.env, stdin=subprocess.DEVNULL,
                                 preexec_fn=partial(die_with_parent, signal.SIGTERM))
 
     def start_worker(self) -> None:
@@ -89,6 +95,19 @@ class TenantNode:
         except RuntimeError as err:
             self.say(str(err))
 
+    def supernode_env(self) -> dict[str, str]:
+        """The SuperNode's environment: with fedlora's ``flwr-clientapp`` first on PATH (it hands
+        each task to the worker, and falls back to Flower's own, found on the PATH it had)."""
+        env = dict(os.environ if self.env is None else self.env)
+        if not self.hand_over_tasks:
+            return env
+        path = env.get("PATH", os.defpath)
+        flower = shutil.which(clientapp_shim.COMMAND, path=path) or str(BIN / clientapp_shim.COMMAND)
+        bin_dir = self.socket.parent / "bin"
+        clientapp_shim.install(bin_dir, worker_socket=self.socket, flower=flower)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+        return env
+
     def stop(self, *_) -> None:
         self.stopping = True
         for child, grace in ((self.supernode, 15.0), (self.worker, 10.0)):
@@ -108,7 +127,7 @@ class TenantNode:
             self.start_worker()
             if self.stopping:
                 return 0
-            self.supernode = self._spawn(self.supernode_cmd)
+            self.supernode = self._spawn(self.supernode_cmd, env=self.supernode_env())
             while self.supernode.poll() is None and not self.stopping:
                 self._keep_worker()
                 time.sleep(0.5)
@@ -117,22 +136,26 @@ class TenantNode:
         return self.supernode.returncode if self.supernode is not None else 0
 
 
-def run_node(supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None) -> int:
+def run_node(supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None,
+             hand_over_tasks: bool = True) -> int:
     """Run a tenant's SuperNode with its worker until the SuperNode exits or a signal comes."""
-    return TenantNode(supernode_cmd, socket, env=env).run()
+    return TenantNode(supernode_cmd, socket, env=env, hand_over_tasks=hand_over_tasks).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.cli.tenant_node", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True, type=Path, help="the tenant worker's Unix socket")
     p.add_argument("--no-preload", action="store_true", help="the worker imports the ML stack at its first message")
+    p.add_argument("--flower-clientapp", action="store_true",
+                   help="leave Flower's flwr-clientapp (one process per message, forwarding to the worker)")
     p.add_argument("supernode", nargs=argparse.REMAINDER, help="-- then the flower-supernode command line")
     args = p.parse_args(argv)
     cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
     if not cmd:
         p.error("give the flower-supernode command after --")
     try:
-        return TenantNode(cmd, args.socket, preload=not args.no_preload).run()
+        return TenantNode(cmd, args.socket, preload=not args.no_preload,
+                          hand_over_tasks=not args.flower_clientapp).run()
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1

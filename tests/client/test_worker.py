@@ -224,3 +224,12 @@ def test_health_is_answered_while_a_message_is_handled_and_messages_wait_their_t
     # Assert: health came back mid-message; the second message waited for the first
     assert record["busy"] == "query" and waiting == 0
     assert len(replies) == 2 and worker.served == 2
+
+
+def test_malformed_task_is_refused_before_any_token_is_used(worker):
+    # Execute: a task hand-over without its Runtime API address
+    with pytest.raises(link.WorkerUnavailable, match="refused the task"):
+        link.run_task(worker.path, {"token": "ab" * 32})
+    # Assert: nothing counted as served or failed
+    record = link.health(worker.path)
+    assert (record["served"], record["failed"], record["tasks"]) == (0, 0, 0)

@@ -163,7 +163,7 @@ def test_report_states_engine_tls_auth_and_who_finished(run):
     assert "| 3 | 0, 1 | 0, 1 | - |" in text  # the resumed run's report covers every round
 
 
-def test_every_message_of_the_surviving_tenants_was_served_by_their_worker(run, federation):
+def test_every_message_of_the_surviving_tenants_was_pulled_and_served_by_their_worker(run, federation):
     # Prepare: each surviving tenant's worker, asked over its socket
     from client.worker_link import health, socket_path
 
@@ -173,9 +173,12 @@ def test_every_message_of_the_surviving_tenants_was_served_by_their_worker(run, 
         # Assert: train + evaluate in each of the 3 rounds (and round 3's again after the resume
         # if the kill landed mid-round), all in the one long-lived worker, none failed
         assert record["served"] >= 6 and record["failed"] == 0, record
+        # ... each one pulled by the worker itself: no Flower ClientApp process was started
+        assert record["tasks"] == record["served"], record
         assert [m["base"] for m in record["models"]] == [os.environ.get("FEDLORA_TEST_BASE", "embedded")]
         log = federation.procs[f"supernode-{name}"].text()
         assert "in the ClientApp process instead" not in log
+        assert "Start `flwr-clientapp` process" not in log and "running Flower's flwr-clientapp" not in log
 
 
 def test_unregistered_key_is_refused(federation):

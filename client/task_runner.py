@@ -1,0 +1,174 @@
+"""One Flower ClientApp task, run inside the tenant worker instead of a fresh ``flwr-clientapp``.
+
+Flower 1.42's SuperNode hands every message to a new ``flwr-clientapp`` process: it imports
+Flower's SuperNode CLI (seconds), pulls the message over the node's Runtime API with a
+one-task token, loads the app from the FAB, replies, and exits. On a node started with
+``fedlora deploy supernode`` that command is :mod:`client.clientapp_shim`, which gives the
+task's Runtime API address and token to the tenant worker; the worker then does here what
+``flwr-clientapp`` would do, with Flower's own functions (``pull_task_input``,
+``push_message``, ``push_task_output`` of ``flwr.supernode.runtime.run_clientapp``) and the
+same ClientApp the FAB names, so nothing new is spawned and nothing is imported again:
+
+1. a Runtime API client with the task's token, and the task's heartbeat;
+2. the task input (message, context, run, FAB) -- the one-shot activation of the token;
+3. the FAB must name fedlora's ClientApp (``client.client_app:app``): its handlers are the
+   ones the worker runs (:mod:`client.handlers`, behind the ``packed_arrays`` mod); a FAB of
+   another app gets an error reply that says to start the node with ``--no-worker``;
+4. the reply (or an error reply, as ``flwr-clientapp`` makes it), then the task's final
+   status and context.
+
+Unlike ``flwr-clientapp`` nothing here exits the process or installs signal handlers, and a
+run stopped by its operator (the heartbeat answers "no longer running") only marks the task
+cancelled: the message in hand is finished, its reply is not pushed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("fedlora.worker")
+CLIENTAPP_REF = "client.client_app:app"  # what the FAB's pyproject must name for the worker to serve it
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What ``flwr-clientapp`` is started with: where the node's Runtime API is, and the task's token."""
+
+    address: str
+    token: str
+    insecure: bool = True
+    root_certificates: str | None = None  # a PEM file's path (TLS to the Runtime API)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        address, token = d.get("address"), d.get("token")
+        if not isinstance(address, str) or not address or not isinstance(token, str) or not token:
+            raise ValueError("a task needs its Runtime API address and token")
+        certs = d.get("root_certificates")
+        return cls(address, token, bool(d.get("insecure", certs is None)), str(certs) if certs else None)
+
+
+@dataclass
+class TaskResult:
+    status: str             # Flower's SubStatus: completed | failed | stopped
+    details: str = ""
+    message_type: str = "?"
+    reply_pushed: bool = False
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "details": self.details, "type": self.message_type,
+                "reply_pushed": self.reply_pushed}
+
+
+class ForeignApp(RuntimeError):
+    """The run's FAB names another ClientApp than fedlora's."""
+
+
+def fab_clientapp(fab_content: bytes) -> str | None:
+    """The ClientApp reference in a FAB's ``pyproject.toml`` (None when it has none)."""
+    with zipfile.ZipFile(io.BytesIO(fab_content)) as fab:
+        with fab.open("pyproject.toml") as f:
+            project = tomllib.load(f)
+    return project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+
+
+def check_fab(fab_content: bytes) -> None:
+    """Raises :class:`ForeignApp` unless the FAB names fedlora's ClientApp."""
+    try:
+        ref = repr(fab_clientapp(fab_content))
+    except (KeyError, zipfile.BadZipFile, tomllib.TOMLDecodeError) as err:
+        ref = f"no readable pyproject.toml ({err})"
+    if ref != repr(CLIENTAPP_REF):
+        raise ForeignApp(f"this node's tenant worker serves fedlora's ClientApp ({CLIENTAPP_REF}); the run's FAB "
+                         f"names {ref}. Start the node with `fedlora deploy supernode --no-worker` to run other apps")
+
+
+def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
+    """Flower's task heartbeat, except that a stopped task sets ``cancelled`` instead of
+    raising SIGINT in the process (which here would stop the whole worker)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (503, 504):
+                return False
+            cancelled.set()  # the token is no longer valid: the task is gone
+            return True
+        if not res.success:
+            cancelled.set()
+        return True
+
+    return beat
+
+
+def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | None = None) -> TaskResult:
+    """Run one ClientApp task against the SuperNode's Runtime API; never raises.
+
+    ``app(message, context) -> reply`` handles the message (the worker passes fedlora's
+    handlers behind the ``packed_arrays`` mod); ``one_at_a_time`` is held from pulling the
+    task to its reply, so the worker handles one message at a time while each waiting task
+    keeps its heartbeat."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    retry = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=spec.address, insecure=spec.insecure,
+        root_certificates=None if spec.insecure else spec.root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(spec.token)],
+        retry_invoker=retry)
+    cancelled = threading.Event()
+    heartbeat = HeartbeatSender(_heartbeat_fn(client, cancelled))
+    result = TaskResult(SubStatus.FAILED, "ClientApp task failed due to unknown reason")
+    message = context = reply = None
+    lock = one_at_a_time or threading.Lock()
+    try:
+        heartbeat.start()
+        with lock:
+            try:
+                message, context, _run, fab = pull_task_input(client)
+                result.message_type = message.metadata.message_type
+                check_fab(fab.content)
+                reply = app(message, context)
+                result.status, result.details = SubStatus.COMPLETED, ""
+            except Exception as err:  # noqa: BLE001 - as flwr-clientapp: the error becomes the reply
+                code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, ForeignApp) else \
+                    ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+                reason = str(err) if isinstance(err, ForeignApp) else f"{type(err)}:<'{err}'>"
+                log.error("a %s task failed: %s", result.message_type, reason, exc_info=not isinstance(err, ForeignApp))
+                result.status, result.details = SubStatus.FAILED, reason
+                if message is not None:
+                    reply = Message(Error(code=code, reason=reason), reply_to=message)
+        if cancelled.is_set():
+            result.status, result.details = SubStatus.STOPPED, "the run was stopped while its message was handled"
+        elif reply is not None and context is not None:
+            try:
+                push_message(client, reply, context)
+                result.reply_pushed = True
+            except Exception as err:  # noqa: BLE001
+                log.error("pushing the %s reply failed: %s", result.message_type, err)
+                result.status, result.details = SubStatus.FAILED, f"the reply could not be pushed: {err}"
+    finally:
+        retry.max_tries = 1  # as flwr-clientapp's exit: the final status is one attempt
+        push_task_output(client=client, context=context, sub_status=result.status, details=result.details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return result
