@@ -5,9 +5,10 @@ Flower's SuperNode CLI (seconds), pulls the message over the node's Runtime API 
 one-task token, loads the app from the FAB, replies, and exits. On a node started with
 ``fedlora deploy supernode`` that command is :mod:`client.clientapp_shim`, which gives the
 task's Runtime API address and token to the tenant worker; the worker then does here what
-``flwr-clientapp`` would do, with Flower's own functions (``pull_task_input``,
-``push_message``, ``push_task_output`` of ``flwr.supernode.runtime.run_clientapp``) and the
-same ClientApp the FAB names, so nothing new is spawned and nothing is imported again:
+``flwr-clientapp`` would do, with Flower's own functions (``push_message`` and
+``push_task_output`` of ``flwr.supernode.runtime.run_clientapp``; its ``pull_task_input``
+with a shorter retry, see :func:`pull_task_input`) and the same ClientApp the FAB names, so
+nothing new is spawned and nothing is imported again:
 
 1. a Runtime API client with the task's token, and the task's heartbeat;
 2. the task input (message, context, run, FAB) -- the one-shot activation of the token;
@@ -112,6 +113,43 @@ def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
     return beat
 
 
+PULL_BACKOFF = 0.05  # s before asking again for a message object the SuperNode has not received yet
+PULL_BACKOFF_CAP = 1.0
+
+
+def pull_task_input(client):
+    """Flower's ``run_clientapp.pull_task_input``, except for the wait between tries of a message
+    object that has not arrived yet: Flower's starts at 1 s (its ``PULL_INITIAL_BACKOFF``).
+
+    The SuperNode starts the task as soon as a message is announced, while its objects are
+    still coming from the SuperLink, so the first pull of a just-announced message often
+    misses; a fresh ``flwr-clientapp`` spends seconds importing before it asks, the worker
+    asks at once, and would then wait a whole second. Here it asks again after 50 ms,
+    doubling up to 1 s, within Flower's own time and try limits."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_BACKOFF, backoff_cap=PULL_BACKOFF_CAP)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: a deflated message lacks its own id
+    return message, context, run, fab
+
+
 def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | None = None) -> TaskResult:
     """Run one ClientApp task against the SuperNode's Runtime API; never raises.
 
@@ -125,7 +163,7 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     retry = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(

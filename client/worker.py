@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-preload", action="store_true", help="import the ML stack at the first message, not now")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedlora-worker %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
     from common.offline import quiet_and_offline
 
     quiet_and_offline()

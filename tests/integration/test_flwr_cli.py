@@ -174,6 +174,31 @@ def test_flwr_ls_and_log_on_the_deployment_run(deployment):
     assert f"fedlora: run {run_id} writes to {deployment['dir']}" in out
 
 
+def test_flwr_stop_of_a_deployment_run_leaves_the_tenant_workers_serving(deployment):
+    # Prepare: a long run on the deployment, its first train message in a worker's hands
+    from client.worker_link import health, socket_path
+
+    flwr, fed = deployment["flwr"], deployment["fed"]
+    sockets = [socket_path(fed.state_dir / f"node-tenant-{t}") for t in range(2)]
+    before = [health(s)["pid"] for s in sockets]
+    run_id, _ = flwr.run("fedlora", "--run-config", LONG.replace("local-steps=400", "local-steps=60")
+                         + f' run.dir="{deployment["dir"]}-stopped"')
+    deadline = time.monotonic() + 180
+    while not any(health(s)["busy"] for s in sockets) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any(health(s)["busy"] for s in sockets), "no worker took the run's message"
+    # Execute
+    flwr("stop", str(run_id), "fedlora")
+    # Assert: the run is stopped; each worker finishes the message in hand and serves on, the
+    # same process (a stopped task must not stop the worker, as Flower's own heartbeat would)
+    assert flwr.wait_status("fedlora", run_id, {"finished:stopped"}, timeout=60) == "finished:stopped"
+    deadline = time.monotonic() + 180
+    while any(health(s)["busy"] for s in sockets) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = [health(s) for s in sockets]
+    assert [h["pid"] for h in after] == before and not any(h["busy"] for h in after), after
+
+
 def test_no_process_is_left_behind(sim, deployment):
     # Execute: what the fixtures do at the end of the module (also when a test failed)
     deployment["fed"].close()
