@@ -122,3 +122,33 @@ def _other_worker(socket: Path, old: int) -> int | None:
     except (worker_link.WorkerUnavailable, worker_link.WorkerFailed, json.JSONDecodeError):
         return None
     return pid if pid != old else None
+
+
+def test_supernode_finds_fedlora_clientapp_first_and_flowers_behind_it(tmp_path):
+    # Prepare: a PATH whose flwr-clientapp is a known stand-in for Flower's
+    from simulations.cli.tenant_node import TenantNode
+
+    flower_bin = tmp_path / "flower-bin"
+    flower_bin.mkdir()
+    (flower_bin / "flwr-clientapp").write_text("#!/bin/sh\n")
+    (flower_bin / "flwr-clientapp").chmod(0o755)
+    socket = worker_link.socket_path(tmp_path / "state")
+    node = TenantNode(["true"], socket, env={"PATH": f"{flower_bin}{os.pathsep}/usr/bin"})
+    # Execute
+    env = node.supernode_env()
+    # Assert: the node's script is what the SuperExec finds; it falls back to the PATH's own
+    first = env["PATH"].split(os.pathsep)[0]
+    script = Path(first) / "flwr-clientapp"
+    assert first == str(socket.parent / "bin") and script.is_file()
+    assert f"--worker-socket {socket}" in script.read_text()
+    assert f"--flower {flower_bin / 'flwr-clientapp'}" in script.read_text()
+    assert env["PATH"].split(os.pathsep)[1:] == [str(flower_bin), "/usr/bin"]
+
+
+def test_flower_clientapp_option_leaves_the_path_alone(tmp_path):
+    from simulations.cli.tenant_node import TenantNode
+
+    node = TenantNode(["true"], worker_link.socket_path(tmp_path / "state"), env={"PATH": "/usr/bin"},
+                      hand_over_tasks=False)
+    assert node.supernode_env()["PATH"] == "/usr/bin"
+    assert not (tmp_path / "state" / "worker" / "bin").exists()
