@@ -114,10 +114,9 @@ def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
 
 
 PULL_BACKOFF = 0.05  # s before asking again for a message object the SuperNode has not received yet
-PULL_BACKOFF_CAP = 1.0
 
 
-def pull_task_input(client):
+def pull_task_input(client, cancelled: threading.Event | None = None):
     """Flower's ``run_clientapp.pull_task_input``, except for the wait between tries of a message
     object that has not arrived yet: Flower's starts at 1 s (its ``PULL_INITIAL_BACKOFF``).
 
@@ -125,14 +124,15 @@ def pull_task_input(client):
     still coming from the SuperLink, so the first pull of a just-announced message often
     misses; a fresh ``flwr-clientapp`` spends seconds importing before it asks, the worker
     asks at once, and would then wait a whole second. Here it asks again after 50 ms,
-    doubling up to 1 s, within Flower's own time and try limits."""
+    doubling up to Flower's cap, within Flower's own time and try limits; and it stops asking once
+    ``cancelled`` is set (the task's run was stopped or failed: its objects never come)."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.proto.node_pb2 import Node
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
     from flwr.supercore.inflatable.inflatable_protobuf_utils import (
         make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -142,10 +142,17 @@ def pull_task_input(client):
     if not pulled.messages_list:
         raise RuntimeError("No messages received from Runtime API")
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    pull_one = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+
+    def pull(object_id: str) -> bytes:
+        if cancelled is not None and cancelled.is_set():
+            raise ObjectPullError(object_id, "the task's run is no longer running")
+        return pull_one(object_id)
+
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        tree, pull,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=PULL_BACKOFF, backoff_cap=PULL_BACKOFF_CAP)
+        return_type=Message, initial_backoff=PULL_BACKOFF)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: a deflated message lacks its own id
     return message, context, run, fab
 
@@ -154,9 +161,11 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
     """Run one ClientApp task against the SuperNode's Runtime API; never raises.
 
     ``app(message, context) -> reply`` handles the message (the worker passes fedlora's
-    handlers behind the ``packed_arrays`` mod); ``one_at_a_time`` is held from pulling the
-    task to its reply, so the worker handles one message at a time while each waiting task
-    keeps its heartbeat."""
+    handlers behind the ``packed_arrays`` mod); ``one_at_a_time`` is held while it does, so
+    the worker handles one message at a time. Pulling and pushing are outside it, as in
+    Flower's process per task: a task whose run died while its message was still arriving
+    (its objects never come) holds up no other task, and gives up at its heartbeat's next
+    "not running" (within about 30 s)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
@@ -179,23 +188,26 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
     lock = one_at_a_time or threading.Lock()
     try:
         heartbeat.start()
-        with lock:
-            try:
-                message, context, _run, fab = pull_task_input(client)
-                result.message_type = message.metadata.message_type
-                check_fab(fab.content)
+        try:
+            message, context, _run, fab = pull_task_input(client, cancelled)
+            result.message_type = message.metadata.message_type
+            check_fab(fab.content)
+            with lock:
+                if cancelled.is_set():
+                    raise RuntimeError("the task's run stopped while it waited for its turn")
                 reply = app(message, context)
-                result.status, result.details = SubStatus.COMPLETED, ""
-            except Exception as err:  # noqa: BLE001 - as flwr-clientapp: the error becomes the reply
-                code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, ForeignApp) else \
-                    ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-                reason = str(err) if isinstance(err, ForeignApp) else f"{type(err)}:<'{err}'>"
-                log.error("a %s task failed: %s", result.message_type, reason, exc_info=not isinstance(err, ForeignApp))
-                result.status, result.details = SubStatus.FAILED, reason
-                if message is not None:
-                    reply = Message(Error(code=code, reason=reason), reply_to=message)
+            result.status, result.details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001 - as flwr-clientapp: the error becomes the reply
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, ForeignApp) else \
+                ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            reason = str(err) if isinstance(err, ForeignApp) else f"{type(err)}:<'{err}'>"
+            log.error("a %s task failed: %s", result.message_type, reason,
+                      exc_info=not isinstance(err, ForeignApp) and not cancelled.is_set())
+            result.status, result.details = SubStatus.FAILED, reason
+            if message is not None:
+                reply = Message(Error(code=code, reason=reason), reply_to=message)
         if cancelled.is_set():
-            result.status, result.details = SubStatus.STOPPED, "the run was stopped while its message was handled"
+            result.status, result.details = SubStatus.STOPPED, "the task's run stopped before its reply was pushed"
         elif reply is not None and context is not None:
             try:
                 push_message(client, reply, context)
