@@ -71,7 +71,12 @@ def _alive(pid: int | None) -> bool:
 
 def _exec_flower(flower: str, args: list[str], why: str) -> None:
     print(f"fedlora {COMMAND}: {why}; running Flower's {COMMAND}", file=sys.stderr, flush=True)
-    os.execv(flower, [flower, *args])
+    try:
+        os.execv(flower, [flower, *args])
+    except OSError as err:
+        print(f"fedlora {COMMAND}: cannot run Flower's {COMMAND} at {flower}: {err.strerror or err}; "
+              f"restart the node (`fedlora deploy supernode`) to find it again", file=sys.stderr, flush=True)
+        raise SystemExit(127) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ class Worker:
         self.path = Path(path)
         self.app = app  # the ClientApp whose handlers run (None: client.handlers.app, imported on first use)
         self.started = time.time()
-        self.served = self.failed = self.dropped = self.tasks = 0  # tasks: served by pulling them itself
+        self.served = self.failed = self.dropped = self.stopped = 0
+        self.tasks = 0  # the messages it pulled itself (handed over by fedlora's flwr-clientapp)
         self.busy: str | None = None
         self._one_at_a_time = threading.Lock()
         self.last: dict = {}
@@ -149,9 +150,10 @@ class Worker:
         start = time.perf_counter()
         result = run_task(spec, app, one_at_a_time=self._one_at_a_time)
         seconds = round(time.perf_counter() - start, 3)
-        ok = result.status == "completed"
+        ok, stopped = result.status == "completed", result.status == "stopped"
         self.served += ok
-        self.failed += not ok
+        self.stopped += stopped  # the task's run ended first: not the worker's failure
+        self.failed += not (ok or stopped)
         self.tasks += 1
         self.last = {"type": result.message_type, "seconds": seconds, "error": None if ok else result.details}
         log.info("%s task %s in %.2f s", result.message_type, result.status, seconds)
@@ -193,7 +195,7 @@ class Worker:
                   for k in (task._MODELS if task else ())]
         return {"pid": os.getpid(), "socket": str(self.path), "uptime_s": round(time.time() - self.started, 1),
                 "served": self.served, "failed": self.failed, "dropped_replies": self.dropped, "tasks": self.tasks,
-                "busy": self.busy,
+                "stopped_tasks": self.stopped, "busy": self.busy,
                 "last": self.last, "models": models, "tenants_cached": len(task._DATA) if task else 0,
                 "rss_mb": round(_rss_bytes() / 2**20, 1), "protocol": link.VERSION}
 

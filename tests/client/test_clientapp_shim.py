@@ -209,3 +209,13 @@ def test_task_spec_needs_address_and_token(spec):
 
 def test_task_spec_with_certificates_is_tls():
     assert TaskSpec.from_dict({"address": "a:1", "token": TOKEN, "root_certificates": "/c.pem"}).insecure is False
+
+
+def test_missing_flower_command_is_a_clear_error(tmp_path):
+    # Prepare: no worker, and the Flower command it would fall back to is gone
+    script = shim.install(tmp_path / "bin", worker_socket=tmp_path / "none.sock", flower=tmp_path / "gone")
+    # Execute
+    done = subprocess.run([str(script), *FLOWER_ARGS], capture_output=True, text=True, timeout=30)
+    # Assert: says what is missing and what to do, no traceback
+    assert done.returncode == 127 and "cannot run Flower's flwr-clientapp" in done.stderr
+    assert "Traceback" not in done.stderr

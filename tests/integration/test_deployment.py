@@ -173,8 +173,9 @@ def test_every_message_of_the_surviving_tenants_was_pulled_and_served_by_their_w
         # Assert: train + evaluate in each of the 3 rounds (and round 3's again after the resume
         # if the kill landed mid-round), all in the one long-lived worker, none failed
         assert record["served"] >= 6 and record["failed"] == 0, record
-        # ... each one pulled by the worker itself: no Flower ClientApp process was started
-        assert record["tasks"] == record["served"], record
+        # ... each one pulled by the worker itself: no Flower ClientApp process was started (a
+        # task of the killed ServerApp's run may have ended as stopped)
+        assert record["tasks"] == record["served"] + record["stopped_tasks"], record
         assert [m["base"] for m in record["models"]] == [os.environ.get("FEDLORA_TEST_BASE", "embedded")]
         log = federation.procs[f"supernode-{name}"].text()
         assert "in the ClientApp process instead" not in log
