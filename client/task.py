@@ -139,8 +139,8 @@ _DATA: dict[tuple, TenantData] = {}
 def session(cfg: Config) -> Loaded:
     """The process's base model with one adapter slot, loaded once."""
     key = (cfg.model, cfg.adapter, cfg.train.seed)
+    set_threads(cfg.train.threads)  # every call: a cached model must not keep an earlier run's thread count
     if key not in _MODELS:
-        set_threads(cfg.train.threads)
         _MODELS.clear()
         _DATA.clear()  # tokenized for the old base; a long-lived worker must not keep every run's data
         _MODELS[key] = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)

@@ -297,8 +297,20 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+_DEFAULT_THREADS: list[int] = []  # torch's own thread count, before any run set one
+
+
 def set_threads(n: int) -> None:
+    """torch's intra-op threads for this run: ``n``, or (n <= 0) ``OMP_NUM_THREADS``, else
+    torch's own default -- restored, so a long-lived process (the tenant worker) does not
+    keep an earlier run's count."""
+    if not _DEFAULT_THREADS:
+        _DEFAULT_THREADS.append(torch.get_num_threads())
     if n > 0:
-        torch.set_num_threads(n)
+        want = n
     elif os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        want = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        want = _DEFAULT_THREADS[0]
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
