@@ -13,14 +13,6 @@ from common.data import read_examples, tenant_paths
 from common.model import load_model
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-
-
 def _context(small_cfg, tenants_dir, partition=1):
     run_config = {**small_cfg.to_flat(), "data.dir": str(tenants_dir)}
     return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 4},

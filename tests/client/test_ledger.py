@@ -29,14 +29,6 @@ from tests.client.test_privacy import DATA, tiny_lora
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-
-
 def _accountant_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     """Opacus' RDP accountant stepped once per DP-SGD step, independently of the ledger."""
     from opacus.accountants import RDPAccountant

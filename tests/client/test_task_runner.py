@@ -89,14 +89,6 @@ class FakeRuntime:
         pass
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-
-
 @pytest.fixture
 def runtimes(monkeypatch):
     """Tasks by address; heartbeats every ~0.3 s instead of Flower's ~24 s."""

@@ -51,14 +51,6 @@ def _query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"out": MetricRecord({"done": 1})}), reply_to=msg)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-
-
 @pytest.fixture
 def worker(tmp_path):
     w = Worker(link.socket_path(tmp_path / "state"), app=echo)
