@@ -16,7 +16,9 @@
 The two arms alternate run by run, ``--repeats`` times, the order reversed every other
 repeat (the sequential arm reads the tenant files the first federated run wrote); the
 ratio is the median of each repeat's federated / sequential, reported with its spread and
-the load average at start and end. ``--set`` shrinks the scenario for a quick run.
+the load average at start and end. ``--warmup`` pairs (default 1) run first and are not
+counted: a fresh process's first run of each arm was 10-20 % slower than the later ones,
+by different amounts in the two arms. ``--set`` shrinks the scenario for a quick run.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", default="default")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each arm (median reported)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="runs of each arm first that are not counted (cold caches, Ray's first workers)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     load0 = loadavg()
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         steady["sequential"].append(steady_seconds(per_round))
         return seconds
 
-    t = interleave({"federated": federated, "sequential": sequential_run}, args.repeats)
+    t = interleave({"federated": federated, "sequential": sequential_run}, args.repeats, warmup=args.warmup)
+    steady = {arm: s[-args.repeats:] for arm, s in steady.items()}  # the warm-up's rounds are not counted
     load1 = loadavg()
     ratio = ratio_summary(t["federated"], t["sequential"])
     steady_ratio = ratio_summary(steady["federated"], steady["sequential"])
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "federated_seconds": statistics.median(t["federated"]),
         "sequential_seconds": statistics.median(t["sequential"]),
         "overhead_ratio": ratio["median"], "ratio_spread": ratio, "repeats": args.repeats,
+        "warmup": args.warmup,
         "runs": t, "steady_round_seconds": steady, "steady_ratio": steady_ratio["median"],
         "steady_ratio_spread": steady_ratio,
         "uplink_bytes_per_tenant_round": fed.bytes_up / tenant_rounds,
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "federation.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"federated / sequential wall time: {summary['overhead_ratio']:.2f}x (target <= 1.5x; per repeat "
-          f"{ratio['min']:.2f}-{ratio['max']:.2f}x, spread {ratio['spread_pct']:.1f} %, {args.repeats} repeats); "
+          f"{ratio['min']:.2f}-{ratio['max']:.2f}x, spread {ratio['spread_pct']:.1f} %, {args.repeats} repeats after "
+          f"{args.warmup} warm-up); "
           f"uplink per tenant-round {summary['uplink_bytes_per_tenant_round'] / 1e6:.3f} MB = "
           f"{100 * summary['uplink_over_full_model']:.2f} % of the full model")
     print(f"steady state (median round from round 2 on): {steady_ratio['median']:.2f}x (per repeat "

@@ -27,10 +27,17 @@ def load_line(start: list[float], end: list[float]) -> str:
             f"at end {'/'.join(map(str, end)) or 'n/a'}, on {cpus} CPUs")
 
 
-def interleave(arms: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def interleave(arms: dict[str, Callable[[], float]], repeats: int, warmup: int = 0) -> dict[str, list[float]]:
     """Run every arm once per repeat, the order reversed on every other repeat (ABBA...);
-    each arm returns the seconds it measured. Returns seconds per arm, repeat by repeat."""
+    each arm returns the seconds it measured. Returns seconds per arm, repeat by repeat.
+
+    ``warmup`` rounds of every arm run first and are discarded: the first run of a process
+    pays for cold caches (page cache, allocator, imports, Ray's first workers) that later
+    runs do not, and that cost lands unevenly on the arms."""
     names = list(arms)
+    for _ in range(warmup):
+        for n in names:
+            arms[n]()
     out: dict[str, list[float]] = {n: [0.0] * repeats for n in names}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):

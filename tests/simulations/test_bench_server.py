@@ -13,6 +13,17 @@ def test_interleave_alternates_the_order_of_the_arms():
     assert t == {"a": [1.0] * 4, "b": [2.0] * 4}
 
 
+def test_interleave_runs_the_warmup_first_and_does_not_count_it():
+    calls = {"a": [], "b": []}
+
+    def arm(name, seconds):
+        return lambda: calls[name].append(1) or seconds[len(calls[name]) - 1]
+
+    t = interleave({"a": arm("a", [9.0, 1.0, 1.5]), "b": arm("b", [7.0, 2.0, 2.5])}, 2, warmup=1)
+    assert t == {"a": [1.0, 1.5], "b": [2.0, 2.5]}
+    assert len(calls["a"]) == len(calls["b"]) == 3
+
+
 def test_ratio_summary_is_the_median_of_paired_ratios_with_its_spread():
     r = ratio_summary([2.0, 3.0, 8.0], [1.0, 2.0, 4.0])  # pairs 2.0, 1.5, 2.0
     assert r["median"] == 2.0 and r["min"] == 1.5 and r["max"] == 2.0 and r["spread_pct"] == 25.0
