@@ -54,6 +54,7 @@ class Worker:
         self.busy: str | None = None
         self._one_at_a_time = threading.Lock()
         self.last: dict = {}
+        self.warm: dict = {"state": "none"}  # the model loaded before the first task (client.warm)
         self.sock = self._bind()
 
     def _bind(self) -> socket.socket:
@@ -75,6 +76,33 @@ class Worker:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         return sock
+
+    # -- warm-up ------------------------------------------------------------------
+    def start_warm_up(self) -> threading.Thread:
+        """Load the model ``<worker dir>/warm.json`` names, in the background: health is answered
+        meanwhile, and a task that arrives first waits for it rather than loading a second copy."""
+        from client.warm import WARM_FILE, warm_up
+
+        self.warm = {"state": "warming"}
+
+        def run():
+            with self._one_at_a_time:
+                self.warm = warm_up(self.path.parent / WARM_FILE)
+
+        thread = threading.Thread(target=run, name="worker-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def _remember(self) -> None:
+        """Keep the model this worker now holds as the next start's warm-up."""
+        from client.warm import loaded_flat, write_warm
+
+        flat = loaded_flat()
+        if flat is not None:
+            try:
+                write_warm(self.path.parent, flat)
+            except OSError as err:
+                log.warning("could not record the loaded model for the next warm-up: %s", err)
 
     # -- serving ------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -149,6 +177,7 @@ class Worker:
 
         start = time.perf_counter()
         result = run_task(spec, app, one_at_a_time=self._one_at_a_time)
+        self._remember()
         seconds = round(time.perf_counter() - start, 3)
         ok, stopped = result.status == "completed", result.status == "stopped"
         self.served += ok
@@ -173,6 +202,7 @@ class Worker:
             what = message.metadata.message_type
             self.busy = what
             reply = self.app(message, context)
+            self._remember()
             body = link.pack_parts(serde.message_to_proto(reply).SerializeToString(),
                                    serde.recorddict_to_proto(context.state).SerializeToString())
             self.served += 1
@@ -195,7 +225,7 @@ class Worker:
                   for k in (task._MODELS if task else ())]
         return {"pid": os.getpid(), "socket": str(self.path), "uptime_s": round(time.time() - self.started, 1),
                 "served": self.served, "failed": self.failed, "dropped_replies": self.dropped, "tasks": self.tasks,
-                "stopped_tasks": self.stopped, "busy": self.busy,
+                "stopped_tasks": self.stopped, "busy": self.busy, "warm": self.warm,
                 "last": self.last, "models": models, "tenants_cached": len(task._DATA) if task else 0,
                 "rss_mb": round(_rss_bytes() / 2**20, 1), "protocol": link.VERSION}
 
@@ -243,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True, help="the Unix socket to serve on (created mode 0600)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
-    p.add_argument("--no-preload", action="store_true", help="import the ML stack at the first message, not now")
+    p.add_argument("--no-preload", action="store_true",
+                   help="import the ML stack and load the warm-up model (warm.json beside the socket) at the "
+                        "first message, not now")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedlora-worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
@@ -251,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_and_offline()
     if not args.no_preload:
-        import client.handlers  # noqa: F401 - torch, transformers, peft: once, before the socket exists
+        from client.warm import import_training_path
+
+        import_training_path()  # torch, transformers, peft: once, before the socket exists
     worker = Worker(args.socket)
+    if not args.no_preload:
+        worker.start_warm_up()
 
     def stop(*_):
         worker.close()

@@ -8,7 +8,8 @@
 # the tenant worker (which keeps the model loaded; its socket lives in the state directory).
 #   SUPERLINK (host:port, required), TENANT_ID (default 0), LORA_RANK (optional, svd runs),
 #   DATA (default /data/train.jsonl), CA_CERT (/certs/ca.crt), NODE_KEY (/keys/node),
-#   STATE_DIR (/state), NO_WORKER=1 (no tenant worker: a cold ClientApp process per message)
+#   STATE_DIR (/state), NO_WORKER=1 (no tenant worker: a cold ClientApp process per message),
+#   WARM (a scenario whose base and adapter the worker loads as it starts, e.g. deployment)
 set -eu
 : "${SUPERLINK:?set SUPERLINK=host:port}"
 set -- --superlink "$SUPERLINK" \
@@ -22,5 +23,7 @@ if [ -n "${LORA_RANK:-}" ]; then
 fi
 if [ "${NO_WORKER:-0}" = 1 ]; then
   set -- "$@" --no-worker
+elif [ -n "${WARM:-}" ]; then
+  set -- "$@" --warm "$WARM"
 fi
 exec fedlora deploy supernode "$@"

@@ -57,6 +57,12 @@ def add_commands(sub) -> None:
                       help="let Flower start its own flwr-clientapp for every message, which forwards it to the "
                            "worker (seconds of start-up each); by default the worker pulls and answers each "
                            "task itself")
+    node.add_argument("--warm", metavar="SCENARIO",
+                      help="the worker loads the base and adapter this scenario (name or .toml, as `deploy run "
+                           "--scenario` takes) names when it starts, so round 1 does not wait for it; later "
+                           "starts warm up with the model it last served")
+    node.add_argument("--warm-set", action="append", metavar="KEY=VALUE",
+                      help="with --warm: one run-config key the federation's run changes (e.g. model.precision=nf4)")
     node.add_argument("--print", action="store_true", help="print the command instead of running it")
 
     worker = cmds.add_parser("worker-status", help="ask this tenant's worker how it is (JSON)",
@@ -120,6 +126,7 @@ def _supernode(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port, lora_rank=args.lora_rank,
         state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket,
         poll_interval=args.poll_interval)
+    warm = _warm_config(args, with_worker=socket is not None)
     if args.print:
         if socket is not None:
             from simulations.cli.tenant_node import worker_command
@@ -130,6 +137,10 @@ def _supernode(args: argparse.Namespace) -> int:
                     tenant_id=args.tenant_id)
     if socket is None:
         return _exec(cmd, False)
+    if warm is not None:
+        from client.warm import write_warm
+
+        write_warm(socket.parent, warm)
     from simulations.cli.tenant_node import run_node
 
     try:
@@ -138,6 +149,21 @@ def _supernode(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1
+
+
+def _warm_config(args: argparse.Namespace, *, with_worker: bool) -> dict | None:
+    """The flat run config ``--warm`` / ``--warm-set`` name (validated now), or None."""
+    if not (args.warm or args.warm_set):
+        return None
+    if not with_worker:
+        raise deployment.DeploymentConfigError("--warm needs the tenant worker; drop --no-worker or --warm")
+    if not args.warm:
+        raise deployment.DeploymentConfigError("--warm-set changes the --warm scenario; give --warm too")
+    from common.config import parse_config
+    from simulations.scenario import load_scenario, parse_overrides
+
+    flat = {**load_scenario(args.warm), **parse_overrides(args.warm_set or [])}
+    return parse_config(flat, source=f"--warm {args.warm}").to_flat()
 
 
 def _worker_status(args: argparse.Namespace) -> int:

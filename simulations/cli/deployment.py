@@ -194,6 +194,7 @@ class LocalFederation:
     port: int = 0
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: dict[str, Proc] = field(default_factory=dict)
+    worker_sockets: dict[str, Path] = field(default_factory=dict)  # node name -> its worker socket
 
     def __post_init__(self) -> None:
         from common.tls import write_tls_certificates
@@ -262,17 +263,23 @@ class LocalFederation:
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
                    max_retries: int | None = None, worker: bool = True,
-                   poll_interval: float | None = DEFAULT_POLL, flower_clientapp: bool = False) -> Proc:
+                   poll_interval: float | None = DEFAULT_POLL, flower_clientapp: bool = False,
+                   warm=None) -> Proc:
         """Start one tenant's node (registering its key first unless told not to): its SuperNode
         and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does;
         ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``flower_clientapp``:
-        Flower's own ``flwr-clientapp`` per message, forwarding to the worker."""
+        Flower's own ``flwr-clientapp`` per message, forwarding to the worker; ``warm``: a Config
+        whose model the worker loads as it starts (``fedlora deploy supernode --warm``)."""
         from client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
         if register:
             self.register(tenant.name)
         socket = socket_path(self.state_dir / f"node-{tenant.name}") if worker else None
+        if warm is not None and socket is not None:
+            from client.warm import write_warm
+
+            write_warm(socket.parent, warm.to_flat())
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
@@ -283,11 +290,31 @@ class LocalFederation:
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc
+        if socket is not None:
+            self.worker_sockets[proc.name] = socket
         return proc
 
     def wait_online(self, count: int, *, timeout: float = 90.0) -> None:
         wait_for(lambda: online_nodes(flwr_home=self.cli_home) >= count, timeout=timeout, poll=1.0,
                  what=f"{count} SuperNode(s) online")
+
+    def wait_warm(self, *, timeout: float = 600.0) -> dict[str, dict]:
+        """Wait until no tenant worker is still warming up; returns each node's warm-up state."""
+        from client import worker_link
+
+        sockets = self.worker_sockets
+        states: dict[str, dict] = {}
+
+        def settled() -> bool:
+            for name, sock in sockets.items():
+                try:
+                    states[name] = worker_link.health(sock, timeout=2.0).get("warm", {})
+                except (worker_link.WorkerUnavailable, worker_link.WorkerFailed):
+                    states[name] = {"state": "warming"}  # not serving yet
+            return all(s.get("state") != "warming" for s in states.values())
+
+        wait_for(settled, timeout=timeout, poll=0.5, what="the tenant workers' warm-up")
+        return states
 
     # -- runs ---------------------------------------------------------------------
     def run(self, cfg, *, timeout: float = 0.0, on_line: Callable[[str], None] | None = None) -> Path:

@@ -251,3 +251,42 @@ def test_cli_passes_the_tenants_lora_rank_to_its_supernode(tmp_path, capsys):
     assert refused == 2
     assert err.splitlines() == ["fedlora deploy supernode: LoRA rank 0 must be a positive integer "
                                 "(at most the run's adapter.r; federation.lora-rule = svd)"]
+
+
+def _supernode_args(tmp_path) -> list[str]:
+    return ["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "k"), "--data", str(tmp_path / "train.jsonl"), "--state-dir", str(tmp_path / "s")]
+
+
+def test_cli_warm_writes_the_scenarios_model_keys_for_the_worker(tmp_path, monkeypatch):
+    # Prepare: no real node is started
+    import simulations.cli.preflight as preflight
+    import simulations.cli.tenant_node as tenant_node
+    from client.warm import WARM_FILE
+    from simulations.cli.main import main
+
+    monkeypatch.setattr(preflight, "check_supernode", lambda **_: None)
+    monkeypatch.setattr(tenant_node, "run_node", lambda *a, **k: 0)
+    # Execute
+    rc = main([*_supernode_args(tmp_path), "--warm", "default", "--warm-set", "adapter.r=4",
+               "--warm-set", "train.learning-rate=0.5"])
+    # Assert: the model's keys, with the override; nothing of the run that does not decide the model
+    import json
+
+    warm = json.loads((tmp_path / "s" / "worker" / WARM_FILE).read_text())
+    assert rc == 0 and warm["adapter.r"] == 4 and warm["model.base"] == "embedded"
+    assert "train.learning-rate" not in warm and "run.dir" not in warm
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--no-worker", "--warm", "default"], "--warm needs the tenant worker"),
+    (["--warm-set", "adapter.r=4"], "give --warm too"),
+    (["--warm", "default", "--warm-set", "adapter.r=many"], "adapter.r"),
+])
+def test_cli_warm_mistakes_are_one_clear_error_before_anything_starts(tmp_path, capsys, extra, says):
+    from simulations.cli.main import main
+
+    rc = main([*_supernode_args(tmp_path), *extra, "--print"])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
