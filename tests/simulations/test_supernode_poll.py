@@ -51,3 +51,55 @@ def test_a_flower_whose_loop_no_longer_uses_time_is_left_alone(loop, monkeypatch
     # Execute / Assert
     with pytest.warns(UserWarning, match="poll interval is unchanged"):
         assert supernode_poll.cap_idle_poll(0.5) is False
+
+
+class FakeClock:
+    """A clock whose sleeps are recorded and advance it."""
+
+    def __init__(self):
+        self.now, self.slept = 100.0, []
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def __call__(self):
+        return self.now
+
+
+def test_idle_polls_are_fast_for_a_window_after_a_handled_message_then_slow_again():
+    # Prepare: cap 0.5 s, 0.1 s polls for 1 s after the last wait on a handled message
+    fake = FakeClock()
+    clock = supernode_poll.CappedSleep(0.5, burst=0.1, window=1.0, local=0.05, sleep=fake.sleep, clock=fake)
+    # Execute: idle before any message; one reply wait; then idle polls past the window
+    clock.sleep(3)
+    clock.sleep(0.5)  # the reply loop, at t = 100.5
+    for _ in range(12):
+        clock.sleep(3)
+    # Assert: 0.5 before; the reply wait 0.05; polls of 0.1 while t - 100.5 < 1.0 (at 100.55 ... 101.45), then 0.5
+    assert fake.slept[:2] == [0.5, 0.05]
+    assert fake.slept[2:] == pytest.approx([0.1] * 10 + [0.5] * 2)
+
+
+def test_no_wait_is_longer_than_asked_or_than_the_cap():
+    # Prepare
+    fake = FakeClock()
+    clock = supernode_poll.CappedSleep(0.05, burst=0.1, local=0.2, sleep=fake.sleep, clock=fake)
+    # Execute
+    clock.sleep(3)
+    clock.sleep(0.5)
+    clock.sleep(0.01)
+    # Assert
+    assert fake.slept == [0.05, 0.05, 0.01]
+
+
+def test_the_first_retry_of_a_missing_message_object_is_shortened(monkeypatch):
+    # Prepare
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    monkeypatch.setitem(defaults, "initial_backoff", 1)
+    # Execute
+    changed = supernode_poll.shorten_first_pull_retry(0.05)
+    # Assert: the first retry only; Flower's cap and limits stay
+    assert changed and defaults["initial_backoff"] == 0.05 and defaults["backoff_cap"] == 10
