@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 ROUND_TIMEOUT = 180.0
 TENANTS = 3
 KILLED = "2"  # tenant id whose SuperNode dies after round 1
+BASE = os.environ.get("FEDLORA_TEST_BASE", "embedded")
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,11 @@ def federation(tmp_path_factory):
     write_tenants(root / "data", num_tenants=TENANTS, train_size=48, holdout_size=8, preference_size=8, seed=0)
     fed = LocalFederation(root / "federation")
     with fed:
-        for t in range(TENANTS):
-            fed.start_node(Tenant(f"tenant-{t}", t, root / "data" / f"tenant_{t:03d}" / "train.jsonl"))
+        for t in range(TENANTS):  # tenant 0 loads the run's base as it starts (deploy supernode --warm)
+            fed.start_node(Tenant(f"tenant-{t}", t, root / "data" / f"tenant_{t:03d}" / "train.jsonl"),
+                           warm=parse_config({"model.base": BASE}) if t == 0 else None)
         fed.wait_online(TENANTS)
+        fed.warm_states = fed.wait_warm()  # type: ignore[attr-defined]
         fed.data_root = root / "data"  # type: ignore[attr-defined]
         yield fed
     # Leaving the context stopped everything; the last test checks nothing is left.
@@ -59,7 +62,7 @@ def run(federation, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("run") / "deploy-run"
     cfg = parse_config({
-        "model.base": os.environ.get("FEDLORA_TEST_BASE", "embedded"),
+        "model.base": BASE,
         "federation.rounds": 3, "federation.min-train-nodes": 2, "federation.round-timeout": ROUND_TIMEOUT,
         "train.local-steps": 4, "train.batch-size": 8, "train.threads": 1, "eval.max-new-tokens": 16,
         "run.dir": str(run_dir), "run.baselines": False,
@@ -165,6 +168,7 @@ def test_report_states_engine_tls_auth_and_who_finished(run):
 
 def test_every_message_of_the_surviving_tenants_was_pulled_and_served_by_their_worker(run, federation):
     # Prepare: each surviving tenant's worker, asked over its socket
+    from client.warm import WARM_FILE, read_warm
     from client.worker_link import health, socket_path
 
     for name in ("tenant-0", "tenant-1"):
@@ -176,7 +180,11 @@ def test_every_message_of_the_surviving_tenants_was_pulled_and_served_by_their_w
         # ... each one pulled by the worker itself: no Flower ClientApp process was started (a
         # task of the killed ServerApp's run may have ended as stopped)
         assert record["tasks"] == record["served"] + record["stopped_tasks"], record
-        assert [m["base"] for m in record["models"]] == [os.environ.get("FEDLORA_TEST_BASE", "embedded")]
+        assert [m["base"] for m in record["models"]] == [BASE]
+        # ... tenant 0 had the model loaded before the run, and the run found it (one model, above);
+        # every worker records what it served, for its next start's warm-up
+        assert federation.warm_states[f"supernode-{name}"]["state"] == ("loaded" if name == "tenant-0" else "none")
+        assert read_warm(socket_path(federation.state_dir / f"node-{name}").parent / WARM_FILE)["model.base"] == BASE
         log = federation.procs[f"supernode-{name}"].text()
         assert "in the ClientApp process instead" not in log
         assert "Start `flwr-clientapp` process" not in log and "running Flower's flwr-clientapp" not in log
