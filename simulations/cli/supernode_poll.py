@@ -14,8 +14,8 @@ entry point runs Flower's own ``flower-supernode`` unchanged except for three wa
 - while a message is handled, the loop's half-second waits for the reply in the node's own
   state (no network) take ``LOCAL_WAIT`` s;
 - pulling a message's objects retries an object that is not there yet (the ServerApp is
-  still uploading it) after ``PULL_FIRST_RETRY`` s instead of Flower's 1 s, with Flower's
-  doubling, cap and limits after that.
+  still uploading it) after 50 ms instead of Flower's 1 s
+  (:func:`common.flower_pull.shorten_first_pull_retry`).
 
     python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...
 
@@ -36,7 +36,6 @@ IDLE_SLEEP = 3.0        # Flower's idle poll, the only sleep of its loop this lo
 BURST_POLL = 0.1        # seconds between idle polls right after a message was handled
 BURST_WINDOW = 10.0     # for how long after it
 LOCAL_WAIT = 0.05       # the loop's waits while a message is handled (the node's own state)
-PULL_FIRST_RETRY = 0.05
 
 
 class CappedSleep:
@@ -76,23 +75,13 @@ def cap_idle_poll(cap: float) -> bool:
     return True
 
 
-def shorten_first_pull_retry(seconds: float = PULL_FIRST_RETRY) -> bool:
-    """Retry a message object that is not there yet after ``seconds`` first (Flower: 1 s)."""
-    from flwr.supercore.inflatable import inflatable_utils
-
-    defaults = getattr(inflatable_utils.pull_objects, "__kwdefaults__", None) or {}
-    if "initial_backoff" not in defaults:
-        warnings.warn("this Flower's object pull has no initial_backoff; its first retry is unchanged", stacklevel=2)
-        return False
-    defaults["initial_backoff"] = min(defaults["initial_backoff"], seconds)
-    return True
-
-
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...")
     cap = float(sys.argv[1])
     if cap < IDLE_SLEEP:
+        from common.flower_pull import shorten_first_pull_retry
+
         cap_idle_poll(max(cap, 0.05))
         shorten_first_pull_retry()
     from flwr.supernode.cli.flower_supernode import flower_supernode

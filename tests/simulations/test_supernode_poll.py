@@ -92,14 +92,3 @@ def test_no_wait_is_longer_than_asked_or_than_the_cap():
     # Assert
     assert fake.slept == [0.05, 0.05, 0.01]
 
-
-def test_the_first_retry_of_a_missing_message_object_is_shortened(monkeypatch):
-    # Prepare
-    from flwr.supercore.inflatable import inflatable_utils
-
-    defaults = inflatable_utils.pull_objects.__kwdefaults__
-    monkeypatch.setitem(defaults, "initial_backoff", 1)
-    # Execute
-    changed = supernode_poll.shorten_first_pull_retry(0.05)
-    # Assert: the first retry only; Flower's cap and limits stay
-    assert changed and defaults["initial_backoff"] == 0.05 and defaults["backoff_cap"] == 10
