@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,8 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
     name = ("deployment" if worker else "deployment_no_worker") + ("_flower_clientapp" if flower_clientapp else "")
     name += f"_{repeat}" if repeat else ""
     run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
+    for old in (out / f"{name}_federation", out / f"{name}_run"):  # an earlier invocation's (its keys are registered there)
+        shutil.rmtree(old, ignore_errors=True)
     t = time.perf_counter()
     with LocalFederation(out / f"{name}_federation") as fed:
         for i in range(tenants):
@@ -170,6 +173,7 @@ def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0) -> dict:
     from simulations.cli.simulate import simulate
 
     run_dir = out / ("simulation_run" + (f"_{repeat}" if repeat else ""))
+    shutil.rmtree(run_dir, ignore_errors=True)
     run_cfg = cfg.replace(**{"run.dir": str(run_dir), "data.dir": str(data)})
     simulate(run_cfg)
     return {"seconds_per_round": per_round(Path(run_cfg.run.dir))}
