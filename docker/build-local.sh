@@ -325,7 +325,7 @@ worker_status() {  # one line per tenant: what its tenant worker says of itself
   for tenant in tenant-a tenant-b; do
     printf '%s worker: ' "$tenant"
     "${COMPOSE[@]}" exec -T "$tenant" sh -c 'fedlora deploy worker-status --state-dir /state 2>/dev/null \
-      | python3 -c "import json, sys; h = json.load(sys.stdin); print(\"pid {pid}, up {uptime_s} s, messages served {served}, failed {failed}\".format(**h))" \
+      | python3 -c "import json, sys; h = json.load(sys.stdin); print(\"pid {pid}, up {uptime_s} s, messages served {served} (pulled by the worker itself {tasks}), failed {failed}; warm-up {w}\".format(w=h.get(\"warm\", {}).get(\"state\", \"-\"), **h))" \
       || echo "no tenant worker answers"' || echo "(container not running)"
   done
 }
