@@ -12,7 +12,9 @@ the SuperNode and answers itself (:mod:`client.task_runner`: no process per mess
 forwarded by the ClientApp of a Flower ``flwr-clientapp`` process (:mod:`client.client_app`). What
 the handlers cache per process (``client.task.session``: the base with its adapter slot;
 ``client.task.tenant_data``: the tokenized data) therefore lives across messages and runs,
-and is reloaded when a run names another model, adapter or data config. The privacy ledger
+and is reloaded when a run names another model, adapter or data config. As it starts, the
+worker loads the model ``warm.json`` beside its socket names (:mod:`client.warm`), in the
+background, so round 1 does not wait for it. The privacy ledger
 and the delta residuals stay in the node's state directory, read and written per round, so
 they mean the same after a restart.
 
@@ -274,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True, help="the Unix socket to serve on (created mode 0600)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--no-preload", action="store_true",
-                   help="import the ML stack and load the warm-up model (warm.json beside the socket) at the "
-                        "first message, not now")
+                   help="import the ML stack at the first message, not now, and load no warm-up model "
+                        "(warm.json beside the socket)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedlora-worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
