@@ -17,7 +17,6 @@ whose model differs from the warm one simply loads its own, as it would have any
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -62,10 +61,10 @@ def loaded_flat() -> dict | None:
     held = list(task._MODELS) if task is not None else []  # a copy: a task may be loading meanwhile
     if not held:
         return None
-    model, adapter, seed = held[0]
-    flat = {f"{section}.{f.name.replace('_', '-')}": getattr(obj, f.name)
-            for section, obj in (("model", model), ("adapter", adapter)) for f in dataclasses.fields(obj)}
-    return {**flat, "train.seed": seed}
+    from common.config import Config, TrainConfig
+
+    model, adapter, seed = held[0]  # the cache key: session()'s
+    return warm_keys(Config(model=model, adapter=adapter, train=TrainConfig(seed=seed)).to_flat())
 
 
 def import_training_path() -> None:

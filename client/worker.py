@@ -57,6 +57,7 @@ class Worker:
         self._one_at_a_time = threading.Lock()
         self.last: dict = {}
         self.warm: dict = {"state": "none"}  # the model loaded before the first task (client.warm)
+        self._remembered: dict | None = None  # what warm.json was last set to by this worker
         self.sock = self._bind()
 
     def _bind(self) -> socket.socket:
@@ -100,9 +101,10 @@ class Worker:
         from client.warm import loaded_flat, write_warm
 
         flat = loaded_flat()
-        if flat is not None:
+        if flat is not None and flat != self._remembered:  # the file is read and written only on a change
             try:
                 write_warm(self.path.parent, flat)
+                self._remembered = flat
             except OSError as err:
                 log.warning("could not record the loaded model for the next warm-up: %s", err)
 

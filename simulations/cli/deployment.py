@@ -302,11 +302,10 @@ class LocalFederation:
         """Wait until no tenant worker is still warming up; returns each node's warm-up state."""
         from client import worker_link
 
-        sockets = self.worker_sockets
         states: dict[str, dict] = {}
 
         def settled() -> bool:
-            for name, sock in sockets.items():
+            for name, sock in self.worker_sockets.items():
                 try:
                     states[name] = worker_link.health(sock, timeout=2.0).get("warm", {})
                 except (worker_link.WorkerUnavailable, worker_link.WorkerFailed):
