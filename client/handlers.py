@@ -8,13 +8,16 @@ with the model already loaded.
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.feedback import DeltaSender
 from client.ledger import STATE_DIR_NAME, BudgetExhausted
 from client import secagg
-from client.task import evaluate_round, session, tenant_data, tenant_from_node_config, train_round
+from client.task import (TenantConfigError, evaluate_round, session, tenant_data, tenant_from_node_config,
+                         train_round)
 from common import messages as keys
 from common import secagg_wire as wire
 from common.adapter import from_arrayrecord
@@ -23,6 +26,7 @@ from common.offline import quiet_and_offline
 from common.secagg import quantizer_for
 
 app = ClientApp()
+log = logging.getLogger(__name__)
 
 
 def _setup(msg: Message, context: Context):
@@ -39,17 +43,31 @@ def _sender(msg: Message, cfg, data, server_round: int) -> DeltaSender:
     return DeltaSender.for_round(cfg, state_dir=state_dir, run=str(msg.metadata.run_id), server_round=server_round)
 
 
+def _evaluate_first(conf, loaded, data, global_state, cfg) -> dict[str, MetricRecord]:
+    """The evaluation of the adapter a training message carries, before training moves it,
+    when its config asks for one (``federation.evaluate-with-train``; its reply's
+    ``evaluation`` record). A tenant that cannot evaluate still trains, and says why."""
+    if not conf.get(keys.EVALUATE_FIRST, False):
+        return {}
+    try:
+        return {keys.EVALUATION: MetricRecord(evaluate_round(loaded, data, global_state, cfg))}
+    except TenantConfigError as why:
+        log.warning("round %s: no evaluation with this training: %s", conf.get(keys.ROUND), why)
+        return {}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, loaded, data, global_state = _setup(msg, context)
     conf = msg.content.config_records[keys.CONFIG]
+    evaluation = _evaluate_first(conf, loaded, data, global_state, cfg)
     try:
         delta, metrics = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
                                      seed=int(conf[keys.SEED]))
     except BudgetExhausted as why:  # declines: the server records the reason and carries on
         return Message(Error(code=keys.DECLINED, reason=str(why)), reply_to=msg)
     sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
-    content = RecordDict({keys.ARRAYS: sender.plain(delta), keys.METRICS: MetricRecord(metrics)})
+    content = RecordDict({keys.ARRAYS: sender.plain(delta), keys.METRICS: MetricRecord(metrics), **evaluation})
     sender.commit()  # the residual is on disk before the reply leaves
     return Message(content=content, reply_to=msg)
 
@@ -94,6 +112,7 @@ def secagg_share(msg: Message, context: Context, store) -> RecordDict:
 def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
     cfg, loaded, data, global_state = _setup(msg, context)
     conf, metrics = msg.content.config_records[keys.CONFIG], {}
+    evaluation = _evaluate_first(conf, loaded, data, global_state, cfg)
 
     def local_round():
         delta, metrics_ = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
@@ -105,7 +124,7 @@ def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
     vector = secagg.masked_upload(store, quantizer=quantizer_for(cfg.secagg, cfg.federation), train=local_round,
                                   pack_update=sender.secagg, **wire.read_upload_request(msg.content))
     sender.commit()
-    return RecordDict({keys.ARRAYS: wire.upload_array(vector), keys.METRICS: MetricRecord(metrics)})
+    return RecordDict({keys.ARRAYS: wire.upload_array(vector), keys.METRICS: MetricRecord(metrics), **evaluation})
 
 
 @app.train(wire.UNMASK)

@@ -28,9 +28,10 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("fedlora.worker")
@@ -61,10 +62,15 @@ class TaskResult:
     details: str = ""
     message_type: str = "?"
     reply_pushed: bool = False
+    phases: dict = field(default_factory=dict)  # seconds: pull, turn (waiting for it), handle, push
 
     def as_dict(self) -> dict:
         return {"status": self.status, "details": self.details, "type": self.message_type,
                 "reply_pushed": self.reply_pushed}
+
+    def phase_line(self) -> str:
+        """``pull 0.41 s, turn 0.00 s, handle 8.93 s, push 0.12 s``: where the task's time went."""
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items())
 
 
 class ForeignApp(RuntimeError):
@@ -186,16 +192,22 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
     result = TaskResult(SubStatus.FAILED, "ClientApp task failed due to unknown reason")
     message = context = reply = None
     lock = one_at_a_time or threading.Lock()
+    clock, phases = time.perf_counter, result.phases
     try:
         heartbeat.start()
         try:
+            t = clock()
             message, context, _run, fab = pull_task_input(client, cancelled)
+            phases["pull"] = clock() - t
             result.message_type = message.metadata.message_type
             check_fab(fab.content)
+            t = clock()
             with lock:
+                phases["turn"], t = clock() - t, clock()
                 if cancelled.is_set():
                     raise RuntimeError("the task's run stopped while it waited for its turn")
                 reply = app(message, context)
+                phases["handle"] = clock() - t
             result.status, result.details = SubStatus.COMPLETED, ""
         except Exception as err:  # noqa: BLE001 - as flwr-clientapp: the error becomes the reply
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, ForeignApp) else \
@@ -210,7 +222,9 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
             result.status, result.details = SubStatus.STOPPED, "the task's run stopped before its reply was pushed"
         elif reply is not None and context is not None:
             try:
+                t = clock()
                 push_message(client, reply, context)
+                phases["push"] = clock() - t
                 result.reply_pushed = True
             except Exception as err:  # noqa: BLE001
                 log.error("pushing the %s reply failed: %s", result.message_type, err)

@@ -189,7 +189,7 @@ class Worker:
         self.failed += not (ok or stopped)
         self.tasks += 1
         self.last = {"type": result.message_type, "seconds": seconds, "error": None if ok else result.details}
-        log.info("%s task %s in %.2f s", result.message_type, result.status, seconds)
+        log.info("%s task %s in %.2f s (%s)", result.message_type, result.status, seconds, result.phase_line())
         return link.REPLY, json.dumps(result.as_dict()).encode()
 
     def _handle(self, payload: bytes) -> tuple[int, bytes]:

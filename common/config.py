@@ -139,6 +139,9 @@ class FederationConfig:
     min_train_nodes: int = _opt(2, "minimum tenants per round", lo=1)
     # Fraction of tenants asked to evaluate each round.
     fraction_evaluate: float = _opt(1.0, "fraction of tenants evaluating per round", lo=0.0, hi=1.0)
+    # Evaluate each round's global adapter at the start of the next round's training message
+    # (on the tenants sampled to train), one exchange per round fewer; the last round's on its own.
+    evaluate_with_train: bool = _opt(False, "evaluate each round's adapter with the next round's training message")
     # Seconds the server waits for replies in one round; late tenants are dropped.
     round_timeout: float = _opt(900.0, "seconds to wait for replies per round", lo=1.0)
     # Examples counted for any one tenant at most: a tenant with more data still trains

@@ -14,6 +14,10 @@ METRICS = "metrics"  # MetricRecord: scalar results (client -> server)
 # ConfigRecord keys sent by the server.
 ROUND = "server-round"
 SEED = "seed"
+# True: evaluate the adapter this message carries before training on it, and reply with the
+# evaluation metrics beside the update (federation.evaluate-with-train).
+EVALUATE_FIRST = "evaluate-first"
+EVALUATION = "evaluation"  # MetricRecord of such a reply: EVAL_METRICS of the adapter it was sent
 
 # MetricRecord keys in every reply.
 NUM_EXAMPLES = "num-examples"  # FedAvg weight (training) / holdout size (evaluation)

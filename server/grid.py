@@ -72,6 +72,9 @@ class PromptGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull replies every ``interval`` s until every message has
         one or ``timeout`` s have passed (``None``: wait for all), as ``Grid`` specifies."""
+        messages = list(messages)
+        if not messages:  # e.g. an evaluation that rides on the next round's training messages
+            return []
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

@@ -11,7 +11,7 @@ bytes down/up, seconds).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -90,6 +90,24 @@ class RoundRecorder:
         assert self._cur is not None
         self._nodes[node] = int(metrics[keys.TENANT])
         self._cur.eval[self._tenant(node)] = dict(metrics)
+
+    def late_evaluation(self, number: int, evaluated: Mapping[int, Mapping[str, float]],
+                        dropped: list[tuple[int, str]]) -> RoundRecord | None:
+        """Round ``number``'s evaluation, which came with the next round's training replies
+        (``federation.evaluate-with-train``): its record, written at its end, is written again
+        with it, atomically. None when that round has no record (nothing to add it to)."""
+        at = next((i for i, r in enumerate(self.rounds) if r.round == number), None)
+        if at is None:
+            return None
+        for node, metrics in evaluated.items():
+            self._nodes[node] = int(metrics[keys.TENANT])
+        old = self.rounds[at]
+        record = replace(old, eval={**old.eval, **{self._tenant(n): dict(m) for n, m in evaluated.items()}},
+                         dropped=[*old.dropped, *(Drop(node=n, tenant=self._tenant(n), reason=why)
+                                                  for n, why in dropped)])
+        write_json_atomic(round_path(self.run_dir, number), record.to_json())
+        self.rounds[at] = record
+        return record
 
     def privacy(self, report: Mapping[str, Any]) -> None:
         """What central DP spent this round (empty without it)."""

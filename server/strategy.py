@@ -114,6 +114,7 @@ class FedLoraStrategy(Strategy):
         self.stop_on_failure = stop_on_failure
         self._global: dict | None = None
         self._sent: list[Message] = []  # this stage's messages, to match replies to nodes
+        self._train_sent: list[Message] = []  # the round's training (or SecAgg+ upload) messages
         self._sampled = self._connected = 0
         self.round_offset = 0  # rounds done before this start (a resumed run)
 
@@ -154,8 +155,13 @@ class FedLoraStrategy(Strategy):
         log(INFO, "\t└── Weights: %s, cap %d examples; round timeout %.0fs", self.cfg.weighting,
             self.cfg.max_weight, self.cfg.round_timeout)
 
-    def _config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
-        return ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed})
+    def _config(self, config: ConfigRecord, server_round: int, **extra) -> ConfigRecord:
+        return ConfigRecord({**dict(config), keys.ROUND: server_round, keys.SEED: self.seed, **extra})
+
+    def _evaluates_with_train(self, server_round: int) -> bool:
+        """Whether round ``server_round``'s training messages also evaluate the adapter they
+        carry, round ``server_round - 1``'s (``federation.evaluate-with-train``)."""
+        return self.cfg.evaluate_with_train and self.cfg.fraction_evaluate > 0.0 and server_round > 1
 
     # -- training -----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -168,15 +174,20 @@ class FedLoraStrategy(Strategy):
         self.recorder.start_round(server_round, sampled=nodes, connected=connected)
         self._sampled, self._connected = len(nodes), connected
         log(INFO, "Round %d: %d of %d tenants sampled", server_round, len(nodes), connected)
+        extra = {keys.EVALUATE_FIRST: True} if self._evaluates_with_train(server_round) else {}
         msgs, key_bytes = self.transport.configure(server_round, nodes, arrays,
-                                                   self._config(config, server_round), grid)
+                                                   self._config(config, server_round, **extra), grid)
         self.recorder.add_bytes(down=key_bytes + arrays.count_bytes() * len(msgs))
+        self._train_sent = msgs
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset  # Flower counts from 1 on every start
         assert self._global is not None
+        replies = list(replies)
+        if self._evaluates_with_train(server_round):
+            self._evaluation_with_train(server_round - 1, replies)
         got = self.transport.collect(server_round, replies, reference=self.rule.reference(self._global))
         self._record_collected(server_round, got)
         summed, audits, info = self._aggregate(got)
@@ -268,6 +279,8 @@ class FedLoraStrategy(Strategy):
         server_round += self.round_offset  # Flower counts from 1 on every start
         if self.cfg.fraction_evaluate == 0.0:
             return []
+        if self.cfg.evaluate_with_train and server_round < self.cfg.rounds:
+            return []  # the next round's training messages evaluate this adapter
         nodes, _ = sample_nodes(grid, fraction=self.cfg.fraction_evaluate, minimum=1,
                                 timeout=self.cfg.round_timeout, rng=self.rng)
         content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: self._config(config, server_round)})
@@ -277,24 +290,54 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset  # Flower counts from 1 on every start
-        results = []
-        for msg in replies:
-            node = sender(self._sent, msg)
-            if msg.has_error() or keys.METRICS not in msg.content.metric_records:
-                reason = msg.error.reason if msg.has_error() else "reply lacks metrics"
-                log(WARNING, "Round %d: evaluation from node %d dropped: %s", server_round, node, reason)
-                self.recorder.drop(node, f"evaluation: {reason}")
-                continue
-            metrics = dict(msg.content.metric_records[keys.METRICS])
-            if set(metrics) != keys.EVAL_METRICS:
-                self.recorder.drop(node, f"evaluation: metric keys {sorted(metrics)} differ from the protocol")
-                continue
-            results.append((float(metrics[keys.NUM_EXAMPLES]), metrics))
+        evaluated, dropped = _evaluations(self._sent, replies, keys.METRICS)
+        for node, reason in dropped:
+            log(WARNING, "Round %d: evaluation from node %d dropped: %s", server_round, node, reason)
+            self.recorder.drop(node, f"evaluation: {reason}")
+        for node, metrics in evaluated.items():
             self.recorder.eval_reply(node, metrics)
         self.recorder.end_round(self.resume_state())
-        if not results:
-            return None
-        return MetricRecord(_weighted_metrics(results, exclude=(keys.TENANT,)))
+        return _mean_evaluation(evaluated)
+
+    def _evaluation_with_train(self, evaluated_round: int, replies: list[Message]) -> None:
+        """The evaluation of round ``evaluated_round``'s adapter that this round's training
+        replies carry: written into that round's record (``federation.evaluate-with-train``)."""
+        evaluated, dropped = _evaluations(self._train_sent, replies, keys.EVALUATION)
+        for node, reason in dropped:
+            log(WARNING, "Round %d: evaluation from node %d dropped: %s", evaluated_round, node, reason)
+        self.recorder.late_evaluation(evaluated_round, evaluated,
+                                      [(node, f"evaluation: {reason}") for node, reason in dropped])
+        mean = _mean_evaluation(evaluated)
+        if mean is not None:
+            log(INFO, "Round %d: evaluation (with round %d's training): %s", evaluated_round, evaluated_round + 1,
+                dict(mean))
+
+
+def _evaluations(sent: list[Message], replies: Iterable[Message], record: str
+                 ) -> tuple[dict[int, dict], list[tuple[int, str]]]:
+    """Each reply's evaluation metrics (its ``record``), checked against the protocol; and
+    (node, reason) for each reply without a valid one."""
+    evaluated, dropped = {}, []
+    for msg in replies:
+        node = sender(sent, msg)
+        if msg.has_error():
+            dropped.append((node, msg.error.reason if record == keys.METRICS else
+                            f"lost with the training reply, an error: {msg.error.reason}"))
+        elif record not in msg.content.metric_records:
+            dropped.append((node, "reply lacks metrics" if record == keys.METRICS else
+                            "the training reply carries none (the tenant's log says why)"))
+        elif set(metrics := dict(msg.content.metric_records[record])) != keys.EVAL_METRICS:
+            dropped.append((node, f"metric keys {sorted(metrics)} differ from the protocol"))
+        else:
+            evaluated[node] = metrics
+    return evaluated, dropped
+
+
+def _mean_evaluation(evaluated: dict[int, dict]) -> MetricRecord | None:
+    if not evaluated:
+        return None
+    return MetricRecord(_weighted_metrics([(float(m[keys.NUM_EXAMPLES]), m) for m in evaluated.values()],
+                                          exclude=(keys.TENANT,)))
 
 
 def _weighted_metrics(items: list[tuple[float, dict]], *, exclude: tuple[str, ...]) -> dict[str, float]:

@@ -38,10 +38,13 @@ class RoundProgress:
 
     _round = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 
-    def __init__(self, rounds: int, run_dir: Path, *, done: int = 0) -> None:
+    def __init__(self, rounds: int, run_dir: Path, *, done: int = 0, lag: int = 0) -> None:
+        """``lag``: rounds a round's line waits for its record to be complete (1 where the next
+        round's training messages evaluate it, ``federation.evaluate-with-train``)."""
         from tqdm.auto import tqdm
 
-        self.run_dir = run_dir
+        self.run_dir, self.lag = run_dir, lag
+        self.printed = done
         self.bar = tqdm(total=rounds, initial=done, desc="federated rounds", unit="round")
         self.phase = "starting Flower simulation"
         self.bar.set_postfix_str(self.phase)
@@ -60,20 +63,22 @@ class RoundProgress:
         elif "Traceback" in line or "ERROR" in line:
             self.bar.write(line)
 
-    def _finish_upto(self, k: int) -> None:
+    def _finish_upto(self, k: int, *, lag: int | None = None) -> None:
         while self.done < k:
             self.done += 1
-            path = round_path(self.run_dir, self.done)
+            self.bar.update(1)
+        while self.printed < k - (self.lag if lag is None else lag):
+            self.printed += 1
+            path = round_path(self.run_dir, self.printed)
             if path.is_file():
                 r = RoundRecord.from_json(json.loads(path.read_text()))
                 ems = r.eval_exact_match()
-                self.bar.write(f"round {self.done}: {len(r.finished)}/{len(r.sampled)} tenants finished"
+                self.bar.write(f"round {self.printed}: {len(r.finished)}/{len(r.sampled)} tenants finished"
                                + (f", mean holdout EM {100 * sum(ems) / len(ems):.1f} %" if ems else "")
                                + (f", {len(r.dropped)} dropped" if r.dropped else ""))
-            self.bar.update(1)
 
     def close(self, rounds: int) -> None:
-        self._finish_upto(rounds)
+        self._finish_upto(rounds, lag=0)
         self.bar.close()
 
 
@@ -113,7 +118,8 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
     rc = write_run_config(cfg, run_dir / "run_config.toml")
     print(f"fedlora: run directory {run_dir}" + (" (resumed)" if cfg.run.resume else ""), flush=True)
 
-    progress = RoundProgress(cfg.federation.rounds, run_dir, done=len(read_rounds(run_dir)) if cfg.run.resume else 0)
+    progress = RoundProgress(cfg.federation.rounds, run_dir, done=len(read_rounds(run_dir)) if cfg.run.resume else 0,
+                             lag=int(cfg.federation.evaluate_with_train))
     t = time.perf_counter()
     try:
         run_simulation(rc, state_dir=run_dir / "flower", num_supernodes=cfg.simulation.tenants,

@@ -149,3 +149,25 @@ def test_secure_round_under_local_dp_runs_through_the_workers(workers, tenants_d
         assert record["train"][str(i)]["dp-epsilon"] > 0
         ledger = tenants_dir / f"tenant_{i:03d}" / ".fedlora-state"
         assert any(ledger.iterdir()), f"tenant {i} has no ledger"
+
+
+def test_a_secure_run_evaluates_each_round_with_the_next_rounds_upload(workers, tenants_dir, tmp_path):
+    # Prepare: SecAgg+, two rounds, each round's adapter evaluated with the next round's training
+    from server.records import RoundRecorder
+    from server.server_app import make_strategy
+
+    cfg = _cfg(tenants_dir, **{"secagg.enabled": True, "federation.rounds": 2, "federation.evaluate-with-train": True,
+                               "federation.min-train-nodes": TENANTS, "simulation.tenants": TENANTS})
+    contexts = {100 + i: _context(cfg, i, workers[i]) for i in range(TENANTS)}
+    initial = get_state(load_model(cfg.model, cfg.adapter, for_training=False).model)
+    strategy = make_strategy(cfg, RoundRecorder(tmp_path, save=lambda p, s, r: None))
+    grid = WorkerGrid(contexts)
+    # Execute
+    strategy.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=2, timeout=300,
+                   train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    # Assert: one evaluation exchange (after the last round), and both rounds evaluated by both tenants
+    assert grid.sent.count("evaluate") == TENANTS
+    records = [json.loads((tmp_path / "metrics" / f"round_{k:03d}.json").read_text()) for k in (1, 2)]
+    for record in records:
+        assert record["aggregated"] and sorted(record["eval"]) == ["0", "1"] and record["dropped"] == []
+        assert all(set(m) == keys.EVAL_METRICS for m in record["eval"].values())
