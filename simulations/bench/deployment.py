@@ -2,7 +2,8 @@
 where a deployment message's round trip goes.
 
     python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
-                                           [--flower-clientapp-arm] [--set KEY=VALUE ...]
+                                           [--flower-clientapp-arm] [--evaluate-with-train-arm]
+                                           [--set KEY=VALUE ...]
 
 1. Writes synthetic tenants once; every run uses the same files and the same config.
 2. Deployment: a SuperLink with TLS + node auth + SQLite and one tenant node per tenant on
@@ -11,7 +12,9 @@ where a deployment message's round trip goes.
    and has loaded the run's model before the run starts, as ``--warm`` makes it do);
    2 rounds. With ``--flower-clientapp-arm`` also with Flower's own ``flwr-clientapp`` per
    message forwarding to the worker, with ``--no-worker-arm`` also without workers (each
-   ClientApp process loads the model).
+   ClientApp process loads the model). With ``--evaluate-with-train-arm`` also both engines
+   with ``federation.evaluate-with-train`` (each round's evaluation rides on the next round's
+   training message), each against the other engine and against its own separate evaluation.
 3. Simulation: the same run through ``fedlora simulate`` (no baselines).
    The arms alternate run by run (``--repeats``); the ratio is each repeat's mean round over
    the simulation's, median and spread, with the load average at start and end. The ratio of
@@ -50,18 +53,43 @@ def _stamps(path: Path, pattern: re.Pattern) -> list[tuple]:
     return [m.groups() for line in path.read_text(errors="replace").splitlines() if (m := pattern.match(line))]
 
 
-def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[RoundRecord]) -> dict[str, float]:
-    """Median seconds per message: SuperNode poll wait, ClientApp process, reply upload, ServerApp pickup."""
+def exchanges(cfg) -> list[tuple[int, str]]:
+    """The run's exchanges in order, (round, kind): a train and an evaluate per round, or with
+    ``federation.evaluate-with-train`` a train per round and one evaluate after the last."""
+    rounds = cfg.federation.rounds
+    if cfg.federation.evaluate_with_train:
+        return [(k, "train") for k in range(1, rounds + 1)] + [(rounds, "evaluate")]
+    return [(k, kind) for k in range(1, rounds + 1) for kind in ("train", "evaluate")]
+
+
+def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[RoundRecord],
+                      order: list[tuple[int, str]]) -> dict[str, float]:
+    """Median seconds per message: SuperNode poll wait, ClientApp process, reply upload, ServerApp
+    pickup. ``order``: the run's exchanges (:func:`exchanges`), each one message to every tenant."""
     sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
-    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]  # train, evaluate per round
-    pushed = {}  # (round, kind) -> when the ServerApp sent the messages
-    for k in sorted(sampled):
-        pushed[(k, "train")] = sampled[k]
-        pushed[(k, "evaluate")] = aggregated[2 * (k - 1)] if len(aggregated) >= 2 * k - 1 else None
-    wait, spawn, process, upload, pickup, work = [], [], [], [], [], []
-    work_by_kind = {"train": [m["train-seconds"] for r in rounds for m in r.train.values()],
-                    "evaluate": [m["eval-seconds"] for r in rounds for m in r.eval.values()]}
-    for log in node_logs:
+    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]  # one per exchange
+
+    def pushed(j: int) -> float | None:  # when the ServerApp sent exchange j's messages
+        k, kind = order[j]
+        return sampled.get(k) if kind == "train" else (aggregated[j - 1] if j - 1 < len(aggregated) else None)
+
+    by_round = {r.round: r for r in rounds}
+
+    def work(j: int, tenant: str) -> float | None:  # the training / evaluation the message did
+        k, kind = order[j]
+        r = by_round.get(k)
+        if r is None:
+            return None
+        if kind == "evaluate":
+            return r.eval.get(tenant, {}).get("eval-seconds")
+        seconds = r.train.get(tenant, {}).get("train-seconds")
+        before = by_round.get(k - 1)
+        if seconds is not None and order.count((k - 1, "evaluate")) == 0 and before is not None:
+            seconds += before.eval.get(tenant, {}).get("eval-seconds", 0.0)  # evaluated with this training
+        return seconds
+
+    wait, spawn, process, upload, pickup, worked = [], [], [], [], [], []
+    for i, log in enumerate(node_logs):
         events = _stamps(log, _NODE)
         received = [(float(t), kind) for t, what, kind in events if what == "Receiving"]
         sent = [(float(t), kind) for t, what, kind in events if what == "Sending"]
@@ -69,21 +97,18 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
         spawn += [t_up - t_in for (t_in, _), t_up in zip(received, spawned)]
         uploaded = [float(t) for (t,) in _stamps(log, _SENT)]
         upload += [t_ok - t_out for (t_out, _), t_ok in zip(sent, uploaded)]
-        for i, ((t_in, kind), (t_out, _), t_ok) in enumerate(zip(received, sent, uploaded)):
-            k = i // 2 + 1
-            t_push = pushed.get((k, kind))
-            if t_push is None:
+        for j, ((t_in, _kind), (t_out, _), t_ok) in enumerate(zip(received, sent, uploaded)):
+            if j >= len(order) or (t_push := pushed(j)) is None:
                 continue
             wait.append(t_in - t_push)
             process.append(t_out - t_in)
-            done = aggregated[2 * (k - 1) + (kind == "evaluate")] if len(aggregated) > 2 * (k - 1) else None
-            if done is not None:
-                pickup.append(done - t_ok)
-    for values in work_by_kind.values():
-        work += values
+            if (w := work(j, str(i))) is not None:
+                worked.append(w)
+            if j < len(aggregated):
+                pickup.append(aggregated[j] - t_ok)
     med = lambda xs: round(statistics.median(xs), 2) if xs else float("nan")  # noqa: E731
     return {"supernode_poll_wait": med(wait), "clientapp_process": med(process),
-            "of_which_until_clientapp_logs": med(spawn), "of_which_work": med(work),
+            "of_which_until_clientapp_logs": med(spawn), "of_which_work": med(worked),
             "reply_upload": med(upload), "serverapp_pickup": med(pickup), "messages": len(process)}
 
 
@@ -141,13 +166,14 @@ class NodeMemory:
 
 
 def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0,
-                   flower_clientapp: bool = False) -> dict:
+                   flower_clientapp: bool = False, prefix: str = "") -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
     from simulations.cli.deployment import LocalFederation, Tenant
 
     name = ("deployment" if worker else "deployment_no_worker") + ("_flower_clientapp" if flower_clientapp else "")
     name += f"_{repeat}" if repeat else ""
+    name = prefix + name  # its directories' names
     run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
     for old in (out / f"{name}_federation", out / f"{name}_run"):  # an earlier invocation's (its keys are registered there)
         shutil.rmtree(old, ignore_errors=True)
@@ -165,14 +191,14 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
     run_dir = Path(run_cfg.run.dir)
     return {"seconds_per_round": per_round(run_dir), "startup_seconds": round(up, 1),
             "warm_up_seconds": [w.get("seconds") for w in warm.values()],
-            "breakdown": message_breakdown(run_dir / "flower.log", node_logs, read_rounds(run_dir)),
+            "breakdown": message_breakdown(run_dir / "flower.log", node_logs, read_rounds(run_dir), exchanges(run_cfg)),
             "node_peak_mb": {n: round(b / 2**20) for n, b in mem.peak.items()}}
 
 
-def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0) -> dict:
+def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0, prefix: str = "") -> dict:
     from simulations.cli.simulate import simulate
 
-    run_dir = out / ("simulation_run" + (f"_{repeat}" if repeat else ""))
+    run_dir = out / (prefix + "simulation_run" + (f"_{repeat}" if repeat else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
     run_cfg = cfg.replace(**{"run.dir": str(run_dir), "data.dir": str(data)})
     simulate(run_cfg)
@@ -183,6 +209,14 @@ def overhead(b: dict) -> float:
     """Median seconds of a message outside its training or evaluation: the SuperNode's poll wait,
     the ClientApp process beyond the work, and the reply's upload."""
     return round(b["supernode_poll_wait"] + b["clientapp_process"] - b["of_which_work"] + b["reply_upload"], 2)
+
+
+FUSED = "evaluate-with-train: "  # the arms with federation.evaluate-with-train
+
+
+def baseline(arm: str) -> str:
+    """The simulation arm an arm is compared with: the one of the same config."""
+    return FUSED + "simulation" if arm.startswith(FUSED) else "simulation"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the deployment without tenant workers (a model load per message)")
     p.add_argument("--flower-clientapp-arm", action="store_true",
                    help="also run with workers behind Flower's own flwr-clientapp (a process per message)")
+    p.add_argument("--evaluate-with-train-arm", action="store_true",
+                   help="also run both engines with federation.evaluate-with-train (one exchange per round fewer)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("runs/bench_deployment"))
     args = p.parse_args(argv)
@@ -233,15 +269,24 @@ def main(argv: list[str] | None = None) -> int:
         arms["deployment_flower_clientapp"] = arm("deployment_flower_clientapp", lambda: deployment_arm(
             cfg, data, out, tenants=args.tenants, worker=True, flower_clientapp=True,
             repeat=done("deployment_flower_clientapp")))
+    if args.evaluate_with_train_arm:
+        fused = cfg.replace(**{"federation.evaluate-with-train": True})
+        arms[FUSED + "deployment"] = arm(FUSED + "deployment", lambda: deployment_arm(
+            fused, data, out, tenants=args.tenants, worker=True, repeat=done(FUSED + "deployment"), prefix="fused_"))
+        arms[FUSED + "simulation"] = arm(FUSED + "simulation", lambda: simulation_arm(
+            fused, data, out, repeat=done(FUSED + "simulation"), prefix="fused_"))
     if args.no_worker_arm:
         arms["deployment_no_worker"] = arm("deployment_no_worker", lambda: deployment_arm(
             cfg, data, out, tenants=args.tenants, worker=False, repeat=done("deployment_no_worker")))
     t = interleave(arms, args.repeats)
     load1 = loadavg()
-    ratios = {n: ratio_summary(t[n], t["simulation"]) for n in t if n != "simulation"}
+    ratios = {n: ratio_summary(t[n], t[baseline(n)]) for n in t if n != baseline(n)}
     later = {n: [statistics.mean(r["seconds_per_round"][1:] or r["seconds_per_round"]) for r in results[n]]
              for n in results}
-    later_ratios = {n: ratio_summary(later[n], later["simulation"]) for n in later if n != "simulation"}
+    later_ratios = {n: ratio_summary(later[n], later[baseline(n)]) for n in later if n != baseline(n)}
+    if args.evaluate_with_train_arm:  # what one exchange per round fewer saves, engine by engine
+        for engine in ("deployment", "simulation"):
+            ratios[f"{FUSED}{engine} / {engine}"] = ratio_summary(t[FUSED + engine], t[engine])
     summary = {"tenants": args.tenants, "rounds": args.rounds, "local_steps": cfg.train.local_steps,
                "repeats": args.repeats, "mean_round_seconds": t, "over_simulation": ratios,
                "after_round_1_over_simulation": later_ratios, "runs": results,
@@ -250,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(summary, indent=2))
     print("\n| engine | seconds per round (each run) | mean round / simulation's | rounds after the first / "
           "simulation's | message outside the work | node peak memory |\n|---|---|---|---|---|---|")
+    for name in (n for n in ratios if n not in results):
+        rat = ratios[name]
+        print(f"| {name} | | {rat['median']:.2f}x ({rat['min']:.2f}-{rat['max']:.2f}) | | | |")
     for name, runs in results.items():
         rounds = "; ".join(", ".join(f"{s:.1f}" for s in r["seconds_per_round"]) for r in runs)
         rat = ratios.get(name)

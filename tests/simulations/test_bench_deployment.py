@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from simulations.bench.deployment import NodeMemory, overhead
+from common.config import parse_config
+from simulations.bench.deployment import FUSED, NodeMemory, baseline, exchanges, overhead
 
 
 def test_overhead_is_poll_wait_plus_process_beyond_the_work_plus_upload():
@@ -20,3 +21,17 @@ def test_node_memory_samples_the_process_tree_it_is_given():
         pass
     # Assert: at least this interpreter's resident memory (well over 10 MB)
     assert mem.peak["node"] > 10 * 2**20
+
+
+def test_a_run_evaluating_with_training_has_one_exchange_per_round_and_a_last_evaluation():
+    # Prepare
+    separate = parse_config({"federation.rounds": 2})
+    fused = parse_config({"federation.rounds": 2, "federation.evaluate-with-train": True})
+    # Execute / Assert
+    assert exchanges(separate) == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+    assert exchanges(fused) == [(1, "train"), (2, "train"), (2, "evaluate")]
+
+
+def test_each_arm_is_compared_with_the_simulation_of_its_own_config():
+    assert baseline("deployment") == "simulation"
+    assert baseline(FUSED + "deployment") == FUSED + "simulation"
