@@ -119,7 +119,6 @@ def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
     return beat
 
 
-PULL_BACKOFF = 0.05  # s before asking again for a message object the SuperNode has not received yet
 
 
 def pull_task_input(client, cancelled: threading.Event | None = None):
@@ -130,7 +129,8 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
     still coming from the SuperLink, so the first pull of a just-announced message often
     misses; a fresh ``flwr-clientapp`` spends seconds importing before it asks, the worker
     asks at once, and would then wait a whole second. Here it asks again after 50 ms,
-    doubling up to Flower's cap, within Flower's own time and try limits; and it stops asking once
+    doubling up to 0.25 s (:func:`common.flower_pull.retry_schedule`: Flower's own time limit,
+    and tries enough that only it ends the wait); and it stops asking once
     ``cancelled`` is set (the task's run was stopped or failed: its objects never come)."""
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -140,6 +140,8 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
         make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
     from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
+
+    from common.flower_pull import retry_schedule
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
@@ -158,7 +160,7 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
     message = pull_and_inflate_object_from_tree(
         tree, pull,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=PULL_BACKOFF)
+        return_type=Message, **retry_schedule())
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: a deflated message lacks its own id
     return message, context, run, fab
 

@@ -8,7 +8,8 @@ a small model. :class:`PromptGrid` delegates everything to the grid it wraps and
 re-implements ``send_and_receive`` with the same push / pull calls and a short pull
 interval. Pulling is one cheap request to the SuperLink. A reply whose objects are still
 being uploaded is asked for again after 50 ms, not Flower's 1 s
-(:func:`common.flower_pull.shorten_first_pull_retry`, applied when the grid is made).
+(:func:`common.flower_pull.shorten_pull_retries`, applied when the grid is made), and
+at most every 0.25 s after that.
 
 It also packs the ArrayRecords of every message it pushes into one Array each, and unpacks
 those of every reply (:mod:`common.packing`): Flower moves each Array as its own object, and
@@ -24,7 +25,7 @@ from typing import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.flower_pull import shorten_first_pull_retry
+from common.flower_pull import shorten_pull_retries
 from common.packing import pack_content, unpack_content
 
 PULL_INTERVAL_S = 0.1
@@ -34,7 +35,7 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, *, interval: float = PULL_INTERVAL_S) -> None:
         self._grid = grid
         self._interval = interval
-        shorten_first_pull_retry()
+        shorten_pull_retries()
 
     # -- delegated unchanged
     def set_run(self, run):

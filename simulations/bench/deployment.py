@@ -88,7 +88,7 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
             seconds += before.eval.get(tenant, {}).get("eval-seconds", 0.0)  # evaluated with this training
         return seconds
 
-    wait, spawn, process, upload, pickup, worked = [], [], [], [], [], []
+    wait, spawn, process, upload, pickup, worked, beyond = [], [], [], [], [], [], []
     for i, log in enumerate(node_logs):
         events = _stamps(log, _NODE)
         received = [(float(t), kind) for t, what, kind in events if what == "Receiving"]
@@ -104,11 +104,13 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
             process.append(t_out - t_in)
             if (w := work(j, str(i))) is not None:
                 worked.append(w)
+                beyond.append(t_out - t_in - w)
             if j < len(aggregated):
                 pickup.append(aggregated[j] - t_ok)
     med = lambda xs: round(statistics.median(xs), 2) if xs else float("nan")  # noqa: E731
     return {"supernode_poll_wait": med(wait), "clientapp_process": med(process),
             "of_which_until_clientapp_logs": med(spawn), "of_which_work": med(worked),
+            "of_which_beyond_the_work": med(beyond),
             "reply_upload": med(upload), "serverapp_pickup": med(pickup), "messages": len(process)}
 
 
@@ -207,8 +209,10 @@ def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0, prefix: str = ""
 
 def overhead(b: dict) -> float:
     """Median seconds of a message outside its training or evaluation: the SuperNode's poll wait,
-    the ClientApp process beyond the work, and the reply's upload."""
-    return round(b["supernode_poll_wait"] + b["clientapp_process"] - b["of_which_work"] + b["reply_upload"], 2)
+    the ClientApp process beyond the work (message by message where the breakdown has it), and the
+    reply's upload."""
+    beyond = b.get("of_which_beyond_the_work", b["clientapp_process"] - b["of_which_work"])
+    return round(b["supernode_poll_wait"] + beyond + b["reply_upload"], 2)
 
 
 FUSED = "evaluate-with-train: "  # the arms with federation.evaluate-with-train
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             b = runs[-1]["breakdown"]
             print(f"\n{name}, per message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, "
                   f"ClientApp process {b['clientapp_process']} s (until it logs {b['of_which_until_clientapp_logs']} s; "
-                  f"the work {b['of_which_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup "
+                  f"the work {b['of_which_work']} s; beyond it, message by message, {b['of_which_beyond_the_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup "
                   f"{b['serverapp_pickup']} s.")
     c = summary["cold_clientapp_seconds"]
     print(f"\nA cold ClientApp process without a worker: imports {c['import_clientapp']} s, model load "

@@ -15,7 +15,7 @@ entry point runs Flower's own ``flower-supernode`` unchanged except for three wa
   state (no network) take ``LOCAL_WAIT`` s;
 - pulling a message's objects retries an object that is not there yet (the ServerApp is
   still uploading it) after 50 ms instead of Flower's 1 s
-  (:func:`common.flower_pull.shorten_first_pull_retry`).
+  (:func:`common.flower_pull.shorten_pull_retries`), and at most every 0.25 s after that.
 
     python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...
 
@@ -80,10 +80,10 @@ def main() -> None:
         sys.exit("usage: python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...")
     cap = float(sys.argv[1])
     if cap < IDLE_SLEEP:
-        from common.flower_pull import shorten_first_pull_retry
+        from common.flower_pull import shorten_pull_retries
 
         cap_idle_poll(max(cap, 0.05))
-        shorten_first_pull_retry()
+        shorten_pull_retries()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *sys.argv[2:]]

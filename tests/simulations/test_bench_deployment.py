@@ -15,6 +15,14 @@ def test_overhead_is_poll_wait_plus_process_beyond_the_work_plus_upload():
     assert overhead(breakdown) == 1.4
 
 
+def test_overhead_takes_the_process_beyond_the_work_message_by_message_where_known():
+    # Prepare: the medians of process and work come from different messages; per message 0.6 s beyond
+    breakdown = {"supernode_poll_wait": 0.1, "clientapp_process": 5.0, "of_which_work": 2.0,
+                 "of_which_beyond_the_work": 0.6, "reply_upload": 0.3}
+    # Execute / Assert: 0.1 + 0.6 + 0.3
+    assert overhead(breakdown) == 1.0
+
+
 def test_node_memory_samples_the_process_tree_it_is_given():
     # Execute: this process stands for a node
     with NodeMemory({"node": os.getpid()}, interval=0.01) as mem:
