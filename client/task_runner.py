@@ -119,8 +119,6 @@ def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
     return beat
 
 
-
-
 def pull_task_input(client, cancelled: threading.Event | None = None):
     """Flower's ``run_clientapp.pull_task_input``, except for the wait between tries of a message
     object that has not arrived yet: Flower's starts at 1 s (its ``PULL_INITIAL_BACKOFF``).
