@@ -84,7 +84,7 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
             return r.eval.get(tenant, {}).get("eval-seconds")
         seconds = r.train.get(tenant, {}).get("train-seconds")
         before = by_round.get(k - 1)
-        if seconds is not None and order.count((k - 1, "evaluate")) == 0 and before is not None:
+        if seconds is not None and before is not None and (k - 1, "evaluate") not in order:
             seconds += before.eval.get(tenant, {}).get("eval-seconds", 0.0)  # evaluated with this training
         return seconds
 
