@@ -11,7 +11,7 @@ from server.grid import PromptGrid
 
 
 def _msg():
-    return SimpleNamespace(has_content=lambda: False)
+    return SimpleNamespace(has_content=lambda: False, metadata=SimpleNamespace(message_type="train"))
 
 
 class _FakeGrid:
@@ -50,6 +50,73 @@ def test_timeout_returns_the_replies_that_arrived():
     replies = PromptGrid(fake, interval=0.01).send_and_receive([_msg(), _msg()], timeout=0.2)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert 0.2 <= time.monotonic() - start < 2.0
+
+
+class _Sleeps:
+    """Records the grid's waits instead of sleeping."""
+
+    def __init__(self):
+        self.waits = []
+
+    def __call__(self, seconds):
+        self.waits.append(round(seconds, 3))
+
+
+def test_the_wait_doubles_to_the_cap_while_pulls_bring_nothing_and_resets_after_a_reply(monkeypatch):
+    # Prepare: the first reply at pull 6, the second at pull 8
+    sleeps = _Sleeps()
+    monkeypatch.setattr("server.grid.time.sleep", sleeps)
+    fake = _FakeGrid([6, 8])
+    # Execute
+    PromptGrid(fake, interval=0.1, idle_cap=0.4).send_and_receive([_msg(), _msg()], timeout=60)
+    # Assert: after pulls 1-5 (nothing) 0.1, 0.2, 0.4 and the cap twice; after pull 6 (a reply) 0.1,
+    # and after pull 7 (nothing) 0.1 again, the start of a new doubling
+    assert sleeps.waits == [0.1, 0.2, 0.4, 0.4, 0.4, 0.1, 0.1]
+    assert fake.pulls == 8
+
+
+def test_the_simulation_engines_grid_is_pulled_at_the_short_interval(monkeypatch):
+    # Prepare: Flower's in-process grid (its state is never touched here)
+    from flwr.superlink.grid import InMemoryGrid
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr("server.grid.time.sleep", sleeps)
+    fake = _FakeGrid([4, 4])
+
+    class _InProcess(InMemoryGrid):
+        def __init__(self):
+            pass
+
+        push_messages, pull_messages = fake.push_messages, fake.pull_messages
+
+    # Execute
+    PromptGrid(_InProcess(), interval=0.1).send_and_receive([_msg(), _msg()], timeout=60)
+    # Assert
+    assert sleeps.waits == [0.1, 0.1, 0.1]
+
+
+def test_each_exchange_logs_when_its_push_began_and_when_its_replies_were_in(monkeypatch):
+    # Prepare
+    from server.grid import parse_exchange_line
+
+    lines = []
+    monkeypatch.setattr("server.grid.log", lambda level, fmt, *args: lines.append(fmt % args))
+    monkeypatch.setattr("server.grid.time.sleep", lambda s: None)
+    before = time.time()
+    # Execute
+    PromptGrid(_FakeGrid([1, None]), interval=0.1).send_and_receive([_msg(), _msg()], timeout=0.05)
+    # Assert: one line; the push began within this test, to the millisecond; one of two replies
+    (line,) = lines
+    got = parse_exchange_line("1796279935.405 INFO :      " + line)
+    assert got["messages"] == 2 and got["type"] == "train" and got["replies"] == 1
+    assert before - 0.001 <= got["pushed_at"] <= time.time()
+    assert got["pushed_at"] + got["push_seconds"] <= got["last_reply_at"] + 0.01
+
+
+def test_a_line_that_is_not_an_exchange_is_not_parsed():
+    from server.grid import parse_exchange_line
+
+    assert parse_exchange_line("INFO :      Round 1: 3 of 3 tenants sampled") is None
 
 
 def test_delegates_the_rest():
