@@ -89,11 +89,11 @@ def add_commands(sub) -> None:
     run.add_argument("--no-node-auth", action="store_true", help="the SuperLink runs without node auth")
 
 
-def _exec(cmd: list[str], print_only: bool) -> int:
+def _exec(cmd: list[str], print_only: bool, *, task_poll: float | None = deployment.TASK_POLL_SECONDS) -> int:
     if print_only:
         print(shlex.join(cmd))
         return 0
-    env = deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)))
+    env = deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)), task_poll=task_poll)
     os.execve(cmd[0], cmd, env)
     return 1  # not reached
 
@@ -194,7 +194,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         db.parent.mkdir(parents=True, exist_ok=True)
         return _exec(deployment.superlink_command(tls=deployment.TlsFiles.from_dir(args.certs), database=db,
                                               host=args.host, port=args.port, node_auth=not args.no_node_auth),
-                     args.print)
+                     args.print, task_poll=None)  # its SuperExec starts one ServerApp per run
     if args.deploy_command == "supernode":
         return _supernode(args)
     if args.deploy_command == "worker-status":

@@ -27,7 +27,10 @@ from simulations.cli.launcher import flower_env as _base_env
 
 CONNECTION = "fedlora"
 DEFAULT_POLL = 0.5  # seconds between an idle SuperNode's polls (Flower's own: 3)
-TASK_POLL_SECONDS = 0.25  # how often SuperExec asks for a new app task
+# How often a tenant node's SuperExec asks its SuperNode for a new ClientApp task (Flower: 1 s).
+# The SuperLink's SuperExec keeps Flower's 1 s: it starts one ServerApp per run, and each of its
+# polls is a request the SuperLink serves through its SQL state, 4 a second otherwise.
+TASK_POLL_SECONDS = 0.25
 
 
 # --------------------------------------------------------------------------- #
@@ -136,11 +139,12 @@ def write_cli_config(flwr_home: Path, *, superlink: str, ca_cert: Path) -> Path:
     return merge_connections(flwr_home, {CONNECTION: superlink_connection(superlink, ca_cert)}, default=CONNECTION)
 
 
-def flower_env(flwr_home: Path, tag: str | None = None) -> dict[str, str]:
-    """The environment for every Flower process we start: offline switches, private home, tag."""
+def flower_env(flwr_home: Path, tag: str | None = None, *, task_poll: float | None = TASK_POLL_SECONDS) -> dict[str, str]:
+    """The environment for every Flower process we start: offline switches, private home, tag;
+    ``task_poll``: the seconds between a SuperExec's task polls (None: Flower's own)."""
     env = _base_env(flwr_home)  # offline switches, private home, our scripts first on PATH
-    # SuperExec looks for new ClientApp/ServerApp tasks every second by default.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_SECONDS))
+    if task_poll is not None:
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(task_poll))
     if tag:
         env[TAG_ENV] = tag
     return env
@@ -229,7 +233,7 @@ class LocalFederation:
         cmd = superlink_command(tls=self.tls, database=self.state_dir / "superlink.db", port=self.port,
                                 node_auth=self.node_auth)
         link = start("superlink", cmd, state_dir=self.state_dir,
-                     env=flower_env(self.state_dir / "superlink-home", self.tag))
+                     env=flower_env(self.state_dir / "superlink-home", self.tag, task_poll=None))
         self.procs["superlink"] = link
         wait_for(lambda: link.popen.poll() is not None or flwr_cli(
             ["supernode", "list", CONNECTION], flwr_home=self.cli_home).returncode == 0,
