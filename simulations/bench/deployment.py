@@ -65,13 +65,29 @@ def exchanges(cfg) -> list[tuple[int, str]]:
 def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[RoundRecord],
                       order: list[tuple[int, str]]) -> dict[str, float]:
     """Median seconds per message: SuperNode poll wait, ClientApp process, reply upload, ServerApp
-    pickup. ``order``: the run's exchanges (:func:`exchanges`), each one message to every tenant."""
-    sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
-    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]  # one per exchange
+    pickup. ``order``: the run's exchanges (:func:`exchanges`), each one message to every tenant.
 
-    def pushed(j: int) -> float | None:  # when the ServerApp sent exchange j's messages
-        k, kind = order[j]
+    When the ServerApp began each push, and when it had the exchange's replies, come from the
+    grid's own line per exchange (``server.grid.EXCHANGE_LINE``, stamped in the ServerApp): the
+    time stamps of the run log are when its lines reached ``flwr run``'s stream, up to a second
+    late."""
+    from server.grid import parse_exchange_line
+
+    lines = flower_log.read_text(errors="replace").splitlines()
+    grid = [e for line in lines if (e := parse_exchange_line(line)) is not None]  # one per exchange
+    sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
+    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]
+
+    def pushed(j: int) -> float | None:  # when the ServerApp began pushing exchange j's messages
+        if grid:
+            return grid[j]["pushed_at"] if j < len(grid) else None
+        k, kind = order[j]  # a log without the grid's lines: the stream's stamps
         return sampled.get(k) if kind == "train" else (aggregated[j - 1] if j - 1 < len(aggregated) else None)
+
+    def replies_in(j: int) -> float | None:  # when the ServerApp had exchange j's last reply
+        if grid:
+            return grid[j]["last_reply_at"] if j < len(grid) else None
+        return aggregated[j] if j < len(aggregated) else None
 
     by_round = {r.round: r for r in rounds}
 
@@ -88,7 +104,8 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
             seconds += before.eval.get(tenant, {}).get("eval-seconds", 0.0)  # evaluated with this training
         return seconds
 
-    wait, spawn, process, upload, pickup, worked, beyond = [], [], [], [], [], [], []
+    wait, spawn, process, upload, worked, beyond = [], [], [], [], [], []
+    uploaded_by: dict[int, float] = {}  # exchange -> when its last reply reached the SuperLink
     for i, log in enumerate(node_logs):
         events = _stamps(log, _NODE)
         received = [(float(t), kind) for t, what, kind in events if what == "Receiving"]
@@ -105,13 +122,14 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
             if (w := work(j, str(i))) is not None:
                 worked.append(w)
                 beyond.append(t_out - t_in - w)
-            if j < len(aggregated):
-                pickup.append(aggregated[j] - t_ok)
+            uploaded_by[j] = max(uploaded_by.get(j, t_ok), t_ok)
+    pickup = [t - uploaded_by[j] for j in sorted(uploaded_by) if (t := replies_in(j)) is not None]
     med = lambda xs: round(statistics.median(xs), 2) if xs else float("nan")  # noqa: E731
     return {"supernode_poll_wait": med(wait), "clientapp_process": med(process),
             "of_which_until_clientapp_logs": med(spawn), "of_which_work": med(worked),
             "of_which_beyond_the_work": med(beyond),
-            "reply_upload": med(upload), "serverapp_pickup": med(pickup), "messages": len(process)}
+            "reply_upload": med(upload), "serverapp_pickup": med(pickup),
+            "serverapp_push": med([e["push_seconds"] for e in grid]), "messages": len(process)}
 
 
 def cold_clientapp_seconds(cfg, data_path: Path) -> dict[str, float]:
@@ -320,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}, per message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, "
                   f"ClientApp process {b['clientapp_process']} s (until it logs {b['of_which_until_clientapp_logs']} s; "
                   f"the work {b['of_which_work']} s; beyond it, message by message, {b['of_which_beyond_the_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup "
-                  f"{b['serverapp_pickup']} s.")
+                  f"{b['serverapp_pickup']} s; the ServerApp's push of an exchange {b.get('serverapp_push')} s.")
     c = summary["cold_clientapp_seconds"]
     print(f"\nA cold ClientApp process without a worker: imports {c['import_clientapp']} s, model load "
           f"{c['load_model']} s, data {c['load_data']} s, whole process {c['whole_process']} s.")

@@ -43,3 +43,44 @@ def test_a_run_evaluating_with_training_has_one_exchange_per_round_and_a_last_ev
 def test_each_arm_is_compared_with_the_simulation_of_its_own_config():
     assert baseline("deployment") == "simulation"
     assert baseline(FUSED + "deployment") == FUSED + "simulation"
+
+
+def _round(number: int, train_seconds: float, eval_seconds: float):
+    from common.records import RoundRecord
+
+    return RoundRecord(round=number, connected=1, sampled=["0"], finished=["0"], dropped=[], aggregated=True,
+                       checkpoint=None, bytes_down=0, bytes_up=0, seconds=14.0,
+                       train={"0": {"train-seconds": train_seconds}}, eval={"0": {"eval-seconds": eval_seconds}})
+
+
+def test_the_breakdown_times_each_push_from_the_serverapps_own_line_not_the_streams(tmp_path):
+    # Prepare: one tenant, one round. The ServerApp begins the train push at 1000.0 s (its line
+    # reaches the stream at 1001.0) and has the reply at 1011.0; the evaluate push at 1011.2, the
+    # reply at 1014.0. The node receives at 1000.5 / 1011.4, sends at 1010.0 / 1013.0, and its
+    # upload succeeds at 1010.6 / 1013.5; the work is 8.0 s / 1.0 s.
+    from server.grid import EXCHANGE_LINE, utc_stamp
+    from simulations.bench.deployment import message_breakdown
+
+    def grid_line(stream_at, kind, pushed_at, within):
+        return f"{stream_at} INFO :      " + EXCHANGE_LINE % (1, kind, utc_stamp(pushed_at), 0.3, 1, 1, within)
+
+    flower_log = tmp_path / "flower.log"
+    flower_log.write_text("\n".join([
+        "1001.000 INFO :      Round 1: 1 of 1 tenants sampled",
+        grid_line(1011.5, "train", 1000.0, 11.0),
+        grid_line(1014.5, "evaluate", 1011.2, 2.8)]) + "\n")
+    node_log = tmp_path / "node.log"
+    node_log.write_text("\n".join([
+        "1000.500 INFO :      Receiving: train message (ID: a)", "1000.600 fedlora-worker INFO took a ClientApp task",
+        "1010.000 INFO :      Sending: train message (ID: b)", "1010.600 INFO :      Sent successfully",
+        "1011.400 INFO :      Receiving: evaluate message (ID: c)", "1011.500 fedlora-worker INFO took a ClientApp task",
+        "1013.000 INFO :      Sending: evaluate message (ID: d)", "1013.500 INFO :      Sent successfully"]) + "\n")
+    # Execute
+    b = message_breakdown(flower_log, [node_log], [_round(1, 8.0, 1.0)], [(1, "train"), (1, "evaluate")])
+    # Assert: medians of the two messages
+    assert b["supernode_poll_wait"] == 0.35   # (0.5 + 0.2) / 2
+    assert b["of_which_beyond_the_work"] == 1.05  # (9.5 - 8.0 + 1.6 - 1.0) / 2
+    assert b["reply_upload"] == 0.55          # (0.6 + 0.5) / 2
+    assert b["serverapp_pickup"] == 0.45      # (11.0 - 10.6 + 14.0 - 13.5) / 2
+    assert b["serverapp_push"] == 0.3
+    assert b["messages"] == 2
