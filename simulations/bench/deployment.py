@@ -42,8 +42,6 @@ from pathlib import Path
 from common.offline import quiet_and_offline
 from common.records import RoundRecord, read_rounds, read_summary
 
-_SAMPLED = re.compile(r"^(\d+\.\d+) .*Round (\d+): \d+ of \d+ tenants sampled")
-_AGGREGATED = re.compile(r"^(\d+\.\d+) .*Aggregated MetricRecord")
 _NODE = re.compile(r"^(\d+\.\d+) .*(Receiving|Sending): (train|evaluate) message")
 _SPAWNED = re.compile(r"^(\d+\.\d+) .*(?:Start `flwr-clientapp` process|took a ClientApp task)")
 _SENT = re.compile(r"^(\d+\.\d+) .*Sent successfully")
@@ -75,19 +73,12 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
 
     lines = flower_log.read_text(errors="replace").splitlines()
     grid = [e for line in lines if (e := parse_exchange_line(line)) is not None]  # one per exchange
-    sampled = {int(r): float(t) for t, r in _stamps(flower_log, _SAMPLED)}
-    aggregated = [float(t) for (t,) in _stamps(flower_log, _AGGREGATED)]
 
     def pushed(j: int) -> float | None:  # when the ServerApp began pushing exchange j's messages
-        if grid:
-            return grid[j]["pushed_at"] if j < len(grid) else None
-        k, kind = order[j]  # a log without the grid's lines: the stream's stamps
-        return sampled.get(k) if kind == "train" else (aggregated[j - 1] if j - 1 < len(aggregated) else None)
+        return grid[j]["pushed_at"] if j < len(grid) else None
 
     def replies_in(j: int) -> float | None:  # when the ServerApp had exchange j's last reply
-        if grid:
-            return grid[j]["last_reply_at"] if j < len(grid) else None
-        return aggregated[j] if j < len(aggregated) else None
+        return grid[j]["last_reply_at"] if j < len(grid) else None
 
     by_round = {r.round: r for r in rounds}
 
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}, per message (median of {b['messages']}): SuperNode poll wait {b['supernode_poll_wait']} s, "
                   f"ClientApp process {b['clientapp_process']} s (until it logs {b['of_which_until_clientapp_logs']} s; "
                   f"the work {b['of_which_work']} s; beyond it, message by message, {b['of_which_beyond_the_work']} s), reply upload {b['reply_upload']} s, ServerApp pickup "
-                  f"{b['serverapp_pickup']} s; the ServerApp's push of an exchange {b.get('serverapp_push')} s.")
+                  f"{b['serverapp_pickup']} s; the ServerApp's push of an exchange {b['serverapp_push']} s.")
     c = summary["cold_clientapp_seconds"]
     print(f"\nA cold ClientApp process without a worker: imports {c['import_clientapp']} s, model load "
           f"{c['load_model']} s, data {c['load_data']} s, whole process {c['whole_process']} s.")
