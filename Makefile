@@ -1,27 +1,35 @@
 # Two commands on a fresh machine:
-#   make demo   - create .venv, install CPU torch then fedlora, run the default simulation
-#   make test   - create .venv, install CPU torch then fedlora with test extras, run the whole suite
+#   make demo   - create .venv, install CPU torch then the locked set and fedlora, run the default simulation
+#   make test   - the same install, then the whole suite
 # Dev loop: `make test-fast` runs the unit tier (not slow: no Flower, no processes, no long training).
 # On a CUDA machine install a CUDA torch instead: `make demo TORCH=torch`.
+# The installed set is requirements-lock.txt (pinned, hash-checked; torch is the one package it leaves
+# out, installed first as $(TORCH)); `make lock` refreshes it and the README's "Tested versions".
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+LOCK   := requirements-lock.txt
+# where `make lock` finds the CPU torch wheel it resolves against (pip's find-links; a local
+# wheel or the PyTorch CPU index keeps CUDA-only packages out of the lock)
+TORCH_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install lock wheel bench clean
 
-$(BIN)/fedlora: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+# A new or changed lock rebuilds the venv from empty, so what runs is exactly the lock.
+$(BIN)/fedlora: pyproject.toml $(LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
 	# torch first: a bare `torch` requirement could otherwise pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	touch $@
 
 install: $(BIN)/fedlora
@@ -35,15 +43,28 @@ test: $(BIN)/fedlora
 test-fast: $(BIN)/fedlora
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Resolve the newest set that fits pyproject's ranges (Linux, Python 3.11, against $(TORCH)),
+# with the hashes of every file of each release, and write it with the README's table.
+lock: $(BIN)/fedlora
+	echo "$(TORCH)" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platform linux \
+	  --constraints $(VENV)/torch-pin.txt --no-emit-package torch \
+	  $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) --generate-hashes --upgrade \
+	  --custom-compile-command "make lock" --quiet -o $(LOCK)
+	$(BIN)/python .ci/tested_versions.py --write README.md
+
+wheel: $(BIN)/fedlora
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 bench: $(BIN)/fedlora
-	$(BIN)/python -m simulations.bench.server
-	$(BIN)/python -m simulations.bench.qlora
-	$(BIN)/python -m simulations.bench.tenant
-	$(BIN)/python -m simulations.bench.dp
-	$(BIN)/python -m simulations.bench.secagg
-	$(BIN)/python -m simulations.bench.secagg --engine simulation
-	$(BIN)/python -m simulations.bench.federation
-	$(BIN)/python -m simulations.bench.deployment
+	$(BIN)/python -m fedlora.simulations.bench.server
+	$(BIN)/python -m fedlora.simulations.bench.qlora
+	$(BIN)/python -m fedlora.simulations.bench.tenant
+	$(BIN)/python -m fedlora.simulations.bench.dp
+	$(BIN)/python -m fedlora.simulations.bench.secagg
+	$(BIN)/python -m fedlora.simulations.bench.secagg --engine simulation
+	$(BIN)/python -m fedlora.simulations.bench.federation
+	$(BIN)/python -m fedlora.simulations.bench.deployment
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache dist build

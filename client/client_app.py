@@ -3,15 +3,15 @@
 On a deployment node started with ``fedlora deploy supernode`` the node config names the
 tenant worker's socket (``worker-socket``): the message and its context go to the worker,
 which has the model and data loaded already, and its reply comes back (see
-:mod:`client.worker_link`). This module imports no torch, so the ClientApp process that
+:mod:`fedlora.client.worker_link`). This module imports no torch, so the ClientApp process that
 Flower starts for every message costs only Flower's own start-up. Without a worker
 (simulation, tests, a node started with ``--no-worker``) the same handlers
-(:mod:`client.handlers`) run here. (A node started by ``fedlora deploy supernode`` does not
+(:mod:`fedlora.client.handlers`) run here. (A node started by ``fedlora deploy supernode`` does not
 start this process per message at all: its ``flwr-clientapp`` hands the whole task to the
-worker, see :mod:`client.task_runner`; this forwarder serves when that cannot.)
+worker, see :mod:`fedlora.client.task_runner`; this forwarder serves when that cannot.)
 
 Every ArrayRecord travels packed into one Array (the ``packed_arrays`` mod; see
-:mod:`common.packing`).
+:mod:`fedlora.common.packing`).
 
 If the node names a worker that does not answer, the message is handled in-process (slower,
 same result) and a warning says so; a worker that fails mid-request is an error for that
@@ -25,16 +25,16 @@ import logging
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import worker_link
-from common import secagg_wire as wire
-from common.packing import pack_content, unpack_content
+from fedlora.client import worker_link
+from fedlora.common import secagg_wire as wire
+from fedlora.common.packing import pack_content, unpack_content
 
 log = logging.getLogger("fedlora.clientapp")
 
 
 def packed_arrays(msg: Message, context: Context, call_next) -> Message:
     """Flower mod: the server's packed ArrayRecords unpacked for the handlers, the reply's
-    packed for the way back (see :mod:`common.packing`)."""
+    packed for the way back (see :mod:`fedlora.common.packing`)."""
     if msg.has_content():
         msg.content = unpack_content(msg.content)
     reply = call_next(msg, context)
@@ -54,7 +54,7 @@ def handle(msg: Message, context: Context) -> Message:
             return worker_link.forward(str(path), msg, context)
         except worker_link.WorkerUnavailable as why:
             log.warning("%s; handling %s in the ClientApp process instead", why, msg.metadata.message_type)
-    from client.handlers import app as local
+    from fedlora.client.handlers import app as local
 
     return local(msg, context)
 

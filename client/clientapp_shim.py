@@ -5,7 +5,7 @@ every message, found on ``PATH``. A node started by ``fedlora deploy supernode``
 stand-in first on its SuperNode's ``PATH`` (:func:`install`): a script that runs this module
 in an isolated interpreter without site-packages (the standard library only, tens of
 milliseconds instead of Flower's seconds of imports). It passes the address and token to the
-worker (:mod:`client.task_runner` pulls and answers the task there, with the model loaded)
+worker (:mod:`fedlora.client.task_runner` pulls and answers the task there, with the model loaded)
 and waits for it, exiting 0 when the task completed.
 
 It execs Flower's own ``flwr-clientapp`` unchanged (same arguments) when the worker cannot
@@ -14,7 +14,7 @@ command line has anything it does not know (a token on stdin, runtime dependency
 installation, a flag of a newer Flower). Once the worker took the task the token is spent:
 a failure then is the task's failure, never a second attempt.
 
-    python -I -S client/clientapp_shim.py --worker-socket SOCK --flower FLWR_CLIENTAPP -- FLOWER-ARGS...
+    flwr-clientapp FLOWER-ARGS...   # the script install() writes: python -I -S, this module's main()
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = parse_flower_args(flower_args)
     if spec is None:
         _exec_flower(args.flower, flower_args, "a command line the tenant worker does not take")
-    from client import worker_link
+    from fedlora.client import worker_link
 
     parent = spec.pop("parent_pid")
     try:
@@ -111,14 +111,19 @@ def install(bin_dir: Path, *, worker_socket: Path, flower: str | Path) -> Path:
     """Write ``bin_dir/flwr-clientapp`` (mode 0700), which runs this module against ``worker_socket``
     and falls back to ``flower``; put ``bin_dir`` first on the SuperNode's PATH."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parent.parent  # the directory that holds the `client` package
+    # Without site-packages the installed fedlora is not importable: the script names the package
+    # `fedlora.client` after this module's folder (its __init__ is not run; the shim needs the
+    # standard library and worker_link only), in a wheel and in an editable install alike.
+    boot = ("import sys, types\n"
+            "for name, path in (('fedlora', []), ('fedlora.client', [sys.argv.pop(1)])):\n"
+            "    sys.modules[name] = types.ModuleType(name); sys.modules[name].__path__ = path\n"
+            "from fedlora.client.clientapp_shim import main; raise SystemExit(main())")
     script = bin_dir / COMMAND
     tmp = script.with_suffix(".tmp")
     tmp.write_text("#!/bin/sh\n"
                    f"# fedlora: hands each ClientApp task to the tenant worker ({__name__})\n"
-                   f"exec {shlex.quote(sys.executable)} -I -S -c "
-                   f"{shlex.quote('import sys; sys.path.insert(0, sys.argv.pop(1)); from client.clientapp_shim import main; raise SystemExit(main())')} "
-                   f"{shlex.quote(str(root))} --worker-socket {shlex.quote(str(worker_socket))} "
+                   f"exec {shlex.quote(sys.executable)} -I -S -c {shlex.quote(boot)} "
+                   f"{shlex.quote(str(Path(__file__).resolve().parent))} --worker-socket {shlex.quote(str(worker_socket))} "
                    f"--flower {shlex.quote(str(flower))} -- \"$@\"\n", encoding="utf-8")
     tmp.chmod(0o700)
     tmp.replace(script)

@@ -4,8 +4,8 @@ Error feedback (Seide et al. 2014; EF-SGD, Karimireddy et al. 2019): in round ``
 tenant sends ``s_t = decode(encode(x_t))`` of ``x_t = delta_t + e_{t-1}`` and keeps the
 rounding error ``e_t = x_t - s_t`` for its next round, so nothing is lost to rounding, only
 delayed: ``sum_t s_t = sum_t delta_t - e_T`` (without a central clip). The encoding is
-``common.encoding``'s bf16 / int8 on the plain transport, and the secure quantizer
-(``common.secagg.pack``, sized from the encoding) under secure aggregation. fp32 sends the
+``fedlora.common.encoding``'s bf16 / int8 on the plain transport, and the secure quantizer
+(``fedlora.common.secagg.pack``, sized from the encoding) under secure aggregation. fp32 sends the
 delta as it is, keeps nothing and writes nothing: byte for byte what it always sent.
 
 The residual must outlive the ClientApp process (simulation and deployment may run each
@@ -48,10 +48,10 @@ from typing import Mapping
 
 import numpy as np
 
-from client.privacy import clip_delta
-from common.encoding import FP32, Encoding, encode, encoding_for
-from common.files import write_atomic
-from common.secagg import Quantizer, dequantize, pack
+from fedlora.client.privacy import clip_delta
+from fedlora.common.encoding import FP32, Encoding, encode, encoding_for
+from fedlora.common.files import write_atomic
+from fedlora.common.secagg import Quantizer, dequantize, pack
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class DeltaSender:
 
     @classmethod
     def for_round(cls, cfg, *, state_dir: str | Path, run: str, server_round: int) -> "DeltaSender":
-        """The sender a :class:`common.config.Config` asks for, for one tenant's round."""
+        """The sender a :class:`fedlora.common.config.Config` asks for, for one tenant's round."""
         fed = cfg.federation
         store = ResidualStore(state_dir) if fed.error_feedback and fed.delta_encoding != "fp32" else None
         clip = cfg.privacy.central_clip if cfg.privacy.mode == "central" else None
@@ -133,7 +133,7 @@ class DeltaSender:
     def plain(self, delta: Mapping[str, np.ndarray]):
         """The reply's ``ArrayRecord`` in the run's encoding (fp32: ``to_arrayrecord(delta)``)."""
         if self.encoding.name == "fp32":
-            from common.adapter import to_arrayrecord
+            from fedlora.common.adapter import to_arrayrecord
 
             return to_arrayrecord(delta)
         x = self._start(delta, wire=self.encoding.name + ("-" + self.encoding.int8_scale
@@ -147,7 +147,7 @@ class DeltaSender:
         return encoded.record()
 
     def secagg(self, delta: Mapping[str, np.ndarray], weight: int, q: Quantizer) -> np.ndarray:
-        """The vector to mask (``client.secagg.masked_upload``'s ``pack_update``); fp32: ``pack``."""
+        """The vector to mask (``fedlora.client.secagg.masked_upload``'s ``pack_update``); fp32: ``pack``."""
         if not q.centred:
             return pack(delta, weight, q)
         x = self._start(delta, wire=f"secagg-{q.encoding}")

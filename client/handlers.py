@@ -1,8 +1,8 @@
 """The tenant's message handlers: a tenant trains on its own data and replies with the LoRA delta only.
 
 ``app`` is an in-process ClientApp with every handler (train, evaluate, the four SecAgg+
-stages). The ClientApp Flower loads (:mod:`client.client_app`) runs it in its own process,
-or forwards each message to the node's tenant worker (:mod:`client.worker`), which runs it
+stages). The ClientApp Flower loads (:mod:`fedlora.client.client_app`) runs it in its own process,
+or forwards each message to the node's tenant worker (:mod:`fedlora.client.worker`), which runs it
 with the model already loaded.
 """
 
@@ -13,17 +13,17 @@ import logging
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.feedback import DeltaSender
-from client.ledger import STATE_DIR_NAME, BudgetExhausted
-from client import secagg
-from client.task import (TenantConfigError, evaluate_round, session, tenant_data, tenant_from_node_config,
-                         train_round)
-from common import messages as keys
-from common import secagg_wire as wire
-from common.adapter import from_arrayrecord
-from common.config import parse_config
-from common.offline import quiet_and_offline
-from common.secagg import quantizer_for
+from fedlora.client.feedback import DeltaSender
+from fedlora.client.ledger import STATE_DIR_NAME, BudgetExhausted
+from fedlora.client import secagg
+from fedlora.client.task import (TenantConfigError, evaluate_round, session, tenant_data, tenant_from_node_config,
+                                 train_round)
+from fedlora.common import messages as keys
+from fedlora.common import secagg_wire as wire
+from fedlora.common.adapter import from_arrayrecord
+from fedlora.common.config import parse_config
+from fedlora.common.offline import quiet_and_offline
+from fedlora.common.secagg import quantizer_for
 
 app = ClientApp()
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.adapter import write_json_atomic
+from fedlora.common.adapter import write_json_atomic
 
 LEDGER_FILE = "privacy_ledger.json"
 STATE_DIR_NAME = ".fedlora-state"

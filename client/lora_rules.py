@@ -1,11 +1,11 @@
 """A tenant's side of ``federation.lora-rule``: what it trains and what its reply holds.
 
-``client.task.train_round`` calls the same three methods whatever the rule (the server's
-side is ``server.lora_rules``):
+``fedlora.client.task.train_round`` calls the same three methods whatever the rule (the server's
+side is ``fedlora.server.lora_rules``):
 
 * ``start(global_state)`` — the adapter the tenant loads before training;
 * ``training(model)`` — a context in which only the rule's factors are trainable; it gives
-  the hook ``client.train.train`` runs after every optimizer step, and makes every adapter
+  the hook ``fedlora.client.train.train`` runs after every optimizer step, and makes every adapter
   tensor trainable again on the way out (the process-cached model stays clean);
 * ``reply(delta)`` — the part of ``local - start`` that is sent.
 
@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from common.lora import is_a, is_b, pad, truncate
+from fedlora.common.lora import is_a, is_b, pad, truncate
 
 
 class BothFactors:

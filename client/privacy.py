@@ -1,6 +1,6 @@
 """Privacy mechanisms on the tenant's side, as objects with a no-privacy default.
 
-``client.train.train`` and ``client.task.train_round`` call the same small interface
+``fedlora.client.train.train`` and ``fedlora.client.task.train_round`` call the same small interface
 whatever the mechanism is (apple/pfl-research style), so neither has an ``if dp`` branch:
 
 * ``before_round()``   — refuse early (the ledger says the budget would be exceeded);
@@ -14,7 +14,7 @@ whatever the mechanism is (apple/pfl-research style), so neither has an ``if dp`
 Mechanisms: :class:`NoPrivacy` (the default), :class:`LocalDP` (record-level DP-SGD
 with Opacus' ``PrivacyEngine`` and RDP accountant, Poisson sampling, a persistent
 ledger), :class:`CentralClip` (tenant-level DP: the client clips its whole delta; the
-server adds the noise, see ``server.central_dp``).
+server adds the noise, see ``fedlora.server.central_dp``).
 
 Two soundness details of :class:`LocalDP`:
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.ledger import PrivacyLedger, Spend
+from fedlora.client.ledger import PrivacyLedger, Spend
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ClientPrivacy:
     name = "none"
 
     def before_round(self) -> None:
-        """Raise :class:`client.ledger.BudgetExhausted` to decline the round."""
+        """Raise :class:`fedlora.client.ledger.BudgetExhausted` to decline the round."""
 
     def prepare(self, model, optimizer, loader):
         return model, optimizer, loader
@@ -176,7 +176,7 @@ class LocalDP(ClientPrivacy):
         return {k: (0.0 if k in WITHHELD_UNDER_LOCAL_DP else v) for k, v in metrics.items()}
 
     def commit(self, **context: object) -> float:
-        from client.ledger import epsilon_of
+        from fedlora.client.ledger import epsilon_of
 
         if self.ledger is None:
             return epsilon_of(self.spent, delta=self.delta)
@@ -239,7 +239,7 @@ class CentralClip(ClientPrivacy):
 
 
 def make_client_privacy(cfg, *, state_dir, num_examples: int) -> ClientPrivacy:
-    """The mechanism a :class:`common.config.Config` asks for, for one tenant's round."""
+    """The mechanism a :class:`fedlora.common.config.Config` asks for, for one tenant's round."""
     p = cfg.privacy
     if p.mode == "central":
         return CentralClip(clip=p.central_clip)

@@ -22,8 +22,8 @@ from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
 
-from common import secagg_crypto as crypto
-from common.secagg import Quantizer, UpdateRefused, check_update, mask_sign, pack, prg_mask
+from fedlora.common import secagg_crypto as crypto
+from fedlora.common.secagg import Quantizer, UpdateRefused, check_update, mask_sign, pack, prg_mask
 
 STATE_KEY = "state"
 
@@ -155,8 +155,8 @@ def masked_upload(store: MutableMapping[str, bytes], *, server_round: int, attem
 
     ``tenants`` (from the server's request) sizes a bf16 / int8 quantizer for the round
     (``Quantizer.for_tenants``); it cannot be fewer than this tenant's share holders.
-    ``pack_update`` is :func:`common.secagg.pack` unless the tenant keeps error feedback
-    (``client.feedback``)."""
+    ``pack_update`` is :func:`fedlora.common.secagg.pack` unless the tenant keeps error feedback
+    (``fedlora.client.feedback``)."""
     receive_shares(store, server_round=server_round, attempt=attempt, ciphertexts=ciphertexts)
     if tenants is not None:
         holders = len(_expect(store, "received", server_round, attempt).holders)

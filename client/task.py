@@ -2,7 +2,7 @@
 
 The base model is loaded once per process and reused across rounds and messages; the
 tenant's data once per process too. A round sets the global adapter, trains locally with
-``client.train.train`` and returns only the LoRA **delta** (local - global).
+``fedlora.client.train.train`` and returns only the LoRA **delta** (local - global).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Mapping
 
 import numpy as np
 
-from common import messages as keys
-from common.adapter import get_state, set_state, subtract
-from common.config import Config
-from common.data import Example, Tokenized, holdout_for, read_examples, tenant_paths, tokenize_examples
-from common.evaluate import evaluate
-from common.templates import PromptFormat, make_format
-from common.model import Loaded, load_model, set_threads
+from fedlora.common import messages as keys
+from fedlora.common.adapter import get_state, set_state, subtract
+from fedlora.common.config import Config
+from fedlora.common.data import Example, Tokenized, holdout_for, read_examples, tenant_paths, tokenize_examples
+from fedlora.common.evaluate import evaluate
+from fedlora.common.templates import PromptFormat, make_format
+from fedlora.common.model import Loaded, load_model, set_threads
 
 
 class TenantConfigError(ValueError):
@@ -41,7 +41,7 @@ class Tenant:
 
 
 def _state_dir(node_config: Mapping[str, object], train: Path) -> Path:
-    from client.ledger import STATE_DIR_NAME
+    from fedlora.client.ledger import STATE_DIR_NAME
 
     return Path(str(node_config["state-dir"])) if "state-dir" in node_config else train.parent / STATE_DIR_NAME
 
@@ -73,38 +73,17 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
 
 
 def synthetic_tenant(partition_id: int, cfg: Config) -> tuple[Path, Path]:
-    """(train, holdout) of simulated tenant ``partition_id`` when ``data.dir`` is empty: the files
-    ``fedlora simulate`` writes for that tenant with the same ``data.*`` values, kept in
-    ``<fedlora home>/synthetic/<key>/tenant_XXX/`` (the key digests those values and the
-    generator's source, so nothing stale is read). A simulation thus has one tenant per SuperNode.
-    The first ClientApp that needs a tenant writes it beside the final name and renames it into
-    place; a concurrent writer (another run) writes the same bytes and keeps the winner's. Like a
-    real node, a synthetic tenant keeps its state (privacy ledger) beside its files across runs.
-    """
-    import hashlib
-    import json
+    """(train, holdout) of simulated tenant ``partition_id`` when ``data.dir`` is empty (a bare
+    ``flwr run``): the seeded files ``fedlora simulate`` writes for that tenant with the same
+    ``data.*`` values. They come from the simulation side (``fedlora.simulations.synthetic.tenant_files``),
+    found through the ``fedlora.tenant_data`` entry point ``synthetic``, so the client never imports it."""
+    from importlib.metadata import entry_points
 
-    from common.files import atomic_dir, fedlora_home
-    from simulations import domains, synthetic  # simulation only: deployment nodes name their data-path
-
-    digest = hashlib.sha256()
-    for module in (synthetic, domains):
-        digest.update(Path(module.__file__).read_bytes())
-    d = cfg.data
-    digest.update(json.dumps([d.train_size, d.holdout_size, d.own_fraction, d.seed]).encode())
-    train, holdout = tenant_paths(fedlora_home() / "synthetic" / digest.hexdigest()[:16], partition_id)
-    if train.parent.is_dir():
-        return train, holdout
-    try:
-        with atomic_dir(train.parent, overwrite=False) as tmp:
-            for path, size in ((train, d.train_size), (holdout, d.holdout_size)):
-                rows = synthetic.tenant_split(partition_id, split=path.stem, n=size, own_fraction=d.own_fraction,
-                                              seed=d.seed)
-                (tmp / path.name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    except OSError:  # another writer renamed the same tenant into place first
-        if not train.parent.is_dir():
-            raise
-    return train, holdout
+    found = entry_points(group="fedlora.tenant_data", name="synthetic")
+    if not found:
+        raise TenantConfigError("data.dir is empty and this installation has no synthetic tenants (entry point "
+                                "fedlora.tenant_data:synthetic); set data.dir to the tenants' data directory")
+    return next(iter(found)).load()(partition_id, cfg.data)
 
 
 def tenant_rank(node_config: Mapping[str, object], cfg: Config, *, partition: int | None = None) -> int | None:
@@ -112,7 +91,7 @@ def tenant_rank(node_config: Mapping[str, object], cfg: Config, *, partition: in
     ``simulation.tenant-ranks``; None: adapter.r. Only the svd rule federates mixed ranks."""
     where, value = "node config lora-rank", node_config.get("lora-rank")
     if value is None and partition is not None and cfg.simulation.tenant_ranks:
-        from common.lora import parse_ranks
+        from fedlora.common.lora import parse_ranks
 
         where, ranks = f"simulation.tenant-ranks (tenant {partition})", parse_ranks(cfg.simulation.tenant_ranks)
         if partition >= len(ranks):
@@ -163,7 +142,7 @@ def round_seed(base_seed: int, tenant_id: int, server_round: int) -> int:
 
 
 def schedule_window(cfg: Config, server_round: int) -> tuple[int, int] | None:
-    """This round's window of the tenant's LR schedule (see ``client.train.make_schedule``)."""
+    """This round's window of the tenant's LR schedule (see ``fedlora.client.train.make_schedule``)."""
     if cfg.train.schedule_span == "round":
         return None
     steps, rounds = cfg.train.local_steps, cfg.federation.rounds
@@ -174,16 +153,16 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
                 server_round: int, seed: int, progress: bool = False):
     """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
 
-    The run's LoRA rule (``client.lora_rules``) says which factors train and which deltas are
+    The run's LoRA rule (``fedlora.client.lora_rules``) says which factors train and which deltas are
     sent: ffa freezes A and sends B; a lower-rank svd tenant trains and sends its first
     ``rank`` components. With ``train.prox-mu > 0`` local training is pulled toward the
     adapter the tenant started from (FedProx).
-    The privacy mechanism may decline (``client.ledger.BudgetExhausted``) before any
+    The privacy mechanism may decline (``fedlora.client.ledger.BudgetExhausted``) before any
     training, and accounts for the update (writes the ledger) before it is returned."""
-    from client.lora_rules import make_tenant_rule
-    from client.privacy import make_client_privacy
-    from client.prox import make_proximal
-    from client.train import train
+    from fedlora.client.lora_rules import make_tenant_rule
+    from fedlora.client.privacy import make_client_privacy
+    from fedlora.client.prox import make_proximal
+    from fedlora.client.train import train
 
     state_dir = data.tenant.state_dir or _state_dir({}, data.tenant.train_path)
     privacy = make_client_privacy(cfg, state_dir=state_dir, num_examples=len(data.tokenized))

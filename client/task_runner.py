@@ -3,7 +3,7 @@
 Flower 1.42's SuperNode hands every message to a new ``flwr-clientapp`` process: it imports
 Flower's SuperNode CLI (seconds), pulls the message over the node's Runtime API with a
 one-task token, loads the app from the FAB, replies, and exits. On a node started with
-``fedlora deploy supernode`` that command is :mod:`client.clientapp_shim`, which gives the
+``fedlora deploy supernode`` that command is :mod:`fedlora.client.clientapp_shim`, which gives the
 task's Runtime API address and token to the tenant worker; the worker then does here what
 ``flwr-clientapp`` would do, with Flower's own functions (``push_message`` and
 ``push_task_output`` of ``flwr.supernode.runtime.run_clientapp``; its ``pull_task_input``
@@ -12,8 +12,8 @@ nothing new is spawned and nothing is imported again:
 
 1. a Runtime API client with the task's token, and the task's heartbeat;
 2. the task input (message, context, run, FAB) -- the one-shot activation of the token;
-3. the FAB must name fedlora's ClientApp (``client.client_app:app``): its handlers are the
-   ones the worker runs (:mod:`client.handlers`, behind the ``packed_arrays`` mod); a FAB of
+3. the FAB must name fedlora's ClientApp (``fedlora.client.client_app:app``): its handlers are the
+   ones the worker runs (:mod:`fedlora.client.handlers`, behind the ``packed_arrays`` mod); a FAB of
    another app gets an error reply that says to start the node with ``--no-worker``;
 4. the reply (or an error reply, as ``flwr-clientapp`` makes it), then the task's final
    status and context.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("fedlora.worker")
-CLIENTAPP_REF = "client.client_app:app"  # what the FAB's pyproject must name for the worker to serve it
+CLIENTAPP_REF = "fedlora.client.client_app:app"  # what the FAB's pyproject must name for the worker to serve it
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
     still coming from the SuperLink, so the first pull of a just-announced message often
     misses; a fresh ``flwr-clientapp`` spends seconds importing before it asks, the worker
     asks at once, and would then wait a whole second. Here it asks again after 50 ms,
-    doubling up to 0.25 s (:func:`common.flower_pull.retry_schedule`: Flower's own time limit,
+    doubling up to 0.25 s (:func:`fedlora.common.flower_pull.retry_schedule`: Flower's own time limit,
     and tries enough that only it ends the wait); and it stops asking once
     ``cancelled`` is set (the task's run was stopped or failed: its objects never come)."""
     from flwr.app import Message
@@ -139,7 +139,7 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
     from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.flower_pull import retry_schedule
+    from fedlora.common.flower_pull import retry_schedule
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id

@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from client.loss import OutputHead
-from client.privacy import ClientPrivacy, NoPrivacy
-from client.prox import NoProximal
-from common.config import TrainConfig
-from common.data import Tokenized, collate
+from fedlora.client.loss import OutputHead
+from fedlora.client.privacy import ClientPrivacy, NoPrivacy
+from fedlora.client.prox import NoProximal
+from fedlora.common.config import TrainConfig
+from fedlora.common.data import Tokenized, collate
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,10 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
     spanning ``total`` steps (a federated round's share of the tenant's budget; default: the
     schedule spans exactly these ``steps``).
     ``privacy`` wraps model, optimizer and batches and chooses the loss (default
-    :class:`client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
+    :class:`fedlora.client.privacy.NoPrivacy`); the loop is the same with or without DP-SGD.
     ``proximal`` pulls the adapter toward where it started after every step (FedProx,
-    :class:`client.prox.Proximal`; default :class:`client.prox.NoProximal`, nothing).
-    ``after_step()`` runs after every step, last (``client.lora_rules``: a lower-rank
+    :class:`fedlora.client.prox.Proximal`; default :class:`fedlora.client.prox.NoProximal`, nothing).
+    ``after_step()`` runs after every step, last (``fedlora.client.lora_rules``: a lower-rank
     tenant's unused components held at zero).
     """
     from tqdm.auto import tqdm
@@ -149,7 +149,7 @@ def train(model, data: Tokenized, cfg: TrainConfig, *, pad_id: int, device: torc
     privacy = NoPrivacy() if privacy is None else privacy
     proximal = NoProximal() if proximal is None else proximal
     proximal.start(params)  # before any step: the parameters hold the round's global adapter
-    head = OutputHead(model)  # the output layer only where a token is supervised (client.loss)
+    head = OutputHead(model)  # the output layer only where a token is supervised (fedlora.client.loss)
     with checkpointing(model, cfg.gradient_checkpointing), head:
         model, optimizer, loader = privacy.prepare(model, optimizer,
                                                    make_loader(data, cfg.batch_size, pad_id, seed))

@@ -36,7 +36,7 @@ def warm_keys(flat: dict) -> dict:
 
 def write_warm(worker_dir: Path, flat: dict) -> bool:
     """Write the warm-up config (only its model keys); False when the file already says so."""
-    from common.adapter import write_json_atomic
+    from fedlora.common.adapter import write_json_atomic
 
     keys = warm_keys(flat)
     path = Path(worker_dir) / WARM_FILE
@@ -56,12 +56,12 @@ def read_warm(path: Path) -> dict | None:
 
 
 def loaded_flat() -> dict | None:
-    """The warm-up keys of the model this process holds (``client.task``'s cache), or None."""
-    task = sys.modules.get("client.task")
+    """The warm-up keys of the model this process holds (``fedlora.client.task``'s cache), or None."""
+    task = sys.modules.get("fedlora.client.task")
     held = list(task._MODELS) if task is not None else []  # a copy: a task may be loading meanwhile
     if not held:
         return None
-    from common.config import Config, TrainConfig
+    from fedlora.common.config import Config, TrainConfig
 
     model, adapter, seed = held[0]  # the cache key: session()'s
     return warm_keys(Config(model=model, adapter=adapter, train=TrainConfig(seed=seed)).to_flat())
@@ -70,24 +70,24 @@ def loaded_flat() -> dict | None:
 def import_training_path() -> None:
     """Import what a first train or evaluate message would (torch, transformers, PEFT, Opacus'
     accountant), so its time is spent before the node takes tasks."""
-    import client.handlers  # noqa: F401
-    import client.lora_rules  # noqa: F401
-    import client.prox  # noqa: F401
-    import client.train  # noqa: F401
-    import common.evaluate  # noqa: F401
+    import fedlora.client.handlers  # noqa: F401
+    import fedlora.client.lora_rules  # noqa: F401
+    import fedlora.client.prox  # noqa: F401
+    import fedlora.client.train  # noqa: F401
+    import fedlora.common.evaluate  # noqa: F401
     from transformers import get_scheduler  # noqa: F401
 
 
 def warm_up(path: Path) -> dict:
-    """Load the model ``path`` names into ``client.task``'s cache. Returns what happened, for
+    """Load the model ``path`` names into ``fedlora.client.task``'s cache. Returns what happened, for
     the worker's health: ``{"state": "none" | "loaded" | "failed", ...}``."""
     flat = read_warm(path)
     if flat is None:
         return {"state": "none"}
     start = time.perf_counter()
     try:
-        from client.task import session
-        from common.config import parse_config
+        from fedlora.client.task import session
+        from fedlora.common.config import parse_config
 
         loaded = session(parse_config(flat, source=str(path)))
     except Exception as err:  # noqa: BLE001 - only an optimisation: the first task loads (and reports) it

@@ -1,19 +1,19 @@
 """The tenant worker: one long-running process per deployment node that handles every
 ClientApp message with the model, the data and the ledger already loaded.
 
-    python -m client.worker --socket STATE_DIR/worker/worker.sock [--parent-pid PID]
+    python -m fedlora.client.worker --socket STATE_DIR/worker/worker.sock [--parent-pid PID]
 
 It handles one message at a time (health requests are answered meanwhile) on a Unix socket
-(see :mod:`client.worker_link` for the channel and its protection) with the very handlers a
-ClientApp runs in-process (:mod:`client.handlers`), so a message means the same thing with
+(see :mod:`fedlora.client.worker_link` for the channel and its protection) with the very handlers a
+ClientApp runs in-process (:mod:`fedlora.client.handlers`), so a message means the same thing with
 or without a worker. A message reaches it in one of two ways: as a whole task, handed over
-by fedlora's ``flwr-clientapp`` (:mod:`client.clientapp_shim`), which the worker pulls from
-the SuperNode and answers itself (:mod:`client.task_runner`: no process per message); or
-forwarded by the ClientApp of a Flower ``flwr-clientapp`` process (:mod:`client.client_app`). What
-the handlers cache per process (``client.task.session``: the base with its adapter slot;
-``client.task.tenant_data``: the tokenized data) therefore lives across messages and runs,
+by fedlora's ``flwr-clientapp`` (:mod:`fedlora.client.clientapp_shim`), which the worker pulls from
+the SuperNode and answers itself (:mod:`fedlora.client.task_runner`: no process per message); or
+forwarded by the ClientApp of a Flower ``flwr-clientapp`` process (:mod:`fedlora.client.client_app`). What
+the handlers cache per process (``fedlora.client.task.session``: the base with its adapter slot;
+``fedlora.client.task.tenant_data``: the tokenized data) therefore lives across messages and runs,
 and is reloaded when a run names another model, adapter or data config. As it starts, the
-worker loads the model ``warm.json`` beside its socket names (:mod:`client.warm`), in the
+worker loads the model ``warm.json`` beside its socket names (:mod:`fedlora.client.warm`), in the
 background, so round 1 does not wait for it. The privacy ledger
 and the delta residuals stay in the node's state directory, read and written per round, so
 they mean the same after a restart.
@@ -38,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from client import worker_link as link
+from fedlora.client import worker_link as link
 
 log = logging.getLogger("fedlora.worker")
 IO_TIMEOUT = 120.0  # seconds a request or a reply may take to cross the local socket (not the handling)
@@ -49,14 +49,14 @@ class Worker:
 
     def __init__(self, path: Path | str, app=None):
         self.path = Path(path)
-        self.app = app  # the ClientApp whose handlers run (None: client.handlers.app, imported on first use)
+        self.app = app  # the ClientApp whose handlers run (None: fedlora.client.handlers.app, imported on first use)
         self.started = time.time()
         self.served = self.failed = self.dropped = self.stopped = 0
         self.tasks = 0  # the messages it pulled itself (handed over by fedlora's flwr-clientapp)
         self.busy: str | None = None
         self._one_at_a_time = threading.Lock()
         self.last: dict = {}
-        self.warm: dict = {"state": "none"}  # the model loaded before the first task (client.warm)
+        self.warm: dict = {"state": "none"}  # the model loaded before the first task (fedlora.client.warm)
         self._remembered: dict | None = None  # what warm.json was last set to by this worker
         self.sock = self._bind()
 
@@ -84,7 +84,7 @@ class Worker:
     def start_warm_up(self) -> threading.Thread:
         """Load the model ``<worker dir>/warm.json`` names, in the background: health is answered
         meanwhile, and a task that arrives first waits for it rather than loading a second copy."""
-        from client.warm import WARM_FILE, warm_up
+        from fedlora.client.warm import WARM_FILE, warm_up
 
         self.warm = {"state": "warming"}
 
@@ -98,7 +98,7 @@ class Worker:
 
     def _remember(self) -> None:
         """Keep the model this worker now holds as the next start's warm-up."""
-        from client.warm import loaded_flat, write_warm
+        from fedlora.client.warm import loaded_flat, write_warm
 
         flat = loaded_flat()
         if flat is not None and flat != self._remembered:  # the file is read and written only on a change
@@ -155,15 +155,15 @@ class Worker:
 
     def _handlers(self):
         if self.app is None:
-            from client.handlers import app as handlers
+            from fedlora.client.handlers import app as handlers
 
             self.app = handlers
         return self.app
 
     def _run_task(self, payload: bytes) -> tuple[int, bytes]:
-        """A ClientApp task handed over by ``flwr-clientapp``'s stand-in (see :mod:`client.task_runner`)."""
-        from client.client_app import packed_arrays
-        from client.task_runner import TaskSpec, run_task
+        """A ClientApp task handed over by ``flwr-clientapp``'s stand-in (see :mod:`fedlora.client.task_runner`)."""
+        from fedlora.client.client_app import packed_arrays
+        from fedlora.client.task_runner import TaskSpec, run_task
 
         try:
             spec = TaskSpec.from_dict(json.loads(payload))
@@ -224,7 +224,7 @@ class Worker:
             self.busy = None
 
     def health(self) -> dict:
-        task = sys.modules.get("client.task")  # what the handlers hold loaded, once they ran
+        task = sys.modules.get("fedlora.client.task")  # what the handlers hold loaded, once they ran
         models = [{"base": k[0].base, "precision": k[0].precision, "adapter": k[1].method, "r": k[1].r}
                   for k in (task._MODELS if task else ())]
         return {"pid": os.getpid(), "socket": str(self.path), "uptime_s": round(time.time() - self.started, 1),
@@ -274,7 +274,7 @@ def _watch_parent(parent: int, stop) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedlora.client.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True, help="the Unix socket to serve on (created mode 0600)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--no-preload", action="store_true",
@@ -283,11 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fedlora-worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
-    from common.offline import quiet_and_offline
+    from fedlora.common.offline import quiet_and_offline
 
     quiet_and_offline()
     if not args.no_preload:
-        from client.warm import import_training_path
+        from fedlora.client.warm import import_training_path
 
         import_training_path()  # torch, transformers, peft: once, before the socket exists
     worker = Worker(args.socket)

@@ -1,7 +1,7 @@
 """The local channel between a tenant's ClientApp processes and its long-running worker.
 
 Flower's SuperNode starts a fresh ClientApp process for every message. On a deployment node
-``fedlora deploy supernode`` also starts a *tenant worker* (:mod:`client.worker`) that keeps
+``fedlora deploy supernode`` also starts a *tenant worker* (:mod:`fedlora.client.worker`) that keeps
 the base model, the tokenized data and the caches of a round loaded; the ClientApp then only
 forwards: it sends the Flower message and its context over a Unix socket and returns the
 worker's reply. This module is both ends of that socket and imports no torch, so a
@@ -15,9 +15,9 @@ Frames: ``MAGIC`` (4 bytes), protocol version (1 byte), kind (1 byte), payload l
 (8 bytes, big-endian), payload. A request carries the Flower ``Message`` and ``Context`` as
 protobufs (Flower's own serde); a reply carries the reply ``Message`` and the context's
 updated ``state`` (the SecAgg+ stages keep their keys there), or an error text. A
-``RUN_TASK`` request (from :mod:`client.clientapp_shim`, which stands in for Flower's
+``RUN_TASK`` request (from :mod:`fedlora.client.clientapp_shim`, which stands in for Flower's
 ``flwr-clientapp``) carries the task's Runtime API address and token as JSON; the worker
-pulls and answers the task itself (:mod:`client.task_runner`) and replies with its status.
+pulls and answers the task itself (:mod:`fedlora.client.task_runner`) and replies with its status.
 """
 
 from __future__ import annotations

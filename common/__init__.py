@@ -1,5 +1,5 @@
 """Shared pieces of fedlora, imported by client, server and simulations alike (it imports none
-of them). Importing it changes nothing: entry points call :func:`common.offline.quiet_and_offline`.
+of them). Importing it changes nothing: entry points call :func:`fedlora.common.offline.quiet_and_offline`.
 
 - ``config``: the one typed run config (frozen dataclasses), parsed from Flower's flat run-config
 - ``model``: base model loading (fp32 / bf16 / NF4) and PEFT attach, the only place that does it

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.files import atomic_dir, write_json_atomic  # noqa: F401  (write_json_atomic: callers import it from here)
+from fedlora.common.files import atomic_dir, write_json_atomic  # noqa: F401  (write_json_atomic: callers import it from here)
 
 METADATA_FILE = "fedlora.json"
 
@@ -59,8 +59,8 @@ def set_state(model, state: Mapping[str, np.ndarray]) -> None:
 def to_arrayrecord(state: Mapping[str, np.ndarray], *, encoding=None):
     """Adapter tensors as a Flower ArrayRecord, each copied once.
 
-    ``encoding`` (a :class:`common.encoding.Encoding`; None or fp32: the ``.npy`` float32
-    form below) gives the bf16 / int8 wire form of ``common.encoding`` instead.
+    ``encoding`` (a :class:`fedlora.common.encoding.Encoding`; None or fp32: the ``.npy`` float32
+    form below) gives the bf16 / int8 wire form of ``fedlora.common.encoding`` instead.
 
     Each :class:`flwr.app.Array` carries exactly the bytes ``Array(ndarray)`` would (the
     ``.npy`` format, ``stype`` ``numpy.ndarray``: a header, then the C-order data), but
@@ -72,7 +72,7 @@ def to_arrayrecord(state: Mapping[str, np.ndarray], *, encoding=None):
     from flwr.common.constant import SType
 
     if encoding is not None and encoding.name != "fp32":
-        from common.encoding import encode
+        from fedlora.common.encoding import encode
 
         return encode(state, encoding).record()
     record = ArrayRecord()  # filled in place: ArrayRecord(dict) would build every Array a second time
@@ -98,17 +98,17 @@ def from_arrayrecord(record, *, encoding=None) -> "OrderedDict[str, np.ndarray]"
     (validation, subtraction, aggregation, ``set_state``) and never write into them; one
     that must write takes a copy.
 
-    ``encoding`` (a :class:`common.encoding.Encoding`) reads a tenant's reply strictly as
-    that wire encoding: bf16 / int8 are decoded to float32 (``common.encoding.decode``);
+    ``encoding`` (a :class:`fedlora.common.encoding.Encoding`) reads a tenant's reply strictly as
+    that wire encoding: bf16 / int8 are decoded to float32 (``fedlora.common.encoding.decode``);
     fp32 takes the path above, but an entry in
     another serialisation, or one ``Array.numpy()`` cannot read, raises
-    :class:`common.encoding.EncodingError` naming the tensor instead of whatever
+    :class:`fedlora.common.encoding.EncodingError` naming the tensor instead of whatever
     ``Array.numpy()`` raises. None (the default): as above, for trusted records.
     """
     from flwr.common.constant import SType
 
     if encoding is not None and encoding.name != "fp32":
-        from common.encoding import decode
+        from fedlora.common.encoding import decode
 
         return decode(record, encoding)
     out = OrderedDict()
@@ -130,7 +130,7 @@ def _strict_numpy(name: str, arr) -> np.ndarray:
     """``Array.numpy()`` of a reply's fp32 entry, its failures as an EncodingError naming the tensor."""
     from flwr.common.constant import SType
 
-    from common.encoding import EncodingError, _encoding_of
+    from fedlora.common.encoding import EncodingError, _encoding_of
 
     if arr.stype != SType.NUMPY:
         raise EncodingError(f"tensor {name}: encoded as {_encoding_of(arr.stype)}, but federation.delta-encoding "

@@ -4,9 +4,9 @@ fedlora loads bases with ``from_pretrained`` from safetensors (fp32, bf16, or qu
 NF4 at load time), so a GGUF (llama.cpp's quantized format, how many small instruct models
 are shipped) is dequantized once, here, and saved as a plain Hugging Face directory:
 ``config.json``, ``model.safetensors``, the tokenizer files and ``generation_config.json``.
-Beside them :data:`common.model.BASE_RECORD` says what the base is: its portable name
+Beside them :data:`fedlora.common.model.BASE_RECORD` says what the base is: its portable name
 (written into every adapter trained on it, instead of this machine's path), where it came
-from and that file's SHA-256, its fingerprint (:func:`common.model.base_fingerprint`), dtype
+from and that file's SHA-256, its fingerprint (:func:`fedlora.common.model.base_fingerprint`), dtype
 and parameter count.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from common.files import atomic_dir, file_digest, pickle_suffix
-from common.model import BASE_RECORD, base_fingerprint
+from fedlora.common.files import atomic_dir, file_digest, pickle_suffix
+from fedlora.common.model import BASE_RECORD, base_fingerprint
 
 DTYPES = ("fp32", "bf16")
 GGUF_MAGIC = b"GGUF"
@@ -43,7 +43,7 @@ class ImportedBase:
     source: str          # the GGUF file's or HF directory's name (no path: it is this machine's)
     source_kind: str     # "gguf" or "hf"
     source_sha256: str   # the GGUF file's SHA-256, or the HF directory's base fingerprint
-    fingerprint: str     # common.model.base_fingerprint of out_dir
+    fingerprint: str     # fedlora.common.model.base_fingerprint of out_dir
     dtype: str
     parameters: int
     architecture: str

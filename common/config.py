@@ -16,17 +16,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from common.weighting import WEIGHTINGS
+from fedlora.common.weighting import WEIGHTINGS
 
 Scalar = bool | int | float | str
 
-# Aggregators (server.aggregation.AGGREGATORS) and those needing every individual update,
+# Aggregators (fedlora.server.aggregation.AGGREGATORS) and those needing every individual update,
 # which secure aggregation does not reveal (a test proves both match the registry).
 AGGREGATOR_NAMES = ("fedavg", "median", "trimmed-mean", "krum")
 INDIVIDUAL_UPDATE_AGGREGATORS = frozenset({"median", "trimmed-mean", "krum"})
-SERVER_OPTIMIZER_NAMES = ("sgd", "fedexp", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # server.optimizers.OPTIMIZERS
-LORA_RULES = ("ab", "ffa", "svd")  # server.lora_rules
-DELTA_ENCODINGS = ("fp32", "bf16", "int8")  # common.encoding
+SERVER_OPTIMIZER_NAMES = ("sgd", "fedexp", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # fedlora.server.optimizers.OPTIMIZERS
+LORA_RULES = ("ab", "ffa", "svd")  # fedlora.server.lora_rules
+DELTA_ENCODINGS = ("fp32", "bf16", "int8")  # fedlora.common.encoding
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None,
@@ -84,7 +84,7 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.1, "warm-up fraction", lo=0.0, hi=1.0)
     # AdamW weight decay.
     weight_decay: float = _opt(0.0, "weight decay", lo=0.0)
-    # FedProx (client.prox), federated rounds only: after each step w -= lr * prox-mu * (w - round's global); 0 = off.
+    # FedProx (fedlora.client.prox), federated rounds only: after each step w -= lr * prox-mu * (w - round's global); 0 = off.
     prox_mu: float = _opt(0.0, "FedProx mu: pull toward the round's global adapter (0 = off)", lo=0.0)
     # Gradient clipping by global norm (0 disables).
     max_grad_norm: float = _opt(1.0, "gradient clip norm (0 = off)", lo=0.0)
@@ -155,12 +155,12 @@ class FederationConfig:
     # Largest example count a reply may claim; more is refused as implausible.
     max_examples: int = _opt(100_000, "largest plausible example count per reply", lo=1)
     # A tenant's weight from its claimed example count: examples (FedAvg), sqrt-examples,
-    # or uniform (common.weighting); capped at max-weight either way.
+    # or uniform (fedlora.common.weighting); capped at max-weight either way.
     weighting: str = _opt("examples", "tenant weight rule", choices=WEIGHTINGS)
     # Adaptive weight bound: no tenant weighs more than this x the round's median weight
     # (0 = off); a tenant over it is capped and flagged.
     weight_multiplier: float = _opt(2.0, "cap on a tenant's weight, x the round's median weight (0 = off)", lo=0.0)
-    # Aggregation rule (server.aggregation's registry): fedavg needs only the sum; median,
+    # Aggregation rule (fedlora.server.aggregation's registry): fedavg needs only the sum; median,
     # trimmed-mean and krum need every individual update (refused with secure aggregation).
     aggregator: str = _opt("fedavg", "aggregator", choices=AGGREGATOR_NAMES)
     # trimmed-mean: share of tenants dropped at each end, per coordinate.
@@ -173,7 +173,7 @@ class FederationConfig:
     min_successful_rounds: int = _opt(1, "fewest aggregated rounds for a run to count", lo=0)
     # Server learning rate on the aggregated delta (1.0 = plain FedAvg; the adaptive optimizers want ~1e-2..1e-1).
     server_lr: float = _opt(1.0, "server learning rate on the mean delta", lo=0.0)
-    # Rule turning the mean delta into the next global adapter (server.optimizers); it needs only the sum, so it
+    # Rule turning the mean delta into the next global adapter (fedlora.server.optimizers); it needs only the sum, so it
     # also runs under secure aggregation and central DP (post-processing). beta1: fedavgm's momentum and the
     # first-moment decay; beta2: the second-moment decay; tau: the floor in m / (sqrt(v) + tau).
     server_optimizer: str = _opt("sgd", "server optimizer on the mean delta", choices=SERVER_OPTIMIZER_NAMES)
@@ -396,7 +396,7 @@ def describe() -> list[tuple[str, Scalar, str]]:
 
 def parse_config(flat: Mapping[str, Any], *, source: str = "run config") -> Config:
     """Build a :class:`Config` from a flat run-config, or raise one :class:`ConfigError`."""
-    from common.config_rules import closest, coerce, cross_check  # the rules import this module
+    from fedlora.common.config_rules import closest, coerce, cross_check  # the rules import this module
 
     problems: list[str] = []
     known = {key: (sec, f) for key, sec, f in _fields()}

@@ -1,7 +1,7 @@
-"""The checks behind ``common.config.parse_config``: each value against its field (type,
+"""The checks behind ``fedlora.common.config.parse_config``: each value against its field (type,
 allowed values, range), "did you mean" for unknown keys, and the rules that involve more
 than one key. Each names the key(s) and what to do; ``parse_config`` collects every
-problem into one :class:`~common.config.ConfigError`.
+problem into one :class:`~fedlora.common.config.ConfigError`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from common.config import (INDIVIDUAL_UPDATE_AGGREGATORS, AdapterConfig, FederationConfig, PrivacyConfig, SecAggConfig,
-                           SimulationConfig, TrainConfig)
+from fedlora.common.config import (INDIVIDUAL_UPDATE_AGGREGATORS, AdapterConfig, FederationConfig, PrivacyConfig, SecAggConfig,
+                                   SimulationConfig, TrainConfig)
 
 
 def coerce(key: str, f: dataclasses.Field, value: Any, problems: list[str]) -> Any:
@@ -85,7 +85,7 @@ def cross_check(sections: dict[str, dict[str, Any]], problems: list[str]) -> Non
         problems.append("adapter.dropout: IA3 has no dropout; set it to 0 or use lora/dora")
     caps = sections.get("federation", {}).get("example_caps", "")
     if caps:
-        from common.weighting import parse_caps
+        from fedlora.common.weighting import parse_caps
 
         try:
             parse_caps(caps)
@@ -146,7 +146,7 @@ def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> N
     """Secure-aggregation settings that cannot work together.
 
     fp32 uses secagg.quantization-bits and secagg.modulus-bits as given; bf16 and int8 size
-    the quantizer from the encoding and each round's tenants (``common.secagg.sized_bits``),
+    the quantizer from the encoding and each round's tenants (``fedlora.common.secagg.sized_bits``),
     so only a modulus past 64 bits can fail there."""
     sec = {**dataclasses.asdict(SecAggConfig()), **sections.get("secagg", {})}
     fed = {**dataclasses.asdict(FederationConfig()), **sections.get("federation", {})}
@@ -157,7 +157,7 @@ def _check_secagg(sections: dict[str, dict[str, Any]], problems: list[str]) -> N
                         "aggregation reveals only their sum; use fedavg or set secagg.enabled = false")
     tenants = sections.get("simulation", {}).get("tenants", SimulationConfig().tenants)
     if fed["delta_encoding"] != "fp32":
-        from common.secagg import sized_bits
+        from fedlora.common.secagg import sized_bits
 
         try:
             sized_bits(fed["delta_encoding"], max(int(tenants), 2), int(fed["max_weight"]))
@@ -242,7 +242,7 @@ def _check_tenant_ranks(sections: dict[str, dict[str, Any]], rule: str, problems
     text = sections.get("simulation", {}).get("tenant_ranks", "")
     if not text:
         return
-    from common.lora import parse_ranks
+    from fedlora.common.lora import parse_ranks
 
     if rule != "svd":
         problems.append(f"simulation.tenant-ranks: tenants of different LoRA ranks need federation.lora-rule = svd "

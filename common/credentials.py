@@ -1,6 +1,6 @@
-"""Key generation for fedlora, and the careful key-file writing :mod:`common.tls` shares.
+"""Key generation for fedlora, and the careful key-file writing :mod:`fedlora.common.tls` shares.
 
-Two kinds of key pairs are produced here (TLS certificates: :mod:`common.tls`), all with the ``cryptography``
+Two kinds of key pairs are produced here (TLS certificates: :mod:`fedlora.common.tls`), all with the ``cryptography``
 package and all written without ever overwriting an existing file unless the
 caller passes ``force=True`` (the CLI's ``--force``):
 

@@ -9,7 +9,7 @@ Three row formats are read:
   (``prompt`` is the user's request, formatted when it is used)
 
 Every row becomes an :class:`Example`, a conversation; how a conversation becomes tokens
-(the Alpaca template or the base's chat template) is :mod:`common.templates`' business.
+(the Alpaca template or the base's chat template) is :mod:`fedlora.common.templates`' business.
 A malformed row stops loading with the file, the line, the field and what is wrong; an
 empty file is an error; truncation is counted and reported. Nothing is dropped silently.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from common.templates import PromptFormat
+    from fedlora.common.templates import PromptFormat
 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -248,7 +248,7 @@ def tokenize_examples(examples: list[Example], tokenizer, *, max_length: int,
     answer would vanish entirely is an error, never a silent drop.
     """
     if template is None:
-        from common.templates import make_format
+        from fedlora.common.templates import make_format
 
         template = make_format("auto", tokenizer)
     ids_all, labels_all, truncated, tokens = [], [], 0, 0

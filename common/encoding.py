@@ -1,8 +1,8 @@
 """Wire encodings of a tenant's delta (``federation.delta-encoding``): fp32, bf16, int8.
 
-The tenant encodes (``client.feedback``, which keeps the rounding error for its next
+The tenant encodes (``fedlora.client.feedback``, which keeps the rounding error for its next
 round), the server decodes and validates strictly: what :func:`decode` returns is float32
-arrays of the declared shapes, which ``server.aggregation.validate_update`` then checks
+arrays of the declared shapes, which ``fedlora.server.aggregation.validate_update`` then checks
 as it checks an fp32 reply (names, shapes, finite values). A malformed reply raises
 :class:`EncodingError` naming the tensor; the server drops that tenant and goes on.
 
@@ -11,7 +11,7 @@ Wire form: one Flower ``Array`` per adapter tensor, under the tensor's own name;
 describes itself:
 
 * **fp32**: the ``.npy`` float32 array (``stype`` ``numpy.ndarray``), exactly as before
-  (``common.adapter.to_arrayrecord`` / ``from_arrayrecord``; the fast path is unchanged);
+  (``fedlora.common.adapter.to_arrayrecord`` / ``from_arrayrecord``; the fast path is unchanged);
 * **bf16**: ``stype`` ``fedlora.bf16``, dtype ``bfloat16``, the tensor's shape, the data
   the bfloat16 words in C order (little-endian 16-bit): the float32 value rounded to the
   nearest bfloat16, ties to even. Half the bytes; relative error at most ``2**-8`` (half
@@ -25,7 +25,7 @@ describes itself:
   quarter of the bytes plus 4 bytes per scale.
 
 The encoders can also round **toward zero** (``toward_zero=True``): no element then grows
-in magnitude, which is how ``client.feedback`` keeps a central-DP clip on what is sent.
+in magnitude, which is how ``fedlora.client.feedback`` keeps a central-DP clip on what is sent.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ FP32 = Encoding()
 
 
 def encoding_for(federation) -> Encoding:
-    """The encoding a :class:`common.config.FederationConfig` names; both sides build the same one."""
+    """The encoding a :class:`fedlora.common.config.FederationConfig` names; both sides build the same one."""
     return Encoding(federation.delta_encoding, federation.int8_scale)
 
 
@@ -144,7 +144,7 @@ class Encoded:
         """The Flower ``ArrayRecord`` of the wire form (see the module docstring)."""
         from flwr.app import Array, ArrayRecord
 
-        from common.adapter import to_arrayrecord
+        from fedlora.common.adapter import to_arrayrecord
 
         if self.encoding.name == "fp32":
             return to_arrayrecord(self.payload)
@@ -184,9 +184,9 @@ def decode(record, encoding: Encoding) -> "OrderedDict[str, np.ndarray]":
     shape the declared shape implies, with finite, non-negative scales; no entry besides
     the tensors and their scales. Names and shapes against the global adapter are
     ``validate_update``'s to check (with the LoRA rule's shape check). fp32 goes through
-    ``common.adapter.from_arrayrecord``'s (fast) strict path."""
+    ``fedlora.common.adapter.from_arrayrecord``'s (fast) strict path."""
     if encoding.name == "fp32":
-        from common.adapter import from_arrayrecord
+        from fedlora.common.adapter import from_arrayrecord
 
         return from_arrayrecord(record, encoding=encoding)
     tensors = [k for k in record.keys() if not k.endswith(SCALE_SUFFIX)]

@@ -14,9 +14,9 @@ from typing import Iterable
 
 import torch
 
-from common.config import EvalConfig
-from common.data import IGNORE_INDEX, Example, collate, tokenize_examples
-from common.templates import PromptFormat, encode_prompt, make_format
+from fedlora.common.config import EvalConfig
+from fedlora.common.data import IGNORE_INDEX, Example, collate, tokenize_examples
+from fedlora.common.templates import PromptFormat, encode_prompt, make_format
 
 
 @dataclass(frozen=True)

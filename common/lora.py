@@ -5,7 +5,7 @@ PEFT names a module's factors ``<module>.lora_A.weight`` (shape ``r x in``) and
 the scaling ``s = alpha / r``. A rank-``k`` part of an adapter is its first ``k``
 components: the first ``k`` rows of every A and columns of every B. Tenants of lower rank
 (``lora-rank`` in the node config, ``simulation.tenant-ranks`` in simulation) train such a
-part; see ``server.lora_rules`` and ``client.lora_rules``.
+part; see ``fedlora.server.lora_rules`` and ``fedlora.client.lora_rules``.
 """
 
 from __future__ import annotations

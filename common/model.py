@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import AdapterConfig, ModelConfig
+from fedlora.common.config import AdapterConfig, ModelConfig
 
 EMBEDDED = "embedded"
 _WEIGHTS = "model.safetensors"
@@ -46,34 +46,16 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def embedded_base_dir() -> Path:
-    """Directory of the tiny base model that ships with fedlora.
+    """Directory of the tiny base model that ships with fedlora (package data of
+    ``fedlora.simulations``, in a wheel and in a source tree alike)."""
+    from importlib.resources import files
 
-    A Flower app bundle carries the code but not the weights, so when the copy next
-    to this module lacks them, the installed ``fedlora`` distribution is asked.
-    """
-    candidates = [Path(__file__).resolve().parent.parent / "simulations" / "base_model"]
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        dist = distribution("fedlora")
-        candidates.append(Path(dist.locate_file("simulations/base_model")))
-        for f in dist.files or []:
-            if str(f).endswith(f"base_model/{_WEIGHTS}"):
-                candidates.append(Path(f.locate()).parent)
-        direct = dist.read_text("direct_url.json")
-        if direct and '"file://' in direct:  # editable install: the source tree
-            import json
-
-            url = json.loads(direct)["url"]
-            candidates.append(Path(url.removeprefix("file://")) / "simulations" / "base_model")
-    except (PackageNotFoundError, ImportError, KeyError, ValueError):
-        pass
-    for cand in candidates:
-        if (cand / _WEIGHTS).is_file():
-            return cand
+    cand = Path(str(files("fedlora.simulations") / "base_model"))
+    if (cand / _WEIGHTS).is_file():
+        return cand
     raise ModelNotFoundError(
-        "the embedded base model (simulations/base_model/model.safetensors) was not found; "
-        "reinstall fedlora (`pip install -e .`) or rebuild it with `python -m simulations.build_base`"
+        f"the embedded base model ({cand / _WEIGHTS}) was not found; reinstall fedlora "
+        "or rebuild it with `python -m fedlora.simulations.build_base`"
     )
 
 

@@ -10,8 +10,8 @@ The packed Array's bytes: an 8-byte big-endian header length, a JSON header list
 original Array as ``[name, dtype, shape, stype, nbytes]`` in order, then the Arrays' bytes
 back to back. Unpacking gives back ArrayRecords equal, Array by Array, to the packed ones;
 a record of fewer than two Arrays is left as it is. The server packs what it sends and
-unpacks what it receives (``server.grid.PromptGrid``); the ClientApp does the same with a
-Flower mod (``client.client_app``), so the handlers and the strategy never see a packed
+unpacks what it receives (``fedlora.server.grid.PromptGrid``); the ClientApp does the same with a
+Flower mod (``fedlora.client.client_app``), so the handlers and the strategy never see a packed
 record.
 """
 

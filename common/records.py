@@ -1,7 +1,7 @@
 """Typed records of a run: one round (``metrics/round_XXX.json``) and the federation's
 summary (``federation.json``), with to/from JSON.
 
-The server writes them (``server.records``); the report, the release stages, the
+The server writes them (``fedlora.server.records``); the report, the release stages, the
 benchmarks and the CLI read them back through :func:`read_rounds` and
 :func:`read_summary`, by field, never by key. Unknown keys in a file are refused, so a
 reader and a writer cannot drift apart silently.
@@ -70,7 +70,7 @@ class RoundRecord:
     audit: dict[str, TenantAudit] = field(default_factory=dict)
     aggregation: dict[str, Any] = field(default_factory=dict)  # aggregator, bounds, server seconds
     # What the server needs to continue after this round (sampling RNG, central-DP
-    # accountant, aggregator state): ``server.strategy.FedLoraStrategy.resume_state``.
+    # accountant, aggregator state): ``fedlora.server.strategy.FedLoraStrategy.resume_state``.
     server_state: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

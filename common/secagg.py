@@ -3,7 +3,7 @@
 The server must learn only ``sum_k w_k * delta_k`` and ``sum_k w_k``. Each tenant turns its
 delta and its capped FedAvg weight into one integer vector (:func:`pack`), adds masks
 that cancel in the sum (:func:`prg_mask`), and the server removes what is left of the
-masks after the others reveal shares of the seeds (see ``server.secagg``).
+masks after the others reveal shares of the seeds (see ``fedlora.server.secagg``).
 
 Vector layout (``n`` adapter floats, one weight element)::
 
@@ -35,7 +35,7 @@ Sizing, by ``federation.delta-encoding`` (:func:`quantizer_for`, :meth:`Quantize
   The grid is fixed over ``[-secagg.clip, secagg.clip]`` (the tenants cannot each have a
   scale: the sum needs one grid), so int8's step is ``clip / 127``: set ``secagg.clip`` near
   the largest weighted delta element, or most of a small delta waits in the tenants' error
-  feedback (``client.feedback``) for later rounds.
+  feedback (``fedlora.client.feedback``) for later rounds.
 
 Masks are the AES-256-CTR keystream (``cryptography``) keyed with the full 256-bit seed,
 never folded to 32 bits: seeds that differ anywhere give unrelated masks.
@@ -51,7 +51,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.weighting import tenant_weight
+from fedlora.common.weighting import tenant_weight
 
 SEED_BYTES = 32
 
@@ -68,7 +68,7 @@ class Quantizer:
     bits: int            # quantization levels: 2**bits (2**bits - 1 on a centred grid)
     modulus_bits: int    # arithmetic is mod 2**modulus_bits
     max_weight: int      # cap on one tenant's FedAvg weight
-    weighting: str = "examples"  # federation.weighting (common.weighting)
+    weighting: str = "examples"  # federation.weighting (fedlora.common.weighting)
     encoding: str = "fp32"       # federation.delta-encoding: fp32 as configured; bf16 / int8 sized per round
 
     @property
@@ -151,7 +151,7 @@ def quantizer_for(secagg, federation) -> Quantizer:
 
 def check_update(delta: Mapping[str, np.ndarray], num_examples: int, *, clip: float, max_weight: int,
                  weighting: str = "examples") -> int:
-    """Client-side checks before masking; returns the weight (``common.weighting``) or raises
+    """Client-side checks before masking; returns the weight (``fedlora.common.weighting``) or raises
     :class:`UpdateRefused`."""
     if isinstance(num_examples, bool) or int(num_examples) != num_examples or num_examples < 1:
         raise UpdateRefused(f"num-examples {num_examples!r} is not a positive integer")
@@ -171,7 +171,7 @@ def pack(delta: Mapping[str, np.ndarray], weight: int, q: Quantizer, *, toward_z
     """The integer vector a tenant masks: quantized ``(w / max_weight) * delta``, then ``w``.
 
     ``toward_zero`` (centred grids only) rounds every value toward 0, so none grows in
-    magnitude (``client.feedback`` keeps a central-DP clip so)."""
+    magnitude (``fedlora.client.feedback`` keeps a central-DP clip so)."""
     if not 1 <= weight <= q.max_weight:
         raise UpdateRefused(f"weight {weight} outside [1, {q.max_weight}] (federation.max-weight)")
     if toward_zero and not q.centred:

@@ -5,7 +5,7 @@ ECDH on P-384 + HKDF-SHA256 (``generate_shared_key``), Fernet authenticated encr
 (``encrypt``/``decrypt``), Shamir t-of-n sharing over GF(2^128) (``create_shares``/
 ``combine_shares``) and the share plaintext layout (``share_keys_plaintext_*``). What
 Flower gets wrong for this project — the 32-bit folding of mask seeds — is not used:
-seeds here are the full 32 HKDF bytes, expanded by :func:`common.secagg.prg_mask`.
+seeds here are the full 32 HKDF bytes, expanded by :func:`fedlora.common.secagg.prg_mask`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from common.secagg import SEED_BYTES
+from fedlora.common.secagg import SEED_BYTES
 
 CURVE = ec.SECP384R1()
 _SK_BYTES = 48

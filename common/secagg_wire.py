@@ -107,7 +107,7 @@ def read_share_reply(content: RecordDict) -> dict[int, bytes]:
 def upload_request(server_round: int, attempt: int, ciphertexts: dict[int, bytes], *,
                    tenants: int | None = None) -> RecordDict:
     """Shares addressed to one node and the number of tenants the round sums (which sizes a
-    bf16 / int8 quantizer, ``common.secagg.Quantizer.for_tenants``); the caller adds the
+    bf16 / int8 quantizer, ``fedlora.common.secagg.Quantizer.for_tenants``); the caller adds the
     global adapter and train config."""
     src = sorted(ciphertexts)
     extra = {} if tenants is None else {"tenants": int(tenants)}

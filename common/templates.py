@@ -1,4 +1,4 @@
-"""Prompt formats: how a conversation (:class:`common.data.Example`) becomes text and tokens.
+"""Prompt formats: how a conversation (:class:`fedlora.common.data.Example`) becomes text and tokens.
 
 One :class:`PromptFormat`, chosen once per run by :func:`make_format` from ``data.template``,
 serves every place fedlora turns conversations into tokens: training (ids plus labels
@@ -27,10 +27,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Sequence
 
-from common.data import IGNORE_INDEX, Example, Message, format_prompt
+from fedlora.common.data import IGNORE_INDEX, Example, Message, format_prompt
 
 if TYPE_CHECKING:
-    from common.config import DataConfig
+    from fedlora.common.config import DataConfig
 
 
 class TemplateError(ValueError):

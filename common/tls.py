@@ -2,7 +2,7 @@
 by it, for ``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt
 --ssl-keyfile server.key`` and ``flower-supernode --root-certificates ca.crt``.
 
-Files are written as :mod:`common.credentials` writes keys: never over an existing file
+Files are written as :mod:`fedlora.common.credentials` writes keys: never over an existing file
 unless ``force=True``, private keys created with mode 0600.
 """
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.credentials import prepare_targets, private_bytes, write_private_key, write_public_file
+from fedlora.common.credentials import prepare_targets, private_bytes, write_private_key, write_public_file
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 

@@ -186,8 +186,8 @@ stage_context() {
   local ctx="$STAGE/context" paths wheel_dirs wheel bundle
   rm -rf "$ctx"
   mkdir -p "$ctx/docker/build-context/wheels" "$ctx/docker/build-context/certs"
-  paths=(pyproject.toml README.md common client server simulations tests/__init__.py docker/scripts
-         docker/constraints.txt docker/superlink.Dockerfile docker/apps.Dockerfile docker/supernode.Dockerfile)
+  paths=(pyproject.toml README.md requirements-lock.txt common client server simulations docker/scripts
+         docker/superlink.Dockerfile docker/apps.Dockerfile docker/supernode.Dockerfile)
   if [ -n "$GIT_REF" ]; then
     git rev-parse --verify --quiet "$GIT_REF^{commit}" >/dev/null || die "--git $GIT_REF: no such commit"
     git archive --format=tar "$GIT_REF" -- "${paths[@]}" | tar -x -C "$ctx"
@@ -274,7 +274,7 @@ as_root_in fedlora-apps -c '
     python3 -c "
 from pathlib import Path
 import shutil
-from simulations.synthetic import write_tenants
+from fedlora.simulations.synthetic import write_tenants
 write_tenants(\"/tmp/synthetic\", num_tenants=2, train_size=48, holdout_size=8, preference_size=8, seed=0)
 for tenant, name in ((0, \"tenant-a\"), (1, \"tenant-b\")):
     out = Path(\"data\") / name

@@ -31,38 +31,37 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
 
 FROM runtime AS build
 ARG TORCH_INDEX
+# the torch release requirements-lock.txt was resolved against (the Makefile's TORCH)
+ARG TORCH=torch==2.13.0
 # Optional: wheels/ (a torch wheel, installed instead of one from TORCH_INDEX) and
 # certs/ca-certificates.crt (the CA bundle pip trusts while building). Neither reaches the image.
 COPY docker/build-context /build
 RUN python3 -m venv /opt/fedlora
 WORKDIR /src
-COPY pyproject.toml ./
-COPY docker/constraints.txt /build/constraints.txt
-# torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the
-# dependencies alone, at the tested versions (constraints.txt): a change to the sources
-# below does not reinstall them.
+COPY pyproject.toml requirements-lock.txt ./
+# torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then exactly the
+# tested set (requirements-lock.txt: pinned, hash-checked, no resolution): a change to the
+# sources below does not reinstall them.
 RUN set -e; \
     if [ -s /build/certs/ca-certificates.crt ]; then export PIP_CERT=/build/certs/ca-certificates.crt; fi; \
     if ls /build/wheels/torch-*.whl >/dev/null 2>&1; then \
       pip install /build/wheels/torch-*.whl; \
-    else pip install --index-url "${TORCH_INDEX}" "torch>=2.10"; fi; \
-    python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt; \
-    pip install --find-links /build/wheels -c /build/constraints.txt -r /tmp/requirements.txt
+    else pip install --index-url "${TORCH_INDEX}" "${TORCH}"; fi; \
+    pip install --require-hashes --no-deps -r requirements-lock.txt
 COPY README.md ./
 COPY common ./common
 COPY client ./client
 COPY server ./server
 COPY simulations ./simulations
-COPY tests/__init__.py ./tests/__init__.py
 COPY docker/scripts ./docker/scripts
-# Editable: `fedlora deploy run` submits /src (the directory holding pyproject.toml) as the app.
-RUN if [ -s /build/certs/ca-certificates.crt ]; then export PIP_CERT=/build/certs/ca-certificates.crt; fi; \
-    pip install --no-deps -e .
+# fedlora itself as a wheel (built with the locked setuptools), as a site installs it; the
+# sources stay in this stage (the image keeps docker/scripts). `fedlora deploy run` submits the installed fedlora's app.
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /build/dist . \
+    && pip install --no-deps /build/dist/fedlora-*.whl && pip check
 
 FROM runtime
 COPY --from=build /opt/fedlora /opt/fedlora
-COPY --from=build /src /src
+COPY --from=build /src/docker/scripts /src/docker/scripts
 RUN mkdir -p /state && chown flwr /state
 USER flwr
 WORKDIR /home/flwr

@@ -8,7 +8,7 @@ that :func:`apply_mean` turns into the next global adapter.
 Aggregators live in a name -> class registry (:data:`AGGREGATORS`). ``fedavg`` needs only
 the sum; the robust ones (``median``, ``trimmed-mean``, ``krum``) need every individual
 update (``needs_individual_updates = True``) and are therefore refused at config time
-together with secure aggregation (``common.config``).
+together with secure aggregation (``fedlora.common.config``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from common.weighting import tenant_weight
+from fedlora.common.weighting import tenant_weight
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -80,7 +80,7 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
     """Check one reply against the global adapter; raise :class:`Rejected` with the reason.
 
     Shapes must be the reference's, unless ``check_shapes(arrays, reference)`` is given: it
-    then decides, raising :class:`Rejected` (``server.lora_rules``: tenants of lower LoRA rank)."""
+    then decides, raising :class:`Rejected` (``fedlora.server.lora_rules``: tenants of lower LoRA rank)."""
     keys = set(metrics)
     if keys != expected_metrics:
         extra, missing = sorted(keys - expected_metrics), sorted(expected_metrics - keys)
@@ -323,7 +323,7 @@ AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, Me
 
 
 def make_aggregator(cfg) -> Aggregator:
-    """The aggregator a :class:`common.config.FederationConfig` names."""
+    """The aggregator a :class:`fedlora.common.config.FederationConfig` names."""
     if cfg.aggregator == "trimmed-mean":
         return TrimmedMean(beta=cfg.trim_beta)
     if cfg.aggregator == "krum":

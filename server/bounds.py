@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from common.records import TenantAudit
-from server.aggregation import Update, coordinate_median, l2_norm
+from fedlora.common.records import TenantAudit
+from fedlora.server.aggregation import Update, coordinate_median, l2_norm
 
 
 @dataclass

@@ -9,7 +9,7 @@ unchanged, so the strategy has no ``if dp`` branch.
 **sum** of deltas, which is all secure aggregation reveals:
 
 * every tenant clips its whole delta to L2 norm ``C`` on the client
-  (``client.privacy.CentralClip``), before anything leaves the node, and the server clips
+  (``fedlora.client.privacy.CentralClip``), before anything leaves the node, and the server clips
   every update it sees to ``C`` again (:meth:`ServerPrivacy.bound_update`), so the bound
   holds whatever a tenant sends. Under secure aggregation the server sees no update: the
   bound then rests on the clients (refused unless ``privacy.trust-clients = true``);
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from server.aggregation import Update, WeightedSum, l2_norm
+from fedlora.server.aggregation import Update, WeightedSum, l2_norm
 
 
 class ServerPrivacy:
@@ -137,7 +137,7 @@ class CentralGaussian(ServerPrivacy):
 
 
 def make_server_privacy(cfg) -> ServerPrivacy:
-    """The server-side mechanism for a :class:`common.config.PrivacyConfig`."""
+    """The server-side mechanism for a :class:`fedlora.common.config.PrivacyConfig`."""
     if cfg.mode == "central":
         return CentralGaussian(noise_multiplier=cfg.central_noise_multiplier, clip=cfg.central_clip, delta=cfg.delta)
     return NoServerPrivacy()

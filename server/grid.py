@@ -8,7 +8,7 @@ a small model. :class:`PromptGrid` delegates everything to the grid it wraps and
 re-implements ``send_and_receive`` with the same push / pull calls and a short pull
 interval. Pulling is one cheap request to the SuperLink. A reply whose objects are still
 being uploaded is asked for again after 50 ms, not Flower's 1 s
-(:func:`common.flower_pull.shorten_pull_retries`, applied when the grid is made), and
+(:func:`fedlora.common.flower_pull.shorten_pull_retries`, applied when the grid is made), and
 at most every 0.25 s after that.
 
 On the Deployment Engine each pull is a request the SuperLink serves (through its SQL state,
@@ -23,7 +23,7 @@ Each exchange logs one line (:data:`EXCHANGE_LINE`): how many messages of which 
 the push began (UTC) and how long it took, and within how long the replies were pulled.
 
 It also packs the ArrayRecords of every message it pushes into one Array each, and unpacks
-those of every reply (:mod:`common.packing`): Flower moves each Array as its own object, and
+those of every reply (:mod:`fedlora.common.packing`): Flower moves each Array as its own object, and
 an adapter's hundreds of small tensors cost seconds of round trips on the Deployment Engine.
 A reply whose packed bytes do not add up is passed on packed, so the strategy drops it for
 its unexpected tensor name."""
@@ -40,8 +40,8 @@ from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from common.flower_pull import shorten_pull_retries
-from common.packing import pack_content, unpack_content
+from fedlora.common.flower_pull import shorten_pull_retries
+from fedlora.common.packing import pack_content, unpack_content
 
 PULL_INTERVAL_S = 0.1
 IDLE_PULL_CAP_S = 0.4  # the longest wait between pulls while none brings a reply (Deployment Engine)

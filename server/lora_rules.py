@@ -37,9 +37,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from common import messages as keys
-from common.lora import is_a, pad, pairs
-from server.aggregation import Aggregator, Arrays, Rejected, Update, WeightedSum
+from fedlora.common import messages as keys
+from fedlora.common.lora import is_a, pad, pairs
+from fedlora.server.aggregation import Aggregator, Arrays, Rejected, Update, WeightedSum
 
 State = "OrderedDict[str, np.ndarray]"
 
@@ -265,7 +265,7 @@ RULES: dict[str, type[LoraRule]] = {cls.name: cls for cls in (AB, FFA, SVD)}
 
 
 def make_lora_rule(cfg, *, initial: Mapping[str, np.ndarray] | None = None) -> LoraRule:
-    """The rule a :class:`common.config.Config` names (``initial``: the seeded initial adapter)."""
+    """The rule a :class:`fedlora.common.config.Config` names (``initial``: the seeded initial adapter)."""
     rule = cfg.federation.lora_rule
     if rule == "svd":
         return SVD(scaling=cfg.adapter.alpha / cfg.adapter.r, server_lr=cfg.federation.server_lr, initial=initial)

@@ -8,7 +8,7 @@ given back to the kernel as soon as more than about two tensors' worth is free; 
 the next round's arrays land on pages the kernel has to fault in and zero again. Measured
 on a 2-core machine: copying a 168 MB adapter of 448 tensors into new memory took 0.10 s
 that way and 0.011 s into memory the process had kept, and those faults were more than
-half of a 10-update round's aggregation (``python -m simulations.bench.server``).
+half of a 10-update round's aggregation (``python -m fedlora.simulations.bench.server``).
 
 :func:`reuse_freed_memory` sets two ``mallopt`` parameters for the process:
 

@@ -34,7 +34,7 @@ FedAvg's 1.0: Reddi et al. tune it around 1e-2 .. 1e-1 (their Table 8).
 Every rule needs only the weighted **sum**, so it runs under secure aggregation; under
 central DP it acts on the noised sum, which is post-processing and costs no privacy.
 
-``sgd`` is :func:`server.aggregation.apply_mean` itself, so a default run is unchanged to
+``sgd`` is :func:`fedlora.server.aggregation.apply_mean` itself, so a default run is unchanged to
 the bit. The others keep their moments (``m``, ``v``) as adapter-sized float32 arrays; they
 travel between processes as :meth:`ServerOptimizer.state_arrays` (``m/<tensor>``,
 ``v/<tensor>``), which the round recorder writes with safetensors beside the checkpoint.
@@ -47,7 +47,7 @@ from typing import Mapping
 
 import numpy as np
 
-from server.aggregation import Arrays, WeightedSum, apply_mean, mean_delta
+from fedlora.server.aggregation import Arrays, WeightedSum, apply_mean, mean_delta
 
 
 class ServerOptimizer:
@@ -229,7 +229,7 @@ OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
 
 
 def make_server_optimizer(cfg) -> ServerOptimizer:
-    """The server optimizer a :class:`common.config.FederationConfig` names."""
+    """The server optimizer a :class:`fedlora.common.config.FederationConfig` names."""
     try:
         cls = OPTIMIZERS[cfg.server_optimizer]
     except KeyError:

@@ -3,7 +3,7 @@
 ``RoundRecorder`` is fed by the strategy and knows nothing about Flower. Each round
 writes ``checkpoints/round_XXX/`` (a PEFT adapter directory, atomically; with a stateful
 server optimizer also its moments, ``server_optimizer.safetensors``, atomically, after the
-adapter) and ``metrics/round_XXX.json``, a :class:`common.records.RoundRecord` (who was sampled, who
+adapter) and ``metrics/round_XXX.json``, a :class:`fedlora.common.records.RoundRecord` (who was sampled, who
 was dropped and why, per-tenant training and evaluation metrics, the per-tenant audit,
 bytes down/up, seconds).
 """
@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from common import messages as keys
-from common.adapter import write_json_atomic
-from common.files import write_atomic
-from common.records import Drop, RoundRecord, TenantAudit, round_path
+from fedlora.common import messages as keys
+from fedlora.common.adapter import write_json_atomic
+from fedlora.common.files import write_atomic
+from fedlora.common.records import Drop, RoundRecord, TenantAudit, round_path
 
 # The server optimizer's moments, beside the round's checkpointed adapter.
 SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"

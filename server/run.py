@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.adapter import get_state, save_adapter, write_json_atomic
-from common.config import Config
-from common.files import app_run_dir, default_run_dir
-from common.records import SUMMARY_FILE, Drop, FederationSummary, read_rounds
-from common.model import attach_adapter, base_fingerprint, base_name, load_base
-from server.records import RoundRecorder
+from fedlora.common.adapter import get_state, save_adapter, write_json_atomic
+from fedlora.common.config import Config
+from fedlora.common.files import app_run_dir, default_run_dir
+from fedlora.common.records import SUMMARY_FILE, Drop, FederationSummary, read_rounds
+from fedlora.common.model import attach_adapter, base_fingerprint, base_name, load_base
+from fedlora.server.records import RoundRecorder
 
 
 @dataclass
@@ -82,7 +82,7 @@ class ResumeError(RuntimeError):
 
 
 def _resume(run: ServerRun) -> ServerRun:
-    from common.adapter import load_adapter_file
+    from fedlora.common.adapter import load_adapter_file
 
     records = read_rounds(run.run_dir)
     if not records or not records[-1].server_state:
@@ -106,7 +106,7 @@ def optimizer_moments(run_dir: Path, server_state: dict, configured: str) -> dic
     config names now (``configured``); None when it has none (sgd, or no step yet)."""
     from safetensors.numpy import load_file
 
-    from server.optimizers import resume_mismatch
+    from fedlora.server.optimizers import resume_mismatch
 
     saved = server_state.get("optimizer", {})
     why = resume_mismatch(saved, configured)

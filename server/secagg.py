@@ -1,6 +1,6 @@
 """Secure aggregation, server side: SecAgg+ driven through Flower's Grid.
 
-One training round is four message exchanges (``common.secagg_wire``): setup (public
+One training round is four message exchanges (``fedlora.common.secagg_wire``): setup (public
 keys), key sharing (encrypted Shamir shares, relayed), masked upload (each tenant trains
 and sends its masked vector) and unmasking (shares of the finishers' self-mask seeds and
 of the dropped tenants' mask keys). Dropout, stage by stage:
@@ -15,7 +15,7 @@ A round that cannot be unmasked fails loudly with the reason; the global adapter
 as it was and the run goes on or stops (``secagg.on-failure``). Every stage has a
 timeout. :class:`SecAggTransport` is the strategy's transport: the key stages run before
 the upload (``configure``), the unmasking after it (``collect``), and the result is the
-same :class:`~server.aggregation.WeightedSum` the plain transport leads to.
+same :class:`~fedlora.server.aggregation.WeightedSum` the plain transport leads to.
 
 What bounds a malicious tenant here: the server never sees an individual update, so no
 L2-norm bound can hold. Each element of the masked vector decodes to a value in
@@ -35,14 +35,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
-from common import messages as keys
-from common import secagg_crypto as crypto
-from common import secagg_wire as wire
-from common.adapter import from_arrayrecord
-from common.config import SecAggConfig
-from common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
-from server.aggregation import WeightedSum
-from server.transport import Collected, RoundFailed, Transport, sender
+from fedlora.common import messages as keys
+from fedlora.common import secagg_crypto as crypto
+from fedlora.common import secagg_wire as wire
+from fedlora.common.adapter import from_arrayrecord
+from fedlora.common.config import SecAggConfig
+from fedlora.common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
+from fedlora.server.aggregation import WeightedSum
+from fedlora.server.transport import Collected, RoundFailed, Transport, sender
 
 
 SecAggFailed = RoundFailed  # a secure round that could not be completed (secagg.on-failure = stop)

@@ -9,20 +9,20 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import Config, parse_config
-from common.model import set_threads
-from common.offline import quiet_and_offline
-from server.aggregation import make_aggregator
-from server.bounds import UpdateBounds
-from server.central_dp import make_server_privacy
-from server.grid import PromptGrid
-from server.lora_rules import make_lora_rule
-from server.memory import reuse_freed_memory
-from server.optimizers import make_server_optimizer
-from server.records import RoundRecorder
-from server.run import finish, prepare
-from server.strategy import FedLoraStrategy
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import Config, parse_config
+from fedlora.common.model import set_threads
+from fedlora.common.offline import quiet_and_offline
+from fedlora.server.aggregation import make_aggregator
+from fedlora.server.bounds import UpdateBounds
+from fedlora.server.central_dp import make_server_privacy
+from fedlora.server.grid import PromptGrid
+from fedlora.server.lora_rules import make_lora_rule
+from fedlora.server.memory import reuse_freed_memory
+from fedlora.server.optimizers import make_server_optimizer
+from fedlora.server.records import RoundRecorder
+from fedlora.server.run import finish, prepare
+from fedlora.server.strategy import FedLoraStrategy
 
 app = ServerApp()
 
@@ -32,8 +32,8 @@ def make_strategy(cfg: Config, recorder: RoundRecorder, *, initial=None) -> FedL
     config names (``initial``: the seeded initial adapter, where svd restarts the components it lacks)."""
     transport = None  # plain: validated individual updates
     if cfg.secagg.enabled:
-        from common.secagg import quantizer_for
-        from server.secagg import SecAggTransport
+        from fedlora.common.secagg import quantizer_for
+        from fedlora.server.secagg import SecAggTransport
 
         transport = SecAggTransport(cfg.secagg, quantizer_for(cfg.secagg, cfg.federation), seed=cfg.train.seed)
     return FedLoraStrategy(cfg.federation, make_aggregator(cfg.federation), recorder, transport=transport,

@@ -13,18 +13,18 @@ Differences from Flower's stock FedAvg, each for a reason:
 * every reply is validated before it counts (finite values, exact tensor names, shapes
   and dtypes, example count in range, exact metric keys); a bad reply is dropped with
   the tenant and the reason, and the round goes on with the rest;
-* where the server sees individual updates it bounds them (``server.bounds``) and can
-  aggregate robustly (``server.aggregation``); under secure aggregation it sees only the sum;
+* where the server sees individual updates it bounds them (``fedlora.server.bounds``) and can
+  aggregate robustly (``fedlora.server.aggregation``); under secure aggregation it sees only the sum;
 * sampling waits for the minimum number of tenants only up to the round timeout, so a
   lost tenant never hangs a run;
-* how LoRA's A and B factors are federated is a rule (``server.lora_rules``: ab averages
+* how LoRA's A and B factors are federated is a rule (``fedlora.server.lora_rules``: ab averages
   them separately, ffa federates B alone over a frozen shared A, svd factors the mean of the
   tenants' products back to rank r);
-* the mean delta is applied by a server optimizer (``server.optimizers``: sgd, which is
+* the mean delta is applied by a server optimizer (``fedlora.server.optimizers``: sgd, which is
   FedAvg's step, fedexp, or fedavgm / fedadam / fedyogi / fedadagrad), whose moments are saved with
   each checkpoint so a resumed run continues exactly;
 * each round's global adapter is checkpointed atomically and its record (metrics, bytes,
-  per-tenant audit) written (``server.records``).
+  per-tenant audit) written (``fedlora.server.records``).
 """
 
 from __future__ import annotations
@@ -41,18 +41,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import FederationConfig
-from common.encoding import encoding_for
-from common.weighting import parse_caps
-from server.aggregation import Aggregator, WeightedSum, l2_norm, mean_delta, weight_rule
-from server.bounds import UpdateBounds, audit, bounds_info
-from server.central_dp import NoServerPrivacy, ServerPrivacy
-from server.lora_rules import AB, LoraRule
-from server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
-from server.records import RoundRecorder
-from server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import FederationConfig
+from fedlora.common.encoding import encoding_for
+from fedlora.common.weighting import parse_caps
+from fedlora.server.aggregation import Aggregator, WeightedSum, l2_norm, mean_delta, weight_rule
+from fedlora.server.bounds import UpdateBounds, audit, bounds_info
+from fedlora.server.central_dp import NoServerPrivacy, ServerPrivacy
+from fedlora.server.lora_rules import AB, LoraRule
+from fedlora.server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
+from fedlora.server.records import RoundRecorder
+from fedlora.server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
 
 
 class NotEnoughTenants(RuntimeError):
@@ -87,7 +87,7 @@ class FedLoraStrategy(Strategy):
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
-        self.rule = AB() if rule is None else rule  # how A and B are federated (server.lora_rules)
+        self.rule = AB() if rule is None else rule  # how A and B are federated (fedlora.server.lora_rules)
         self.transport = transport if transport is not None else PlainTransport(
             max_examples=cfg.max_examples, weight_of=weight_rule(cfg.weighting, max_weight=cfg.max_weight,
                                                                  caps=parse_caps(cfg.example_caps)),
@@ -103,7 +103,7 @@ class FedLoraStrategy(Strategy):
             problems.append(f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
                             f"{self.transport.name} reveals only their sum; use fedavg")
         if problems:
-            from common.config import ConfigError
+            from fedlora.common.config import ConfigError
 
             raise ConfigError(problems)
         self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
@@ -129,7 +129,7 @@ class FedLoraStrategy(Strategy):
 
     def resume(self, rounds_done: int, state: dict, *, optimizer_arrays: dict | None = None) -> None:
         """Continue after round ``rounds_done`` of an interrupted run, from its recorded state
-        and the moments read from the file it names (``server.run`` reads them)."""
+        and the moments read from the file it names (``fedlora.server.run`` reads them)."""
         saved = state.get("optimizer", {})
         why = resume_mismatch(saved, self.optimizer.name)
         if why is not None:

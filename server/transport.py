@@ -6,14 +6,14 @@ the replies Flower collected into a :class:`Collected` (:meth:`Transport.collect
 from ``aggregate_train``):
 
 * :class:`PlainTransport` sends the global adapter, validates every reply
-  (``server.aggregation.validate_update``) against the reference the strategy passes (its
+  (``fedlora.server.aggregation.validate_update``) against the reference the strategy passes (its
   LoRA rule's: the whole adapter, ffa's B tensors, or svd's with a per-tenant rank) and
   hands over the **individual** updates, so the server can bound, audit and robustly
   aggregate them;
-* ``server.secagg.SecAggTransport`` runs SecAgg+'s key stages before the upload, and the
+* ``fedlora.server.secagg.SecAggTransport`` runs SecAgg+'s key stages before the upload, and the
   unmasking after it, and hands over only the **sum** (all secure aggregation reveals).
 
-Either way the strategy gets the same :class:`~server.aggregation.WeightedSum` to apply.
+Either way the strategy gets the same :class:`~fedlora.server.aggregation.WeightedSum` to apply.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common import messages as keys
-from common.adapter import from_arrayrecord
-from server.aggregation import Arrays, Rejected, Update, WeightedSum, validate_update
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord
+from fedlora.server.aggregation import Arrays, Rejected, Update, WeightedSum, validate_update
 
 
 class RoundFailed(RuntimeError):
@@ -86,9 +86,9 @@ class PlainTransport(Transport):
 
     def __init__(self, *, max_examples: int, weight_of, check_shapes=None, encoding=None) -> None:
         self.max_examples = max_examples
-        self.weight_of = weight_of  # claimed example count -> weight (server.aggregation.Weighting)
+        self.weight_of = weight_of  # claimed example count -> weight (fedlora.server.aggregation.Weighting)
         self.check_shapes = check_shapes  # the LoRA rule's shape check (None: the reference's shapes exactly)
-        self.encoding = encoding  # the run's delta encoding (common.encoding), decoded strictly; None: plain fp32
+        self.encoding = encoding  # the run's delta encoding (fedlora.common.encoding), decoded strictly; None: plain fp32
         self._sent: list[Message] = []
 
     def configure(self, server_round, nodes, arrays, config, grid):
@@ -122,7 +122,7 @@ class PlainTransport(Transport):
         """A reply's tensors as float32; a record not in the run's encoding is :class:`Rejected`."""
         if self.encoding is None:
             return from_arrayrecord(record)
-        from common.encoding import EncodingError, decode
+        from fedlora.common.encoding import EncodingError, decode
 
         try:
             return decode(record, self.encoding)

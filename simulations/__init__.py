@@ -2,7 +2,7 @@
 client, server or common imports it).
 
 - ``cli/``: the ``fedlora`` commands and the launchers they use
-- ``bench/``: the benchmarks, ``python -m simulations.bench.NAME``
+- ``bench/``: the benchmarks, ``python -m fedlora.simulations.bench.NAME``
 - ``attacks/``: a hostile tenant and the harness that measures what the server survives
 - ``scenario``: scenarios (``scenarios/*.toml``) and ``--set`` overrides -> one Config; run_config.toml
 - ``synthetic``: seeded synthetic tenants (train / holdout splits), preferences, probe, corpus

@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common.config import Config
-from common.records import RoundRecord
+from fedlora.common.config import Config
+from fedlora.common.records import RoundRecord
 
 OUTLIER_RULE = ("a tenant is flagged in a round when a bound acted on its update (dropped or clipped for its "
                 "L2 norm, weight capped), when the aggregator left it out (Krum), or when the cosine similarity "

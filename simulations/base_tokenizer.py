@@ -1,13 +1,13 @@
 """The embedded base model's tokenizer: byte-level BPE trained on the pretraining corpus plus
 the prompt scaffolding, its round-trip check, and the packing of documents into rows
-(:mod:`simulations.build_base` trains the model on them).
+(:mod:`fedlora.simulations.build_base` trains the model on them).
 """
 
 from __future__ import annotations
 
 import random
 
-from common.data import format_prompt
+from fedlora.common.data import format_prompt
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")  # ids 0, 1, 2, 3
 
@@ -18,7 +18,7 @@ def scaffold_texts() -> list[str]:
     The base model never trains on these; they only get compact token ids (instead of a
     spray of single characters) so fine-tuning examples stay short.
     """
-    from simulations import synthetic
+    from fedlora.simulations import synthetic
 
     texts = []
     for instructions in synthetic.INSTRUCTIONS.values():
@@ -51,7 +51,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
 
 def check_tokenizer(tokenizer) -> dict:
     """Round trip task prompts/answers and report their token lengths."""
-    from simulations import synthetic
+    from fedlora.simulations import synthetic
 
     rng = random.Random("tokenizer-check")
     lengths, out_lengths = [], []
@@ -86,7 +86,7 @@ def rare_answer_tokens(tokenizer, corpus: list[str], min_count: int = 20) -> lis
     """Tokens of task answers that the corpus barely trains (their embeddings stay near init)."""
     from collections import Counter
 
-    from simulations import synthetic
+    from fedlora.simulations import synthetic
 
     counts: Counter = Counter()
     for ids in tokenizer(corpus, add_special_tokens=False)["input_ids"]:

@@ -1,8 +1,8 @@
 """The comparison every report carries: untuned base | each tenant's local-only adapter |
 the federated adapter | a pooled (all data centralised) adapter, with the same budget.
 
-Baselines use the same training function as the tenants (``client.train.train``) and the
-same evaluation function (``common.evaluate``). Budgets: a local-only adapter takes the
+Baselines use the same training function as the tenants (``fedlora.client.train.train``) and the
+same evaluation function (``fedlora.common.evaluate``). Budgets: a local-only adapter takes the
 steps its tenant took in the federation (rounds x local steps); the pooled adapter sees
 the federation's examples (every tenant-round's local steps x batch), either in the global
 adapter's number of steps with one accumulated micro-batch per tenant of a round
@@ -20,13 +20,13 @@ from typing import Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from client.train import train
-from common.adapter import get_state, load_adapter_file, set_state
-from common.config import Config
-from common.data import Example, read_examples, read_texts, tenant_paths, tokenize_examples
-from common.evaluate import evaluate, probe_loss
-from common.templates import make_format
-from common.model import Loaded, load_model
+from fedlora.client.train import train
+from fedlora.common.adapter import get_state, load_adapter_file, set_state
+from fedlora.common.config import Config
+from fedlora.common.data import Example, read_examples, read_texts, tenant_paths, tokenize_examples
+from fedlora.common.evaluate import evaluate, probe_loss
+from fedlora.common.templates import make_format
+from fedlora.common.model import Loaded, load_model
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Build the embedded tiny base model: corpus -> byte-level BPE tokenizer -> pretrained Llama.
 
-    python -m simulations.build_base            # rebuilds simulations/base_model/ (seed 0)
-    python -m simulations.build_base --help
+    python -m fedlora.simulations.build_base            # rebuilds simulations/base_model/ (seed 0)
+    python -m fedlora.simulations.build_base --help
 
 Everything is seeded (corpus, tokenizer, weights, data order). The corpus is prose records
-of the four synthetic sub-domains (see ``simulations.synthetic.pretrain_corpus``), most
+of the four synthetic sub-domains (see ``fedlora.simulations.synthetic.pretrain_corpus``), most
 followed or preceded by a structured restatement in a non-JSON format, so the model learns
 to read a record's facts back out of it; it never contains the instruction template or the
 task JSON. Training runs in fp32 on CPU; the output is saved with safetensors only.
@@ -22,15 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from common.files import PICKLE_SUFFIXES, atomic_dir
-from simulations.base_tokenizer import check_tokenizer, pack, rare_answer_tokens, train_tokenizer
+from fedlora.common.files import PICKLE_SUFFIXES, atomic_dir
+from fedlora.simulations.base_tokenizer import check_tokenizer, pack, rare_answer_tokens, train_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "base_model"
 SAMPLE_PREFIXES = ("Outpatient visit on", "Lab report for", "Card ending", "Loan application #")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m simulations.build_base", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.build_base", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of corpus, tokenizer, weights and data order")
@@ -173,7 +173,7 @@ def slot_accuracy(model, tokenizer, n: int = 48, seed: int = 0) -> float:
     one of the task's fields (``...; drug:``); the field's value must follow. This is the
     skill the extraction tasks build on, measured without the task's template or JSON.
     """
-    from simulations import domains, synthetic
+    from fedlora.simulations import domains, synthetic
 
     rng = random.Random(f"slot-eval|{seed}")
     prompts, golds = [], []
@@ -213,7 +213,7 @@ def samples(model, tokenizer, max_new_tokens: int = 72) -> list[str]:
 
 def write_card(out: Path, args, info: dict) -> None:
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in info["non_default_args"].items())
-    cmd = "python -m simulations.build_base" + (f" --seed {args.seed}" if args.seed else "") + flags
+    cmd = "python -m fedlora.simulations.build_base" + (f" --seed {args.seed}" if args.seed else "") + flags
     sample_md = "\n".join(f"    {s!r}" for s in info["samples"])
     text = f"""# fedlora embedded tiny base model
 
@@ -230,7 +230,7 @@ match on the extraction tasks, so LoRA has real headroom.
 | parameters | {info['params']:,} |
 | weights | fp32, `model.safetensors` ({info['weights_mb']:.1f} MB) |
 | tokenizer | byte-level BPE (GPT-2 pre-tokenization), vocab {info['vocab']}, trained on the corpus plus the prompt scaffolding (template and task instructions, tokenizer only); specials `<s>`=0 (bos, prepended by default), `</s>`=1 (eos), `<pad>`=2, `<unk>`=3; `model_max_length` 256 |
-| corpus | `simulations.synthetic.pretrain_corpus(n={args.docs}, seed={args.seed})`: {info['corpus_tokens']:,} tokens; prose records in all surface forms, ~75% with a plain-text restatement (`Summary - key: value; ...`, `{{key=value;...}}`, quoted or `a \\| b` lines), some with two records or the same record twice; no holdout or probe records |
+| corpus | `fedlora.simulations.synthetic.pretrain_corpus(n={args.docs}, seed={args.seed})`: {info['corpus_tokens']:,} tokens; prose records in all surface forms, ~75% with a plain-text restatement (`Summary - key: value; ...`, `{{key=value;...}}`, quoted or `a \\| b` lines), some with two records or the same record twice; no holdout or probe records |
 | training | {args.steps} steps x {args.batch_size} x {args.seq_len} packed tokens ({info['train_tokens']:,} tokens, {info['epochs']:.2f} epochs), AdamW lr {args.lr} (4% warmup, cosine to 10%), wd {args.weight_decay} (not on embeddings/norms), grad clip 1.0, fp32 CPU, {args.threads} thread(s), {info['minutes']:.1f} min |
 | final loss | train {info['final_train_loss']:.4f} (mean of last 50 steps), held-out {info['final_eval_loss']:.4f} (probe-bucket documents) |
 | slot read-out | {info['slot_accuracy']:.0%} of task fields restated correctly from unseen records (`build_base.slot_accuracy`) |
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from simulations import synthetic
+    from fedlora.simulations import synthetic
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)

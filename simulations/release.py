@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.config import Config
-from common.data import Example, read_examples, read_preferences, tenant_paths
-from common.templates import PromptFormat, make_format
-from server.release.stages import ReleaseInputs
-from server.release.tables import dpo_table, merge_line
+from fedlora.common.config import Config
+from fedlora.common.data import Example, read_examples, read_preferences, tenant_paths
+from fedlora.common.templates import PromptFormat, make_format
+from fedlora.server.release.stages import ReleaseInputs
+from fedlora.server.release.tables import dpo_table, merge_line
 
 # Requests (instruction, input) the merge check uses when the run has no preference holdout.
 FALLBACK_REQUESTS = (
@@ -36,7 +36,7 @@ def merge_prompts(cfg: Config, n: int = 8, *, template: PromptFormat | None = No
     """Prompts for the merge check, formatted as the run formats them (``data.template``):
     held-out preference requests, else fixed ones."""
     if template is None:
-        from common.model import load_tokenizer
+        from fedlora.common.model import load_tokenizer
 
         template = make_format(cfg.data, load_tokenizer(cfg.model.base))
     path = Path(cfg.data.dir) / "preferences" / "holdout.jsonl" if cfg.data.dir else None

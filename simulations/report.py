@@ -1,8 +1,8 @@
 """Plots and the Markdown report of a run directory.
 
 Everything is read back from files the run wrote (``metrics/round_*.json`` and
-``federation.json`` through :mod:`common.records`, ``comparison.json``) and from the run's one
-parsed :class:`~common.config.Config` (:func:`run_config` reads ``config.json``), so a report
+``federation.json`` through :mod:`fedlora.common.records`, ``comparison.json``) and from the run's one
+parsed :class:`~fedlora.common.config.Config` (:func:`run_config` reads ``config.json``), so a report
 can be rebuilt without re-running.
 """
 
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import matplotlib
 
-from common.config import Config, parse_config
-from common.records import FederationSummary, RoundRecord, read_rounds, read_summary
-from server.release.tables import pct
+from fedlora.common.config import Config, parse_config
+from fedlora.common.records import FederationSummary, RoundRecord, read_rounds, read_summary
+from fedlora.server.release.tables import pct
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from simulations.audit_report import plot_norms  # noqa: E402
-from simulations.audit_report import section as audit_section  # noqa: E402
+from fedlora.simulations.audit_report import plot_norms  # noqa: E402
+from fedlora.simulations.audit_report import section as audit_section  # noqa: E402
 
 
 def run_config(run_dir: Path) -> Config:

@@ -1,5 +1,5 @@
 """Scenarios and run configs: a shipped scenario (``scenarios/*.toml``) or a ``.toml`` path,
-``--set KEY=VALUE`` overrides, resolved into one validated :class:`~common.config.Config`,
+``--set KEY=VALUE`` overrides, resolved into one validated :class:`~fedlora.common.config.Config`,
 and the ``run_config.toml`` that ``flwr run --run-config`` reads back.
 
 The CLI, the deployment launcher, the release commands and every benchmark use this one
@@ -13,8 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import Config, ConfigError, parse_config
-from common.files import default_run_dir
+from fedlora.common.config import Config, ConfigError, parse_config
+from fedlora.common.files import default_run_dir
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 

@@ -1,6 +1,6 @@
 """Seeded synthetic tenant data: extraction tasks per tenant, preferences, probe, corpus.
 
-The records come from the four sub-domains of :mod:`simulations.domains` (two
+The records come from the four sub-domains of :mod:`fedlora.simulations.domains` (two
 hospital-like, two bank-like); each extraction task's answer is a short JSON object with
 the sub-domain's own keys in a fixed order, checkable automatically (:func:`check_answer`).
 
@@ -19,10 +19,10 @@ import json
 import random
 from pathlib import Path
 
-from common.config import DataConfig, EvalConfig
-from simulations.domains import (CLINIC, CURRENCIES, DOMAINS, FLAG_CODES, FLAG_PHRASES, INSTRUCTIONS, LAB,
-                                 LOAN_TERMS, MERCHANT_PREFIXES, MERCHANT_TYPES, PURPOSES, TASK_FIELDS,
-                                 _bucket, _dumps, _facts, _name, _num, _prose, _rng, _summary, _task_answer)
+from fedlora.common.config import DataConfig, EvalConfig
+from fedlora.simulations.domains import (CLINIC, CURRENCIES, DOMAINS, FLAG_CODES, FLAG_PHRASES, INSTRUCTIONS, LAB,
+                                         LOAN_TERMS, MERCHANT_PREFIXES, MERCHANT_TYPES, PURPOSES, TASK_FIELDS,
+                                         _bucket, _dumps, _facts, _name, _num, _prose, _rng, _summary, _task_answer)
 
 
 # --------------------------------------------------------------------------- public API
@@ -330,3 +330,39 @@ def write_tenants(out_dir, *, num_tenants: int = 4, train_size: int = _DATA.trai
     return {"out_dir": str(out), "seed": seed, "num_tenants": num_tenants, "own_fraction": own_fraction,
             "domains": list(DOMAINS), "tenants": tenants, "preferences": prefs,
             "probe": {"path": str(probe_path), "rows": probe_size}}
+
+
+def tenant_files(partition_id: int, data: DataConfig) -> tuple[Path, Path]:
+    """(train, holdout) of simulated tenant ``partition_id`` when ``data.dir`` is empty (a bare ``flwr run``;
+    the ClientApp finds this function through the ``fedlora.tenant_data`` entry point): the files
+    ``fedlora simulate`` writes for that tenant with the same ``data.*`` values, kept in
+    ``<fedlora home>/synthetic/<key>/tenant_XXX/`` (the key digests those values and the
+    generator's source, so nothing stale is read). A simulation thus has one tenant per SuperNode.
+    The first ClientApp that needs a tenant writes it beside the final name and renames it into
+    place; a concurrent writer (another run) writes the same bytes and keeps the winner's. Like a
+    real node, a synthetic tenant keeps its state (privacy ledger) beside its files across runs.
+    """
+    import hashlib
+    import json
+
+    from fedlora.common.data import tenant_paths
+    from fedlora.common.files import atomic_dir, fedlora_home
+    from fedlora.simulations import domains
+
+    digest = hashlib.sha256()
+    for source in (Path(__file__), Path(domains.__file__)):
+        digest.update(source.read_bytes())
+    digest.update(json.dumps([data.train_size, data.holdout_size, data.own_fraction, data.seed]).encode())
+    train, holdout = tenant_paths(fedlora_home() / "synthetic" / digest.hexdigest()[:16], partition_id)
+    if train.parent.is_dir():
+        return train, holdout
+    try:
+        with atomic_dir(train.parent, overwrite=False) as tmp:
+            for path, size in ((train, data.train_size), (holdout, data.holdout_size)):
+                rows = tenant_split(partition_id, split=path.stem, n=size, own_fraction=data.own_fraction,
+                                    seed=data.seed)
+                (tmp / path.name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    except OSError:  # another writer renamed the same tenant into place first
+        if not train.parent.is_dir():
+            raise
+    return train, holdout

@@ -6,22 +6,24 @@ import os
 
 import pytest
 
-from common.offline import quiet_and_offline
+from fedlora.common.offline import quiet_and_offline
 
 quiet_and_offline()
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _hf_home(tmp_path_factory):
-    """Keep Hugging Face caches out of the user's home during tests."""
+def _private_homes(tmp_path_factory):
+    """Keep Hugging Face caches and fedlora's home (synthetic tenants, the Flower app, bare runs)
+    out of the user's home during tests; subprocesses inherit both."""
     os.environ.setdefault("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    os.environ.setdefault("FEDLORA_HOME", str(tmp_path_factory.mktemp("fedlora_home")))
     yield
 
 
 @pytest.fixture(scope="session")
 def tenants_dir(tmp_path_factory):
     """4 small synthetic tenants (seeded), with preference and probe files."""
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     out = tmp_path_factory.mktemp("tenants")
     write_tenants(out, num_tenants=4, train_size=96, holdout_size=24, preference_size=32, seed=0)
@@ -31,7 +33,7 @@ def tenants_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_cfg():
     """Defaults with a budget small enough for unit tests."""
-    from common.config import parse_config
+    from fedlora.common.config import parse_config
 
     return parse_config({"train.local-steps": 4, "train.batch-size": 8, "eval.batch-size": 24})
 
@@ -51,7 +53,7 @@ def chatml_tokenizer(*, eos_is_im_end: bool = False):
     """The embedded base's tokenizer with ``<|im_start|>``/``<|im_end|>`` added as special
     tokens (ids 3072, 3073) and a ChatML chat template; ``eos_is_im_end`` makes
     ``<|im_end|>`` its EOS, as in Qwen2-Instruct."""
-    from common.model import load_tokenizer
+    from fedlora.common.model import load_tokenizer
 
     tok = load_tokenizer("embedded")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

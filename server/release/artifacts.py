@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.adapter import METADATA_FILE
-from common.config import Config, parse_config
+from fedlora.common.adapter import METADATA_FILE
+from fedlora.common.config import Config, parse_config
 
 
 VERSION_CONFIG = "fedlora-config.json"  # a published version's copy of the run configuration
@@ -114,7 +114,7 @@ def locate(path: str | Path, *, public_key: str | Path | None = None) -> Source:
         kind = "version"
     verified = False
     if kind == "version" and public_key is not None:
-        from server.release.manifest import verify_version
+        from fedlora.server.release.manifest import verify_version
 
         result = verify_version(root, public_key)
         if not result.ok:
@@ -138,7 +138,7 @@ def with_base(source: Source, base: str | Path | None = None) -> Source:
     """
     import dataclasses
 
-    from common.model import require_base
+    from fedlora.common.model import require_base
 
     resolved = require_base(source.cfg.model.base, source.metadata.get("base_sha256"), override=base,
                             what=f"{source.aggregate_dir}")

@@ -33,10 +33,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.config import Config
-from common.data import IGNORE_INDEX, Preference, collate, read_preferences, tokenize_examples
-from common.lora import is_a
-from common.templates import PromptFormat, make_format
+from fedlora.common.config import Config
+from fedlora.common.data import IGNORE_INDEX, Preference, collate, read_preferences, tokenize_examples
+from fedlora.common.lora import is_a
+from fedlora.common.templates import PromptFormat, make_format
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,8 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer
 
-    from common.adapter import get_state, load_adapter_file
-    from common.model import load_base, load_tokenizer, pick_device
+    from fedlora.common.adapter import get_state, load_adapter_file
+    from fedlora.common.model import load_base, load_tokenizer, pick_device
 
     if not preferences.train or not preferences.holdout:
         raise ValueError("DPO needs preference pairs in both train and holdout; check the preference files")
@@ -236,7 +236,7 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
 
 def write_report(path: str | Path, report: DPOReport, **extra) -> Path:
     """``dpo.json``: the report plus anything the caller measured (tenant holdouts)."""
-    from common.files import write_json_atomic
+    from fedlora.common.files import write_json_atomic
 
     write_json_atomic(path, {**report.as_dict(), **extra})
     return Path(path)

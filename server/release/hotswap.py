@@ -18,16 +18,16 @@ from typing import Mapping
 
 import torch
 
-from common.config import EvalConfig, ModelConfig
+from fedlora.common.config import EvalConfig, ModelConfig
 
 
 def check_adapter(adapter_dir: Path, *, public_key: str | Path | None) -> None:
     """Refuse a failed federation's adapter, and a published version's before its signature verified."""
     import json
 
-    from common.adapter import METADATA_FILE
-    from server.release.artifacts import SourceError, check_safetensors, refuse_failed
-    from server.release.manifest import MANIFEST_NAME, verify_version
+    from fedlora.common.adapter import METADATA_FILE
+    from fedlora.server.release.artifacts import SourceError, check_safetensors, refuse_failed
+    from fedlora.server.release.manifest import MANIFEST_NAME, verify_version
 
     meta = adapter_dir / METADATA_FILE
     refuse_failed(adapter_dir.parent, json.loads(meta.read_text()) if meta.is_file() else {})
@@ -47,7 +47,7 @@ def _recorded_base(adapter_dir: Path) -> str | None:
     """The base fingerprint an adapter's fedlora.json records (None for a plain PEFT adapter)."""
     import json
 
-    from common.adapter import METADATA_FILE
+    from fedlora.common.adapter import METADATA_FILE
 
     meta = adapter_dir / METADATA_FILE
     return json.loads(meta.read_text()).get("base_sha256") if meta.is_file() else None
@@ -62,7 +62,7 @@ class HotSwap:
         base fingerprint must match it."""
         from peft import PeftModel
 
-        from common.model import load_base, load_tokenizer, pick_device, require_base
+        from fedlora.common.model import load_base, load_tokenizer, pick_device, require_base
 
         if not adapters:
             raise ValueError("HotSwap needs at least one adapter directory")
@@ -97,7 +97,7 @@ class HotSwap:
     def generate(self, prompts: list[str], *, max_new_tokens: int = EvalConfig.max_new_tokens,
                  batch_size: int = EvalConfig.batch_size) -> list[str]:
         """Greedy answers of the active adapter (the same decoding as evaluation)."""
-        from common.evaluate import generate
+        from fedlora.common.evaluate import generate
 
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, device=self.device)
@@ -105,6 +105,6 @@ class HotSwap:
     @torch.no_grad()
     def logits(self, prompts: list[str]) -> list[torch.Tensor]:
         """Per-prompt logits of the active adapter (BOS + prompt, unpadded)."""
-        from server.release.merge import prompt_logits
+        from fedlora.server.release.merge import prompt_logits
 
         return prompt_logits(self.model, self.tokenizer, prompts)

@@ -26,8 +26,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from common.credentials import load_private_key, load_public_key
-from common.files import file_digest, pickle_suffix, write_atomic
+from fedlora.common.credentials import load_private_key, load_public_key
+from fedlora.common.files import file_digest, pickle_suffix, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from common.config import ModelConfig
-from common.files import atomic_dir, file_digest, pickle_suffix
+from fedlora.common.config import ModelConfig
+from fedlora.common.files import atomic_dir, file_digest, pickle_suffix
 
 DEFAULT_RTOL = 1e-4  # of max(1, max |logit|); see the module docstring
 MERGE_FILE = "fedlora-merge.json"  # the merge report, kept beside the merged weights
@@ -72,8 +72,8 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def check_base(adapter_dir: Path, mcfg: ModelConfig) -> None:
     """Refuse to merge into a base other than the one the adapter's fedlora.json records."""
-    from common.adapter import METADATA_FILE
-    from common.model import require_base
+    from fedlora.common.adapter import METADATA_FILE
+    from fedlora.common.model import require_base
 
     meta = adapter_dir / METADATA_FILE
     recorded = json.loads(meta.read_text()).get("base_sha256") if meta.is_file() else None
@@ -87,7 +87,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, mcfg: ModelConfig, *, pr
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from common.model import load_base, load_tokenizer
+    from fedlora.common.model import load_base, load_tokenizer
 
     if not prompts:
         raise ValueError("merge needs at least one sample prompt to check the merged logits")

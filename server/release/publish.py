@@ -9,7 +9,7 @@ A version holds
 * ``README.md`` - the model card, ``card.json`` - the facts it is written from, and
   ``fedlora-config.json`` - the run configuration,
 * ``manifest.json`` + ``manifest.sig`` - SHA-256 of every file, Ed25519-signed
-  (:mod:`server.release.manifest`).
+  (:mod:`fedlora.server.release.manifest`).
 
 Versions are immutable: publishing never overwrites one. A version is assembled in a
 hidden temporary directory and renamed into place only once it is complete and signed.
@@ -25,14 +25,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.adapter import METADATA_FILE
-from common.config import Config
-from common.files import atomic_dir, file_digest
-from common.records import RoundRecord, read_rounds, read_summary
-from server.release.artifacts import VERSION_CONFIG, Source, refuse_failed
-from server.release.merge import read_report as read_merge_report
-from server.release.manifest import sign_manifest, write_manifest
-from server.release.tables import dpo_table, merge_line, pct
+from fedlora.common.adapter import METADATA_FILE
+from fedlora.common.config import Config
+from fedlora.common.files import atomic_dir, file_digest
+from fedlora.common.records import RoundRecord, read_rounds, read_summary
+from fedlora.server.release.artifacts import VERSION_CONFIG, Source, refuse_failed
+from fedlora.server.release.merge import read_report as read_merge_report
+from fedlora.server.release.manifest import sign_manifest, write_manifest
+from fedlora.server.release.tables import dpo_table, merge_line, pct
 
 CARD_FACTS = "card.json"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -110,7 +110,7 @@ def portable_base(source: Source) -> str:
     An adapter written before fedlora recorded names may hold the training machine's path;
     the version gets a name instead, so loading it elsewhere depends on nothing of that machine.
     """
-    from common.model import base_name
+    from fedlora.common.model import base_name
 
     cfg_path = source.final_adapter_dir / "adapter_config.json"
     recorded = json.loads(cfg_path.read_text()).get("base_model_name_or_path") if cfg_path.is_file() else None
@@ -135,7 +135,7 @@ def _make_portable(adapter_dir: Path, base: str) -> None:
 
 
 def _fingerprint(cfg) -> str | None:
-    from common.model import ModelNotFoundError, base_fingerprint
+    from fedlora.common.model import ModelNotFoundError, base_fingerprint
 
     try:
         return base_fingerprint(cfg.model.base)

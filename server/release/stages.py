@@ -1,6 +1,6 @@
 """After the federated rounds: DPO refinement -> fp32 merge -> signed publishing.
 
-Each stage works on a :class:`server.release.artifacts.Source` (a run directory or a
+Each stage works on a :class:`fedlora.server.release.artifacts.Source` (a run directory or a
 published version) and writes its results beside the run's other artifacts:
 
 * ``dpo/adapter/`` and ``dpo/dpo.json`` (held-out preferences and every holdout's exact
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from common.files import write_json_atomic
-from common.config import Config
-from common.data import Example
-from server.release.artifacts import Source, require_verified
+from fedlora.common.files import write_json_atomic
+from fedlora.common.config import Config
+from fedlora.common.data import Example
+from fedlora.server.release.artifacts import Source, require_verified
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ class ReleaseInputs:
 
 
 def _holdout_em(cfg: Config, state, holdouts: Mapping[str, list[Example]]) -> dict[str, float]:
-    from common.adapter import set_state
-    from common.evaluate import evaluate
-    from common.model import load_model
-    from common.templates import make_format
+    from fedlora.common.adapter import set_state
+    from fedlora.common.evaluate import evaluate
+    from fedlora.common.model import load_model
+    from fedlora.common.templates import make_format
 
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed, for_training=False)
     set_state(loaded.model, state)
@@ -57,8 +57,8 @@ def run_dpo(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | None
     """Refine the source's aggregate with DPO; writes ``<out>/adapter`` and ``<out>/dpo.json``."""
     from peft import PeftConfig
 
-    from common.adapter import load_adapter_file, save_adapter
-    from server.release.dpo import read_preference_sets, refine, write_report
+    from fedlora.common.adapter import load_adapter_file, save_adapter
+    from fedlora.server.release.dpo import read_preference_sets, refine, write_report
 
     require_verified(source, stage="DPO")
     cfg = source.cfg
@@ -85,7 +85,7 @@ def run_dpo(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | None
 
 def run_merge(source: Source, inputs: ReleaseInputs, *, out_dir: str | Path | None = None):
     """Merge the source's final adapter into the fp32 base; returns the MergeReport."""
-    from server.release.merge import merge
+    from fedlora.server.release.merge import merge
 
     require_verified(source, stage="merge")
     if out_dir is None and source.kind == "version":
@@ -108,7 +108,7 @@ class PublishResult:
 
 def signing_key_for(cfg: Config, run_dir: Path) -> Path:
     """The configured signing key, or one made (once) in ``<run dir>/keys``."""
-    from common.credentials import write_signing_keypair
+    from fedlora.common.credentials import write_signing_keypair
 
     if cfg.publish.signing_key:
         return Path(cfg.publish.signing_key).expanduser()
@@ -121,8 +121,8 @@ def signing_key_for(cfg: Config, run_dir: Path) -> Path:
 def run_publish(source: Source, *, registry: str | Path, name: str, signing_key: str | Path,
                 version: str = "") -> PublishResult:
     """Publish the source and verify the result with the key's ``.pub`` beside it, if any."""
-    from server.release.manifest import verify_version
-    from server.release.publish import publish
+    from fedlora.server.release.manifest import verify_version
+    from fedlora.server.release.publish import publish
 
     published = publish(source, registry=registry, name=name, signing_key=signing_key, version=version)
     public = Path(signing_key).with_suffix(".pub")
@@ -134,8 +134,8 @@ def run_publish(source: Source, *, registry: str | Path, name: str, signing_key:
 
 def run_stages(cfg: Config, run_dir: Path, inputs: ReleaseInputs) -> dict:
     """Run the enabled stages on a finished run directory; results also go to ``release.json``."""
-    from common.model import set_threads
-    from server.release.artifacts import locate
+    from fedlora.common.model import set_threads
+    from fedlora.server.release.artifacts import locate
 
     set_threads(cfg.train.threads)
     source = locate(run_dir)

@@ -1,4 +1,4 @@
-"""Markdown the model card (:mod:`server.release.publish`) and the run report share: the DPO
+"""Markdown the model card (:mod:`fedlora.server.release.publish`) and the run report share: the DPO
 before/after table and the merge check, from the reports the stages wrote."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def _tenant_order(tenant: str):
 
 def dpo_table(d: dict) -> list[str]:
     """Held-out preference metrics of the aggregate vs after DPO, and each holdout's exact
-    match, from ``dpo/dpo.json`` (:func:`server.release.dpo.write_report`)."""
+    match, from ``dpo/dpo.json`` (:func:`fedlora.server.release.dpo.write_report`)."""
     b, a = d["before"], d["after"]
     lines = ["| held-out preferences | aggregate | after DPO |", "|---|---|---|",
              f"| preference accuracy % | {pct(b['accuracy'])} | {pct(a['accuracy'])} |",

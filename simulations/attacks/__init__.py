@@ -4,5 +4,5 @@
   rewrites its training reply (scaled, sign-flipped, noise, inflated example count).
 - ``harness``: writes the tenants (one of them optionally label-flipped), runs the real
   ServerApp with the hostile ClientApp on Flower's simulation engine, and scores the final
-  adapter on the honest tenants' holdouts; ``python -m simulations.attacks.harness``.
+  adapter on the honest tenants' holdouts; ``python -m fedlora.simulations.attacks.harness``.
 """

@@ -1,10 +1,10 @@
 """One tenant of four misbehaves: does the federation survive it?
 
-``python -m simulations.attacks.harness`` runs the default scenario through the real
+``python -m fedlora.simulations.attacks.harness`` runs the default scenario through the real
 ServerApp on Flower's simulation engine, once without an attacker and once per attack,
 each under two server settings: the defaults (bounds on) and ``fedavg`` with every bound
 off. The attacker is tenant 3; its ClientApp is fedlora's own, wrapped
-(:mod:`simulations.attacks.hostile_app`), or, for ``label-flip``, fedlora's own on a
+(:mod:`fedlora.simulations.attacks.hostile_app`), or, for ``label-flip``, fedlora's own on a
 training file whose answers are another domain's. The final adapter is scored on the
 three honest tenants' holdouts, and the table says whether the attacker was flagged.
 
@@ -33,22 +33,17 @@ ATTACKER = 3
 HONEST = (0, 1, 2)
 
 
-def hostile_app_dir(out: Path) -> Path:
-    """An app directory like the project's, whose ClientApp is the hostile wrapper."""
-    from simulations.cli.launcher import APP_DIR
+def hostile_app_dir() -> Path:
+    """An app directory like the installed fedlora's, whose ClientApp is the hostile wrapper."""
+    from fedlora.simulations.cli.flower_app import app_dir
 
-    out.mkdir(parents=True, exist_ok=True)
-    text = (APP_DIR / "pyproject.toml").read_text()
-    text = text.replace('clientapp = "client.client_app:app"', 'clientapp = "simulations.attacks.hostile_app:app"')
-    assert "simulations.attacks.hostile_app:app" in text
-    (out / "pyproject.toml").write_text(text)
-    return out
+    return app_dir(clientapp="fedlora.simulations.attacks.hostile_app:app")
 
 
 def label_flip(data_dir: Path, out_dir: Path, *, tenant: int, seed: int = 0) -> Path:
     """A copy of the tenants in which ``tenant``'s training answers belong to other rows of
     another tenant's data (the honest protocol on poisoned data)."""
-    from common.data import tenant_paths
+    from fedlora.common.data import tenant_paths
 
     shutil.copytree(data_dir, out_dir, dirs_exist_ok=True)
     train = tenant_paths(out_dir, tenant)[0]
@@ -64,11 +59,11 @@ def label_flip(data_dir: Path, out_dir: Path, *, tenant: int, seed: int = 0) -> 
 
 def honest_em(cfg, run_dir: Path, data_dir: Path) -> dict[str, float]:
     """Exact match of the run's final adapter on each honest tenant's holdout."""
-    from common.adapter import load_adapter_file, set_state
-    from common.data import read_examples, tenant_paths
-    from common.evaluate import evaluate
-    from common.model import load_model
-    from common.templates import make_format
+    from fedlora.common.adapter import load_adapter_file, set_state
+    from fedlora.common.data import read_examples, tenant_paths
+    from fedlora.common.evaluate import evaluate
+    from fedlora.common.model import load_model
+    from fedlora.common.templates import make_format
 
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed, for_training=False)
     set_state(loaded.model, load_adapter_file(run_dir / "adapter"))
@@ -79,9 +74,9 @@ def honest_em(cfg, run_dir: Path, data_dir: Path) -> dict[str, float]:
 
 
 def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, app_dir: Path) -> dict:
-    from common.records import read_rounds
-    from simulations.cli.launcher import run_simulation
-    from simulations.scenario import write_run_config
+    from fedlora.common.records import read_rounds
+    from fedlora.simulations.cli.launcher import run_simulation
+    from fedlora.simulations.scenario import write_run_config
 
     name = f"{attack}__{setting}"
     run_dir = root / name
@@ -137,12 +132,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.offline import quiet_and_offline
-    from simulations.scenario import parse_overrides, resolve
-    from simulations.synthetic import write_tenants
+    from fedlora.common.offline import quiet_and_offline
+    from fedlora.simulations.scenario import parse_overrides, resolve
+    from fedlora.simulations.synthetic import write_tenants
 
     quiet_and_offline()
-    ap = argparse.ArgumentParser(prog="python -m simulations.attacks.harness", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fedlora.simulations.attacks.harness", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/attacks"), help="where the runs and the table go")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {', '.join(ATTACKS)}")
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     write_tenants(data_dir, num_tenants=cfg.simulation.tenants, train_size=cfg.data.train_size,
                   holdout_size=cfg.data.holdout_size, own_fraction=cfg.data.own_fraction,
                   preference_size=cfg.data.preference_size, seed=cfg.data.seed)
-    app_dir = hostile_app_dir(root / "app")
+    app_dir = hostile_app_dir()
     rows = []
     for setting in settings:
         for attack in attacks:

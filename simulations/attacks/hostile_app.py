@@ -16,9 +16,9 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import client_app as honest
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.client import client_app as honest
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
 ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples")
 

@@ -1,6 +1,6 @@
 """What the server's defences cost per round, as a ratio to plain FedAvg in the same run.
 
-``python -m simulations.attacks.server_cost`` times the server's work on one round's
+``python -m fedlora.simulations.attacks.server_cost`` times the server's work on one round's
 individual updates (bounds, robust aggregator, audit, apply) for each setting, on random
 updates shaped like the embedded model's adapter (about 120k floats) and a 17 MB one.
 The arms alternate round by round; the median over the repeats and the spread (min-max
@@ -17,8 +17,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from server.aggregation import FedAvg, Median, MultiKrum, TrimmedMean, Update, apply_mean, mean_delta
-from server.bounds import UpdateBounds, audit
+from fedlora.server.aggregation import FedAvg, Median, MultiKrum, TrimmedMean, Update, apply_mean, mean_delta
+from fedlora.server.bounds import UpdateBounds, audit
 
 ARMS = {
     "fedavg, no bounds": (FedAvg(), UpdateBounds()),
@@ -47,7 +47,7 @@ def server_round(glob, ups, aggregator, bounds) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.attacks.server_cost", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fedlora.simulations.attacks.server_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7, help="rounds per arm (default 7)")
     ap.add_argument("--tenants", default="4,10", help="updates per round, comma-separated (default 4,10)")

@@ -1,4 +1,4 @@
-"""Benchmarks, each ``python -m simulations.bench.NAME`` (``make bench`` runs them all).
+"""Benchmarks, each ``python -m fedlora.simulations.bench.NAME`` (``make bench`` runs them all).
 
 - ``server``: validate + weighted sum + apply, and adapter <-> ArrayRecord, against memcpy
 - ``qlora``: QLoRA (NF4) step time and memory against fp32 LoRA

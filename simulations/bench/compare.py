@@ -1,6 +1,6 @@
 """Benchmark: aggregation rules, server optimizers and delta encodings side by side.
 
-    python -m simulations.bench.compare [--scenarios default,non_iid] [--arms fedavg,ffa,int8]
+    python -m fedlora.simulations.bench.compare [--scenarios default,non_iid] [--arms fedavg,ffa,int8]
                                         [--arm NAME:KEY=VALUE,KEY=VALUE] [--set KEY=VALUE] [--out runs/compare]
 
 For every scenario, the ``fedavg`` arm runs first with the baselines (it trains the pooled
@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from common.records import read_rounds, read_summary
-from simulations.bench.timing import load_line, loadavg
+from fedlora.common.offline import quiet_and_offline
+from fedlora.common.records import read_rounds, read_summary
+from fedlora.simulations.bench.timing import load_line, loadavg
 
 # The arms of the README's table. Values as run-config strings, as on the command line.
 ARMS: dict[str, dict[str, str]] = {
@@ -113,8 +113,8 @@ def table(results: list[ArmResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
-    from simulations.cli.simulate import simulate
-    from simulations.scenario import parse_overrides, resolve
+    from fedlora.simulations.cli.simulate import simulate
+    from fedlora.simulations.scenario import parse_overrides, resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

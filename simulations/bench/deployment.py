@@ -1,13 +1,13 @@
 """Benchmark: seconds per round on the Deployment Engine vs the simulation engine, and
 where a deployment message's round trip goes.
 
-    python -m simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
+    python -m fedlora.simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
                                            [--flower-clientapp-arm] [--evaluate-with-train-arm]
                                            [--set KEY=VALUE ...]
 
 1. Writes synthetic tenants once; every run uses the same files and the same config.
 2. Deployment: a SuperLink with TLS + node auth + SQLite and one tenant node per tenant on
-   127.0.0.1 (``simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
+   127.0.0.1 (``fedlora.simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
    ``fedlora deploy supernode`` runs them: the worker pulls and answers each task itself,
    and has loaded the run's model before the run starts, as ``--warm`` makes it do);
    2 rounds. With ``--flower-clientapp-arm`` also with Flower's own ``flwr-clientapp`` per
@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from common.records import RoundRecord, read_rounds, read_summary
+from fedlora.common.offline import quiet_and_offline
+from fedlora.common.records import RoundRecord, read_rounds, read_summary
 
 _NODE = re.compile(r"^(\d+\.\d+) .*(Receiving|Sending): (train|evaluate) message")
 _SPAWNED = re.compile(r"^(\d+\.\d+) .*(?:Start `flwr-clientapp` process|took a ClientApp task)")
@@ -66,10 +66,10 @@ def message_breakdown(flower_log: Path, node_logs: list[Path], rounds: list[Roun
     pickup. ``order``: the run's exchanges (:func:`exchanges`), each one message to every tenant.
 
     When the ServerApp began each push, and when it had the exchange's replies, come from the
-    grid's own line per exchange (``server.grid.EXCHANGE_LINE``, stamped in the ServerApp): the
+    grid's own line per exchange (``fedlora.server.grid.EXCHANGE_LINE``, stamped in the ServerApp): the
     time stamps of the run log are when its lines reached ``flwr run``'s stream, up to a second
     late."""
-    from server.grid import parse_exchange_line
+    from fedlora.server.grid import parse_exchange_line
 
     lines = flower_log.read_text(errors="replace").splitlines()
     grid = [e for line in lines if (e := parse_exchange_line(line)) is not None]  # one per exchange
@@ -128,10 +128,10 @@ def cold_clientapp_seconds(cfg, data_path: Path) -> dict[str, float]:
     code = f"""
 import json, time
 t0 = time.perf_counter()
-import client.handlers
+import fedlora.client.handlers
 t1 = time.perf_counter()
-from client.task import session, tenant_data, tenant_from_node_config
-from common.config import parse_config
+from fedlora.client.task import session, tenant_data, tenant_from_node_config
+from fedlora.common.config import parse_config
 cfg = parse_config({json.dumps({"model.base": cfg.model.base, "train.threads": cfg.train.threads})})
 loaded = session(cfg)
 t2 = time.perf_counter()
@@ -139,7 +139,7 @@ tenant_data(tenant_from_node_config({{"data-path": {json.dumps(str(data_path))}}
 t3 = time.perf_counter()
 print(json.dumps({{"import_clientapp": t1 - t0, "load_model": t2 - t1, "load_data": t3 - t2}}))
 """
-    from simulations.cli.deployment import flower_env
+    from fedlora.simulations.cli.deployment import flower_env
 
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -158,7 +158,7 @@ class NodeMemory:
     its ClientApp processes), sampled from /proc while the run goes."""
 
     def __init__(self, pids: dict[str, int], interval: float = 0.25):
-        from simulations.cli.memory import PeakTreeMemory
+        from fedlora.simulations.cli.memory import PeakTreeMemory
 
         self.meters = {name: PeakTreeMemory(interval, root=pid) for name, pid in pids.items()}
 
@@ -180,7 +180,7 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
                    flower_clientapp: bool = False, prefix: str = "") -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
-    from simulations.cli.deployment import LocalFederation, Tenant
+    from fedlora.simulations.cli.deployment import LocalFederation, Tenant
 
     name = ("deployment" if worker else "deployment_no_worker") + ("_flower_clientapp" if flower_clientapp else "")
     name += f"_{repeat}" if repeat else ""
@@ -207,7 +207,7 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
 
 
 def simulation_arm(cfg, data: Path, out: Path, repeat: int = 0, prefix: str = "") -> dict:
-    from simulations.cli.simulate import simulate
+    from fedlora.simulations.cli.simulate import simulate
 
     run_dir = out / (prefix + "simulation_run" + (f"_{repeat}" if repeat else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -234,9 +234,9 @@ def baseline(arm: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
-    from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
-    from simulations.scenario import parse_overrides, resolve
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
+    from fedlora.simulations.scenario import parse_overrides, resolve
+    from fedlora.simulations.synthetic import write_tenants
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, default=3)

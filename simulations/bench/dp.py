@@ -1,10 +1,10 @@
 """Benchmark: the DP-SGD step over the non-DP step, on the default model, in the same run.
 
-    python -m simulations.bench.dp [--steps 20] [--repeats 3] [--modes ew,hooks] [--out runs/bench]
+    python -m fedlora.simulations.bench.dp [--steps 20] [--repeats 3] [--modes ew,hooks] [--out runs/bench]
 
-Both arms use the one training function (``client.train.train``) on the same synthetic
+Both arms use the one training function (``fedlora.client.train.train``) on the same synthetic
 tenant, the default config (embedded base, LoRA r=8 on all linear layers, batch 16,
-128 tokens); the DP arm adds ``client.privacy.LocalDP`` (Opacus, Poisson sampling,
+128 tokens); the DP arm adds ``fedlora.client.privacy.LocalDP`` (Opacus, Poisson sampling,
 noise calibrated for the default target epsilon). Arms are interleaved ``--repeats``
 times (the order reversed on every other repeat) so that machine load hits both alike;
 each repeat's DP run is divided by the same repeat's non-DP run, and the median of those
@@ -20,20 +20,20 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
+from fedlora.common.offline import quiet_and_offline
+from fedlora.simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
     import torch
 
-    from client.privacy import LocalDP, NoPrivacy, noise_for_target, sample_rate_for
-    from client.train import train
-    from common.config import parse_config
-    from common.data import read_examples, tenant_paths, tokenize_examples
-    from common.model import load_model
-    from simulations.synthetic import write_tenants
+    from fedlora.client.privacy import LocalDP, NoPrivacy, noise_for_target, sample_rate_for
+    from fedlora.client.train import train
+    from fedlora.common.config import parse_config
+    from fedlora.common.data import read_examples, tenant_paths, tokenize_examples
+    from fedlora.common.model import load_model
+    from fedlora.simulations.synthetic import write_tenants
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from simulations.scenario import parse_overrides
+    from fedlora.simulations.scenario import parse_overrides
 
     cfg = parse_config(parse_overrides(args.set))
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)

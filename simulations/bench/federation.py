@@ -1,6 +1,6 @@
 """Benchmark: orchestration overhead of a federated run, and bytes on the wire.
 
-    python -m simulations.bench.federation [--scenario default] [--out runs/bench]
+    python -m fedlora.simulations.bench.federation [--scenario default] [--out runs/bench]
 
 1. Runs the scenario through Flower's simulation engine (``fedlora simulate`` without
    baselines) and takes the federated wall time (SuperLink start to final adapter).
@@ -30,9 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from common.records import read_rounds, read_summary
-from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
+from fedlora.common.offline import quiet_and_offline
+from fedlora.common.records import read_rounds, read_summary
+from fedlora.simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 
 def steady_seconds(per_round: list[float]) -> float:
@@ -43,12 +43,12 @@ def steady_seconds(per_round: list[float]) -> float:
 def sequential(cfg, data_dir: Path, rounds: int, per_round: list[float] | None = None) -> float:
     """The federation's work without Flower: same functions, same steps, one process.
     ``per_round`` collects each round's seconds (train, aggregate, evaluate)."""
-    from client.task import Tenant, TenantData, evaluate_round, train_round
-    from common.adapter import get_state
-    from common.data import read_examples, tenant_paths, tokenize_examples
-    from common.model import load_model
-    from server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
-    from common.messages import TRAIN_METRICS
+    from fedlora.client.task import Tenant, TenantData, evaluate_round, train_round
+    from fedlora.common.adapter import get_state
+    from fedlora.common.data import read_examples, tenant_paths, tokenize_examples
+    from fedlora.common.model import load_model
+    from fedlora.server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
+    from fedlora.common.messages import TRAIN_METRICS
 
     start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.adapter, seed=cfg.train.seed)
@@ -78,8 +78,8 @@ def sequential(cfg, data_dir: Path, rounds: int, per_round: list[float] | None =
 
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
-    from simulations.cli.simulate import simulate
-    from simulations.scenario import parse_overrides, resolve
+    from fedlora.simulations.cli.simulate import simulate
+    from fedlora.simulations.scenario import parse_overrides, resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", default="default")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, cfg = runs[0]
     fed = read_summary(run_dir)
     tenant_rounds = sum(len(r.finished) for r in read_rounds(run_dir))
-    from common.model import embedded_base_dir, resolve_base
+    from fedlora.common.model import embedded_base_dir, resolve_base
 
     base_dir = Path(resolve_base(cfg.model.base)) if cfg.model.base != "embedded" else embedded_base_dir()
     full_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))

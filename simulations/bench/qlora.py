@@ -1,6 +1,6 @@
 """Benchmark: QLoRA (4-bit NF4 base) step time and memory against fp32 LoRA, in one run.
 
-    python -m simulations.bench.qlora [--steps 30] [--batch-size 16] [--out runs/bench]
+    python -m fedlora.simulations.bench.qlora [--steps 30] [--batch-size 16] [--out runs/bench]
 
 Both variants train the same adapter on the same batches of a synthetic tenant, both
 loaded at once and stepped **alternately** (fp32 step, nf4 step, nf4 step, fp32 step, ...),
@@ -21,8 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from simulations.bench.timing import load_line, loadavg, ratio_summary, spread
+from fedlora.common.offline import quiet_and_offline
+from fedlora.simulations.bench.timing import load_line, loadavg, ratio_summary, spread
 
 import torch
 
@@ -37,11 +37,11 @@ def _rss_mb() -> float:
 
 def prepare(precision: str, steps: int, batch_size: int, warmup: int) -> dict:
     """Load one variant, run its warm-up steps; returns its step function and memory."""
-    from client.train import make_loader
-    from common.config import parse_config
-    from common.data import Example, tokenize_examples
-    from common.model import load_model
-    from simulations.synthetic import tenant_split
+    from fedlora.client.train import make_loader
+    from fedlora.common.config import parse_config
+    from fedlora.common.data import Example, tokenize_examples
+    from fedlora.common.model import load_model
+    from fedlora.simulations.synthetic import tenant_split
 
     cfg = parse_config({"model.precision": precision, "train.batch-size": batch_size})
     gc.collect()

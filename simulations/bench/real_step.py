@@ -2,7 +2,7 @@
 transformers + PEFT step of the same model and batch, and peak memory with and without
 gradient checkpointing.
 
-    python -m simulations.bench.real_step --base BASE_DIR [--batch-size 16] [--steps 2] [--repeats 3]
+    python -m fedlora.simulations.bench.real_step --base BASE_DIR [--batch-size 16] [--steps 2] [--repeats 3]
 
 Arms (each repeat runs every arm once, in a fresh process, the order reversed on every other
 repeat, so a change of load lands on all of them alike):
@@ -10,7 +10,7 @@ repeat, so a change of load lands on all of them alike):
 - ``plain``: ``AutoModelForCausalLM`` + ``peft.get_peft_model`` (same LoRA config), then
   ``model(input_ids, attention_mask=..., labels=...).loss.backward()`` and an AdamW step:
   full-vocabulary logits at every position, as transformers computes them.
-- ``fedlora``: ``client.train.train`` on the same batches (response-only output layer).
+- ``fedlora``: ``fedlora.client.train.train`` on the same batches (response-only output layer).
 - ``fedlora-gc``: the same with ``train.gradient-checkpointing=true``.
 
 Reported per arm: median seconds per optimizer step (after one warm-up step) and the spread
@@ -48,10 +48,10 @@ def _reset_peak() -> None:
 
 
 def _batches(cfg, tokenizer, n: int, batch_size: int):
-    from client.train import make_loader
-    from common.data import Example, tokenize_examples
-    from common.templates import make_format
-    from simulations.synthetic import tenant_split
+    from fedlora.client.train import make_loader
+    from fedlora.common.data import Example, tokenize_examples
+    from fedlora.common.templates import make_format
+    from fedlora.simulations.synthetic import tenant_split
 
     rows = tenant_split(0, split="train", n=max(64, batch_size * n), own_fraction=0.85, seed=0)
     examples = [Example.from_alpaca(r["instruction"], r["input"], r["output"]) for r in rows]
@@ -65,8 +65,8 @@ def run_arm(arm: str, base: str, batch_size: int, steps: int, threads: int) -> d
     """One arm in this process: load, one warm-up step, ``steps`` timed steps."""
     import torch
 
-    from common.config import parse_config
-    from common.model import load_model, set_threads
+    from fedlora.common.config import parse_config
+    from fedlora.common.model import load_model, set_threads
 
     set_threads(threads)
     cfg = parse_config({"model.base": base, "train.batch-size": batch_size, "train.local-steps": steps,
@@ -76,7 +76,7 @@ def run_arm(arm: str, base: str, batch_size: int, steps: int, threads: int) -> d
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from common.model import load_tokenizer, peft_config, resolve_base
+        from fedlora.common.model import load_tokenizer, peft_config, resolve_base
 
         tokenizer = load_tokenizer(base)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_base(base), dtype=torch.float32),
@@ -104,7 +104,7 @@ def run_arm(arm: str, base: str, batch_size: int, steps: int, threads: int) -> d
             step(b)
         seconds = (time.perf_counter() - start) / steps
     else:
-        from client.train import train
+        from fedlora.client.train import train
 
         train(model, data, cfg.train, pad_id=tokenizer.pad_token_id, steps=1, progress=False)  # warm-up
         rss = _status("VmRSS")
@@ -115,7 +115,7 @@ def run_arm(arm: str, base: str, batch_size: int, steps: int, threads: int) -> d
 
 
 def _child(arm: str, args) -> dict:
-    cmd = [sys.executable, "-m", "simulations.bench.real_step", "--arm", arm, "--base", args.base,
+    cmd = [sys.executable, "-m", "fedlora.simulations.bench.real_step", "--arm", arm, "--base", args.base,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -124,11 +124,11 @@ def _child(arm: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.offline import quiet_and_offline
-    from simulations.bench.timing import interleave, load_line, loadavg, spread
+    from fedlora.common.offline import quiet_and_offline
+    from fedlora.simulations.bench.timing import interleave, load_line, loadavg, spread
 
     quiet_and_offline()
-    p = argparse.ArgumentParser(prog="python -m simulations.bench.real_step", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench.real_step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="embedded", help="model.base: an imported base directory (default: embedded)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -1,11 +1,11 @@
 """Benchmark: a secure round over a plain round, same process, same synthetic deltas.
 
-    python -m simulations.bench.secagg                      # 4 and 10 tenants, 1 M floats
-    python -m simulations.bench.secagg --tenants 4 --floats 100000 --repeats 5
+    python -m fedlora.simulations.bench.secagg                      # 4 and 10 tenants, 1 M floats
+    python -m fedlora.simulations.bench.secagg --tenants 4 --floats 100000 --repeats 5
 
 What runs: the real server strategies (``FedLoraStrategy`` and ``SecAggStrategy``) over an
-in-process grid whose tenants answer with the real client code (``client.secagg`` and
-``common.secagg_wire`` for the secure stages; a delta ArrayRecord for the plain round).
+in-process grid whose tenants answer with the real client code (``fedlora.client.secagg`` and
+``fedlora.common.secagg_wire`` for the secure stages; a delta ArrayRecord for the plain round).
 Training is replaced by a fixed synthetic delta, so the ratio compares what secure
 aggregation adds to a round — key agreement, Shamir sharing, quantization, masking,
 unmasking and the extra message exchanges — against the plain round's transport and
@@ -30,8 +30,8 @@ from collections import OrderedDict
 from logging import WARNING
 from pathlib import Path
 
-from common.offline import quiet_and_offline
-from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
+from fedlora.common.offline import quiet_and_offline
+from fedlora.simulations.bench.timing import interleave, load_line, loadavg, ratio_summary
 
 import numpy as np
 
@@ -74,8 +74,8 @@ class _Grid:
 def _plain_tenant(node: int, delta):
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from common import messages as keys
-    from common.adapter import from_arrayrecord, to_arrayrecord
+    from fedlora.common import messages as keys
+    from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
     def reply(msg):
         from_arrayrecord(msg.content.array_records[keys.ARRAYS])  # the tenant reads the global adapter
@@ -87,10 +87,10 @@ def _plain_tenant(node: int, delta):
 def _secure_tenant(node: int, delta, q):
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from client import secagg as client
-    from common import messages as keys
-    from common import secagg_wire as wire
-    from common.adapter import from_arrayrecord
+    from fedlora.client import secagg as client
+    from fedlora.common import messages as keys
+    from fedlora.common import secagg_wire as wire
+    from fedlora.common.adapter import from_arrayrecord
 
     store: dict = {}
 
@@ -113,13 +113,13 @@ def _secure_tenant(node: int, delta, q):
 
 def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, parallel: int = 1) -> tuple[float, float]:
     """Seconds of one training round and bytes per tenant (down + up)."""
-    from common.adapter import to_arrayrecord
-    from common.config import FederationConfig, SecAggConfig
-    from common.secagg import quantizer_for
-    from server.aggregation import FedAvg
-    from server.records import RoundRecorder
-    from server.secagg import SecAggTransport
-    from server.strategy import FedLoraStrategy
+    from fedlora.common.adapter import to_arrayrecord
+    from fedlora.common.config import FederationConfig, SecAggConfig
+    from fedlora.common.secagg import quantizer_for
+    from fedlora.server.aggregation import FedAvg
+    from fedlora.server.records import RoundRecorder
+    from fedlora.server.secagg import SecAggTransport
+    from fedlora.server.strategy import FedLoraStrategy
 
     fed = FederationConfig(min_train_nodes=2, fraction_evaluate=0.0, max_weight=1024)
     sec = SecAggConfig(enabled=secure, neighbours=neighbours)
@@ -163,8 +163,8 @@ def bench(tenants: int, floats: int, repeats: int, neighbours: int = 0, parallel
 
 def _adapter_rank_for(floats: int) -> int:
     """LoRA rank on all linear layers of the embedded base whose adapter holds ~``floats``."""
-    from common.config import parse_config
-    from common.model import count_parameters, load_model
+    from fedlora.common.config import parse_config
+    from fedlora.common.model import count_parameters, load_model
 
     cfg = parse_config({"adapter.r": 1})
     per_rank, _ = count_parameters(load_model(cfg.model, cfg.adapter).model)
@@ -174,9 +174,9 @@ def _adapter_rank_for(floats: int) -> int:
 def simulation_round_seconds(tenants: int, secure: bool, rank: int, rounds: int, out: Path) -> dict:
     """Median seconds of rounds 2.. of a real ``fedlora simulate`` run (Flower's simulation
     engine; round 1 carries the ClientApps' cold start), one local step per round."""
-    from common.records import read_rounds, read_summary
-    from simulations.cli.simulate import simulate
-    from simulations.scenario import resolve
+    from fedlora.common.records import read_rounds, read_summary
+    from fedlora.simulations.cli.simulate import simulate
+    from fedlora.simulations.scenario import resolve
 
     run_dir = (out / f"{'secure' if secure else 'plain'}_{tenants}").resolve()
     overrides = {"simulation.tenants": tenants, "adapter.r": rank, "federation.rounds": rounds,
@@ -243,7 +243,7 @@ def _report(rows: list[dict], columns: list, json_path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_and_offline()
-    p = argparse.ArgumentParser(prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench.secagg", description=__doc__.split("\n\n")[0])
     p.add_argument("--tenants", type=int, nargs="+", default=[4, 10])
     p.add_argument("--floats", type=int, default=1_000_000, help="adapter size in floats")
     p.add_argument("--repeats", type=int, default=None,

@@ -1,8 +1,8 @@
 """Benchmark: the server's per-round work against numpy memcpy of the same bytes, in one run.
 
-    python -m simulations.bench.server [--updates 10 50] [--sizes 17 168] [--repeats 5] [--json F]
+    python -m fedlora.simulations.bench.server [--updates 10 50] [--sizes 17 168] [--repeats 5] [--json F]
 
-What is timed (the functions the round runs, ``server.aggregation`` and ``common.adapter``):
+What is timed (the functions the round runs, ``fedlora.server.aggregation`` and ``fedlora.common.adapter``):
 
 - **aggregate**: ``validate_update`` of each of K updates, ``weighted_sum`` of them and
   ``apply_mean`` onto the global adapter. Bytes touched: K*N read by validation, K*N read
@@ -28,7 +28,7 @@ memcpy copies the same pool arrays into four preallocated destinations, so 50 up
 168 MB touch 8.4 GB while ~1.4 GB is resident; four adapters (68 MB at 17 MB) exceed the
 32 MB last-level cache of the 2-core machine the README's figures come from.
 
-The process's malloc is tuned first, as the ServerApp tunes its own (``server.memory``:
+The process's malloc is tuned first, as the ServerApp tunes its own (``fedlora.server.memory``:
 freed tensors are kept for the next round instead of being faulted in again);
 ``--default-allocator`` measures glibc's defaults instead.
 """
@@ -42,7 +42,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from simulations.bench.timing import interleave, load_line, loadavg, ratio_summary, spread
+from fedlora.simulations.bench.timing import interleave, load_line, loadavg, ratio_summary, spread
 
 HIDDEN, KV, MLP, LAYERS, RANK = 4096, 1024, 14336, 32, 16
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
@@ -72,8 +72,8 @@ def _timed(fn) -> float:
 
 
 def bench_aggregate(pool, glob, count: int, repeats: int) -> dict:
-    from common.messages import TRAIN_METRICS
-    from server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
+    from fedlora.common.messages import TRAIN_METRICS
+    from fedlora.server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
 
     n = sum(v.nbytes for v in glob.values())
     metrics = [{**{k: 1.0 for k in TRAIN_METRICS}, "num-examples": 100 + i, "tenant-id": i} for i in range(count)]
@@ -102,7 +102,7 @@ def bench_aggregate(pool, glob, count: int, repeats: int) -> dict:
 
 
 def bench_serialisation(pool, repeats: int) -> list[dict]:
-    from common.adapter import from_arrayrecord, to_arrayrecord
+    from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
     state = pool[0]
     n = sum(v.nbytes for v in state.values())
@@ -139,18 +139,18 @@ def _row(what: str, count: int, nbytes: int, t: dict, bw: dict, arm: str) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.bench.server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--updates", type=int, nargs="+", default=[10, 50], help="updates per round")
     p.add_argument("--sizes", type=int, nargs="+", default=[17, 168], choices=sorted(LAYOUTS), help="adapter MB")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per pair (median reported)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--default-allocator", action="store_true",
-                   help="leave glibc's malloc as it is instead of tuning it as the ServerApp does (server.memory)")
+                   help="leave glibc's malloc as it is instead of tuning it as the ServerApp does (fedlora.server.memory)")
     args = p.parse_args(argv)
-    from server.memory import reuse_freed_memory
+    from fedlora.server.memory import reuse_freed_memory
 
     tuned = False if args.default_allocator else reuse_freed_memory()
-    print(f"allocator: {'tuned as the ServerApp tunes it (server.memory)' if tuned else 'malloc defaults'}")
+    print(f"allocator: {'tuned as the ServerApp tunes it (fedlora.server.memory)' if tuned else 'malloc defaults'}")
     load0 = loadavg()
     rows = []
     for size in args.sizes:

@@ -1,10 +1,10 @@
 """Benchmark: one tenant's adapter on the embedded base — holdout exact match before and
 after local training, and the CPU time the training took.
 
-    python -m simulations.bench.tenant [--tenant 0] [--steps 120] [--threads 2] [--set KEY=VALUE ...]
+    python -m fedlora.simulations.bench.tenant [--tenant 0] [--steps 120] [--threads 2] [--set KEY=VALUE ...]
 
 The tenant's synthetic train and holdout splits are generated with the run config's data
-settings (default: 4096 train rows, 96 holdout rows); training is the same ``client.train``
+settings (default: 4096 train rows, 96 holdout rows); training is the same ``fedlora.client.train``
 function the tenants' ClientApps call, for ``--steps`` optimizer steps (default: a tenant's
 whole federated budget, rounds x local steps). CPU time is the process's user + system
 time during training (all threads), wall time beside it.
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.offline import quiet_and_offline
+from fedlora.common.offline import quiet_and_offline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from client.train import train
-    from common.config import parse_config
-    from common.data import read_examples, tenant_paths, tokenize_examples
-    from common.evaluate import evaluate
-    from common.model import load_model
-    from simulations.scenario import parse_overrides
-    from simulations.synthetic import write_tenants
+    from fedlora.client.train import train
+    from fedlora.common.config import parse_config
+    from fedlora.common.data import read_examples, tenant_paths, tokenize_examples
+    from fedlora.common.evaluate import evaluate
+    from fedlora.common.model import load_model
+    from fedlora.simulations.scenario import parse_overrides
+    from fedlora.simulations.synthetic import write_tenants
 
     torch.set_num_threads(args.threads)
     cfg = parse_config(parse_overrides(args.overrides))

@@ -1,5 +1,5 @@
-"""The ``fedlora`` command line (``fedlora = simulations.cli.main:main``; also
-``python -m simulations.cli``) and the launchers it drives.
+"""The ``fedlora`` command line (``fedlora = fedlora.simulations.cli.main:main``; also
+``python -m fedlora.simulations.cli``) and the launchers it drives.
 
 - ``main``: the entry point: argument parsing, ``config``, ``keys``, ``certs``, ``verify``
 - ``simulate``: ``fedlora simulate``, one local multi-tenant run end to end

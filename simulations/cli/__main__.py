@@ -1,7 +1,7 @@
-"""``python -m simulations.cli``: the ``fedlora`` command without the installed script."""
+"""``python -m fedlora.simulations.cli``: the ``fedlora`` command without the installed script."""
 
 import sys
 
-from simulations.cli.main import main
+from fedlora.simulations.cli.main import main
 
 sys.exit(main())

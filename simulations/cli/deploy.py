@@ -1,6 +1,6 @@
 """``fedlora deploy ...``: start a SuperLink or a tenant's SuperNode, register tenants, run.
 
-Each command prints or runs the exact Flower command line (see :mod:`simulations.cli.deployment`), with
+Each command prints or runs the exact Flower command line (see :mod:`fedlora.simulations.cli.deployment`), with
 telemetry, update checks and runtime dependency installation off.
 """
 
@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations.cli import deployment
+from fedlora.simulations.cli import deployment
 
 DEFAULT_HOME = Path.home() / ".fedlora" / "flwr"
 
@@ -99,7 +99,7 @@ def _exec(cmd: list[str], print_only: bool, *, task_poll: float | None = deploym
 
 
 def _node_state_dir(state_dir: str | None, data: str | None) -> Path:
-    from client.ledger import STATE_DIR_NAME
+    from fedlora.client.ledger import STATE_DIR_NAME
 
     if state_dir:
         return Path(state_dir).resolve()
@@ -109,9 +109,9 @@ def _node_state_dir(state_dir: str | None, data: str | None) -> Path:
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    """The tenant's SuperNode, with its tenant worker unless --no-worker (see simulations.cli.tenant_node)."""
-    from client import worker_link
-    from simulations.cli.preflight import check_supernode
+    """The tenant's SuperNode, with its tenant worker unless --no-worker (see fedlora.simulations.cli.tenant_node)."""
+    from fedlora.client import worker_link
+    from fedlora.simulations.cli.preflight import check_supernode
 
     socket = None
     if not args.no_worker:
@@ -129,7 +129,7 @@ def _supernode(args: argparse.Namespace) -> int:
     warm = _warm_config(args, with_worker=socket is not None)
     if args.print:
         if socket is not None:
-            from simulations.cli.tenant_node import worker_command
+            from fedlora.simulations.cli.tenant_node import worker_command
 
             print(shlex.join(worker_command(socket, "SUPERVISOR_PID")))
         return _exec(cmd, True)
@@ -138,10 +138,10 @@ def _supernode(args: argparse.Namespace) -> int:
     if socket is None:
         return _exec(cmd, False)
     if warm is not None:
-        from client.warm import write_warm
+        from fedlora.client.warm import write_warm
 
         write_warm(socket.parent, warm)
-    from simulations.cli.tenant_node import run_node
+    from fedlora.simulations.cli.tenant_node import run_node
 
     try:
         return run_node(cmd, socket, env=deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME))),
@@ -159,8 +159,8 @@ def _warm_config(args: argparse.Namespace, *, with_worker: bool) -> dict | None:
         raise deployment.DeploymentConfigError("--warm needs the tenant worker; drop --no-worker or --warm")
     if not args.warm:
         raise deployment.DeploymentConfigError("--warm-set changes the --warm scenario; give --warm too")
-    from common.config import parse_config
-    from simulations.scenario import load_scenario, parse_overrides
+    from fedlora.common.config import parse_config
+    from fedlora.simulations.scenario import load_scenario, parse_overrides
 
     flat = {**load_scenario(args.warm), **parse_overrides(args.warm_set or [])}
     return parse_config(flat, source=f"--warm {args.warm}").to_flat()
@@ -169,7 +169,7 @@ def _warm_config(args: argparse.Namespace, *, with_worker: bool) -> dict | None:
 def _worker_status(args: argparse.Namespace) -> int:
     import json
 
-    from client import worker_link
+    from fedlora.client import worker_link
 
     try:
         path = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home)
     deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":
-        from simulations.cli import registry
+        from fedlora.simulations.cli import registry
 
         out = deployment.register_node(Path(args.public_key).resolve(), flwr_home=home)
         print(out)
@@ -214,11 +214,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    from simulations.scenario import parse_overrides, resolve
+    from fedlora.simulations.scenario import parse_overrides, resolve
 
-    from simulations.cli import registry
-    from simulations.cli.preflight import check_deployment_run
-    from simulations.cli.resume import interrupted_message, resume_config
+    from fedlora.simulations.cli import registry
+    from fedlora.simulations.cli.preflight import check_deployment_run
+    from fedlora.simulations.cli.resume import interrupted_message, resume_config
 
     if args.resume:
         if args.set or args.run_dir:

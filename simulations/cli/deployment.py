@@ -5,7 +5,7 @@ each tenant runs one SuperNode next to its own JSONL file. This module builds th
 ``flower-superlink`` / ``flower-supernode`` / ``flwr`` command lines — with telemetry,
 update checks and runtime dependency installation off, internal APIs on loopback — and,
 for local tests and benchmarks, starts them on 127.0.0.1 as a :class:`LocalFederation`
-and stops every process it started (through :mod:`simulations.cli.launcher`'s tagged
+and stops every process it started (through :mod:`fedlora.simulations.cli.launcher`'s tagged
 processes, so even processes Flower detaches into their own sessions are found and ended).
 
 The apps are the same as in simulation; only the engine differs. ``run.dir`` must be
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from simulations.cli.launcher import (APP_DIR, BIN, TAG_ENV, DeploymentConfigError, DeploymentError, Proc, free_port, kill_tagged,
-                                      stamp, start, stream_run, tagged_pids, wait_for, watchdog)
-from simulations.cli.launcher import flower_env as _base_env
+from fedlora.simulations.cli.launcher import (BIN, TAG_ENV, DeploymentConfigError, DeploymentError, Proc, free_port, kill_tagged,
+                                              stamp, start, stream_run, tagged_pids, wait_for, watchdog)
+from fedlora.simulations.cli.launcher import flower_env as _base_env
 
 CONNECTION = "fedlora"
 DEFAULT_POLL = 0.5  # seconds between an idle SuperNode's polls (Flower's own: 3)
@@ -76,7 +76,7 @@ def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1",
 def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
                 lora_rank: int | None = None, state_dir: Path | str | None = None,
                 worker_socket: Path | str | None = None) -> str:
-    """The ``--node-config`` string the ClientApp reads (``client.task.tenant_from_node_config``).
+    """The ``--node-config`` string the ClientApp reads (``fedlora.client.task.tenant_from_node_config``).
 
     ``lora_rank``: the tenant's own LoRA rank (``lora-rank``; runs with ``federation.lora-rule
     = svd`` only, at most the run's ``adapter.r``, which the ClientApp checks); None: the run's rank.
@@ -111,14 +111,14 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
     ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals);
     ``poll_interval``: seconds between the idle SuperNode's polls for a message, below Flower's
-    fixed 3 s (through :mod:`simulations.cli.supernode_poll`; None: Flower's own);
+    fixed 3 s (through :mod:`fedlora.simulations.cli.supernode_poll`; None: Flower's own);
     ``lora_rank``: the tenant's own LoRA rank (see :func:`node_config`).
     """
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink]
     if poll_interval is not None and poll_interval < 3.0:  # Flower's own idle poll is 3 s
         if poll_interval <= 0:
             raise DeploymentConfigError(f"poll interval {poll_interval} s must be positive")
-        cmd = [str(BIN / "python"), "-m", "simulations.cli.supernode_poll", f"{poll_interval:g}", *cmd[1:]]
+        cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.supernode_poll", f"{poll_interval:g}", *cmd[1:]]
     if ca_cert is not None:
         cmd += ["--root-certificates", str(ca_cert)]
     if private_key is not None:
@@ -134,7 +134,7 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
 def write_cli_config(flwr_home: Path, *, superlink: str, ca_cert: Path) -> Path:
     """Add (or update) the SuperLink connection ``fedlora`` (TLS with our CA) in ``$FLWR_HOME/config.toml``,
     keeping the file's other connections; ``fedlora`` becomes the default when the file names none."""
-    from simulations.cli.flwr_config import merge_connections, superlink_connection
+    from fedlora.simulations.cli.flwr_config import merge_connections, superlink_connection
 
     return merge_connections(flwr_home, {CONNECTION: superlink_connection(superlink, ca_cert)}, default=CONNECTION)
 
@@ -201,7 +201,7 @@ class LocalFederation:
     worker_sockets: dict[str, Path] = field(default_factory=dict)  # node name -> its worker socket
 
     def __post_init__(self) -> None:
-        from common.tls import write_tls_certificates
+        from fedlora.common.tls import write_tls_certificates
 
         self.state_dir = Path(self.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ class LocalFederation:
     # -- tenants ------------------------------------------------------------------
     def node_key(self, name: str) -> tuple[Path, Path]:
         """The tenant's key pair, made on first use (as ``fedlora keys node NAME`` does)."""
-        from common.credentials import write_node_keypair
+        from fedlora.common.credentials import write_node_keypair
 
         priv = self.keys / name
         if not priv.is_file():
@@ -274,14 +274,14 @@ class LocalFederation:
         ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``flower_clientapp``:
         Flower's own ``flwr-clientapp`` per message, forwarding to the worker; ``warm``: a Config
         whose model the worker loads as it starts (``fedlora deploy supernode --warm``)."""
-        from client.worker_link import socket_path
+        from fedlora.client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
         if register:
             self.register(tenant.name)
         socket = socket_path(self.state_dir / f"node-{tenant.name}") if worker else None
         if warm is not None and socket is not None:
-            from client.warm import write_warm
+            from fedlora.client.warm import write_warm
 
             write_warm(socket.parent, warm.to_flat())
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
@@ -289,7 +289,7 @@ class LocalFederation:
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
                                 worker_socket=socket, poll_interval=poll_interval)
         if socket is not None:
-            cmd = [str(BIN / "python"), "-m", "simulations.cli.tenant_node", "--socket", str(socket),
+            cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.tenant_node", "--socket", str(socket),
                    *(["--flower-clientapp"] if flower_clientapp else []), "--", *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
@@ -304,7 +304,7 @@ class LocalFederation:
 
     def wait_warm(self, *, timeout: float = 600.0) -> dict[str, dict]:
         """Wait until no tenant worker is still warming up; returns each node's warm-up state."""
-        from client import worker_link
+        from fedlora.client import worker_link
 
         states: dict[str, dict] = {}
 
@@ -328,9 +328,12 @@ class LocalFederation:
 
 def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: float = 3600.0,
                on_line: Callable[[str], None] | None = None, env_extra: dict[str, str] | None = None,
-               app_dir: Path = APP_DIR) -> None:
-    """``flwr run APP fedlora --run-config FILE --stream``; raises if the run failed."""
-    cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_toml), "--stream"]
+               app_dir: Path | None = None) -> None:
+    """``flwr run APP fedlora --run-config FILE --stream``; raises if the run failed. ``app_dir``: the
+    Flower app (default: the installed fedlora's, :func:`~fedlora.simulations.cli.flower_app.app_dir`)."""
+    from fedlora.simulations.cli.flower_app import app_dir as installed_app
+
+    cmd = [str(BIN / "flwr"), "run", str(app_dir or installed_app()), CONNECTION, "--run-config", str(run_config_toml), "--stream"]
     code, text = stream_run(cmd, cwd=flwr_home, env={**flower_env(flwr_home), **(env_extra or {})}, log=log,
                             timeout=timeout, on_line=on_line, timeout_error=DeploymentError, line_format=stamp)
     if code != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
@@ -355,8 +358,8 @@ def deployment_config(cfg, *, node_auth: bool):
 
 def deployment_section(run_dir: Path, cfg) -> list[str]:
     """Report lines: engine, TLS, authentication and which tenants finished each round."""
-    from common.records import read_rounds
-    from simulations.report import ON_OFF
+    from fedlora.common.records import read_rounds
+    from fedlora.simulations.report import ON_OFF
 
     lines = ["## Deployment", "",
              f"- engine: {cfg.deployment.engine}; TLS {ON_OFF[cfg.deployment.tls]}; "
@@ -375,7 +378,7 @@ def deployment_section(run_dir: Path, cfg) -> list[str]:
 
 
 def report_deployment(run_dir: Path, cfg, extra: Sequence[str] = ()) -> Path:
-    from simulations.report import plot, write_report
+    from fedlora.simulations.report import plot, write_report
 
     plot(run_dir)
     return write_report(run_dir, cfg, comparison=[], extra_sections=[*deployment_section(run_dir, cfg), *extra])
@@ -384,7 +387,7 @@ def report_deployment(run_dir: Path, cfg, extra: Sequence[str] = ()) -> Path:
 def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = None, timeout: float = 0.0,
                    on_line: Callable[[str], None] | None = None, env_extra: dict[str, str] | None = None) -> Path:
     """Submit one run to a running SuperLink, wait for its final adapter, write the report."""
-    from simulations.scenario import write_run_config
+    from fedlora.simulations.scenario import write_run_config
 
     cfg = deployment_config(cfg, node_auth=node_auth)
     run_dir = Path(cfg.run.dir)
@@ -404,11 +407,11 @@ def run_deployment(cfg, *, flwr_home: Path, node_auth: bool, log: Path | None = 
 
 def _how_to_continue(run_dir: Path) -> str:
     """The resume command, when the ServerApp stopped after a complete round (crash, kill, lost node)."""
-    from simulations.cli.resume import resumable
+    from fedlora.simulations.cli.resume import resumable
 
     if not resumable(run_dir):
         return ""
-    from common.records import read_rounds
+    from fedlora.common.records import read_rounds
 
     last = read_rounds(run_dir)[-1].round
     return (f"\nround {last} is the last complete one and its checkpoint is kept; continue with: "

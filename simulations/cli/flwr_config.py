@@ -1,7 +1,9 @@
 """``fedlora flwr-config``: connections for Flower's own CLI (``flwr run``, ``ls``, ``log``, ``stop``).
 
 Flower 1.42 reads its SuperLink connections from ``$FLWR_HOME/config.toml`` (default
-``~/.flwr``); ``flwr run . NAME`` submits the app in this directory to connection ``NAME``.
+``~/.flwr``); ``flwr run APP NAME`` submits the app in directory ``APP`` to connection ``NAME``.
+The command prints the installed fedlora's app directory (:mod:`fedlora.simulations.cli.flower_app`);
+in a source tree ``flwr run .`` submits the same app.
 This module merges fedlora's connections into that file and leaves every other connection
 as it was (the file is read with ``tomllib``; the old file is kept as ``config.toml.bak``):
 
@@ -26,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.files import write_atomic
+from fedlora.common.files import write_atomic
 
 SIM_CONNECTION = "fedlora-sim"
 CONFIG_FILE = "config.toml"
@@ -117,7 +119,7 @@ def merge_connections(home: str | Path, connections: Mapping[str, dict], *, defa
 def offline_env(home: Path) -> dict[str, str]:
     """What ``flwr`` and the SuperLink it starts need in their environment: this ``FLWR_HOME`` and
     fedlora's offline switches (telemetry, update check, runtime installs, Ray, Hugging Face)."""
-    from common.offline import OFFLINE_ENV
+    from fedlora.common.offline import OFFLINE_ENV
 
     return {"FLWR_HOME": str(home), **OFFLINE_ENV}
 
@@ -149,7 +151,8 @@ def add_command(sub) -> None:
 
 
 def main_flwr_config(args) -> int:
-    from simulations.cli.deployment import CONNECTION
+    from fedlora.simulations.cli.deployment import CONNECTION
+    from fedlora.simulations.cli.flower_app import app_dir
 
     if bool(args.superlink) != bool(args.ca):
         print("fedlora flwr-config: --superlink and --ca go together (the deployment connection uses TLS)",
@@ -166,9 +169,11 @@ def main_flwr_config(args) -> int:
     print(f"Flower config: {path} (default connection: {links.get('default')})")
     for name in conns:
         print(f"  {name:12} {links[name]['address']}")
-    steps = [f"source {shlex.quote(str(env))}", f"flwr run . {SIM_CONNECTION} --stream",
-             *([f"flwr run . {CONNECTION} --stream"] if args.superlink else []),
+    app = shlex.quote(str(app_dir()))
+    steps = [f"source {shlex.quote(str(env))}", f"flwr run {app} {SIM_CONNECTION} --stream",
+             *([f"flwr run {app} {CONNECTION} --stream"] if args.superlink else []),
              f"flwr ls {SIM_CONNECTION}", f"flwr log RUN_ID {SIM_CONNECTION} --show",
              f"flwr stop RUN_ID {SIM_CONNECTION}"]
-    print(f"offline switches: {env}\n\nthen, in the fedlora directory:\n" + "\n".join(f"  {s}" for s in steps))
+    print(f"offline switches: {env}\nFlower app: {app} (the installed fedlora's apps and default run config)\n\n"
+          "then:\n" + "\n".join(f"  {s}" for s in steps))
     return 0

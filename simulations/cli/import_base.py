@@ -1,6 +1,6 @@
 """``fedlora import-base``: a GGUF file or Hugging Face directory -> a base directory fedlora trains on.
 
-The conversion is :func:`common.base_import.import_base`; this module only parses the
+The conversion is :func:`fedlora.common.base_import.import_base`; this module only parses the
 command line and prints what was written.
 """
 
@@ -29,13 +29,13 @@ def add_command(sub) -> None:
 
 
 def main_import_base(args) -> int:
-    from common.base_import import import_base
+    from fedlora.common.base_import import import_base
 
     def say(line: str) -> None:
         print(f"fedlora import-base: {line}", flush=True)
 
-    from common.base_import import default_name
-    from common.model import bases_dir, imported_base
+    from fedlora.common.base_import import default_name
+    from fedlora.common.model import bases_dir, imported_base
 
     out = args.out or bases_dir() / (args.name or default_name(Path(args.source)))
     base = import_base(args.source, out, name=args.name, dtype=args.dtype, force=args.force, say=say)

@@ -1,5 +1,5 @@
 """Start Flower's processes and leave nothing behind: the simulation engine, and the
-process plumbing the deployment launcher (:mod:`simulations.cli.deployment`) shares.
+process plumbing the deployment launcher (:mod:`fedlora.simulations.cli.deployment`) shares.
 
 ``flwr run`` submits the app bundle to a SuperLink started with ``--simulation``. We start
 that SuperLink ourselves — on ports of our choosing, from a neutral working directory,
@@ -11,7 +11,7 @@ Every process we start carries a private tag in its environment (``TAG_ENV``), s
 those Flower detaches into their own sessions (SuperExec, the ServerApp, Ray's workers) are
 found (:func:`tagged_pids`) and ended. They also die with the launcher when it is killed
 (SIGKILL included): each direct child gets a parent-death signal (``PR_SET_PDEATHSIG``), and a
-small reaper process (:mod:`simulations.cli.reaper`) holds the read end of a pipe whose write
+small reaper process (:mod:`fedlora.simulations.cli.reaper`) holds the read end of a pipe whose write
 end only the launcher has; when the launcher dies the pipe closes and the reaper kills every
 tagged process (:func:`watchdog`).
 """
@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common.offline import quiet_and_offline
+from fedlora.common.offline import quiet_and_offline
 
-APP_DIR = Path(__file__).resolve().parents[2]  # the directory holding pyproject.toml
 TAG_ENV = "FEDLORA_DEPLOY_TAG"  # marks every process a LocalFederation starts
 
 
@@ -214,10 +213,10 @@ def watchdog(tag: str, *, grace: float = 5.0) -> Iterator[subprocess.Popen]:
     the kernel closes the pipe and the reaper kills every tagged process within a second or
     two. The reaper runs in its own session, so Ctrl-C on the terminal does not reach it.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     env.pop(TAG_ENV, None)  # the reaper itself is not one of the processes it ends
-    reaper = subprocess.Popen([sys.executable, "-m", "simulations.cli.reaper", tag], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, cwd=APP_DIR, env=env, start_new_session=True)
+    reaper = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli.reaper", tag], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, cwd="/", env=env, start_new_session=True)
     try:
         yield reaper
     finally:
@@ -321,19 +320,22 @@ def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: i
 
 def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: int, cpus_per_client: int = 1,
                    http_port: int = 0, control_port: int = 0, timeout: float = 3600.0,
-                   on_line: Callable[[str], None] | None = None, app_dir: Path = APP_DIR,
+                   on_line: Callable[[str], None] | None = None, app_dir: Path | None = None,
                    tag: str | None = None) -> None:
     """Submit the fedlora apps to a fresh simulation SuperLink and stream the run's log.
 
     ``on_line`` receives every log line (the caller shows progress); the full log is
-    also written to ``state_dir/flower.log``. Every process of the run carries ``tag``
+    also written to ``state_dir/flower.log``. ``app_dir``: the Flower app to submit (default: the
+    installed fedlora's, :func:`~fedlora.simulations.cli.flower_app.app_dir`). Every process of the run carries ``tag``
     (default: a fresh one) and none outlives this call or the launcher (:func:`watchdog`).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tag = tag or new_tag()
     with watchdog(tag), simulation_superlink(state_dir, http_port=http_port, control_port=control_port,
                                              tag=tag) as link:
-        cmd = [str(BIN / "flwr"), "run", str(app_dir), link.connection,
+        from fedlora.simulations.cli.flower_app import app_dir as installed_app
+
+        cmd = [str(BIN / "flwr"), "run", str(app_dir or installed_app()), link.connection,
                "--run-config", str(run_config_toml),
                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
                "--stream"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.offline import quiet_and_offline
+from fedlora.common.offline import quiet_and_offline
 
 # Errors a user can fix from the message alone (bad input, missing file, a refused step):
 # one line (or one per problem), exit code 2, no traceback unless --debug. Matched by class
@@ -23,7 +23,7 @@ examples:
   fedlora simulate --scenario non_iid       # a shipped scenario (see simulations/scenarios/)
   fedlora simulate --set federation.rounds=2 --set adapter.r=16
   fedlora config                            # every run-config key, its default and meaning
-  fedlora flwr-config                       # connections for Flower's own CLI: flwr run . fedlora-sim
+  fedlora flwr-config                       # connections for Flower's own CLI; prints the flwr run line
   fedlora import-base SmolLM2-135M-Instruct.Q4_1.gguf --out bases/smollm2   # a real base from a GGUF
   fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
   fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
@@ -39,7 +39,7 @@ examples:
 
 
 def _cmd_config(args) -> int:
-    from common.config import describe
+    from fedlora.common.config import describe
 
     for key, default, text in describe():
         print(f"{key:32} {default!r:>14}  {text}")
@@ -47,7 +47,7 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_keys(args) -> int:
-    from common.credentials import write_node_keypair, write_signing_keypair
+    from fedlora.common.credentials import write_node_keypair, write_signing_keypair
 
     if args.kind == "signing":
         priv, pub = write_signing_keypair(args.out, name=args.name or "fedlora-signing", force=args.force)
@@ -61,7 +61,7 @@ def _cmd_keys(args) -> int:
 
 
 def _cmd_certs(args) -> int:
-    from common.tls import write_tls_certificates
+    from fedlora.common.tls import write_tls_certificates
 
     paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),
                                    days=args.days, force=args.force)
@@ -71,14 +71,14 @@ def _cmd_certs(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from server.release.manifest import verify_version
+    from fedlora.server.release.manifest import verify_version
 
     result = verify_version(args.path, args.public_key)
     if result.ok:
         print(f"verified: {result.files_checked} files match the signed manifest")
         if args.base:
-            from common.model import require_base
-            from server.release.manifest import read_metadata
+            from fedlora.common.model import require_base
+            from fedlora.server.release.manifest import read_metadata
 
             meta = read_metadata(args.path)
             require_base(str(meta.get("base_model") or args.base), meta.get("base_sha256"), override=args.base,
@@ -134,19 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--base", metavar="PATH", help="also check that the base model directory on this machine has "
                                                  "the fingerprint the version records")
 
-    from simulations.cli.import_base import add_command as add_import_command
+    from fedlora.simulations.cli.import_base import add_command as add_import_command
 
     add_import_command(sub)
 
-    from simulations.cli.deploy import add_commands as add_deploy_commands
+    from fedlora.simulations.cli.deploy import add_commands as add_deploy_commands
 
     add_deploy_commands(sub)
 
-    from simulations.cli.release import add_commands as add_release_commands
+    from fedlora.simulations.cli.release import add_commands as add_release_commands
 
     add_release_commands(sub)
 
-    from simulations.cli.flwr_config import add_command as add_flwr_config_command
+    from fedlora.simulations.cli.flwr_config import add_command as add_flwr_config_command
 
     add_flwr_config_command(sub)
     return parser
@@ -183,23 +183,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "simulate":
-        from simulations.cli.simulate import main_simulate
+        from fedlora.simulations.cli.simulate import main_simulate
 
         return main_simulate(args)
     if args.command == "deploy":
-        from simulations.cli.deploy import main_deploy
+        from fedlora.simulations.cli.deploy import main_deploy
 
         return main_deploy(args)
     if args.command == "import-base":
-        from simulations.cli.import_base import main_import_base
+        from fedlora.simulations.cli.import_base import main_import_base
 
         return main_import_base(args)
     if args.command == "flwr-config":
-        from simulations.cli.flwr_config import main_flwr_config
+        from fedlora.simulations.cli.flwr_config import main_flwr_config
 
         return main_flwr_config(args)
     if args.command in ("dpo", "merge", "publish"):
-        from simulations.cli.release import main_release
+        from fedlora.simulations.cli.release import main_release
 
         return main_release(args)
     return {"config": _cmd_config, "keys": _cmd_keys, "certs": _cmd_certs, "verify": _cmd_verify}[args.command](args)

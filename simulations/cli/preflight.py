@@ -46,7 +46,7 @@ class Preflight:
     # -- data -------------------------------------------------------------------
     def tenant_file(self, path: Path, *, tenant: str, fmt: str = "auto", required: bool = True) -> None:
         """Parse one tenant's JSONL; the first bad row is reported with file, line and field."""
-        from common.data import DataError, read_examples
+        from fedlora.common.data import DataError, read_examples
 
         if not path.is_file():
             if required:
@@ -61,7 +61,7 @@ class Preflight:
 
     def simulation_tenants(self, data_dir: str, tenants: int, *, fmt: str = "auto") -> None:
         """``data.dir``: tenant_XXX/train.jsonl and holdout.jsonl of every simulated tenant."""
-        from common.data import tenant_paths
+        from fedlora.common.data import tenant_paths
 
         root = Path(data_dir)
         if not root.is_dir():
@@ -106,7 +106,7 @@ class Preflight:
         if name == "embedded":
             if not (EMBEDDED_DIR / "model.safetensors").is_file():
                 self.add("model.base 'embedded': simulations/base_model/model.safetensors is missing; rebuild it "
-                         "with `python -m simulations.build_base`")
+                         "with `python -m fedlora.simulations.build_base`")
                 return None
             return EMBEDDED_DIR
         path = Path(name).expanduser()
@@ -116,7 +116,7 @@ class Preflight:
                          "directory is needed)")
                 return None
             return path
-        from common.model import imported_base
+        from fedlora.common.model import imported_base
 
         if (imported := imported_base(name)) is not None:
             return imported
@@ -189,7 +189,7 @@ class Preflight:
     def signing_key(self, path: str | Path) -> None:
         if self.readable(path, what="signing key") is None:
             return
-        from common.credentials import load_private_key
+        from fedlora.common.credentials import load_private_key
 
         try:
             load_private_key(path)
@@ -233,7 +233,7 @@ def check_deployment_run(cfg, *, ca_cert: str | Path) -> None:
 def check_supernode(*, ca_cert: str | Path, private_key: str | Path, data: str | Path,
                     holdout: str | Path | None, tenant_id: int) -> None:
     """``fedlora deploy supernode``: the tenant's files, its key and the federation's CA."""
-    from common.data import holdout_for
+    from fedlora.common.data import holdout_for
 
     pf = Preflight()
     pf.certificate(ca_cert)

@@ -1,6 +1,6 @@
-"""``python -m simulations.cli.reaper TAG``: end a run's processes once its launcher is gone.
+"""``python -m fedlora.simulations.cli.reaper TAG``: end a run's processes once its launcher is gone.
 
-Started by :func:`simulations.cli.launcher.watchdog` with a pipe on stdin whose write end
+Started by :func:`fedlora.simulations.cli.launcher.watchdog` with a pipe on stdin whose write end
 only the launcher holds. Reading returns end-of-file when the launcher closes it or dies
 (also by SIGKILL); then every process tagged ``TAG`` is killed with SIGKILL at once (the
 launcher is gone: no clean shutdown is left to wait for, and SIGTERM would let a Ray raylet
@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from simulations.cli.launcher import kill_tagged  # imported now: nothing to load once the launcher dies
+from fedlora.simulations.cli.launcher import kill_tagged  # imported now: nothing to load once the launcher dies
 
 
 def main(tag: str) -> int:

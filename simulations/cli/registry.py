@@ -4,7 +4,7 @@ examples the server will credit that node (``fedlora deploy register --max-examp
 Flower's ``flwr supernode register`` binds a public key to a node id; a node that
 authenticates with that key is that node id in every run. ``fedlora deploy run`` turns the
 caps recorded here into ``federation.example-caps``, which the server enforces over the
-node's own claim (plain transport; see ``common.weighting``).
+node's own claim (plain transport; see ``fedlora.common.weighting``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from common.files import write_json_atomic
+from fedlora.common.files import write_json_atomic
 
 REGISTRY_FILE = "fedlora-tenants.json"
 _REGISTERED = re.compile(r"SuperNode (\d+) registered")

@@ -2,7 +2,7 @@
 
 Each takes a run directory (``fedlora simulate --run-dir`` or the ServerApp's ``run.dir``)
 or a published version (``<registry>/<name>/<version>``); the stages live in
-:mod:`server.release.stages`.
+:mod:`fedlora.server.release.stages`.
 """
 
 from __future__ import annotations
@@ -53,21 +53,21 @@ def add_commands(sub) -> None:
 
 
 def _source(args):
-    from server.release.artifacts import locate, with_base
+    from fedlora.server.release.artifacts import locate, with_base
 
     source = locate(args.path, public_key=getattr(args, "public_key", None))
     if args.command == "publish":  # copies files; never loads the base
         return source
-    from common.model import set_threads
+    from fedlora.common.model import set_threads
 
     set_threads(source.cfg.train.threads)  # the run's thread count, as in its own stages
     return with_base(source, getattr(args, "base", None))
 
 
 def _cmd_dpo(args) -> int:
-    from server.release.stages import run_dpo
-    from simulations.release import release_inputs
-    from simulations.scenario import parse_overrides
+    from fedlora.server.release.stages import run_dpo
+    from fedlora.simulations.release import release_inputs
+    from fedlora.simulations.scenario import parse_overrides
 
     source = _source(args)
     overrides = parse_overrides(args.set or [])
@@ -92,8 +92,8 @@ def _cmd_dpo(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from server.release.stages import run_merge
-    from simulations.release import release_inputs
+    from fedlora.server.release.stages import run_merge
+    from fedlora.simulations.release import release_inputs
 
     source = _source(args)
     report = run_merge(source, release_inputs(source.cfg), out_dir=args.out)
@@ -104,7 +104,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from server.release.stages import run_publish
+    from fedlora.server.release.stages import run_publish
 
     result = run_publish(_source(args), registry=args.registry, name=args.name, signing_key=args.signing_key,
                          version=args.version)

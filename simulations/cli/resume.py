@@ -4,7 +4,7 @@ The ServerApp writes the resolved configuration to ``RUN_DIR/config.json`` befor
 and a record per complete round (``metrics/round_XXX.json``, with the server's state).
 Resuming reads that configuration back, sets ``run.resume=true`` and ``run.dir=RUN_DIR``
 and runs the same pipeline again; the ServerApp continues after the last complete round
-(:func:`server.run.prepare`). The tenants' data directory is the one the run used, so
+(:func:`fedlora.server.run.prepare`). The tenants' data directory is the one the run used, so
 synthetic tenants are not written again.
 """
 
@@ -14,8 +14,8 @@ import json
 import shlex
 from pathlib import Path
 
-from common.config import Config, parse_config
-from common.records import read_rounds
+from fedlora.common.config import Config, parse_config
+from fedlora.common.records import read_rounds
 
 
 class ResumeRefused(ValueError):

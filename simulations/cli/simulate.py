@@ -1,15 +1,15 @@
 """``fedlora simulate``: one local multi-tenant run, end to end.
 
-1. resolve the scenario and overrides into one validated config (:mod:`simulations.scenario`);
+1. resolve the scenario and overrides into one validated config (:mod:`fedlora.simulations.scenario`);
 2. write synthetic tenants (unless ``data.dir`` points at real ones);
 3. run the *same* ServerApp and ClientApp as a deployment on Flower's simulation engine;
 4. train the baselines and evaluate every model on every tenant's holdout;
 5. refine the aggregate with DPO, merge it into the fp32 base, publish a signed version;
 6. write plots and the report.
 
-Before Flower starts, :mod:`simulations.cli.preflight` checks the tenant files, the base
+Before Flower starts, :mod:`fedlora.simulations.cli.preflight` checks the tenant files, the base
 model and the run directory. ``--resume RUN_DIR`` continues an interrupted run after its
-last complete round (:mod:`simulations.cli.resume`). A federation that aggregated fewer
+last complete round (:mod:`fedlora.simulations.cli.resume`). A federation that aggregated fewer
 rounds than ``federation.min-successful-rounds`` (``FEDERATION_FAILED``) gets a report that
 says why and nothing else: no baselines, DPO, merge or publish (exit code 1). Ctrl-C stops
 every process of the run, keeps the last checkpoint and prints the resume command (130).
@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import Config
-from common.files import write_json_atomic
-from common.records import RoundRecord, read_rounds, read_summary, round_path
-from simulations.scenario import parse_overrides, resolve, write_run_config
+from fedlora.common.config import Config
+from fedlora.common.files import write_json_atomic
+from fedlora.common.records import RoundRecord, read_rounds, read_summary, round_path
+from fedlora.simulations.scenario import parse_overrides, resolve, write_run_config
 
 
 class FederationFailed(RuntimeError):
@@ -84,11 +84,11 @@ class RoundProgress:
 
 def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
     """Run the whole job; returns the report path."""
-    from simulations.cli.memory import PeakTreeMemory
-    from simulations.cli.preflight import check_simulation
+    from fedlora.simulations.cli.memory import PeakTreeMemory
+    from fedlora.simulations.cli.preflight import check_simulation
 
     check_simulation(cfg)  # before anything heavy is imported, written or started
-    from common.model import set_threads
+    from fedlora.common.model import set_threads
 
     set_threads(cfg.train.threads)  # baselines, evaluation, DPO and merge run in this process
     with PeakTreeMemory() as memory:
@@ -97,12 +97,12 @@ def simulate(cfg: Config, *, http_port: int = 0, control_port: int = 0) -> Path:
 
 
 def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path:
-    from simulations.baselines import compare
-    from simulations.cli.launcher import run_simulation
-    from server.release.stages import run_stages
-    from simulations.release import release_inputs, report_sections
-    from simulations.report import plot, write_report
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.baselines import compare
+    from fedlora.simulations.cli.launcher import run_simulation
+    from fedlora.server.release.stages import run_stages
+    from fedlora.simulations.release import release_inputs, report_sections
+    from fedlora.simulations.report import plot, write_report
+    from fedlora.simulations.synthetic import write_tenants
 
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.dir)
@@ -161,7 +161,7 @@ def _simulate(cfg: Config, *, http_port: int, control_port: int, memory) -> Path
 
 def _without_dp(cfg: Config, out: Path) -> None:
     """The same run without DP, for the report's comparison; a resumed run resumes it too."""
-    from simulations.cli.resume import resumable
+    from fedlora.simulations.cli.resume import resumable
 
     if (out / "FEDERATION_DONE").exists() and (out / "report.md").exists():
         return
@@ -171,7 +171,7 @@ def _without_dp(cfg: Config, out: Path) -> None:
 
 def _report_failure(cfg: Config, run_dir: Path) -> None:
     """A failed federation: a report that says why, then :class:`FederationFailed`."""
-    from simulations.report import plot, write_report
+    from fedlora.simulations.report import plot, write_report
 
     fed = read_summary(run_dir)
     reason = (fed.failure if fed and fed.failure else "FEDERATION_FAILED written by the ServerApp")
@@ -185,7 +185,7 @@ def _report_failure(cfg: Config, run_dir: Path) -> None:
 
 
 def main_simulate(args) -> int:
-    from simulations.cli.resume import resume_config
+    from fedlora.simulations.cli.resume import resume_config
 
     if args.resume:
         if args.set or args.run_dir or args.scenario != "default":
@@ -200,7 +200,7 @@ def main_simulate(args) -> int:
         with _sigterm_as_interrupt():
             report = simulate(cfg, http_port=args.port, control_port=args.control_port)
     except KeyboardInterrupt:
-        from simulations.cli.resume import interrupted_message
+        from fedlora.simulations.cli.resume import interrupted_message
 
         print(interrupted_message(run_dir, command="fedlora simulate"), file=sys.stderr, flush=True)
         return 130

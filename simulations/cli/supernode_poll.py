@@ -15,9 +15,9 @@ entry point runs Flower's own ``flower-supernode`` unchanged except for three wa
   state (no network) take ``LOCAL_WAIT`` s;
 - pulling a message's objects retries an object that is not there yet (the ServerApp is
   still uploading it) after 50 ms instead of Flower's 1 s
-  (:func:`common.flower_pull.shorten_pull_retries`), and at most every 0.25 s after that.
+  (:func:`fedlora.common.flower_pull.shorten_pull_retries`), and at most every 0.25 s after that.
 
-    python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...
+    python -m fedlora.simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...
 
 If this Flower's SuperNode no longer sleeps through its module's ``time``, or its object pull
 has no ``initial_backoff``, that part is left unchanged and a warning says so.
@@ -77,10 +77,10 @@ def cap_idle_poll(cap: float) -> bool:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...")
+        sys.exit("usage: python -m fedlora.simulations.cli.supernode_poll SECONDS FLOWER-SUPERNODE-ARGS...")
     cap = float(sys.argv[1])
     if cap < IDLE_SLEEP:
-        from common.flower_pull import shorten_pull_retries
+        from fedlora.common.flower_pull import shorten_pull_retries
 
         cap_idle_poll(max(cap, 0.05))
         shorten_pull_retries()

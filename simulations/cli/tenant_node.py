@@ -1,11 +1,11 @@
 """A tenant's deployment node: its SuperNode and the tenant worker beside it, supervised.
 
 ``fedlora deploy supernode`` runs :func:`run_node`: it starts the tenant worker
-(:mod:`client.worker`, which loads the ML stack once), waits until the worker answers on
+(:mod:`fedlora.client.worker`, which loads the ML stack once), waits until the worker answers on
 its socket, then starts ``flower-supernode`` with that socket in its node config, and stays
 in the foreground:
 
-- Flower's SuperExec finds fedlora's ``flwr-clientapp`` (:mod:`client.clientapp_shim`) first
+- Flower's SuperExec finds fedlora's ``flwr-clientapp`` (:mod:`fedlora.client.clientapp_shim`) first
   on the SuperNode's PATH, so each message's task is pulled and answered by the worker itself
   instead of a fresh Flower process per message (``--flower-clientapp`` leaves Flower's);
 - the worker is restarted if it dies (tasks fall back to Flower's ``flwr-clientapp`` meanwhile,
@@ -15,7 +15,7 @@ in the foreground:
 - both children get the kernel's parent-death signal, so even a SIGKILLed supervisor leaves
   nothing behind (the worker also watches its parent).
 
-    python -m simulations.cli.tenant_node --socket PATH -- flower-supernode ARGS...
+    python -m fedlora.simulations.cli.tenant_node --socket PATH -- flower-supernode ARGS...
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from client import clientapp_shim, worker_link
-from simulations.cli.launcher import BIN, die_with_parent
+from fedlora.client import clientapp_shim, worker_link
+from fedlora.simulations.cli.launcher import BIN, die_with_parent
 
 READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
 RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
@@ -40,7 +40,7 @@ RESTART_WINDOW = 300.0
 
 
 def worker_command(socket: Path, parent_pid: int | str, *, preload: bool = True) -> list[str]:
-    return [sys.executable, "-m", "client.worker", "--socket", str(socket), "--parent-pid", str(parent_pid),
+    return [sys.executable, "-m", "fedlora.client.worker", "--socket", str(socket), "--parent-pid", str(parent_pid),
             *([] if preload else ["--no-preload"])]
 
 
@@ -143,7 +143,7 @@ def run_node(supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.cli.tenant_node", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.cli.tenant_node", description=__doc__.split("\n\n")[0])
     p.add_argument("--socket", required=True, type=Path, help="the tenant worker's Unix socket")
     p.add_argument("--no-preload", action="store_true", help="the worker imports the ML stack at its first message")
     p.add_argument("--flower-clientapp", action="store_true",

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import client_app
-from common import messages as keys
-from common.adapter import get_state, to_arrayrecord
-from common.data import read_examples, tenant_paths
-from common.model import load_model
+from fedlora.client import client_app
+from fedlora.common import messages as keys
+from fedlora.common.adapter import get_state, to_arrayrecord
+from fedlora.common.data import read_examples, tenant_paths
+from fedlora.common.model import load_model
 
 
 def _context(small_cfg, tenants_dir, partition=1):
@@ -67,7 +67,7 @@ def test_evaluate_reply_is_scalar_metrics_only(small_cfg, tenants_dir):
 
 
 def test_node_without_data_location_gets_a_clear_error(small_cfg):
-    from client.task import TenantConfigError, tenant_from_node_config
+    from fedlora.client.task import TenantConfigError, tenant_from_node_config
 
     with pytest.raises(TenantConfigError, match="data-path"):
         tenant_from_node_config({}, small_cfg)

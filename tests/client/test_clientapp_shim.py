@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from client import clientapp_shim as shim
-from client import worker_link as link
-from client.task_runner import CLIENTAPP_REF, ForeignApp, TaskSpec, check_fab, fab_clientapp
+from fedlora.client import clientapp_shim as shim
+from fedlora.client import worker_link as link
+from fedlora.client.task_runner import CLIENTAPP_REF, ForeignApp, TaskSpec, check_fab, fab_clientapp
 
 TOKEN = "ab" * 32
 FLOWER_ARGS = ["--runtime-api-address", "127.0.0.1:9094", "--token", TOKEN, "--insecure", "--parent-pid", "1"]

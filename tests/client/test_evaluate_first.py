@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.handlers import app
-from client.task import evaluate_round, session, tenant_data, tenant_from_node_config
-from common import messages as keys
-from common.adapter import from_arrayrecord, get_state, to_arrayrecord
-from common.config import parse_config
+from fedlora.client.handlers import app
+from fedlora.client.task import evaluate_round, session, tenant_data, tenant_from_node_config
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, get_state, to_arrayrecord
+from fedlora.common.config import parse_config
 
 pytestmark = pytest.mark.slow  # the embedded model trains and evaluates
 
@@ -26,7 +26,7 @@ def _task_identity():
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     out = tmp_path_factory.mktemp("tenants")
     write_tenants(out, num_tenants=2, train_size=16, holdout_size=4, preference_size=4, seed=0)

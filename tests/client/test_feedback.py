@@ -8,10 +8,10 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from client.feedback import RESIDUAL_FILE, DeltaSender, ResidualStore, norm
-from common.adapter import to_arrayrecord
-from common.encoding import FP32, Encoding, decode
-from common.secagg import Quantizer, dequantize, pack
+from fedlora.client.feedback import RESIDUAL_FILE, DeltaSender, ResidualStore, norm
+from fedlora.common.adapter import to_arrayrecord
+from fedlora.common.encoding import FP32, Encoding, decode
+from fedlora.common.secagg import Quantizer, dequantize, pack
 
 INT8_TENSOR, INT8_ROW, BF16 = Encoding("int8", "tensor"), Encoding("int8", "row"), Encoding("bf16")
 

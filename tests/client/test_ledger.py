@@ -16,14 +16,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import handlers as client_app
-from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, Spend, epsilon_of
-from client.privacy import noise_for_target, sample_rate_for
-from client.task import Tenant, TenantData
-from common import messages as keys
-from common.adapter import get_state, to_arrayrecord
-from common.config import parse_config
-from common.model import Loaded
+from fedlora.client import handlers as client_app
+from fedlora.client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, Spend, epsilon_of
+from fedlora.client.privacy import noise_for_target, sample_rate_for
+from fedlora.client.task import Tenant, TenantData
+from fedlora.common import messages as keys
+from fedlora.common.adapter import get_state, to_arrayrecord
+from fedlora.common.config import parse_config
+from fedlora.common.model import Loaded
 from tests.client.test_privacy import DATA, tiny_lora
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def _tenant_app(monkeypatch, tmp_path, model, *, mode="local", extra=None, **pri
     loaded = Loaded(model, SimpleNamespace(pad_token_id=0), torch.device("cpu"))
 
     def setup(msg, context):
-        from common.adapter import from_arrayrecord
+        from fedlora.common.adapter import from_arrayrecord
 
         return cfg, loaded, data, from_arrayrecord(msg.content.array_records[keys.ARRAYS])
 
@@ -94,7 +94,7 @@ def test_after_r_rounds_of_k_steps_epsilon_is_the_accountants_for_r_times_k(monk
 
 _NODE_ROUND = textwrap.dedent("""
     import os, signal, sys
-    from client.ledger import PrivacyLedger, Spend
+    from fedlora.client.ledger import PrivacyLedger, Spend
     eps = PrivacyLedger(sys.argv[1]).record(Spend(1.1, 0.05, 40), delta=1e-5, round=int(sys.argv[2]))
     print(repr(eps), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # the node dies right after accounting
@@ -137,12 +137,12 @@ def test_unreadable_ledger_is_an_error_not_an_empty_budget(tmp_path):
 
 @pytest.mark.slow
 def test_tenant_over_budget_declines_and_the_run_completes_without_it(monkeypatch, tmp_path):
-    from server.aggregation import FedAvg
-    from server.records import RoundRecorder
-    from server.strategy import FedLoraStrategy
+    from fedlora.server.aggregation import FedAvg
+    from fedlora.server.records import RoundRecorder
+    from fedlora.server.strategy import FedLoraStrategy
     from tests.server.test_strategy import FakeGrid, good
-    from common.adapter import from_arrayrecord
-    from common.config import FederationConfig
+    from fedlora.common.adapter import from_arrayrecord
+    from fedlora.common.config import FederationConfig
 
     # Prepare: tenant 3 runs the real ClientApp with a ledger already over its budget of 1
     model = tiny_lora()
@@ -173,7 +173,7 @@ def _fake(glob, value, *, tenant):
         delta = OrderedDict((k, np.full(v.shape, value, np.float32)) for k, v in glob.items())
         m = {k: 1.0 for k in keys.TRAIN_METRICS}
         m.update({keys.NUM_EXAMPLES: 10, keys.TENANT: tenant})
-        from common.adapter import to_arrayrecord as pack
+        from fedlora.common.adapter import to_arrayrecord as pack
         from flwr.app import MetricRecord
 
         return Message(RecordDict({keys.ARRAYS: pack(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)

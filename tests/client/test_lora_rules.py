@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.task import Tenant, TenantConfigError, TenantData, tenant_from_node_config, train_round
-from common.adapter import get_state, set_state
-from common.config import parse_config
-from common.lora import is_a, is_b, truncate
+from fedlora.client.task import Tenant, TenantConfigError, TenantData, tenant_from_node_config, train_round
+from fedlora.common.adapter import get_state, set_state
+from fedlora.common.config import parse_config
+from fedlora.common.lora import is_a, is_b, truncate
 from tests.client.test_privacy import DATA
 
 R, ALPHA = 4, 8.0
@@ -45,13 +45,13 @@ def a_round(model, cfg, tmp_path, *, rank=None):
 @pytest.mark.parametrize("privacy", [{}, LOCAL_DP], ids=["no-dp", "local-dp"])
 def test_ffa_round_never_moves_a_and_replies_with_b_alone(tmp_path, monkeypatch, privacy):
     # Prepare: the tiny Llama with a random adapter; record what DP-SGD's optimizer holds
-    import client.privacy
+    import fedlora.client.privacy
 
     model = tiny()
     start = get_state(model)
     seen = []
-    real = client.privacy.LocalDP.prepare
-    monkeypatch.setattr(client.privacy.LocalDP, "prepare", lambda self, m, opt, loader: seen.append(
+    real = fedlora.client.privacy.LocalDP.prepare
+    monkeypatch.setattr(fedlora.client.privacy.LocalDP, "prepare", lambda self, m, opt, loader: seen.append(
         {id(p) for g in opt.param_groups for p in g["params"]}) or real(self, m, opt, loader))
     cfg = parse_config({**SMALL, **privacy, "federation.lora-rule": "ffa"})
     # Execute

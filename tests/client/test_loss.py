@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from client.loss import OutputHead
+from fedlora.client.loss import OutputHead
 from tests.client.test_privacy import IDS, LABELS, batch, tiny_lora
 
 

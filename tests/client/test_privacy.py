@@ -1,7 +1,7 @@
 """Local DP-SGD really acts on the LoRA parameters, with the accountant's numbers.
 
 A tiny Llama with LoRA on every linear layer keeps these tests fast; the mechanism is
-the one the tenants use (``client.privacy.LocalDP`` around Opacus).
+the one the tenants use (``fedlora.client.privacy.LocalDP`` around Opacus).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.ledger import Spend, epsilon_of
-from client.loss import OutputHead
-from client.privacy import LocalDP, NoPrivacy, clip_delta
-from client.train import make_loader, train
-from common.adapter import get_state, subtract
-from common.config import ConfigError, TrainConfig, parse_config
-from common.data import Tokenized, collate
+from fedlora.client.ledger import Spend, epsilon_of
+from fedlora.client.loss import OutputHead
+from fedlora.client.privacy import LocalDP, NoPrivacy, clip_delta
+from fedlora.client.train import make_loader, train
+from fedlora.common.adapter import get_state, subtract
+from fedlora.common.config import ConfigError, TrainConfig, parse_config
+from fedlora.common.data import Tokenized, collate
 
 IDS = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 12], [1, 20, 21, 22, 23, 24, 25, 26], [1, 30, 31, 32, 33]]
 LABELS = [[-100, -100, 6, 7, 8, 9], [-100, 10, 11, 12], [-100, -100, -100, 22, 23, 24, 25, 26],
@@ -205,7 +205,7 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step():
     b = loader.collate_fn([])
     # Execute: the training loop's step on it
     out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-    (out.logits.sum() * 0.0).backward()  # what client.train does for an empty batch
+    (out.logits.sum() * 0.0).backward()  # what fedlora.client.train does for an empty batch
     opt.step()
     mech.after_train()
     # Assert: every LoRA tensor moved by noise alone; the step was accounted

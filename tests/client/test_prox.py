@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.prox import NoProximal, Proximal, make_proximal
-from client.train import train
-from common.adapter import get_state
-from common.config import ConfigError, TrainConfig, parse_config
+from fedlora.client.prox import NoProximal, Proximal, make_proximal
+from fedlora.client.train import train
+from fedlora.common.adapter import get_state
+from fedlora.common.config import ConfigError, TrainConfig, parse_config
 from tests.client.test_privacy import DATA, dp, tiny_lora
 
 CFG = TrainConfig(local_steps=5, batch_size=4, learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,
@@ -97,12 +97,12 @@ def test_it_pulls_the_same_way_under_dp_sgd():
 
 def test_a_tenant_round_trains_with_the_configured_mu(monkeypatch, tmp_path):
     # Prepare: a tenant round on the tiny Llama; record what training is given
-    import client.train
-    from client.task import Tenant, TenantData, train_round
+    import fedlora.client.train
+    from fedlora.client.task import Tenant, TenantData, train_round
 
     seen = []
-    real = client.train.train
-    monkeypatch.setattr(client.train, "train", lambda *a, **kw: seen.append(kw["proximal"]) or real(*a, **kw))
+    real = fedlora.client.train.train
+    monkeypatch.setattr(fedlora.client.train, "train", lambda *a, **kw: seen.append(kw["proximal"]) or real(*a, **kw))
     model = tiny_lora()
     loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=0), device="cpu")
     data = TenantData(Tenant(0, tmp_path / "train.jsonl", None, tmp_path / "state"), [None] * 4, [], DATA)

@@ -7,8 +7,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from client import secagg as client
-from common.secagg import Quantizer
+from fedlora.client import secagg as client
+from fedlora.common.secagg import Quantizer
 
 Q = Quantizer(clip=8.0, bits=22, modulus_bits=32, max_weight=100)
 DELTA = OrderedDict([("w", np.full((2, 2), 0.01, np.float32))])
@@ -75,7 +75,7 @@ def test_masked_vector_hides_the_update_and_masks_cancel_in_the_sum():
     vecs = [_upload(stores[n], inbox[n]) for n in (1, 2, 3)]
     # Assert: one masked vector looks nothing like the packed update; the pairwise masks
     # cancel, so the sum minus the three self masks is the sum of packed updates
-    from common.secagg import pack, prg_mask
+    from fedlora.common.secagg import pack, prg_mask
     import json
 
     packed = pack(DELTA, 10, Q)
@@ -114,9 +114,9 @@ def test_client_app_turns_a_refusal_into_an_error_reply_with_the_reason():
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.handlers import secagg_unmask
-    from common import messages as keys
-    from common import secagg_wire as wire
+    from fedlora.client.handlers import secagg_unmask
+    from fedlora.common import messages as keys
+    from fedlora.common import secagg_wire as wire
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from client.task import session
-from common.config import parse_config
-from common.model import set_threads
+from fedlora.client.task import session
+from fedlora.common.config import parse_config
+from fedlora.common.model import set_threads
 
 
 def test_cached_session_takes_each_runs_thread_count():

@@ -21,9 +21,9 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto import fab_pb2, message_pb2, run_pb2, runtime_pb2
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-from client import task_runner
+from fedlora.client import task_runner
 
-FEDLORA_FAB = '[tool.flwr.app.components]\nclientapp = "client.client_app:app"\n'
+FEDLORA_FAB = '[tool.flwr.app.components]\nclientapp = "fedlora.client.client_app:app"\n'
 
 
 def _fab(pyproject: str) -> bytes:

@@ -7,19 +7,19 @@ import dataclasses
 import numpy as np
 import pytest
 
-from client.train import train
-from common.adapter import get_state, set_state
-from common.config import parse_config
-from common.data import read_examples, tenant_paths, tokenize_examples
-from common.evaluate import evaluate
-from common.model import load_model
+from fedlora.client.train import train
+from fedlora.common.adapter import get_state, set_state
+from fedlora.common.config import parse_config
+from fedlora.common.data import read_examples, tenant_paths, tokenize_examples
+from fedlora.common.evaluate import evaluate
+from fedlora.common.model import load_model
 
 
 @pytest.mark.slow
 def test_training_raises_holdout_exact_match(tmp_path):
     # Prepare: tenant 0 of the default synthetic set (256 train rows, 48 holdout rows);
     # the untuned base (adapter B = 0) scores nothing on the task
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     write_tenants(tmp_path, num_tenants=1, train_size=256, holdout_size=48, preference_size=8, seed=0)
     cfg = parse_config({"train.local-steps": 100, "train.batch-size": 16, "train.schedule": "constant",
@@ -57,7 +57,7 @@ def test_training_is_deterministic_for_a_seed(tenants_dir, small_cfg):
 def _lrs(cfg, total: int, start: int, n: int) -> list[float]:
     import torch
 
-    from client.train import make_schedule
+    from fedlora.client.train import make_schedule
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=cfg.learning_rate)
@@ -82,7 +82,7 @@ def test_round_windows_of_a_run_schedule_equal_the_single_run_schedule():
 
 
 def test_schedule_window_per_round_and_span_choice():
-    from client.task import schedule_window
+    from fedlora.client.task import schedule_window
 
     cfg = parse_config({"federation.rounds": 3, "train.local-steps": 5})
     assert [schedule_window(cfg, r) for r in (1, 2, 3)] == [(0, 15), (5, 15), (10, 15)]
@@ -95,7 +95,7 @@ def test_a_window_past_its_span_is_refused(tmp_path):
 
     cfg = parse_config({"train.local-steps": 5})
     loaded = load_model(cfg.model, cfg.adapter, seed=0)
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     write_tenants(tmp_path, num_tenants=1, train_size=8, holdout_size=2, preference_size=2, seed=0)
     tok = tokenize_examples(read_examples(tenant_paths(tmp_path, 0)[0]), loaded.tokenizer, max_length=64)
@@ -107,7 +107,7 @@ def test_a_window_past_its_span_is_refused(tmp_path):
 @pytest.mark.parametrize("privacy", ["none", "hooks"])
 def test_gradient_checkpointing_trains_the_same_adapter(privacy):
     # Prepare: the tiny Llama of the DP tests, two copies with the same initialisation
-    from common.config import TrainConfig
+    from fedlora.common.config import TrainConfig
     from tests.client.test_privacy import DATA, dp, tiny_lora
 
     cfg = TrainConfig(local_steps=3, batch_size=4, learning_rate=1e-2, max_grad_norm=0.0, schedule="constant",

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from client import task, worker_link as link
-from client.warm import WARM_FILE, loaded_flat, read_warm, warm_keys, warm_up, write_warm
-from client.worker import Worker
-from common.config import parse_config
+from fedlora.client import task, worker_link as link
+from fedlora.client.warm import WARM_FILE, loaded_flat, read_warm, warm_keys, warm_up, write_warm
+from fedlora.client.worker import Worker
+from fedlora.common.config import parse_config
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import worker_link as link
-from client.worker import Worker
+from fedlora.client import worker_link as link
+from fedlora.client.worker import Worker
 
 echo = ClientApp()
 
@@ -178,7 +178,7 @@ def test_socket_path_over_the_os_limit_is_a_clear_error(tmp_path):
 @pytest.mark.slow  # imports the handlers' ML stack
 def test_clientapp_without_an_answering_worker_handles_the_message_itself(tmp_path):
     # Prepare: the node names a worker socket nobody serves; a query message fedlora has no handler for
-    from client import client_app
+    from fedlora.client import client_app
 
     context = Context(run_id=1, node_id=7, node_config={link.NODE_CONFIG_KEY: str(tmp_path / "w.sock")},
                       state=RecordDict(), run_config={})
@@ -189,7 +189,7 @@ def test_clientapp_without_an_answering_worker_handles_the_message_itself(tmp_pa
 
 def test_forwarding_clientapp_imports_no_torch():
     # Execute: import the ClientApp as Flower does, in a fresh interpreter
-    out = subprocess.run([sys.executable, "-c", "import sys, client.client_app; print('torch' in sys.modules)"],
+    out = subprocess.run([sys.executable, "-c", "import sys, fedlora.client.client_app; print('torch' in sys.modules)"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     # Assert
     assert out.stdout.strip() == "False", out.stderr

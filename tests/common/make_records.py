@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.files import write_json_atomic
-from common.records import SUMMARY_FILE, Drop, FederationSummary, RoundRecord, round_path
+from fedlora.common.files import write_json_atomic
+from fedlora.common.records import SUMMARY_FILE, Drop, FederationSummary, RoundRecord, round_path
 
 
 def round_record(number: int, **fields) -> RoundRecord:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.adapter import get_state, load_adapter_file, save_adapter, set_state
-from common.model import embedded_base_dir, load_model
+from fedlora.common.adapter import get_state, load_adapter_file, save_adapter, set_state
+from fedlora.common.model import embedded_base_dir, load_model
 
 FRESH = r"""
 import json, sys, torch
@@ -107,7 +107,7 @@ STATES = {
 def test_arrayrecord_bytes_are_flowers_own_and_round_trip_exactly(name):
     from flwr.app import Array
 
-    from common.adapter import from_arrayrecord, to_arrayrecord
+    from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
     state = STATES[name]
     # Execute: our record, through Flower's wire form and back
@@ -126,7 +126,7 @@ def test_arrayrecord_bytes_are_flowers_own_and_round_trip_exactly(name):
 
 
 def test_arrays_from_a_record_are_read_only_views_of_its_bytes():
-    from common.adapter import from_arrayrecord, to_arrayrecord
+    from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
     record = to_arrayrecord(STATES["float32 LoRA pair"])
     back = from_arrayrecord(record)
@@ -142,7 +142,7 @@ def test_payloads_that_are_not_plain_npy_take_flowers_own_path():
 
     from flwr.app import Array, ArrayRecord
 
-    from common.adapter import from_arrayrecord
+    from fedlora.common.adapter import from_arrayrecord
 
     f = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
     buf = io.BytesIO()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import AdapterConfig, ModelConfig
-from common.files import file_digest
-from common.model import BASE_RECORD, base_fingerprint, base_name, embedded_base_dir, load_model
+from fedlora.common.config import AdapterConfig, ModelConfig
+from fedlora.common.files import file_digest
+from fedlora.common.model import BASE_RECORD, base_fingerprint, base_name, embedded_base_dir, load_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -74,7 +74,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def imported(tiny_gguf, tmp_path_factory):
-    from common.base_import import import_base
+    from fedlora.common.base_import import import_base
 
     out = tmp_path_factory.mktemp("bases") / "tiny"
     return import_base(tiny_gguf, out, say=lambda _: None, force=True)
@@ -111,7 +111,7 @@ def test_imported_base_loads_through_fedlora(imported):
 
 
 def test_bf16_import_and_hf_directory_route(tmp_path):
-    from common.base_import import import_base
+    from fedlora.common.base_import import import_base
 
     got = import_base(embedded_base_dir(), tmp_path / "bf16", name="org/tiny", dtype="bf16", say=lambda _: None)
     record = json.loads((tmp_path / "bf16" / BASE_RECORD).read_text())
@@ -122,7 +122,7 @@ def test_bf16_import_and_hf_directory_route(tmp_path):
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     rc = main(["import-base", *argv])
     return rc, capsys.readouterr().err
@@ -152,8 +152,8 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, tiny_gguf):
 
 def test_import_without_out_lands_in_the_bases_dir_and_the_name_resolves(tiny_gguf, tmp_path, monkeypatch, capsys):
     # Prepare: an empty bases directory
-    from common.model import BASES_ENV, resolve_base
-    from simulations.cli.main import main
+    from fedlora.common.model import BASES_ENV, resolve_base
+    from fedlora.simulations.cli.main import main
 
     monkeypatch.setenv(BASES_ENV, str(tmp_path / "bases"))
     # Execute: no --out

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, ConfigError, parse_config
-from simulations.scenario import SCENARIOS, flatten, load_scenario
+from fedlora.common.config import Config, ConfigError, parse_config
+from fedlora.simulations.scenario import SCENARIOS, flatten, load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 

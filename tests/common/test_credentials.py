@@ -1,4 +1,4 @@
-"""Tests for common.credentials and common.tls: key files, Flower node-key format, TLS certificates."""
+"""Tests for fedlora.common.credentials and fedlora.common.tls: key files, Flower node-key format, TLS certificates."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from common.credentials import (
+from fedlora.common.credentials import (
     load_private_key,
     load_public_key,
     write_node_keypair,
     write_signing_keypair,
 )
-from common.tls import write_tls_certificates
+from fedlora.common.tls import write_tls_certificates
 
 
 def _mode(path: Path) -> int:

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from common.data import (IGNORE_INDEX, DataError, Example, Message, Preference, format_prompt, read_examples,
-                         read_preferences, tokenize_examples)
-from common.model import load_tokenizer
-from common.templates import AlpacaFormat
+from fedlora.common.data import (IGNORE_INDEX, DataError, Example, Message, Preference, format_prompt, read_examples,
+                                 read_preferences, tokenize_examples)
+from fedlora.common.model import load_tokenizer
+from fedlora.common.templates import AlpacaFormat
 
 
 @pytest.fixture(scope="module")

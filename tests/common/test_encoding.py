@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.encoding import (
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.encoding import (
     FP32,
     SCALE_STYPE,
     SCALE_SUFFIX,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.supercore.inflatable import inflatable_utils
 
-from common.flower_pull import retry_schedule, shorten_pull_retries
+from fedlora.common.flower_pull import retry_schedule, shorten_pull_retries
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_a_longer_retry_than_flowers_is_never_set(defaults):
 
 def test_the_servers_grid_shortens_them_when_it_is_made(defaults):
     # Execute
-    from server.grid import PromptGrid
+    from fedlora.server.grid import PromptGrid
 
     PromptGrid(grid=None)
     # Assert: the ServerApp's pulls of tenants' replies retry after 50 ms, then every 0.25 s at most

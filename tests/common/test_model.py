@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.train import train
-from common.adapter import get_state
-from common.config import parse_config
-from common.data import Example, tokenize_examples
-from common.model import ModelNotFoundError, count_parameters, load_model, resolve_base
+from fedlora.client.train import train
+from fedlora.common.adapter import get_state
+from fedlora.common.config import parse_config
+from fedlora.common.data import Example, tokenize_examples
+from fedlora.common.model import ModelNotFoundError, count_parameters, load_model, resolve_base
 
 
 def _batch(tok):

@@ -1,8 +1,8 @@
-"""common.offline: switches set, and library notices nobody can act on kept out of the logs."""
+"""fedlora.common.offline: switches set, and library notices nobody can act on kept out of the logs."""
 
 import logging
 
-from common.offline import OFFLINE_ENV, quiet_and_offline
+from fedlora.common.offline import OFFLINE_ENV, quiet_and_offline
 
 
 def test_every_switch_is_set_and_returned(monkeypatch):

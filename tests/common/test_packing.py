@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.packing import PACKED_KEY, PACKED_STYPE, is_packed, pack_content, pack_record, unpack_content, unpack_record
+from fedlora.common.packing import PACKED_KEY, PACKED_STYPE, is_packed, pack_content, pack_record, unpack_content, unpack_record
 
 
 def _record():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import secagg_crypto as crypto
-from common.secagg import (
+from fedlora.common import secagg_crypto as crypto
+from fedlora.common.secagg import (
     Quantizer,
     UpdateRefused,
     check_update,
@@ -103,7 +103,7 @@ def test_pairwise_seed_is_symmetric_and_full_length():
 
 
 def test_config_refuses_a_modulus_the_sum_would_overflow():
-    from common.config import ConfigError, parse_config
+    from fedlora.common.config import ConfigError, parse_config
 
     # 2^24 - 1 // (2^22 - 1) = 4 tenants fit; 5 do not
     parse_config({"secagg.enabled": True, "secagg.modulus-bits": 24, "simulation.tenants": 4})

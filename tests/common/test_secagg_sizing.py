@@ -9,9 +9,9 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from client import secagg as client
-from common.config import ConfigError, FederationConfig, SecAggConfig, parse_config
-from common.secagg import Quantizer, dequantize, headroom_bits, pack, prg_mask, quantizer_for, unpack
+from fedlora.client import secagg as client
+from fedlora.common.config import ConfigError, FederationConfig, SecAggConfig, parse_config
+from fedlora.common.secagg import Quantizer, dequantize, headroom_bits, pack, prg_mask, quantizer_for, unpack
 
 
 @pytest.mark.parametrize("encoding, tenants, max_weight, bits, modulus, dtype", [

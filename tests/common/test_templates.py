@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import parse_config
-from common.data import IGNORE_INDEX, Example, Message, format_prompt, tokenize_examples
-from common.model import load_tokenizer
-from common.templates import AlpacaFormat, ChatTemplateFormat, TemplateError, make_format
+from fedlora.common.config import parse_config
+from fedlora.common.data import IGNORE_INDEX, Example, Message, format_prompt, tokenize_examples
+from fedlora.common.model import load_tokenizer
+from fedlora.common.templates import AlpacaFormat, ChatTemplateFormat, TemplateError, make_format
 from tests.conftest import chatml_tokenizer
 
 # A multi-turn chat row: system, user, assistant, user, assistant.
@@ -145,7 +145,7 @@ def test_chat_template_on_a_base_without_one_says_what_to_do(embedded):
 
 
 def test_default_merge_check_prompts_are_unchanged():
-    from simulations.release import merge_prompts
+    from fedlora.simulations.release import merge_prompts
 
     assert merge_prompts(parse_config({})) == (
         format_prompt("Extract the visit as JSON.", "Maria Lopez, 54, was seen for asthma and given salbutamol."),
@@ -156,7 +156,7 @@ def test_default_merge_check_prompts_are_unchanged():
 def test_stop_ids_are_every_generation_config_eos_plus_the_tokenizer_eos_and_the_templates():
     from types import SimpleNamespace
 
-    from common.evaluate import stop_token_ids
+    from fedlora.common.evaluate import stop_token_ids
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 5]))
     assert stop_token_ids(model, SimpleNamespace(eos_token_id=2), {9}) == [2, 5, 7, 9]
@@ -168,10 +168,10 @@ def test_qwen2_chat_base_tokenizes_trains_and_stops_at_im_end(qwen2_chat_base):
     # Prepare: a tiny random Qwen2 with a ChatML tokenizer; auto picks its chat template
     import torch
 
-    from client.train import train
-    from common.evaluate import evaluate, generate
-    from common.model import load_model
-    from common.templates import encode_prompt
+    from fedlora.client.train import train
+    from fedlora.common.evaluate import evaluate, generate
+    from fedlora.common.model import load_model
+    from fedlora.common.templates import encode_prompt
 
     cfg = parse_config({"model.base": str(qwen2_chat_base), "train.local-steps": 150, "train.batch-size": 4,
                         "train.learning-rate": 1e-2, "train.schedule": "constant", "eval.max-new-tokens": 6})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli.launcher import APP_DIR, free_port
+from fedlora.simulations.cli.launcher import free_port
 
 # 3 tenants, 3 rounds of 30 steps on the embedded base; DPO, merge and publish have their own tests.
 TINY = ["--set", "simulation.tenants=3", "--set", "federation.rounds=3", "--set", "train.local-steps=30",
@@ -21,7 +21,7 @@ TINY = ["--set", "simulation.tenants=3", "--set", "federation.rounds=3", "--set"
 
 def simulate_cmd(*args: str, port: int | None = None) -> list[str]:
     """``fedlora simulate`` on free ports (or the given SuperLink port)."""
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--port", str(port or free_port()),
+    return [sys.executable, "-m", "fedlora.simulations.cli", "simulate", "--port", str(port or free_port()),
             "--control-port", str(free_port()), *args]
 
 
@@ -38,6 +38,6 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     port = free_port()
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     proc = subprocess.run(simulate_cmd("--run-dir", str(run_dir), *TINY, port=port), capture_output=True,
-                          text=True, timeout=900, cwd=APP_DIR)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return TinyRun(run_dir=run_dir, port=port, proc=proc)

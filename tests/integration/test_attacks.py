@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.attacks import harness
+from fedlora.simulations.attacks import harness
 
 pytestmark = pytest.mark.slow
 
 
 def test_scaled_update_is_dropped_and_flagged_and_the_honest_tenants_keep_their_quality(tmp_path):
     # Prepare: the default scenario, shortened
-    from simulations.scenario import resolve
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.scenario import resolve
+    from fedlora.simulations.synthetic import write_tenants
 
     cfg = resolve("default", {"run.baselines": False, "dpo.enabled": False, "publish.enabled": False,
                               "federation.rounds": 3, "data.train-size": 256, "data.holdout-size": 48},
                   str(tmp_path / "base"))
     data = tmp_path / "data"
     write_tenants(data, num_tenants=4, train_size=256, holdout_size=48, seed=0)
-    app = harness.hostile_app_dir(tmp_path / "app")
+    app = harness.hostile_app_dir()
     # Execute: without an attacker, then with tenant 3 scaling its delta x100
     clean = harness.run_one(cfg, "none", "defaults", root=tmp_path, data_dir=data, app_dir=app)
     attacked = harness.run_one(cfg, "scale", "defaults", root=tmp_path, data_dir=data, app_dir=app)

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from common.config import parse_config
-from simulations.cli.deployment import LocalFederation, Tenant, tagged_pids
+from fedlora.common.config import parse_config
+from fedlora.simulations.cli.deployment import LocalFederation, Tenant, tagged_pids
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ BASE = os.environ.get("FEDLORA_TEST_BASE", "embedded")
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """The shared SuperLink with three registered, connected tenant SuperNodes."""
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     root = tmp_path_factory.mktemp("deployment")
     write_tenants(root / "data", num_tenants=TENANTS, train_size=48, holdout_size=8, preference_size=8, seed=0)
@@ -57,8 +57,8 @@ def federation(tmp_path_factory):
 def run(federation, tmp_path_factory):
     """3 rounds: tenant ``KILLED``'s SuperNode is SIGKILLed as soon as round 1 is recorded, the
     ServerApp as soon as round 2 is; then the run is resumed as ``fedlora deploy run --resume`` does."""
-    from simulations.cli.launcher import DeploymentError
-    from simulations.cli.resume import resume_config
+    from fedlora.simulations.cli.launcher import DeploymentError
+    from fedlora.simulations.cli.resume import resume_config
 
     run_dir = tmp_path_factory.mktemp("run") / "deploy-run"
     cfg = parse_config({
@@ -168,8 +168,8 @@ def test_report_states_engine_tls_auth_and_who_finished(run):
 
 def test_every_message_of_the_surviving_tenants_was_pulled_and_served_by_their_worker(run, federation):
     # Prepare: each surviving tenant's worker, asked over its socket
-    from client.warm import WARM_FILE, read_warm
-    from client.worker_link import health, socket_path
+    from fedlora.client.warm import WARM_FILE, read_warm
+    from fedlora.client.worker_link import health, socket_path
 
     for name in ("tenant-0", "tenant-1"):
         # Execute

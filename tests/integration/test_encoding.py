@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from simulations.cli.launcher import APP_DIR
 from tests.integration.conftest import simulate_cmd
 
 pytestmark = pytest.mark.slow
@@ -26,7 +25,7 @@ def _simulate(tmp_path, *settings: str):
     run_dir = tmp_path / "run"
     args = [a for s in settings for a in ("--set", s)]
     proc = subprocess.run(simulate_cmd("--run-dir", str(run_dir), *SMALL, *args), capture_output=True, text=True,
-                          timeout=900, cwd=APP_DIR)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rounds = [json.loads((run_dir / f"metrics/round_00{k}.json").read_text()) for k in (1, 2)]
     return run_dir, rounds
@@ -36,7 +35,7 @@ def _fp32_reply_bytes(run_dir) -> int:
     """What one tenant's fp32 reply of this run's adapter counts on the wire."""
     from safetensors.numpy import load_file
 
-    from common.adapter import to_arrayrecord
+    from fedlora.common.adapter import to_arrayrecord
 
     state = load_file(str(run_dir / "checkpoints/round_002/adapter_model.safetensors"))
     return to_arrayrecord({k: np.zeros_like(v) for k, v in state.items()}).count_bytes()
@@ -45,7 +44,7 @@ def _fp32_reply_bytes(run_dir) -> int:
 def _transport_decodes() -> bool:
     import inspect
 
-    from server.transport import PlainTransport
+    from fedlora.server.transport import PlainTransport
 
     return "encoding" in inspect.signature(PlainTransport).parameters
 

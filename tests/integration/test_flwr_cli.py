@@ -1,4 +1,4 @@
-"""Flower's own CLI on the project: ``flwr run .``, ``flwr ls``, ``flwr log``, ``flwr stop``.
+"""Flower's own CLI on the project: ``flwr run APP``, ``flwr ls``, ``flwr log``, ``flwr stop``.
 
 The connections are the ones ``fedlora flwr-config`` writes into a private ``FLWR_HOME``:
 ``fedlora-sim`` (Flower's local simulation: ``flwr`` starts a detached ``flower-superlink
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli.deployment import LocalFederation, Tenant, flower_env
-from simulations.cli.flwr_config import offline_env
-from simulations.cli.launcher import APP_DIR, BIN, TAG_ENV, free_port, kill_tagged, new_tag, tagged_pids, watchdog
-from simulations.cli.main import main
+from fedlora.simulations.cli.deployment import LocalFederation, Tenant, flower_env
+from fedlora.simulations.cli import flower_app
+from fedlora.simulations.cli.flwr_config import offline_env
+from fedlora.simulations.cli.launcher import BIN, TAG_ENV, free_port, kill_tagged, new_tag, tagged_pids, watchdog
+from fedlora.simulations.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +36,24 @@ TINY = (f'model.base="{BASE}" federation.rounds=1 train.local-steps=2 train.batc
 LONG = TINY.replace("federation.rounds=1", "federation.rounds=50").replace("local-steps=2", "local-steps=400")
 
 
-class Flwr:
-    """``flwr ...`` in the project directory with one environment (its FLWR_HOME, the tag)."""
+REPO = Path(__file__).resolve().parents[2]  # the source tree: its pyproject.toml is a Flower app too
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
+
+class Flwr:
+    """``flwr ...`` with one environment (its FLWR_HOME, the tag), submitting the app in ``app``."""
+
+    def __init__(self, env: dict[str, str], app: Path) -> None:
+        self.env, self.app = env, app
 
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(BIN / "flwr"), *args], cwd=APP_DIR, env=self.env, capture_output=True, text=True,
+        out = subprocess.run([str(BIN / "flwr"), *args], cwd=self.app, env=self.env, capture_output=True, text=True,
                              timeout=timeout, stdin=subprocess.DEVNULL)
         assert out.returncode == 0, (f"flwr {' '.join(args)} exited {out.returncode}:\n"
                                      f"{out.stdout[-3000:]}{out.stderr[-3000:]}")
         return out
 
     def run(self, *args: str, timeout: float = 600) -> tuple[int, str]:
-        out = self("run", ".", *args, timeout=timeout)
+        out = self("run", ".", *args, timeout=timeout)  # cwd is the app
         return int(re.search(r"Successfully started run (\d+)", out.stdout).group(1)), out.stdout
 
     def status(self, connection: str, run_id: int) -> str:
@@ -69,12 +73,13 @@ def sim(tmp_path_factory):
     root = tmp_path_factory.mktemp("flwr-cli")
     home = root / "flwr-home"
     assert main(["flwr-config", "--flwr-home", str(home), "--num-supernodes", "2", "--cpus-per-tenant", "1"]) == 0
+    app = flower_app.app_dir()
     tag = new_tag()
     env = {**os.environ, **offline_env(home), "FEDLORA_HOME": str(root / "fedlora-home"), TAG_ENV: tag,
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     with watchdog(tag):  # the detached local SuperLink and all it starts die with this module (or pytest)
-        flwr = Flwr(env)
+        flwr = Flwr(env, app)
         for attempt in range(3):  # flwr gives the local SuperLink 15 s to start; a loaded machine may need two
             try:
                 flwr("ls", "fedlora-sim")
@@ -87,7 +92,7 @@ def sim(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(sim):
-    """A bare ``flwr run . fedlora-sim``: data.dir and run.dir empty."""
+    """A bare ``flwr run APP fedlora-sim``: data.dir and run.dir empty."""
     run_id, out = sim["flwr"].run("fedlora-sim", "--run-config", TINY, "--stream")
     dirs = list((sim["fedlora_home"] / "runs").glob(f"*-{run_id}"))
     return {"id": run_id, "out": out, "dirs": dirs}
@@ -143,8 +148,8 @@ def test_flwr_stop_stops_a_long_run(first_run, sim):
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, sim):
-    """``flwr run . fedlora`` against a LocalFederation (TLS + node auth) with two tenant SuperNodes."""
-    from simulations.synthetic import write_tenants
+    """``flwr run . fedlora`` in the source tree against a LocalFederation (TLS + node auth) with two tenant SuperNodes."""
+    from fedlora.simulations.synthetic import write_tenants
 
     kill_tagged(sim["tag"])  # the local simulation is done: its CPUs go to the deployment
     root = tmp_path_factory.mktemp("flwr-cli-deployment")
@@ -153,7 +158,7 @@ def deployment(tmp_path_factory, sim):
         for t in range(2):
             fed.start_node(Tenant(f"tenant-{t}", t, root / "data" / f"tenant_{t:03d}" / "train.jsonl"))
         fed.wait_online(2)
-        flwr = Flwr(flower_env(fed.cli_home, fed.tag))
+        flwr = Flwr(flower_env(fed.cli_home, fed.tag), REPO)
         run_dir = root / "run"
         run_id, out = flwr.run("fedlora", "--run-config",
                                f'{TINY} federation.fraction-evaluate=0.0 run.dir="{run_dir}"', "--stream")
@@ -176,7 +181,7 @@ def test_flwr_ls_and_log_on_the_deployment_run(deployment):
 
 def test_flwr_stop_of_a_deployment_run_leaves_the_tenant_workers_serving(deployment):
     # Prepare: a long run on the deployment, its first train message in a worker's hands
-    from client.worker_link import health, socket_path
+    from fedlora.client.worker_link import health, socket_path
 
     flwr, fed = deployment["flwr"], deployment["fed"]
     sockets = [socket_path(fed.state_dir / f"node-tenant-{t}") for t in range(2)]

@@ -11,7 +11,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from simulations.cli.launcher import APP_DIR
 from tests.integration.conftest import simulate_cmd
 
 pytestmark = pytest.mark.slow
@@ -27,7 +26,7 @@ SMALL = ["--set", "simulation.tenants=2", "--set", "federation.rounds=2", "--set
 
 def simulate(run_dir, *sets: str) -> None:
     proc = subprocess.run(simulate_cmd("--run-dir", str(run_dir), *SMALL, *sets), capture_output=True, text=True,
-                          timeout=600, cwd=APP_DIR)
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -41,7 +40,7 @@ def dp_epsilons(r: dict) -> list[float]:
 
 def test_ffa_under_secure_aggregation_and_local_dp_never_moves_a(tmp_path):
     # Prepare / Execute: ffa with SecAgg+ and DP-SGD on every tenant
-    from common.adapter import load_adapter_file
+    from fedlora.common.adapter import load_adapter_file
 
     run_dir = tmp_path / "run"
     simulate(run_dir, "--set", "federation.lora-rule=ffa", "--set", "secagg.enabled=true", *LOCAL_DP)
@@ -60,7 +59,7 @@ def test_ffa_under_secure_aggregation_and_local_dp_never_moves_a(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from common.model import embedded_base_dir
+    from fedlora.common.model import embedded_base_dir
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(embedded_base_dir())),
                                       str(run_dir / "adapter"))
@@ -69,7 +68,7 @@ def test_ffa_under_secure_aggregation_and_local_dp_never_moves_a(tmp_path):
 
 def test_svd_federates_tenants_of_ranks_4_and_2_with_int8_deltas_under_local_dp(tmp_path):
     # Prepare / Execute: svd, tenant 0 at rank 4 and tenant 1 at rank 2 (adapter.r = 8), DP-SGD, int8
-    from common.adapter import load_adapter_file
+    from fedlora.common.adapter import load_adapter_file
 
     run_dir = tmp_path / "run"
     simulate(run_dir, "--set", "federation.lora-rule=svd", "--set", "simulation.tenant-ranks=4,2",

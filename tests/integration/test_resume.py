@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli.launcher import APP_DIR
 from tests.integration.conftest import TINY, simulate_cmd
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,7 @@ def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_ru
     ref = tiny_run.run_dir
     run_dir = tmp_path / "crash"
     launcher = subprocess.Popen(_cmd("--run-dir", str(run_dir), *TINY), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=APP_DIR)
+                                stderr=subprocess.DEVNULL)
     # Execute: kill -9 once round 1 is recorded and round 2 trains
     deadline = time.monotonic() + 600
     while not (run_dir / "metrics" / "round_001.json").is_file():
@@ -72,7 +71,7 @@ def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_ru
     assert left == [], left
     print(f"all processes of the run gone {gone_after:.2f} s after kill -9")
     # Execute: resume
-    resumed = subprocess.run(_cmd("--resume", str(run_dir)), capture_output=True, text=True, timeout=900, cwd=APP_DIR)
+    resumed = subprocess.run(_cmd("--resume", str(run_dir)), capture_output=True, text=True, timeout=900)
     # Assert: resumed after round 1, finished, the same adapter bytes as the uninterrupted run
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     summary = json.loads((run_dir / "federation.json").read_text())
@@ -90,7 +89,7 @@ def test_a_federation_with_every_reply_dropped_exits_non_zero_and_publishes_noth
                "--set", "train.local-steps=2", "--set", "data.train-size=32", "--set", "data.holdout-size=8",
                "--set", "eval.probe-size=4", "--set", "dpo.enabled=true", "--set", "publish.enabled=true")
     # Execute
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=APP_DIR)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     # Assert: exit 1 with the reason, FEDERATION_FAILED, no DPO, merge or registry; the report says why
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "the federation failed: only 0 of 1 round(s) aggregated an update" in proc.stderr
@@ -99,8 +98,8 @@ def test_a_federation_with_every_reply_dropped_exits_non_zero_and_publishes_noth
         assert not (run_dir / absent).exists(), absent
     assert "## Nothing published" in (run_dir / "report.md").read_text()
     # and merge of its adapter is refused, in one line
-    merge = subprocess.run([sys.executable, "-m", "simulations.cli", "merge", str(run_dir)], capture_output=True,
-                           text=True, timeout=120, cwd=APP_DIR)
+    merge = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", "merge", str(run_dir)], capture_output=True,
+                           text=True, timeout=120)
     assert merge.returncode == 2 and "failed federation" in merge.stderr
     assert len(merge.stderr.strip().splitlines()) == 1
     assert os.listdir(run_dir / "adapter")  # the untrained adapter stays for inspection, marked as failed

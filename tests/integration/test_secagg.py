@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from simulations.cli.launcher import free_port
+from fedlora.simulations.cli.launcher import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_secure_simulation_learns_and_reports_secure_aggregation(tmp_path):
     # Prepare: the plain integration test's settings, plus secagg.enabled
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "fedlora.simulations.cli", "simulate", "--run-dir", str(run_dir),
            "--port", str(free_port()), "--control-port", str(free_port()),
            "--set", "simulation.tenants=3", "--set", "federation.rounds=2",
            "--set", "train.local-steps=30", "--set", "data.train-size=96", "--set", "data.holdout-size=16",

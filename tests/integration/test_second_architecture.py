@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-from simulations.cli.launcher import APP_DIR
 from tests.integration.conftest import simulate_cmd
 
 pytestmark = pytest.mark.slow
@@ -48,12 +47,12 @@ def test_qwen2_chat_base_goes_through_the_whole_pipeline(qwen2_chat_base, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from common.config import parse_config
-    from common.data import IGNORE_INDEX, read_examples, tenant_paths, tokenize_examples
-    from common.evaluate import generate, stop_token_ids
-    from common.model import base_name, load_tokenizer
-    from common.records import read_rounds
-    from common.templates import encode_prompt, make_format
+    from fedlora.common.config import parse_config
+    from fedlora.common.data import IGNORE_INDEX, read_examples, tenant_paths, tokenize_examples
+    from fedlora.common.evaluate import generate, stop_token_ids
+    from fedlora.common.model import base_name, load_tokenizer
+    from fedlora.common.records import read_rounds
+    from fedlora.common.templates import encode_prompt, make_format
 
     # Prepare: the fixture's Qwen2 directory as model.base, sizes that finish in minutes
     run_dir = tmp_path / "run"
@@ -61,7 +60,7 @@ def test_qwen2_chat_base_goes_through_the_whole_pipeline(qwen2_chat_base, tmp_pa
     cmd = simulate_cmd("--run-dir", str(run_dir), *[arg for s in settings for arg in ("--set", s)])
 
     # Execute
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=APP_DIR)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
     # Assert: the run completed every stage
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,9 +113,9 @@ def test_qwen2_chat_base_goes_through_the_whole_pipeline(qwen2_chat_base, tmp_pa
     published_meta = json.loads((version / "adapter" / "fedlora.json").read_text())
     assert published_cfg["base_model_name_or_path"] == published_meta["base_model"] == qwen2_chat_base.name
     moved = shutil.copytree(qwen2_chat_base, tmp_path / "elsewhere" / "base")
-    verify = subprocess.run([sys.executable, "-m", "simulations.cli", "verify", str(version), "--public-key",
+    verify = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli", "verify", str(version), "--public-key",
                              str(run_dir / "keys" / "fedlora-signing.pub"), "--base", str(moved)],
-                            capture_output=True, text=True, timeout=300, cwd=APP_DIR)
+                            capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "verified:" in verify.stdout and "has the recorded fingerprint" in verify.stdout
 

@@ -38,7 +38,7 @@ def test_simulation_learns_and_leaves_artifacts(tiny_run):
     assert loss[2] < loss[0]
     # The final adapter loads with plain PEFT in a fresh process
     code = ("import sys; from transformers import AutoModelForCausalLM; from peft import PeftModel;"
-            "from common.model import embedded_base_dir;"
+            "from fedlora.common.model import embedded_base_dir;"
             "m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(embedded_base_dir())), sys.argv[1]);"
             "print(type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", code, str(run_dir / "adapter")], capture_output=True, text=True,

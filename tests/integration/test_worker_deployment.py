@@ -3,8 +3,8 @@ message the in-process ClientApp would answer, and a secure round under local DP
 through workers (the SecAgg+ keys live in the context state between the four stages, the
 privacy ledger in each tenant's state directory).
 
-Each tenant has a real worker process (``python -m client.worker``) on its own socket; the
-server side is the real strategy (``server.server_app.make_strategy``) over a grid that hands
+Each tenant has a real worker process (``python -m fedlora.client.worker``) on its own socket; the
+server side is the real strategy (``fedlora.server.server_app.make_strategy``) over a grid that hands
 each message to the forwarding ClientApp with that tenant's context, as a SuperNode would.
 """
 
@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import client_app, worker_link
-from client.handlers import app as in_process
-from common import messages as keys
-from common.adapter import from_arrayrecord, get_state, to_arrayrecord
-from common.config import parse_config
-from common.model import load_model
+from fedlora.client import client_app, worker_link
+from fedlora.client.handlers import app as in_process
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, get_state, to_arrayrecord
+from fedlora.common.config import parse_config
+from fedlora.common.model import load_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def workers(tmp_path_factory):
     """One worker process per tenant, each on its own socket."""
     root = tmp_path_factory.mktemp("workers")
     sockets = [worker_link.socket_path(root / f"node-{i}") for i in range(TENANTS)]
-    procs = [subprocess.Popen([sys.executable, "-m", "client.worker", "--socket", str(s)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "fedlora.client.worker", "--socket", str(s)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in sockets]
     try:
         for sock, proc in zip(sockets, procs):
@@ -63,7 +63,7 @@ def workers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tenants_dir(tmp_path_factory):
     """This module's own tenants: the ledgers the secure round writes stay here."""
-    from simulations.synthetic import write_tenants
+    from fedlora.simulations.synthetic import write_tenants
 
     out = tmp_path_factory.mktemp("tenants")
     write_tenants(out, num_tenants=TENANTS, train_size=48, holdout_size=8, preference_size=8, seed=0)
@@ -122,8 +122,8 @@ class WorkerGrid:
 
 def test_secure_round_under_local_dp_runs_through_the_workers(workers, tenants_dir, tmp_path):
     # Prepare: SecAgg+ and local DP-SGD, two tenants, one round
-    from server.records import RoundRecorder
-    from server.server_app import make_strategy
+    from fedlora.server.records import RoundRecorder
+    from fedlora.server.server_app import make_strategy
 
     cfg = _cfg(tenants_dir, **{"secagg.enabled": True, "privacy.mode": "local", "privacy.target-epsilon": 8.0,
                                "privacy.delta": 1e-5, "privacy.budget": 100.0, "federation.rounds": 1,
@@ -153,8 +153,8 @@ def test_secure_round_under_local_dp_runs_through_the_workers(workers, tenants_d
 
 def test_a_secure_run_evaluates_each_round_with_the_next_rounds_upload(workers, tenants_dir, tmp_path):
     # Prepare: SecAgg+, two rounds, each round's adapter evaluated with the next round's training
-    from server.records import RoundRecorder
-    from server.server_app import make_strategy
+    from fedlora.server.records import RoundRecorder
+    from fedlora.server.server_app import make_strategy
 
     cfg = _cfg(tenants_dir, **{"secagg.enabled": True, "federation.rounds": 2, "federation.evaluate-with-train": True,
                                "federation.min-train-nodes": TENANTS, "simulation.tenants": TENANTS})

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import Config
+from fedlora.common.config import Config
 
 
 def write_noisy_adapter(out: Path, cfg: Config, *, seed: int, scale: float = 0.05) -> Path:
     """A PEFT adapter whose LoRA B matrices are seeded noise (a fresh LoRA would equal the base)."""
-    from common.adapter import get_state, save_adapter
-    from common.model import base_fingerprint, load_model, resolve_base
+    from fedlora.common.adapter import get_state, save_adapter
+    from fedlora.common.model import base_fingerprint, load_model, resolve_base
 
     loaded = load_model(cfg.model, cfg.adapter, seed=seed, for_training=False)
     rng = np.random.default_rng(seed)

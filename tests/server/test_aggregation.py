@@ -7,8 +7,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from common.messages import TRAIN_METRICS
-from server.aggregation import Rejected, Update, apply_mean, validate_update, weight_rule, weighted_sum
+from fedlora.common.messages import TRAIN_METRICS
+from fedlora.server.aggregation import Rejected, Update, apply_mean, validate_update, weight_rule, weighted_sum
 
 REF = OrderedDict([("a.lora_A.weight", np.zeros((2, 3), np.float32)), ("a.lora_B.weight", np.zeros((3, 2), np.float32))])
 

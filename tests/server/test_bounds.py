@@ -8,9 +8,9 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from common.weighting import tenant_weight
-from server.aggregation import Update, l2_norm, weighted_sum
-from server.bounds import UpdateBounds, audit
+from fedlora.common.weighting import tenant_weight
+from fedlora.server.aggregation import Update, l2_norm, weighted_sum
+from fedlora.server.bounds import UpdateBounds, audit
 
 
 def _u(vec, weight=1.0, node=0, n=None):
@@ -107,7 +107,7 @@ def test_audit_records_dropped_updates_with_no_weight():
 
 
 def test_operator_cap_overrides_a_nodes_own_claim():
-    from server.aggregation import weight_rule
+    from fedlora.server.aggregation import weight_rule
 
     # Prepare: node 7 is capped at 64 examples by the operator; node 8 has no cap
     weight_of = weight_rule("examples", max_weight=1024, caps={7: 64})
@@ -116,8 +116,8 @@ def test_operator_cap_overrides_a_nodes_own_claim():
 
 
 def test_example_caps_are_parsed_and_bad_entries_named():
-    from common.config import ConfigError, parse_config
-    from common.weighting import parse_caps
+    from fedlora.common.config import ConfigError, parse_config
+    from fedlora.common.weighting import parse_caps
 
     assert parse_caps("12:4096, 7:64") == {12: 4096, 7: 64}
     with pytest.raises(ConfigError, match="'7=64' is not NODE-ID:MAX-EXAMPLES"):

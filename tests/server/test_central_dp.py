@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import ConfigError, FederationConfig, parse_config
-from server.aggregation import FedAvg, WeightedSum
-from server.central_dp import CentralGaussian, NoServerPrivacy, make_server_privacy
-from server.records import RoundRecorder
-from server.strategy import FedLoraStrategy
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import ConfigError, FederationConfig, parse_config
+from fedlora.server.aggregation import FedAvg, WeightedSum
+from fedlora.server.central_dp import CentralGaussian, NoServerPrivacy, make_server_privacy
+from fedlora.server.records import RoundRecorder
+from fedlora.server.strategy import FedLoraStrategy
 from tests.server.test_strategy import FakeGrid, _task_identity  # noqa: F401  (fixture)
 
 BIG = OrderedDict([("x.lora_A.weight", np.zeros((100, 200), np.float32)),
@@ -117,8 +117,8 @@ def test_without_privacy_the_sum_is_untouched_and_nothing_is_reported():
 
 
 def test_tenant_clips_its_delta_before_it_leaves(monkeypatch, tmp_path):
-    from client.privacy import WITHHELD_UNDER_LOCAL_DP
-    from common.adapter import get_state
+    from fedlora.client.privacy import WITHHELD_UNDER_LOCAL_DP
+    from fedlora.common.adapter import get_state
     from tests.client.test_ledger import _tenant_app, _train_request
     from tests.client.test_privacy import tiny_lora
 

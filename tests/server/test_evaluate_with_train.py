@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import FederationConfig
-from server.aggregation import FedAvg
-from server.records import RoundRecorder
-from server.strategy import FedLoraStrategy
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import FederationConfig
+from fedlora.server.aggregation import FedAvg
+from fedlora.server.records import RoundRecorder
+from fedlora.server.strategy import FedLoraStrategy
 
 GLOBAL = OrderedDict([("x.lora_A.weight", np.zeros((2, 4), np.float32)),
                       ("x.lora_B.weight", np.zeros((4, 2), np.float32))])
@@ -75,7 +75,7 @@ def _run(tmp_path, grid, *, rounds=3, done=0, until=None, state=None, start=GLOB
     """Rounds ``done + 1`` to ``until`` (default: all) of a ``rounds``-round run."""
     rec = RoundRecorder(tmp_path, save=lambda p, s, r: None)
     if done:
-        from common.records import read_rounds
+        from fedlora.common.records import read_rounds
 
         rec.resume_from(read_rounds(tmp_path))
     fed = FederationConfig(**{"min_train_nodes": 2, "round_timeout": 2.0, "rounds": rounds, **cfg})

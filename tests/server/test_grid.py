@@ -7,7 +7,7 @@ import time
 import pytest
 from types import SimpleNamespace
 
-from server.grid import PromptGrid
+from fedlora.server.grid import PromptGrid
 
 
 def _msg():
@@ -65,7 +65,7 @@ class _Sleeps:
 def test_the_wait_doubles_to_the_cap_while_pulls_bring_nothing_and_resets_after_a_reply(monkeypatch):
     # Prepare: the first reply at pull 6, the second at pull 8
     sleeps = _Sleeps()
-    monkeypatch.setattr("server.grid.time.sleep", sleeps)
+    monkeypatch.setattr("fedlora.server.grid.time.sleep", sleeps)
     fake = _FakeGrid([6, 8])
     # Execute
     PromptGrid(fake, interval=0.1, idle_cap=0.4).send_and_receive([_msg(), _msg()], timeout=60)
@@ -80,7 +80,7 @@ def test_the_simulation_engines_grid_is_pulled_at_the_short_interval(monkeypatch
     from flwr.superlink.grid import InMemoryGrid
 
     sleeps = _Sleeps()
-    monkeypatch.setattr("server.grid.time.sleep", sleeps)
+    monkeypatch.setattr("fedlora.server.grid.time.sleep", sleeps)
     fake = _FakeGrid([4, 4])
 
     class _InProcess(InMemoryGrid):
@@ -97,11 +97,11 @@ def test_the_simulation_engines_grid_is_pulled_at_the_short_interval(monkeypatch
 
 def test_each_exchange_logs_when_its_push_began_and_when_its_replies_were_in(monkeypatch):
     # Prepare
-    from server.grid import parse_exchange_line
+    from fedlora.server.grid import parse_exchange_line
 
     lines = []
-    monkeypatch.setattr("server.grid.log", lambda level, fmt, *args: lines.append(fmt % args))
-    monkeypatch.setattr("server.grid.time.sleep", lambda s: None)
+    monkeypatch.setattr("fedlora.server.grid.log", lambda level, fmt, *args: lines.append(fmt % args))
+    monkeypatch.setattr("fedlora.server.grid.time.sleep", lambda s: None)
     before = time.time()
     # Execute
     PromptGrid(_FakeGrid([1, None]), interval=0.1).send_and_receive([_msg(), _msg()], timeout=0.05)
@@ -114,7 +114,7 @@ def test_each_exchange_logs_when_its_push_began_and_when_its_replies_were_in(mon
 
 
 def test_a_line_that_is_not_an_exchange_is_not_parsed():
-    from server.grid import parse_exchange_line
+    from fedlora.server.grid import parse_exchange_line
 
     assert parse_exchange_line("INFO :      Round 1: 3 of 3 tenants sampled") is None
 
@@ -163,7 +163,7 @@ def _messages(content, n):
 
 def test_pushed_arrays_travel_as_one_packed_array_and_replies_come_back_unpacked(task_identity):
     # Prepare
-    from common.packing import PACKED_KEY, pack_content
+    from fedlora.common.packing import PACKED_KEY, pack_content
 
     content = _adapter_content()
     wire = _Wire(pack_content(content))
@@ -191,7 +191,7 @@ def test_a_malformed_packed_reply_stays_packed_for_the_strategy_to_refuse(task_i
     # Prepare: a reply whose packed bytes are cut short
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    from common.packing import PACKED_KEY, PACKED_STYPE, pack_record
+    from fedlora.common.packing import PACKED_KEY, PACKED_STYPE, pack_record
 
     good = pack_record(_adapter_content().array_records["arrays"])[PACKED_KEY].data
     cut = ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(good) - 4,), stype=PACKED_STYPE, data=good[:-4])})

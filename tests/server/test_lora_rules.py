@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import ConfigError, FederationConfig, parse_config
-from server.aggregation import FedAvg, Median, Rejected, WeightedSum, validate_update, weight_rule
-from server.lora_rules import AB, FFA, SVD, rank_r_factors
-from server.optimizers import make_server_optimizer
-from server.records import RoundRecorder
-from server.strategy import FedLoraStrategy
-from server.transport import Collected, Transport
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import ConfigError, FederationConfig, parse_config
+from fedlora.server.aggregation import FedAvg, Median, Rejected, WeightedSum, validate_update, weight_rule
+from fedlora.server.lora_rules import AB, FFA, SVD, rank_r_factors
+from fedlora.server.optimizers import make_server_optimizer
+from fedlora.server.records import RoundRecorder
+from fedlora.server.strategy import FedLoraStrategy
+from fedlora.server.transport import Collected, Transport
 
 R, D_IN, D_OUT, ALPHA = 4, 6, 5, 8.0
 S = ALPHA / R  # the LoRA scaling alpha / r

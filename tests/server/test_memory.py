@@ -1,4 +1,4 @@
-"""server.memory: the server process keeps the tensors' memory it frees for the next round."""
+"""fedlora.server.memory: the server process keeps the tensors' memory it frees for the next round."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 # it does the process still hold? Run in a fresh interpreter: mallopt is process-wide.
 PROBE = """
 import sys, numpy as np
-from server.memory import reuse_freed_memory
+from fedlora.server.memory import reuse_freed_memory
 tuned = reuse_freed_memory() if sys.argv[1] == "tuned" else False
 def rss():
     with open("/proc/self/statm") as fh:
@@ -43,7 +43,7 @@ def test_tuned_process_keeps_freed_tensors_and_the_default_one_returns_them():
 
 def test_tuning_reports_false_where_it_cannot_apply(monkeypatch):
     # Prepare: a platform without glibc
-    from server import memory
+    from fedlora.server import memory
 
     monkeypatch.setattr(memory.sys, "platform", "darwin")
     # Execute / Assert

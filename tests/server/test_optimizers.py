@@ -10,9 +10,9 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from common.config import SERVER_OPTIMIZER_NAMES, ConfigError, FederationConfig, parse_config
-from server.aggregation import WeightedSum, apply_mean
-from server.optimizers import OPTIMIZERS, SGD, FedAdam, FedAvgM, make_server_optimizer
+from fedlora.common.config import SERVER_OPTIMIZER_NAMES, ConfigError, FederationConfig, parse_config
+from fedlora.server.aggregation import WeightedSum, apply_mean
+from fedlora.server.optimizers import OPTIMIZERS, SGD, FedAdam, FedAvgM, make_server_optimizer
 
 # Two tensors; two rounds' mean deltas d1, d2. Each WeightedSum has total weight 4, so its
 # total is 4 * d (and the mean is d exactly).

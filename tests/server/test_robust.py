@@ -8,8 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from common.config import AGGREGATOR_NAMES, INDIVIDUAL_UPDATE_AGGREGATORS, parse_config
-from server.aggregation import AGGREGATORS, FedAvg, Median, MultiKrum, TrimmedMean, Update, make_aggregator
+from fedlora.common.config import AGGREGATOR_NAMES, INDIVIDUAL_UPDATE_AGGREGATORS, parse_config
+from fedlora.server.aggregation import AGGREGATORS, FedAvg, Median, MultiKrum, TrimmedMean, Update, make_aggregator
 
 
 def _u(values, weight=1.0, node=0):
@@ -91,7 +91,7 @@ def test_make_aggregator_builds_each_configured_rule(name, cls):
 
 @pytest.mark.parametrize("name", sorted(INDIVIDUAL_UPDATE_AGGREGATORS))
 def test_robust_aggregators_are_refused_with_secure_aggregation_at_config_time(name):
-    from common.config import ConfigError
+    from fedlora.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs individual updates"):
         parse_config({"federation.aggregator": name, "secagg.enabled": True})

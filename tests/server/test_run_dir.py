@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from common.config import parse_config
-from common.files import app_run_dir, fedlora_home
+from fedlora.common.config import parse_config
+from fedlora.common.files import app_run_dir, fedlora_home
 
 
 def test_fedlora_home_is_the_env_var_made_absolute_or_dot_fedlora_in_home(tmp_path, monkeypatch):
@@ -27,7 +27,7 @@ def test_app_run_dir_is_absolute_under_runs_and_names_the_flower_run_id(tmp_path
 
 
 def test_serverapp_without_run_dir_writes_to_the_fedlora_home_and_records_it(tmp_path, monkeypatch):
-    from server.run import prepare
+    from fedlora.server.run import prepare
 
     # Prepare: a working directory that must stay empty (the SuperLink's, under flwr run)
     monkeypatch.setenv("FEDLORA_HOME", str(tmp_path / "home"))

@@ -1,5 +1,5 @@
 """Secure aggregation end to end over a fake Grid: the server's stages drive the tenants'
-real state machines (client.secagg) and the result is the plaintext weighted mean of the
+real state machines (fedlora.client.secagg) and the result is the plaintext weighted mean of the
 tenants that finished — whatever stage a tenant is lost in."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client import secagg as client
-from common import messages as keys
-from common import secagg_wire as wire
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import ConfigError, FederationConfig, SecAggConfig
-from common.secagg import quantizer_for
-from server.aggregation import Aggregator, FedAvg
-from server.records import RoundRecorder
-from server.secagg import SecAggFailed, SecAggTransport
-from server.strategy import FedLoraStrategy
+from fedlora.client import secagg as client
+from fedlora.common import messages as keys
+from fedlora.common import secagg_wire as wire
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import ConfigError, FederationConfig, SecAggConfig
+from fedlora.common.secagg import quantizer_for
+from fedlora.server.aggregation import Aggregator, FedAvg
+from fedlora.server.records import RoundRecorder
+from fedlora.server.secagg import SecAggFailed, SecAggTransport
+from fedlora.server.strategy import FedLoraStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +222,7 @@ def test_aggregator_needing_individual_updates_is_refused(tmp_path):
 def test_config_refuses_individual_update_aggregator_with_secagg():
     # The config-time rule, applied to sections as parse_config builds them (robust
     # aggregators are names the federation.aggregator choices may grow to include).
-    from common.config_rules import _check_secagg
+    from fedlora.common.config_rules import _check_secagg
 
     problems: list[str] = []
     _check_secagg({"secagg": {"enabled": True}, "federation": {"aggregator": "krum"}}, problems)

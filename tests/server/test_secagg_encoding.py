@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client import secagg as client
-from client.feedback import RESIDUAL_FILE, DeltaSender, ResidualStore
-from common import messages as keys
-from common import secagg_wire as wire
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import FederationConfig, SecAggConfig
-from common.encoding import encoding_for
-from common.secagg import quantizer_for
-from server.aggregation import FedAvg
-from server.records import RoundRecorder
-from server.secagg import SecAggTransport
-from server.strategy import FedLoraStrategy
+from fedlora.client import secagg as client
+from fedlora.client.feedback import RESIDUAL_FILE, DeltaSender, ResidualStore
+from fedlora.common import messages as keys
+from fedlora.common import secagg_wire as wire
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import FederationConfig, SecAggConfig
+from fedlora.common.encoding import encoding_for
+from fedlora.common.secagg import quantizer_for
+from fedlora.server.aggregation import FedAvg
+from fedlora.server.records import RoundRecorder
+from fedlora.server.secagg import SecAggTransport
+from fedlora.server.strategy import FedLoraStrategy
 from tests.server.test_secagg import FakeGrid, _task_identity  # noqa: F401  (fixture)
 
 GLOBAL = OrderedDict([("x.lora_A.weight", np.zeros((8, 256), np.float32)),

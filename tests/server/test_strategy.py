@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import messages as keys
-from common.adapter import from_arrayrecord, to_arrayrecord
-from common.config import FederationConfig
-from server.aggregation import FedAvg
-from server.records import RoundRecorder
-from server.strategy import FedLoraStrategy, NotEnoughTenants
+from fedlora.common import messages as keys
+from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
+from fedlora.common.config import FederationConfig
+from fedlora.server.aggregation import FedAvg
+from fedlora.server.records import RoundRecorder
+from fedlora.server.strategy import FedLoraStrategy, NotEnoughTenants
 
 @pytest.fixture(autouse=True)
 def _task_identity():
@@ -232,8 +232,8 @@ def test_fedexp_through_the_strategy_takes_the_extrapolated_step(tmp_path):
 
 def test_fedexp_is_refused_over_a_transport_that_reveals_only_the_sum(tmp_path):
     # Prepare: a transport like secure aggregation's
-    from common.config import ConfigError
-    from server.transport import PlainTransport
+    from fedlora.common.config import ConfigError
+    from fedlora.server.transport import PlainTransport
 
     class SumOnly(PlainTransport):
         name = "sum-only"
@@ -249,7 +249,7 @@ def test_fedexp_is_refused_over_a_transport_that_reveals_only_the_sum(tmp_path):
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_a_resumed_run_restores_the_optimizer_moments_exactly(tmp_path, name):
     # Prepare: as the resume test above, with an adaptive server optimizer
-    from server.run import optimizer_moments
+    from fedlora.server.run import optimizer_moments
 
     behaviour = {n: _spread(n) for n in range(1, 7)}
     opt = {"fraction_train": 0.5, "server_optimizer": name, "server_lr": 0.1}
@@ -276,7 +276,7 @@ def test_a_resumed_run_restores_the_optimizer_moments_exactly(tmp_path, name):
 
 def test_a_resume_with_another_server_optimizer_is_refused(tmp_path):
     # Prepare: a run recorded with fedadam
-    from server.run import ResumeError, optimizer_moments
+    from fedlora.server.run import ResumeError, optimizer_moments
 
     first, _ = _strategy(tmp_path, server_optimizer="fedadam", server_lr=0.1)
     first.start(grid=FakeGrid({1: good(1.0, tenant=0), 2: good(2.0, tenant=1)}),

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common import messages as keys
-from common.adapter import to_arrayrecord
-from common.encoding import SCALE_SUFFIX, Encoding, encode
-from server.strategy import FedLoraStrategy
-from server.transport import PlainTransport
+from fedlora.common import messages as keys
+from fedlora.common.adapter import to_arrayrecord
+from fedlora.common.encoding import SCALE_SUFFIX, Encoding, encode
+from fedlora.server.strategy import FedLoraStrategy
+from fedlora.server.transport import PlainTransport
 from tests.server.test_strategy import _task_identity  # noqa: F401  (fixture)
 
 GLOBAL = OrderedDict(w=np.zeros((2, 4), np.float32))
@@ -49,9 +49,9 @@ def test_plain_transport_decodes_the_configured_encoding_and_drops_malformed_rep
 
 
 def test_strategy_gives_the_plain_transport_the_run_encoding(tmp_path):
-    from common.config import FederationConfig
-    from server.aggregation import FedAvg
-    from server.records import RoundRecorder
+    from fedlora.common.config import FederationConfig
+    from fedlora.server.aggregation import FedAvg
+    from fedlora.server.records import RoundRecorder
 
     strategy = FedLoraStrategy(FederationConfig(delta_encoding="bf16"), FedAvg(), RoundRecorder(tmp_path,
                                save=lambda p, s, r: None))

@@ -3,9 +3,9 @@ and why; under secure aggregation, exactly what still bounds a tenant."""
 
 from __future__ import annotations
 
-from common.config import parse_config
-from common.records import RoundRecord, TenantAudit
-from simulations.audit_report import plot_norms, section
+from fedlora.common.config import parse_config
+from fedlora.common.records import RoundRecord, TenantAudit
+from fedlora.simulations.audit_report import plot_norms, section
 
 
 def _audit(norm, cos, *, action="accepted", outlier=False, why="", share=0.25):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import parse_config
-from simulations.baselines import pooled_budget
+from fedlora.common.config import parse_config
+from fedlora.simulations.baselines import pooled_budget
 
 
 @pytest.mark.parametrize("choice", ["rounds", "examples"])
@@ -26,7 +26,7 @@ def test_pooled_budget_sees_the_federations_examples(choice):
 
 
 def test_pooled_budget_choice_is_validated():
-    from common.config import ConfigError
+    from fedlora.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="run.pooled-budget"):
         parse_config({"run.pooled-budget": "epochs"})

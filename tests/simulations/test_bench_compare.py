@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from simulations.bench.compare import ArmResult, parse_arm, read_arm, table
+from fedlora.simulations.bench.compare import ArmResult, parse_arm, read_arm, table
 from tests.common.make_records import write_round, write_summary
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from common.config import parse_config
-from simulations.bench.deployment import FUSED, NodeMemory, baseline, exchanges, overhead
+from fedlora.common.config import parse_config
+from fedlora.simulations.bench.deployment import FUSED, NodeMemory, baseline, exchanges, overhead
 
 
 def test_overhead_is_poll_wait_plus_process_beyond_the_work_plus_upload():
@@ -46,7 +46,7 @@ def test_each_arm_is_compared_with_the_simulation_of_its_own_config():
 
 
 def _round(number: int, train_seconds: float, eval_seconds: float):
-    from common.records import RoundRecord
+    from fedlora.common.records import RoundRecord
 
     return RoundRecord(round=number, connected=1, sampled=["0"], finished=["0"], dropped=[], aggregated=True,
                        checkpoint=None, bytes_down=0, bytes_up=0, seconds=14.0,
@@ -58,8 +58,8 @@ def test_the_breakdown_times_each_push_from_the_serverapps_own_line_not_the_stre
     # reaches the stream at 1001.0) and has the reply at 1011.0; the evaluate push at 1011.2, the
     # reply at 1014.0. The node receives at 1000.5 / 1011.4, sends at 1010.0 / 1013.0, and its
     # upload succeeds at 1010.6 / 1013.5; the work is 8.0 s / 1.0 s.
-    from server.grid import EXCHANGE_LINE, utc_stamp
-    from simulations.bench.deployment import message_breakdown
+    from fedlora.server.grid import EXCHANGE_LINE, utc_stamp
+    from fedlora.simulations.bench.deployment import message_breakdown
 
     def grid_line(stream_at, kind, pushed_at, within):
         return f"{stream_at} INFO :      " + EXCHANGE_LINE % (1, kind, utc_stamp(pushed_at), 0.3, 1, 1, within)

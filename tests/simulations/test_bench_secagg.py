@@ -2,7 +2,7 @@
 
 import re
 
-from simulations.bench import secagg as bench_secagg
+from fedlora.simulations.bench import secagg as bench_secagg
 
 
 def test_bench_secagg_grid_reports_the_interleaved_ratio_and_load(capsys):

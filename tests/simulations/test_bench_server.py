@@ -2,8 +2,8 @@
 
 import re
 
-from simulations.bench import server as bench_server
-from simulations.bench.timing import interleave, ratio_summary
+from fedlora.simulations.bench import server as bench_server
+from fedlora.simulations.bench.timing import interleave, ratio_summary
 
 
 def test_interleave_alternates_the_order_of_the_arms():

@@ -2,7 +2,7 @@
 
 import re
 
-from simulations.bench import tenant as bench_tenant
+from fedlora.simulations.bench import tenant as bench_tenant
 
 
 def test_bench_tenant_reports_exact_match_and_cpu_time(capsys):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from client.task import tenant_from_node_config
-from common.config import parse_config
-from simulations.cli import deployment as deploy
+from fedlora.client.task import tenant_from_node_config
+from fedlora.common.config import parse_config
+from fedlora.simulations.cli import deployment as deploy
 from tests.common.make_records import write_round
-from simulations.cli import launcher
+from fedlora.simulations.cli import launcher
 
 BIN = Path(sys.executable).parent
 
@@ -32,7 +32,7 @@ def _used(cmd: list[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    from common.tls import write_tls_certificates
+    from fedlora.common.tls import write_tls_certificates
 
     out = tmp_path_factory.mktemp("certs")
     write_tls_certificates(out)
@@ -166,7 +166,7 @@ def test_deployment_config_states_engine_tls_and_auth():
 
 def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     # Prepare
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     data = tmp_path / "train.jsonl"
     # Execute
@@ -176,14 +176,14 @@ def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     worker, line = capsys.readouterr().out.strip().splitlines()
     socket = tmp_path / ".fedlora-state" / "worker" / "worker.sock"
     assert rc == 0
-    assert f"-m client.worker --socket {socket} --parent-pid SUPERVISOR_PID" in worker
+    assert f"-m fedlora.client.worker --socket {socket} --parent-pid SUPERVISOR_PID" in worker
     assert f"--auth-supernode-private-key {tmp_path / 'hospital-a'}" in line
     assert f"""--node-config 'data-path="{data}" tenant-id=4 worker-socket="{socket}"'""" in line
 
 
 def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path, capsys):
     # Prepare
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     data, state = tmp_path / "train.jsonl", tmp_path / "state"
     # Execute
@@ -197,7 +197,7 @@ def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path
 
 def test_cli_supernode_without_worker_is_the_plain_supernode(tmp_path, capsys):
     # Prepare
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     data = tmp_path / "train.jsonl"
     # Execute
@@ -206,12 +206,12 @@ def test_cli_supernode_without_worker_is_the_plain_supernode(tmp_path, capsys):
     # Assert: one command, and its node config names no worker
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 1
-    assert "worker-socket" not in lines[0] and "-m client.worker" not in lines[0]
+    assert "worker-socket" not in lines[0] and "-m fedlora.client.worker" not in lines[0]
 
 
 def test_cli_supernode_polls_at_the_given_interval_or_as_flower_does(tmp_path, capsys):
     # Prepare
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     args = ["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
             "--key", str(tmp_path / "k"), "--data", str(tmp_path / "train.jsonl"), "--no-worker", "--print"]
@@ -221,12 +221,12 @@ def test_cli_supernode_polls_at_the_given_interval_or_as_flower_does(tmp_path, c
     main([*args, "--poll-interval", "3"])
     flower = capsys.readouterr().out.split()
     # Assert: below Flower's 3 s the SuperNode runs through the poll wrapper; at 3 s it is Flower's own
-    assert fast[1:4] == ["-m", "simulations.cli.supernode_poll", "0.25"] and fast[4] == "--superlink"
+    assert fast[1:4] == ["-m", "fedlora.simulations.cli.supernode_poll", "0.25"] and fast[4] == "--superlink"
     assert flower[0].endswith("flower-supernode") and flower[1] == "--superlink"
 
 
 def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     rc = main(["deploy", "superlink", "--certs", str(tmp_path), "--database", str(tmp_path / "db"), "--print"])
     assert rc == 2
@@ -235,7 +235,7 @@ def test_cli_superlink_without_certificates_says_how_to_make_them(tmp_path, caps
 
 def test_cli_passes_the_tenants_lora_rank_to_its_supernode(tmp_path, capsys):
     # Prepare
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     data = tmp_path / "train.jsonl"
     args = ["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
@@ -260,10 +260,10 @@ def _supernode_args(tmp_path) -> list[str]:
 
 def test_cli_warm_writes_the_scenarios_model_keys_for_the_worker(tmp_path, monkeypatch):
     # Prepare: no real node is started
-    import simulations.cli.preflight as preflight
-    import simulations.cli.tenant_node as tenant_node
-    from client.warm import WARM_FILE
-    from simulations.cli.main import main
+    import fedlora.simulations.cli.preflight as preflight
+    import fedlora.simulations.cli.tenant_node as tenant_node
+    from fedlora.client.warm import WARM_FILE
+    from fedlora.simulations.cli.main import main
 
     monkeypatch.setattr(preflight, "check_supernode", lambda **_: None)
     monkeypatch.setattr(tenant_node, "run_node", lambda *a, **k: 0)
@@ -284,7 +284,7 @@ def test_cli_warm_writes_the_scenarios_model_keys_for_the_worker(tmp_path, monke
     (["--warm", "default", "--warm-set", "adapter.r=many"], "adapter.r"),
 ])
 def test_cli_warm_mistakes_are_one_clear_error_before_anything_starts(tmp_path, capsys, extra, says):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     rc = main([*_supernode_args(tmp_path), *extra, "--print"])
     err = capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simulations.cli.deployment import flower_env
+from fedlora.simulations.cli.deployment import flower_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

@@ -6,9 +6,9 @@ import tomllib
 
 import pytest
 
-from simulations.cli.deployment import write_cli_config
-from simulations.cli.flwr_config import merge_connections
-from simulations.cli.main import main
+from fedlora.simulations.cli.deployment import write_cli_config
+from fedlora.simulations.cli.flwr_config import merge_connections
+from fedlora.simulations.cli.main import main
 
 USERS = """\
 # my own settings

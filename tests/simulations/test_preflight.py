@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from simulations.cli.launcher import APP_DIR
 
 
 def _tenants(root, rows_per_tenant):
@@ -26,11 +25,11 @@ def test_preflight_reports_bad_line_missing_model_and_unwritable_dir_before_flow
     _tenants(tmp_path / "data", [[good, good], [good, {"instruction": "Say hi."}]])
     (tmp_path / "a-file").write_text("")
     run_dir = tmp_path / "a-file" / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "fedlora.simulations.cli", "simulate", "--run-dir", str(run_dir),
            "--set", "simulation.tenants=2", "--set", f"data.dir={json.dumps(str(tmp_path / 'data'))}",
            "--set", f"model.base={json.dumps(str(tmp_path / 'no-model'))}", "--port", "1"]
     # Execute
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=APP_DIR)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     # Assert: exit 2, one line per problem, no traceback, no Flower started (the next test
     # proves no Flower process is even attempted)
     lines = proc.stderr.strip().splitlines()
@@ -45,8 +44,8 @@ def test_preflight_reports_bad_line_missing_model_and_unwritable_dir_before_flow
 
 
 def test_preflight_runs_before_any_flower_process_is_started(tmp_path, monkeypatch, capsys):
-    import simulations.cli.launcher as launcher
-    from simulations.cli.main import main
+    import fedlora.simulations.cli.launcher as launcher
+    from fedlora.simulations.cli.main import main
 
     # Prepare: a missing data.dir; any start of Flower would be recorded
     started = []
@@ -61,7 +60,7 @@ def test_preflight_runs_before_any_flower_process_is_started(tmp_path, monkeypat
 
 
 def test_supernode_preflight_names_data_key_and_certificate(tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare: bad JSON on line 1, a key that is not a key, no CA
     (tmp_path / "train.jsonl").write_text("{not json\n")
@@ -79,7 +78,7 @@ def test_supernode_preflight_names_data_key_and_certificate(tmp_path, capsys):
 
 
 def test_resume_refuses_a_directory_without_config_and_a_finished_run(tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare: an empty directory, and a finished run
     (tmp_path / "empty").mkdir()
@@ -99,9 +98,9 @@ def test_resume_refuses_a_directory_without_config_and_a_finished_run(tmp_path, 
 
 
 def test_resume_takes_the_runs_own_config(tmp_path):
-    from common.config import parse_config
-    from common.records import round_path
-    from simulations.cli.resume import resume_config
+    from fedlora.common.config import parse_config
+    from fedlora.common.records import round_path
+    from fedlora.simulations.cli.resume import resume_config
 
     # Prepare: a run interrupted after round 1, its config written by the ServerApp
     cfg = parse_config({"federation.rounds": 3, "data.dir": str(tmp_path / "data"), "run.dir": "/elsewhere"})
@@ -117,7 +116,7 @@ def test_resume_takes_the_runs_own_config(tmp_path):
 
 @pytest.mark.parametrize("flag", [[], ["--debug"]])
 def test_debug_flag_parses_for_every_command(flag):
-    from simulations.cli.main import build_parser
+    from fedlora.simulations.cli.main import build_parser
 
     args = build_parser().parse_args([*flag, "config"])
     assert args.debug is bool(flag)
@@ -125,8 +124,8 @@ def test_debug_flag_parses_for_every_command(flag):
 
 def test_chat_template_asked_of_a_base_without_one_is_a_preflight_problem(tmp_path):
     # Prepare: the embedded base's tokenizer has no chat template
-    from common.config import parse_config
-    from simulations.cli.preflight import PreflightError, check_simulation
+    from fedlora.common.config import parse_config
+    from fedlora.simulations.cli.preflight import PreflightError, check_simulation
 
     cfg = parse_config({"data.template": "chat", "run.dir": str(tmp_path / "run")})
     # Execute

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from common.config import parse_config
-from simulations.report import privacy_section
+from fedlora.common.config import parse_config
+from fedlora.simulations.report import privacy_section
 from tests.common.make_records import round_record
 
 CFG = parse_config({"privacy.mode": "local", "privacy.delta": 1e-5, "privacy.target-epsilon": 8.0,

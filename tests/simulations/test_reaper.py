@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from simulations.cli import launcher
+from fedlora.simulations.cli import launcher
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,8 @@ def test_reaper_kills_every_tagged_process_when_the_pipe_closes():
     # Prepare: a reaper on a pipe, and tagged processes, one ignoring SIGTERM and one respawning on it
     tag = f"reaper-{time.time_ns()}"
     env = {k: v for k, v in os.environ.items() if k != launcher.TAG_ENV}
-    env["PYTHONPATH"] = str(launcher.APP_DIR)
-    reaper = subprocess.Popen([sys.executable, "-m", "simulations.cli.reaper", tag], stdin=subprocess.PIPE,
-                              cwd=launcher.APP_DIR, env=env, start_new_session=True)
+    reaper = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli.reaper", tag], stdin=subprocess.PIPE,
+                              cwd="/", env=env, start_new_session=True)
     stubborn = _start_tagged("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                              "print('ready', flush=True); time.sleep(60)", tag)
     respawner = _start_tagged(RESPAWNER, tag)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.config import parse_config
-from simulations.cli import registry
+from fedlora.common.config import parse_config
+from fedlora.simulations.cli import registry
 
 
 def test_caps_recorded_at_registration_become_the_run_configs_example_caps(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from common.records import RoundRecord, round_path
-from simulations.cli.simulate import RoundProgress
+from fedlora.common.records import RoundRecord, round_path
+from fedlora.simulations.cli.simulate import RoundProgress
 
 
 def _record(run_dir, number: int, em: float | None) -> None:

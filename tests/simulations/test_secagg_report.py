@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from common.config import parse_config
-from simulations.report import secagg_section
+from fedlora.common.config import parse_config
+from fedlora.simulations.report import secagg_section
 from tests.common.make_records import round_record
 
 CFG = parse_config({"secagg.enabled": True, "secagg.neighbours": 0, "secagg.threshold": 0.5, "secagg.clip": 8.0,

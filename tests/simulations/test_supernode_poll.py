@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from simulations.cli import supernode_poll
+from fedlora.simulations.cli import supernode_poll
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common.data import format_prompt
-from simulations import domains
-from simulations import synthetic as syn
+from fedlora.common.data import format_prompt
+from fedlora.simulations import domains
+from fedlora.simulations import synthetic as syn
 
 BASE_DIR = Path(syn.__file__).resolve().parent / "base_model"
 
@@ -190,7 +190,7 @@ def base():
 
 
 def test_base_model_files():
-    assert (BASE_DIR / "model.safetensors").is_file(), "run python -m simulations.build_base"
+    assert (BASE_DIR / "model.safetensors").is_file(), "run python -m fedlora.simulations.build_base"
     names = {p.name for p in BASE_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl", ".pickle")) for n in names)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from client import worker_link
+from fedlora.client import worker_link
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,7 @@ def _start_node(tmp_path: Path, supernode_seconds: float = 120.0) -> tuple[subpr
     socket = worker_link.socket_path(tmp_path / "state")
     marker = tmp_path / "supernode.pid"
     fake = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep({supernode_seconds})"
-    node = subprocess.Popen([sys.executable, "-m", "simulations.cli.tenant_node", "--socket", str(socket),
+    node = subprocess.Popen([sys.executable, "-m", "fedlora.simulations.cli.tenant_node", "--socket", str(socket),
                              "--no-preload", "--", sys.executable, "-c", fake],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait(lambda: marker.is_file() and marker.read_text(), what="the SuperNode stand-in")
@@ -93,7 +93,7 @@ def test_supernode_exit_ends_the_node_with_its_code(tmp_path):
     # Prepare: a SuperNode that exits with code 3
     socket = worker_link.socket_path(tmp_path / "state")
     # Execute
-    out = subprocess.run([sys.executable, "-m", "simulations.cli.tenant_node", "--socket", str(socket), "--no-preload",
+    out = subprocess.run([sys.executable, "-m", "fedlora.simulations.cli.tenant_node", "--socket", str(socket), "--no-preload",
                           "--", sys.executable, "-c", "raise SystemExit(3)"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     # Assert
@@ -126,7 +126,7 @@ def _other_worker(socket: Path, old: int) -> int | None:
 
 def test_supernode_finds_fedlora_clientapp_first_and_flowers_behind_it(tmp_path):
     # Prepare: a PATH whose flwr-clientapp is a known stand-in for Flower's
-    from simulations.cli.tenant_node import TenantNode
+    from fedlora.simulations.cli.tenant_node import TenantNode
 
     flower_bin = tmp_path / "flower-bin"
     flower_bin.mkdir()
@@ -146,7 +146,7 @@ def test_supernode_finds_fedlora_clientapp_first_and_flowers_behind_it(tmp_path)
 
 
 def test_flower_clientapp_option_leaves_the_path_alone(tmp_path):
-    from simulations.cli.tenant_node import TenantNode
+    from fedlora.simulations.cli.tenant_node import TenantNode
 
     node = TenantNode(["true"], worker_link.socket_path(tmp_path / "state"), env={"PATH": "/usr/bin"},
                       hand_over_tasks=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.adapter import write_json_atomic
-from common.config import parse_config
-from common.credentials import write_signing_keypair
-from server.release.artifacts import locate
-from server.release.stages import ReleaseInputs, run_merge, run_publish
+from fedlora.common.adapter import write_json_atomic
+from fedlora.common.config import parse_config
+from fedlora.common.credentials import write_signing_keypair
+from fedlora.server.release.artifacts import locate
+from fedlora.server.release.stages import ReleaseInputs, run_merge, run_publish
 from tests.common.make_records import write_summary
 from tests.server.adapters import write_noisy_adapter
 

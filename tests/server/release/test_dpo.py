@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.adapter import load_adapter_file
-from common.config import parse_config
-from common.data import read_preferences
-from server.release.dpo import PreferenceSets, refine, score
+from fedlora.common.adapter import load_adapter_file
+from fedlora.common.config import parse_config
+from fedlora.common.data import read_preferences
+from fedlora.server.release.dpo import PreferenceSets, refine, score
 from tests.server.adapters import write_noisy_adapter
 
 pytestmark = pytest.mark.slow  # each test trains or loads several models

@@ -3,10 +3,10 @@ rows with the template's prompt and the answer's end-of-turn token."""
 
 from __future__ import annotations
 
-from common.data import Preference, format_prompt
-from common.model import load_tokenizer
-from common.templates import AlpacaFormat, ChatTemplateFormat
-from server.release.dpo import dpo_rows
+from fedlora.common.data import Preference, format_prompt
+from fedlora.common.model import load_tokenizer
+from fedlora.common.templates import AlpacaFormat, ChatTemplateFormat
+from fedlora.server.release.dpo import dpo_rows
 from tests.conftest import chatml_tokenizer
 
 PAIR = Preference("Extract the visit as JSON.", '{"age": 40}', '{"age": 41}', input="Ana Lima, 40, flu.")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import parse_config
-from common.evaluate import generate
-from common.model import load_tokenizer
-from common.templates import make_format
-from server.release.hotswap import HotSwap
-from server.release.merge import max_abs_diff, merge, prompt_logits
+from fedlora.common.config import parse_config
+from fedlora.common.evaluate import generate
+from fedlora.common.model import load_tokenizer
+from fedlora.common.templates import make_format
+from fedlora.server.release.hotswap import HotSwap
+from fedlora.server.release.merge import max_abs_diff, merge, prompt_logits
 from tests.server.adapters import write_noisy_adapter
 
 pytestmark = pytest.mark.slow  # each test trains or loads several models

@@ -1,4 +1,4 @@
-"""Tests for server.release.manifest: manifest writing, signing and verification."""
+"""Tests for fedlora.server.release.manifest: manifest writing, signing and verification."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.credentials import write_signing_keypair
-from server.release.manifest import (
+from fedlora.common.credentials import write_signing_keypair
+from fedlora.server.release.manifest import (
     ManifestError,
     sign_manifest,
     verify_version,

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from common.config import parse_config
-from common.model import load_tokenizer
-from common.templates import make_format
-from server.release.merge import MERGE_FILE, max_abs_diff, merge, prompt_logits, read_report
+from fedlora.common.config import parse_config
+from fedlora.common.model import load_tokenizer
+from fedlora.common.templates import make_format
+from fedlora.server.release.merge import MERGE_FILE, max_abs_diff, merge, prompt_logits, read_report
 from tests.server.adapters import write_noisy_adapter
 
 _FORMAT = make_format(parse_config({}).data, load_tokenizer("embedded"))  # the run's format, upstream of merge
@@ -27,7 +27,7 @@ def adapter(tmp_path_factory):
 def _base_plus_adapter_logits(adapter_dir, cfg):
     from peft import PeftModel
 
-    from common.model import load_base, load_tokenizer
+    from fedlora.common.model import load_base, load_tokenizer
 
     fp32 = dataclasses.replace(cfg.model, precision="fp32", device="cpu")
     model = PeftModel.from_pretrained(load_base(fp32, for_training=False), str(adapter_dir))
@@ -68,7 +68,7 @@ def test_merged_directory_is_safetensors_with_tokenizer_and_report(adapter, tmp_
 def test_merge_changes_the_model(adapter, tmp_path):
     # Prepare: the merge must not be a no-op (the adapter's B matrices are non-zero)
     adapter_dir, cfg = adapter
-    from common.model import load_base, load_tokenizer
+    from fedlora.common.model import load_base, load_tokenizer
 
     base = prompt_logits(load_base(cfg.model, for_training=False), load_tokenizer(cfg.model.base), PROMPTS)
     # Execute
@@ -82,10 +82,10 @@ def test_merge_changes_the_model(adapter, tmp_path):
 
 def test_an_honestly_trained_strong_adapter_is_not_refused(tenants_dir, tmp_path):
     # Prepare: an adapter really trained (lr 2e-2, 40 steps), then its B matrices x4 (longer training)
-    from client.train import train
-    from common.adapter import get_state, save_adapter
-    from common.data import read_examples, tenant_paths, tokenize_examples
-    from common.model import base_fingerprint, base_name, load_model
+    from fedlora.client.train import train
+    from fedlora.common.adapter import get_state, save_adapter
+    from fedlora.common.data import read_examples, tenant_paths, tokenize_examples
+    from fedlora.common.model import base_fingerprint, base_name, load_model
 
     cfg = parse_config({"train.local-steps": 40, "train.batch-size": 8, "train.learning-rate": 0.02})
     loaded = load_model(cfg.model, cfg.adapter)
@@ -107,7 +107,7 @@ def test_a_merge_off_by_one_percent_of_the_adapter_is_refused(adapter, tmp_path,
     # Prepare: a merge bug — every LoRA B scaled by 1.01 before merging (a wrong scaling)
     from peft.tuners.lora import LoraModel
 
-    from server.release.merge import MergeMismatch
+    from fedlora.server.release.merge import MergeMismatch
 
     original = LoraModel.merge_and_unload
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import parse_config
-from common.model import BaseMismatchError, base_fingerprint, embedded_base_dir
+from fedlora.common.config import parse_config
+from fedlora.common.model import BaseMismatchError, base_fingerprint, embedded_base_dir
 
 
 def _strings(value):
@@ -66,8 +66,8 @@ def test_published_version_names_its_base_and_loads_with_plain_peft(version, mov
 
 
 def test_server_writes_the_portable_name(tmp_path):
-    from common.base_import import import_base
-    from server.run import prepare
+    from fedlora.common.base_import import import_base
+    from fedlora.server.run import prepare
 
     base = import_base(embedded_base_dir(), tmp_path / "bases" / "tiny", name="org/tiny-base", say=lambda _: None)
     cfg = parse_config({"model.base": str(base.out_dir), "run.dir": str(tmp_path / "run")})
@@ -79,7 +79,7 @@ def test_server_writes_the_portable_name(tmp_path):
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     rc = main(list(argv))
     out = capsys.readouterr()
@@ -108,7 +108,7 @@ def test_base_override_is_checked_against_the_recorded_fingerprint(version, keys
 
 
 def test_hotswap_refuses_another_base(version, keys, other_base, moved_base):
-    from server.release.hotswap import HotSwap
+    from fedlora.server.release.hotswap import HotSwap
 
     mcfg = parse_config({}).model
     with pytest.raises(BaseMismatchError, match="expected SHA-256"):

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from server.release.artifacts import locate
-from server.release.publish import PublishError, next_version, publish
-from server.release.manifest import verify_version
+from fedlora.server.release.artifacts import locate
+from fedlora.server.release.publish import PublishError, next_version, publish
+from fedlora.server.release.manifest import verify_version
 from tests.common.make_records import write_round
 from tests.server.adapters import write_noisy_adapter
 
@@ -72,7 +72,7 @@ def test_cli_verify_exit_codes(version, keys, tmp_path):
     # Prepare: one good version and one with an added file
     bad = _copy(version, tmp_path)
     (bad / "note.txt").write_text("x")
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Execute / Assert
     assert main(["verify", str(version), "--public-key", str(keys[1])]) == 0
@@ -101,7 +101,7 @@ def test_published_artifacts_load_with_plain_libraries_in_a_fresh_process(versio
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "from peft import PeftModel\n"
-        "from common.model import embedded_base_dir\n"
+        "from fedlora.common.model import embedded_base_dir\n"
         "v = sys.argv[1]\n"
         "tok = AutoTokenizer.from_pretrained(v + '/merged')\n"
         "peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(embedded_base_dir())), v + '/adapter')\n"
@@ -118,7 +118,7 @@ def test_published_artifacts_load_with_plain_libraries_in_a_fresh_process(versio
 
 
 def test_cli_publish_then_refuse_to_merge_into_a_version(run_dir, keys, tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Execute
     code = main(["publish", str(run_dir), "--registry", str(tmp_path / "reg"), "--signing-key", str(keys[0])])
@@ -150,7 +150,7 @@ def test_the_merged_model_is_stored_once_per_run(version, run_dir):
 
 def test_merging_the_run_again_leaves_the_published_version_intact(run_dir, keys, tmp_path):
     # Prepare: a copy of the run, published (its merged weights linked into the registry)
-    from server.release.stages import ReleaseInputs, run_merge
+    from fedlora.server.release.stages import ReleaseInputs, run_merge
 
     run = shutil.copytree(run_dir, tmp_path / "run", symlinks=True)
     result = publish(locate(run), registry=tmp_path / "registry", name="demo", signing_key=keys[0])

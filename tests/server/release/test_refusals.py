@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from common.adapter import METADATA_FILE
-from common.credentials import write_signing_keypair
-from server.release.artifacts import SourceError, locate
+from fedlora.common.adapter import METADATA_FILE
+from fedlora.common.credentials import write_signing_keypair
+from fedlora.server.release.artifacts import SourceError, locate
 
 
 def _failed_copy(run_dir, tmp_path):
@@ -23,7 +23,7 @@ def _failed_copy(run_dir, tmp_path):
 
 
 def test_merge_of_a_failed_federation_is_refused_by_the_cli(run_dir, tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare
     failed, reason = _failed_copy(run_dir, tmp_path)
@@ -37,7 +37,7 @@ def test_merge_of_a_failed_federation_is_refused_by_the_cli(run_dir, tmp_path, c
 
 
 def test_publish_and_dpo_refuse_a_failed_federation_too(run_dir, keys, tmp_path):
-    from server.release.publish import publish
+    from fedlora.server.release.publish import publish
 
     # Prepare: the marker alone (no failure in the metadata) is enough
     failed = shutil.copytree(run_dir, tmp_path / "marked")
@@ -53,7 +53,7 @@ def test_publish_and_dpo_refuse_a_failed_federation_too(run_dir, keys, tmp_path)
 
 
 def test_a_version_is_merged_only_after_its_signature_verifies(version, keys, tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare: a second key pair that did not sign the version, and a tampered copy
     other = write_signing_keypair(tmp_path / "other")
@@ -74,7 +74,7 @@ def test_a_version_is_merged_only_after_its_signature_verifies(version, keys, tm
 
 
 def test_hotswap_refuses_an_unverified_version(version, keys):
-    from server.release.hotswap import check_adapter
+    from fedlora.server.release.hotswap import check_adapter
 
     # Execute / Assert: without a key refused, with the publisher's key accepted
     with pytest.raises(SourceError, match="verifying its signature"):
@@ -83,7 +83,7 @@ def test_hotswap_refuses_an_unverified_version(version, keys):
 
 
 def test_merge_of_a_malformed_safetensors_file_says_so_in_one_line(run_dir, tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare: the adapter's weights file cut short
     broken = shutil.copytree(run_dir, tmp_path / "broken")
@@ -99,7 +99,7 @@ def test_merge_of_a_malformed_safetensors_file_says_so_in_one_line(run_dir, tmp_
 
 
 def test_verify_with_a_missing_directory_or_a_wrong_key_file_says_so_in_one_line(version, keys, tmp_path, capsys):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Prepare: a "key" that is not a PEM key
     bad_key = tmp_path / "bad.pub"
@@ -119,7 +119,7 @@ def test_verify_with_a_missing_directory_or_a_wrong_key_file_says_so_in_one_line
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    from simulations.cli.main import main
+    from fedlora.simulations.cli.main import main
 
     # Execute / Assert: --debug re-raises the error the plain command prints in one line
     with pytest.raises(NotADirectoryError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.task import tenant_from_node_config
-from common.config import parse_config
-from simulations.synthetic import write_tenants
+from fedlora.client.task import tenant_from_node_config
+from fedlora.common.config import parse_config
+from fedlora.simulations.synthetic import write_tenants
 
 SMALL = {"data.train-size": 12, "data.holdout-size": 4, "data.seed": 3}
 
@@ -49,7 +49,7 @@ def test_the_same_values_reuse_the_files_and_other_values_get_their_own(home):
 
 def test_a_tenant_another_writer_put_in_place_first_is_kept(home, monkeypatch):
     # Prepare: the other writer's files land between our check and our rename
-    import common.files as files
+    import fedlora.common.files as files
 
     cfg = parse_config(SMALL)
     real = files.atomic_dir
