@@ -2,6 +2,7 @@
 #   make demo   - create .venv, install CPU torch then the locked set and fedlora, run the default simulation
 #   make test   - the same install, then the whole suite
 # Dev loop: `make test-fast` runs the unit tier (not slow: no Flower, no processes, no long training).
+# Both spread over the cores; `make test JOBS=0` runs in this process, one test after another.
 # On a CUDA machine install a CUDA torch instead: `make demo TORCH=torch`.
 # The installed set is requirements-lock.txt (pinned, hash-checked; torch is the one package it leaves
 # out, installed first as $(TORCH)); `make lock` refreshes it and the README's "Tested versions".
@@ -37,11 +38,13 @@ install: $(BIN)/fedlora
 demo: $(BIN)/fedlora
 	$(BIN)/fedlora simulate
 
+# one worker per core (pytest-xdist); a module's tests stay on one worker (tests/conftest.py)
+JOBS ?= auto
 test: $(BIN)/fedlora
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder --durations=20
 
 test-fast: $(BIN)/fedlora
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 # Resolve the newest set that fits pyproject's ranges (Linux, Python 3.11, against $(TORCH)),
 # with the hashes of every file of each release, and write it with the README's table.

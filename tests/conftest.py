@@ -1,4 +1,5 @@
-"""Shared fixtures: offline switches, small configs on the embedded base, synthetic tenants."""
+"""Shared fixtures: offline switches, small configs on the embedded base, synthetic tenants;
+how `make test` spreads the suite over the cores (pytest-xdist)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,44 @@ import os
 
 import pytest
 
-from fedlora.common.offline import quiet_and_offline
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One torch thread per worker (and per process it starts): with a worker per core, torch's
+    # default of a thread per core oversubscribes the machine and its spinning threads stall.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from fedlora.common.offline import quiet_and_offline  # noqa: E402
 
 quiet_and_offline()
+
+# The longest modules start first, so the workers finish together (a scheduling hint only:
+# a module missing here still runs, later).
+LONGEST_FIRST = ("integration/test_resume.py", "integration/test_deployment.py", "integration/test_lora_rules.py",
+                 "integration/test_attacks.py", "integration/test_flwr_cli.py", "integration/test_encoding.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        if path in LONGEST_FIRST:
+            return LONGEST_FIRST.index(path)
+        return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``, but a test without an ``xdist_group`` mark goes with its module, so
+    module- and session-scoped fixtures (a federation, a SuperLink) are built once per module;
+    tests that share one session fixture name the same group (``tiny_run``)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid.rsplit("@", 1)[1] if "@" in nodeid else nodeid.split("::", 1)[0]
+
+    return ModuleOrGroup(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")

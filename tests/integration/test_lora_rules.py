@@ -64,6 +64,11 @@ def test_ffa_under_secure_aggregation_and_local_dp_never_moves_a(tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(embedded_base_dir())),
                                       str(run_dir / "adapter"))
     assert type(model).__name__ == "PeftModelForCausalLM"
+    # The report sets the run beside the same federation without DP (privacy.compare-without-dp,
+    # on by default; the svd test below turns it off to save a federation)
+    report = (run_dir / "report.md").read_text()
+    assert (run_dir / "without_dp" / "FEDERATION_DONE").is_file()
+    assert "| with DP |" in report and "| without DP (same data, same seeds) |" in report
 
 
 def test_svd_federates_tenants_of_ranks_4_and_2_with_int8_deltas_under_local_dp(tmp_path):
@@ -72,7 +77,7 @@ def test_svd_federates_tenants_of_ranks_4_and_2_with_int8_deltas_under_local_dp(
 
     run_dir = tmp_path / "run"
     simulate(run_dir, "--set", "federation.lora-rule=svd", "--set", "simulation.tenant-ranks=4,2",
-             "--set", "federation.delta-encoding=int8", *LOCAL_DP)
+             "--set", "federation.delta-encoding=int8", *LOCAL_DP, "--set", "privacy.compare-without-dp=false")
     # Assert: every reply counted at its rank; 4 + 2 <= 8 components, so the SVD lost nothing
     for r in rounds(run_dir):
         assert sorted(r["finished"]) == ["0", "1"] and r["aggregated"] and not r["dropped"]
