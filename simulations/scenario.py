@@ -31,6 +31,11 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def shipped_scenarios() -> list[str]:
+    """The names of the scenarios installed with fedlora (package data beside this module)."""
+    return sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+
+
 def scenario_path(name: str) -> Path:
     """A shipped scenario's file by name, or an existing ``.toml`` path."""
     path = Path(name)
@@ -38,7 +43,7 @@ def scenario_path(name: str) -> Path:
         return path
     cand = SCENARIOS / f"{name}.toml"
     if not cand.is_file():
-        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+        known = ", ".join(shipped_scenarios())
         raise FileNotFoundError(f"scenario {name!r} not found; shipped scenarios: {known} (or pass a .toml path)")
     return cand
 

@@ -62,15 +62,15 @@ def test_torch_is_the_makefiles_pin_and_every_image_pins_the_same_torch_and_flow
 
 def test_the_lock_pins_every_dependency_and_holds_hashes_for_each_pin():
     # Prepare
-    text = (ROOT / tested_versions.LOCK.name).read_text()
+    text, lock = tested_versions.LOCK.read_text(), tested_versions.locked()
     blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
     # Execute
     unhashed = [b.split()[0] for b in blocks if b.strip() and "--hash=sha256:" not in b]
     unpinned = [d for d in tested_versions.direct_dependencies()
-                if canonical(d.split("[")[0]) not in tested_versions.locked() and not d.startswith("torch")]
+                if canonical(d.split("[")[0]) not in lock and not d.startswith("torch")]
     # Assert: `pip install --require-hashes` accepts it, and no dependency floats
     assert unhashed == [] and unpinned == []
-    assert "torch" not in tested_versions.locked()
+    assert "torch" not in lock
 
 
 def test_the_readme_table_is_generated_from_the_lock():

@@ -38,14 +38,6 @@ examples:
 """
 
 
-def _shipped_scenarios() -> list[str]:
-    """The scenario names installed with fedlora (package data of fedlora.simulations.scenarios)."""
-    from importlib.resources import files
-
-    return sorted(p.name.removesuffix(".toml") for p in files("fedlora.simulations.scenarios").iterdir()
-                  if p.name.endswith(".toml"))
-
-
 def _cmd_config(args) -> int:
     from fedlora.common.config import describe
 
@@ -100,6 +92,8 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedlora.simulations.scenario import shipped_scenarios
+
     parser = argparse.ArgumentParser(
         prog="fedlora",
         description="Federated, privacy-preserving LoRA/QLoRA fine-tuning on Flower. Tenants train locally; "
@@ -113,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "synthetic tenants, then train baselines, evaluate every model on every "
                                      "tenant's holdout and write a report with plots.")
     sim.add_argument("--scenario", default="default",
-                     help=f"a shipped scenario ({', '.join(_shipped_scenarios())}) or a .toml path (default: default)")
+                     help=f"a shipped scenario ({', '.join(shipped_scenarios())}) or a .toml path (default: default)")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one run-config key (repeatable); `fedlora config` lists the keys")
     sim.add_argument("--run-dir", help="where to write the run (default: ./runs/<timestamp>)")

@@ -62,14 +62,12 @@ def _clean_env(venv: Path, home: Path) -> dict[str, str]:
 
 def test_the_wheel_and_the_sdist_hold_fedlora_only(dist):
     # Prepare
-    wheel = next(dist.glob("fedlora-*.whl"))
     version = metadata.version("fedlora")
     # Execute
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = set(zipfile.ZipFile(next(dist.glob("fedlora-*.whl"))).namelist())
     sdist = next(dist.glob("fedlora-*.tar.gz"))
     # Assert: one import namespace (no server/, client/, common/, tests/), its data, its metadata
-    assert tops == {"fedlora", f"fedlora-{version}.dist-info"}
-    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {name.split("/")[0] for name in names} == {"fedlora", f"fedlora-{version}.dist-info"}
     assert {"fedlora/simulations/base_model/model.safetensors", "fedlora/simulations/scenarios/default.toml",
             "fedlora/server/server_app.py", "fedlora/client/client_app.py"} <= names
     assert "fedlora/__init__.py" not in names  # a namespace: fedlora.* of other distributions may join it
