@@ -1,7 +1,8 @@
 """The tenant's message handlers: a tenant trains on its own data and replies with the LoRA delta only.
 
 ``app`` is an in-process ClientApp with every handler (train, evaluate, the four SecAgg+
-stages). The ClientApp Flower loads (:mod:`fedlora.client.client_app`) runs it in its own process,
+stages), behind the tenant policy's mod (:mod:`fedlora.client.policy_mod`: every path to a
+handler passes it). The ClientApp Flower loads (:mod:`fedlora.client.client_app`) runs it in its own process,
 or forwards each message to the node's tenant worker (:mod:`fedlora.client.worker`), which runs it
 with the model already loaded.
 """
@@ -16,6 +17,7 @@ from flwr.clientapp import ClientApp
 from fedlora.client.feedback import DeltaSender
 from fedlora.client.ledger import STATE_DIR_NAME, BudgetExhausted
 from fedlora.client import secagg
+from fedlora.client.policy_mod import node_limits, tenant_policy
 from fedlora.client.task import (TenantConfigError, evaluate_round, session, tenant_data, tenant_from_node_config,
                                  train_round)
 from fedlora.common import messages as keys
@@ -25,7 +27,7 @@ from fedlora.common.config import parse_config
 from fedlora.common.offline import quiet_and_offline
 from fedlora.common.secagg import quantizer_for
 
-app = ClientApp()
+app = ClientApp(mods=[tenant_policy])
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     evaluation = _evaluate_first(conf, loaded, data, global_state, cfg)
     try:
         delta, metrics = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
-                                     seed=int(conf[keys.SEED]))
+                                     seed=int(conf[keys.SEED]), run=str(msg.metadata.run_id),
+                                     limits=node_limits(context))
     except BudgetExhausted as why:  # declines: the server records the reason and carries on
         return Message(Error(code=keys.DECLINED, reason=str(why)), reply_to=msg)
     sender = _sender(msg, cfg, data, int(conf[keys.ROUND]))
@@ -116,7 +119,8 @@ def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
 
     def local_round():
         delta, metrics_ = train_round(loaded, data, global_state, cfg, server_round=int(conf[keys.ROUND]),
-                                      seed=int(conf[keys.SEED]))
+                                      seed=int(conf[keys.SEED]), run=str(msg.metadata.run_id),
+                                      limits=node_limits(context))
         metrics.update({k: v for k, v in metrics_.items() if k in keys.SECAGG_TRAIN_METRICS})
         return delta, metrics_[keys.NUM_EXAMPLES]
 

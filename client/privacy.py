@@ -8,7 +8,8 @@ whatever the mechanism is (apple/pfl-research style), so neither has an ``if dp`
 * ``loss(out, batch)`` — the training loss (per-example mean under DP-SGD, see below);
 * ``after_train()``    — unwrap, so the process-cached model is clean for the next round;
 * ``finalize_delta(delta)`` — last transform before the update leaves (central DP clips);
-* ``commit(**context) -> epsilon`` — write the ledger (before the reply is sent);
+* ``commit(**context) -> epsilon`` — write the ledger (before the reply is sent): DP-SGD's
+  spend, or a release without local DP (epsilon infinite from then on);
 * ``public_metrics(metrics)`` — what of the reply's metrics may leave the node.
 
 Mechanisms: :class:`NoPrivacy` (the default), :class:`LocalDP` (record-level DP-SGD
@@ -53,6 +54,7 @@ class ClientPrivacy:
     """The interface, which is also the no-privacy behaviour."""
 
     name = "none"
+    ledger: PrivacyLedger | None = None
 
     def before_round(self) -> None:
         """Raise :class:`fedlora.client.ledger.BudgetExhausted` to decline the round."""
@@ -71,7 +73,10 @@ class ClientPrivacy:
         return delta
 
     def commit(self, **context: object) -> float:
-        """Account for the update about to leave; returns the tenant's cumulative epsilon."""
+        """Account for the update about to leave; returns the tenant's cumulative local-DP epsilon
+        for the reply (0 without local DP: the ledger records the release as epsilon = inf)."""
+        if self.ledger is not None:
+            self.ledger.record_release(mechanism=self.name, **context)
         return 0.0
 
     def public_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -81,6 +86,9 @@ class ClientPrivacy:
 
 class NoPrivacy(ClientPrivacy):
     """No differential privacy (the default)."""
+
+    def __init__(self, *, ledger: PrivacyLedger | None = None) -> None:
+        self.ledger = ledger
 
 
 def entropy_generator(seed: int | None = None) -> torch.Generator:
@@ -111,7 +119,8 @@ class LocalDP(ClientPrivacy):
 
     def __init__(self, *, noise_multiplier: float, max_grad_norm: float, sample_rate: float, delta: float,
                  planned_steps: int, ledger: PrivacyLedger | None = None, budget: float = math.inf,
-                 poisson: bool = True, grad_sample_mode: str = "ew", noise_seed: int | None = None) -> None:
+                 poisson: bool = True, grad_sample_mode: str = "ew", noise_seed: int | None = None,
+                 run: str | None = None, run_budget: float = math.inf) -> None:
         if noise_multiplier <= 0 or max_grad_norm <= 0:
             raise ValueError("local DP needs noise_multiplier > 0 and max_grad_norm > 0")
         self.noise_multiplier = noise_multiplier
@@ -124,6 +133,7 @@ class LocalDP(ClientPrivacy):
         self.poisson = poisson
         self.grad_sample_mode = grad_sample_mode
         self.noise_seed = noise_seed
+        self.run, self.run_budget = run, run_budget  # this run's own cap (a tenant policy's max-epsilon-per-run)
         self.engine = None
         self._wrapped = None
         self.spent: list[Spend] = []
@@ -131,7 +141,7 @@ class LocalDP(ClientPrivacy):
     def before_round(self) -> None:
         if self.ledger is not None:
             self.ledger.check(Spend(self.noise_multiplier, self.sample_rate, self.planned_steps),
-                              delta=self.delta, budget=self.budget)
+                              delta=self.delta, budget=self.budget, run=self.run, run_budget=self.run_budget)
 
     def prepare(self, model, optimizer, loader: DataLoader):
         from opacus import PrivacyEngine
@@ -182,7 +192,7 @@ class LocalDP(ClientPrivacy):
             return epsilon_of(self.spent, delta=self.delta)
         eps = self.ledger.epsilon(delta=self.delta)
         for spend in self.spent:
-            eps = self.ledger.record(spend, delta=self.delta, **context)
+            eps = self.ledger.record(spend, delta=self.delta, run=self.run, **context)
         return eps
 
 
@@ -229,27 +239,42 @@ class CentralClip(ClientPrivacy):
 
     name = "central"
 
-    def __init__(self, *, clip: float) -> None:
+    def __init__(self, *, clip: float, ledger: PrivacyLedger | None = None) -> None:
         if clip <= 0:
             raise ValueError("central DP needs a positive clip norm")
         self.clip = clip
+        self.ledger = ledger
 
     def finalize_delta(self, delta):
         return clip_delta(delta, clip=self.clip)
 
 
-def make_client_privacy(cfg, *, state_dir, num_examples: int) -> ClientPrivacy:
-    """The mechanism a :class:`fedlora.common.config.Config` asks for, for one tenant's round."""
+def make_client_privacy(cfg, *, ledger: PrivacyLedger | None, num_examples: int, run: str | None = None,
+                        limits=None) -> ClientPrivacy:
+    """The mechanism a :class:`fedlora.common.config.Config` asks for, for one tenant's round.
+
+    ``limits`` (a tenant policy's :class:`fedlora.client.policy.PrivacyLimits`) replaces the run's
+    delta and budget with the tenant's own, and caps this ``run``'s epsilon."""
     p = cfg.privacy
     if p.mode == "central":
-        return CentralClip(clip=p.central_clip)
+        return CentralClip(clip=p.central_clip, ledger=ledger)
     if p.mode != "local":
-        return NoPrivacy()
+        return NoPrivacy(ledger=ledger)
     q = sample_rate_for(num_examples, cfg.train.batch_size)
-    sigma = p.noise_multiplier
+    sigma = noise_multiplier_for(cfg, sample_rate=q)
+    delta, budget, run_budget = (p.delta, p.budget, math.inf) if limits is None else \
+        (limits.delta, min(p.budget, limits.lifetime_epsilon), limits.max_epsilon_per_run)
+    return LocalDP(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, sample_rate=q, delta=delta,
+                   planned_steps=cfg.train.local_steps, ledger=ledger, budget=budget,
+                   poisson=p.sampling == "poisson", grad_sample_mode=p.grad_sample_mode, run=run,
+                   run_budget=run_budget)
+
+
+def noise_multiplier_for(cfg, *, sample_rate: float) -> float:
+    """The DP-SGD noise multiplier a run's config means: ``privacy.noise-multiplier``, or the one
+    calibrated to ``privacy.target-epsilon`` over the run's rounds x local steps."""
+    p = cfg.privacy
     if p.target_epsilon > 0:
-        sigma = noise_for_target(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
-                                 steps=cfg.federation.rounds * cfg.train.local_steps)
-    return LocalDP(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, sample_rate=q, delta=p.delta,
-                   planned_steps=cfg.train.local_steps, ledger=PrivacyLedger(state_dir), budget=p.budget,
-                   poisson=p.sampling == "poisson", grad_sample_mode=p.grad_sample_mode)
+        return noise_for_target(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=sample_rate,
+                                steps=cfg.federation.rounds * cfg.train.local_steps)
+    return p.noise_multiplier

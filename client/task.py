@@ -38,6 +38,9 @@ class Tenant:
     # The tenant's own LoRA rank (federation.lora-rule = svd): node config ``lora-rank``, in
     # simulation ``simulation.tenant-ranks``; None: adapter.r.
     rank: int | None = None
+    # Where the tenant's privacy ledgers live, one per data digest (node config ``ledger-dir``,
+    # set by ``fedlora deploy supernode``); None: ``privacy_ledger.json`` in the state directory.
+    ledger_dir: Path | None = None
 
 
 def _state_dir(node_config: Mapping[str, object], train: Path) -> Path:
@@ -62,8 +65,9 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
     if "data-path" in node_config:
         train = Path(str(node_config["data-path"]))
         holdout = Path(str(node_config["holdout-path"])) if "holdout-path" in node_config else holdout_for(train)
+        ledger_dir = Path(str(node_config["ledger-dir"])) if "ledger-dir" in node_config else None
         return Tenant(int(node_config.get("tenant-id", 0)), train, holdout if holdout.is_file() else None,
-                      _state_dir(node_config, train), tenant_rank(node_config, cfg))
+                      _state_dir(node_config, train), tenant_rank(node_config, cfg), ledger_dir)
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])  # type: ignore[arg-type]
         train, holdout = tenant_paths(cfg.data.dir, pid) if cfg.data.dir else synthetic_tenant(pid, cfg)
@@ -111,6 +115,28 @@ def tenant_rank(node_config: Mapping[str, object], cfg: Config, *, partition: in
     return rank
 
 
+_LEDGERS: dict[Path, "PrivacyLedger"] = {}
+
+
+def ledger_for(tenant: Tenant) -> "PrivacyLedger":
+    """The tenant's privacy ledger, one object per file in this process (its lock is re-entrant
+    in that object: the policy's evaluation count and a round's budget check can nest)."""
+    from fedlora.client.ledger import PrivacyLedger
+
+    state_dir = tenant.state_dir or _state_dir({}, tenant.train_path)
+    ledger = PrivacyLedger.for_data(tenant.ledger_dir, tenant.train_path) if tenant.ledger_dir else \
+        PrivacyLedger(state_dir)
+    return _LEDGERS.setdefault(ledger.path, ledger)
+
+
+def node_state_dir(context) -> Path:
+    """The node's state directory, from a Flower context (deployment: ``state-dir`` or beside
+    ``data-path``; simulation: beside the tenant's files)."""
+    from fedlora.common.config import parse_config
+
+    return tenant_from_node_config(context.node_config, parse_config(context.run_config)).state_dir or Path(".")
+
+
 _MODELS: dict[tuple, Loaded] = {}
 _DATA: dict[tuple, TenantData] = {}
 
@@ -150,7 +176,7 @@ def schedule_window(cfg: Config, server_round: int) -> tuple[int, int] | None:
 
 
 def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.ndarray], cfg: Config, *,
-                server_round: int, seed: int, progress: bool = False):
+                server_round: int, seed: int, progress: bool = False, run: str | None = None, limits=None):
     """One tenant round: returns (delta, metrics) — the delta holds only adapter tensors.
 
     The run's LoRA rule (``fedlora.client.lora_rules``) says which factors train and which deltas are
@@ -158,15 +184,24 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
     ``rank`` components. With ``train.prox-mu > 0`` local training is pulled toward the
     adapter the tenant started from (FedProx).
     The privacy mechanism may decline (``fedlora.client.ledger.BudgetExhausted``) before any
-    training, and accounts for the update (writes the ledger) before it is returned."""
-    from fedlora.client.lora_rules import make_tenant_rule
+    training, and accounts for the update (writes the ledger) before it is returned; the ledger's
+    lock is held from that check through that record. ``limits`` (the tenant policy's) replace
+    the run's delta and budgets; ``run`` is the Flower run the spend is recorded under."""
     from fedlora.client.privacy import make_client_privacy
+
+    ledger = ledger_for(data.tenant)
+    with ledger.locked():
+        privacy = make_client_privacy(cfg, ledger=ledger, num_examples=len(data.tokenized), run=run, limits=limits)
+        privacy.before_round()
+        return _train_and_commit(loaded, data, global_state, cfg, privacy, server_round=server_round, seed=seed,
+                                 progress=progress, run=run)
+
+
+def _train_and_commit(loaded, data, global_state, cfg, privacy, *, server_round, seed, progress, run):
+    from fedlora.client.lora_rules import make_tenant_rule
     from fedlora.client.prox import make_proximal
     from fedlora.client.train import train
 
-    state_dir = data.tenant.state_dir or _state_dir({}, data.tenant.train_path)
-    privacy = make_client_privacy(cfg, state_dir=state_dir, num_examples=len(data.tokenized))
-    privacy.before_round()
     rule = make_tenant_rule(cfg, rank=data.tenant.rank)
     start = rule.start(global_state)
     set_state(loaded.model, start)
@@ -180,7 +215,8 @@ def train_round(loaded: Loaded, data: TenantData, global_state: Mapping[str, np.
         finally:
             privacy.after_train()  # the process-cached model leaves unwrapped even after an error
     delta = privacy.finalize_delta(rule.reply(subtract(get_state(loaded.model), start)))
-    epsilon = privacy.commit(round=server_round, tenant=data.tenant.tenant_id, examples=len(data.train))
+    epsilon = privacy.commit(round=server_round, tenant=data.tenant.tenant_id, examples=len(data.train),
+                             **({"run": run} if run is not None and privacy.name != "local" else {}))
     metrics = privacy.public_metrics({
         keys.NUM_EXAMPLES: len(data.train),
         keys.TENANT: data.tenant.tenant_id,

@@ -12,9 +12,10 @@ nothing new is spawned and nothing is imported again:
 
 1. a Runtime API client with the task's token, and the task's heartbeat;
 2. the task input (message, context, run, FAB) -- the one-shot activation of the token;
-3. the FAB must name fedlora's ClientApp (``fedlora.client.client_app:app``): its handlers are the
-   ones the worker runs (:mod:`fedlora.client.handlers`, behind the ``packed_arrays`` mod); a FAB of
-   another app gets an error reply that says to start the node with ``--no-worker``;
+3. the FAB must name fedlora's ClientApp (``fedlora.client.client_app:app``): the handlers that run
+   are this node's installed ones (:mod:`fedlora.client.handlers`, behind the ``packed_arrays`` mod),
+   never the bundle's code; a FAB of another app gets an error reply, unless the node trusts its
+   SHA-256 (``--trusted-fab``, :mod:`fedlora.client.standalone` only);
 4. the reply (or an error reply, as ``flwr-clientapp`` makes it), then the task's final
    status and context.
 
@@ -92,8 +93,28 @@ def check_fab(fab_content: bytes) -> None:
     except (KeyError, zipfile.BadZipFile, tomllib.TOMLDecodeError) as err:
         ref = f"no readable pyproject.toml ({err})"
     if ref != repr(CLIENTAPP_REF):
-        raise ForeignApp(f"this node's tenant worker serves fedlora's ClientApp ({CLIENTAPP_REF}); the run's FAB "
-                         f"names {ref}. Start the node with `fedlora deploy supernode --no-worker` to run other apps")
+        raise ForeignApp(f"this node runs its own fedlora ClientApp ({CLIENTAPP_REF}), never an app bundle's code; "
+                         f"the run's FAB names {ref}. To run that bundle, its operator lists its SHA-256 with "
+                         "`fedlora deploy supernode --trusted-fab SHA256`")
+
+
+def fab_sha256(fab_content: bytes) -> str:
+    """The hash a node's ``--trusted-fab`` names: SHA-256 of the bundle's bytes (computed here,
+    not the hash the server states)."""
+    import hashlib
+
+    return hashlib.sha256(fab_content).hexdigest()
+
+
+def trusted_app(fab, run) -> Callable:
+    """The ClientApp of a bundle the node trusts by hash, installed and loaded by Flower's own
+    functions, as ``flwr-clientapp`` does (no runtime dependency installation)."""
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+
+    install_from_fab(fab.content, skip_prompt=True)
+    return get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+        run.fab_id, run.fab_version, fab.hash_str)
 
 
 def _heartbeat_fn(client, cancelled: threading.Event) -> Callable[[], bool]:
@@ -163,7 +184,8 @@ def pull_task_input(client, cancelled: threading.Event | None = None):
     return message, context, run, fab
 
 
-def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | None = None) -> TaskResult:
+def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | None = None,
+             trusted_fabs: frozenset[str] = frozenset()) -> TaskResult:
     """Run one ClientApp task against the SuperNode's Runtime API; never raises.
 
     ``app(message, context) -> reply`` handles the message (the worker passes fedlora's
@@ -171,7 +193,8 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
     the worker handles one message at a time. Pulling and pushing are outside it, as in
     Flower's process per task: a task whose run died while its message was still arriving
     (its objects never come) holds up no other task, and gives up at its heartbeat's next
-    "not running" (within about 30 s)."""
+    "not running" (within about 30 s). A FAB whose SHA-256 is in ``trusted_fabs`` runs its own
+    ClientApp (:func:`trusted_app`); any other must name fedlora's, and ``app`` runs."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
@@ -200,13 +223,17 @@ def run_task(spec: TaskSpec, app: Callable, *, one_at_a_time: threading.Lock | N
             message, context, _run, fab = pull_task_input(client, cancelled)
             phases["pull"] = clock() - t
             result.message_type = message.metadata.message_type
-            check_fab(fab.content)
+            handler = app
+            if fab_sha256(fab.content) in trusted_fabs:
+                handler = trusted_app(fab, _run)
+            else:
+                check_fab(fab.content)
             t = clock()
             with lock:
                 phases["turn"], t = clock() - t, clock()
                 if cancelled.is_set():
                     raise RuntimeError("the task's run stopped while it waited for its turn")
-                reply = app(message, context)
+                reply = handler(message, context)
                 phases["handle"] = clock() - t
             result.status, result.details = SubStatus.COMPLETED, ""
         except Exception as err:  # noqa: BLE001 - as flwr-clientapp: the error becomes the reply

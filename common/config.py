@@ -214,6 +214,10 @@ class SimulationConfig:
     cpus_per_tenant: int = _opt(1, "CPU cores per simulated tenant", lo=1)
     # LoRA rank of each simulated tenant, "R0,R1,..." (each <= adapter.r; federation.lora-rule = svd only). Empty: all r.
     tenant_ranks: str = _opt("", "LoRA rank per simulated tenant 'R0,R1,...' (lora-rule svd; empty: adapter.r)")
+    # Tenant policy file(s) (`fedlora policy init`): one file every simulated tenant answers under, or
+    # "F0,F1,..." one per tenant (an empty entry: none). Simulation only: a deployment node has its own
+    # (`fedlora deploy supernode --policy`) and never takes one from the run config. Empty: none.
+    tenant_policy: str = _opt("", "tenant policy file for every simulated tenant, or 'F0,F1,...' one each")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,14 @@ DP_EPSILON = "dp-epsilon"
 
 # Error code of a train reply from a tenant that declines (its privacy budget is spent).
 DECLINED = 4030
+# Error code of a reply from a tenant whose own policy declines the task (fedlora.client.policy).
+POLICY_DECLINED = 4032
+# Error code of a reply from a tenant under a policy whose handler failed: the reason is a
+# short public text; the details stay in the node's log.
+TENANT_ERROR = 4033
+
+# Keys every reply carries; a tenant may withhold any other metric (its policy says which leave).
+REQUIRED_METRICS = frozenset({NUM_EXAMPLES, TENANT})
 
 TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, TENANT, "train-loss", "train-first-loss", "train-steps", "train-tokens",

@@ -84,7 +84,7 @@ class RoundRecord:
         return cls(**data)
 
     def eval_exact_match(self) -> list[float]:
-        return [m["eval-exact-match"] for m in self.eval.values()]
+        return [m["eval-exact-match"] for m in self.eval.values() if "eval-exact-match" in m]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from fedlora.common.messages import REQUIRED_METRICS
 from fedlora.common.weighting import tenant_weight
 
 Arrays = Mapping[str, np.ndarray]
@@ -73,6 +74,16 @@ def coordinate_median(stacked: np.ndarray) -> np.ndarray:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / s.dtype.type(2)
 
 
+def check_metric_keys(metrics: Mapping[str, float], protocol: frozenset[str], *,
+                      required: frozenset[str] = REQUIRED_METRICS) -> None:
+    """A reply's metric names: the ``required`` ones, and otherwise only names of the ``protocol``
+    (a tenant's policy may withhold any other); raises :class:`Rejected`."""
+    names = set(metrics)
+    extra, missing = sorted(names - protocol), sorted(required - names)
+    if extra or missing:
+        raise Rejected(f"metric keys differ from the protocol: extra {extra}, missing {missing}")
+
+
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
                     expected_metrics: frozenset[str], max_examples: int,
                     weight_of: Callable[[int, int], float], node: int = 0,
@@ -81,10 +92,7 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
 
     Shapes must be the reference's, unless ``check_shapes(arrays, reference)`` is given: it
     then decides, raising :class:`Rejected` (``fedlora.server.lora_rules``: tenants of lower LoRA rank)."""
-    keys = set(metrics)
-    if keys != expected_metrics:
-        extra, missing = sorted(keys - expected_metrics), sorted(expected_metrics - keys)
-        raise Rejected(f"metric keys differ from the protocol: extra {extra}, missing {missing}")
+    check_metric_keys(metrics, expected_metrics)
     for k, v in metrics.items():
         if not isinstance(v, (int, float)) or not np.isfinite(v):
             raise Rejected(f"metric {k!r} is not a finite number: {v!r}")

@@ -316,7 +316,7 @@ def _secure_metrics(content: RecordDict) -> dict:
     if keys.METRICS not in content.metric_records:
         raise ValueError(f"reply lacks '{keys.METRICS}'")
     m = dict(content.metric_records[keys.METRICS])
-    if set(m) != keys.SECAGG_TRAIN_METRICS:
+    if not set(m) <= keys.SECAGG_TRAIN_METRICS or keys.TENANT not in m:
         raise ValueError(f"metric keys {sorted(m)} differ from the secure protocol")
     if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in m.values()):
         raise ValueError("a metric is not a finite number")

@@ -268,8 +268,8 @@ class FedLoraStrategy(Strategy):
     def _train_metrics(self, got: Collected, summed: WeightedSum) -> dict:
         if got.updates:
             return _weighted_metrics([(u.weight, u.metrics) for u in got.updates], exclude=(keys.TENANT,))
-        names = sorted(keys.SECAGG_TRAIN_METRICS - {keys.TENANT})
-        metrics = {k: float(np.mean([m[k] for m in got.metrics.values()])) for k in names} if got.metrics else {}
+        names = sorted(keys.SECAGG_TRAIN_METRICS - {keys.TENANT})  # each over the tenants that sent it
+        metrics = {k: float(np.mean(sent)) for k in names if (sent := [m[k] for m in got.metrics.values() if k in m])}
         metrics[keys.NUM_EXAMPLES] = int(summed.weight)  # the total weight, all the server learns
         return metrics
 
@@ -326,7 +326,8 @@ def _evaluations(sent: list[Message], replies: Iterable[Message], record: str
         elif record not in msg.content.metric_records:
             dropped.append((node, "reply lacks metrics" if record == keys.METRICS else
                             "the training reply carries none (the tenant's log says why)"))
-        elif set(metrics := dict(msg.content.metric_records[record])) != keys.EVAL_METRICS:
+        elif not (set(metrics := dict(msg.content.metric_records[record])) <= keys.EVAL_METRICS
+                  and keys.REQUIRED_METRICS <= set(metrics)):
             dropped.append((node, f"metric keys {sorted(metrics)} differ from the protocol"))
         else:
             evaluated[node] = metrics
@@ -341,8 +342,11 @@ def _mean_evaluation(evaluated: dict[int, dict]) -> MetricRecord | None:
 
 
 def _weighted_metrics(items: list[tuple[float, dict]], *, exclude: tuple[str, ...]) -> dict[str, float]:
-    total = sum(w for w, _ in items)
-    names = [k for k in items[0][1] if k not in exclude and k != keys.NUM_EXAMPLES]
-    out = {k: sum(w * float(m[k]) for w, m in items) / total for k in names}
+    names = sorted({k for _, m in items for k in m if k not in exclude and k != keys.NUM_EXAMPLES})
+    out = {}
+    for k in names:  # each metric over the tenants that sent it (a tenant's policy may withhold any)
+        sent = [(w, float(m[k])) for w, m in items if k in m]
+        total = sum(w for w, _ in sent)
+        out[k] = sum(w * v for w, v in sent) / total if total > 0 else float(np.mean([v for _, v in sent]))
     out[keys.NUM_EXAMPLES] = int(sum(m[keys.NUM_EXAMPLES] for _, m in items))
     return out

@@ -34,6 +34,8 @@ def _per_tenant_series(rounds: list[RoundRecord], section: str, key: str) -> dic
     series: dict[str, tuple[list[int], list[float]]] = {}
     for r in rounds:
         for tenant, m in getattr(r, section).items():
+            if key not in m:  # withheld by the tenant's policy
+                continue
             xs, ys = series.setdefault(tenant, ([], []))
             xs.append(r.round)
             ys.append(m[key])

@@ -86,6 +86,9 @@ def resolve(scenario: str, overrides: Mapping[str, Any], run_dir: str | None) ->
         flat["run.dir"] = str(Path(run_dir).resolve())
     elif not flat.get("run.dir"):
         flat["run.dir"] = str(default_run_dir().resolve())
+    if flat.get("simulation.tenant-policy"):  # the ClientApps run in another working directory
+        flat["simulation.tenant-policy"] = ",".join(str(Path(f.strip()).resolve()) if f.strip() else ""
+                                                    for f in str(flat["simulation.tenant-policy"]).split(","))
     return parse_config(flat, source=f"scenario {scenario!r} with overrides")
 
 

@@ -2,7 +2,7 @@
 where a deployment message's round trip goes.
 
     python -m fedlora.simulations.bench.deployment [--tenants 3] [--rounds 2] [--repeats 1] [--no-worker-arm]
-                                           [--flower-clientapp-arm] [--evaluate-with-train-arm]
+                                           [--evaluate-with-train-arm]
                                            [--set KEY=VALUE ...]
 
 1. Writes synthetic tenants once; every run uses the same files and the same config.
@@ -10,9 +10,8 @@ where a deployment message's round trip goes.
    127.0.0.1 (``fedlora.simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
    ``fedlora deploy supernode`` runs them: the worker pulls and answers each task itself,
    and has loaded the run's model before the run starts, as ``--warm`` makes it do);
-   2 rounds. With ``--flower-clientapp-arm`` also with Flower's own ``flwr-clientapp`` per
-   message forwarding to the worker, with ``--no-worker-arm`` also without workers (each
-   ClientApp process loads the model). With ``--evaluate-with-train-arm`` also both engines
+   2 rounds. With ``--no-worker-arm`` also without workers (each task runs in a fresh
+   process of the node's fedlora, which loads the model). With ``--evaluate-with-train-arm`` also both engines
    with ``federation.evaluate-with-train`` (each round's evaluation rides on the next round's
    training message), each against the other engine and against its own separate evaluation.
 3. Simulation: the same run through ``fedlora simulate`` (no baselines).
@@ -177,12 +176,12 @@ class NodeMemory:
 
 
 def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, repeat: int = 0,
-                   flower_clientapp: bool = False, prefix: str = "") -> dict:
+                   prefix: str = "") -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
     from fedlora.simulations.cli.deployment import LocalFederation, Tenant
 
-    name = ("deployment" if worker else "deployment_no_worker") + ("_flower_clientapp" if flower_clientapp else "")
+    name = "deployment" if worker else "deployment_no_worker"
     name += f"_{repeat}" if repeat else ""
     name = prefix + name  # its directories' names
     run_cfg = cfg.replace(**{"run.dir": str(out / f"{name}_run")})
@@ -192,7 +191,7 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
     with LocalFederation(out / f"{name}_federation") as fed:
         for i in range(tenants):
             fed.start_node(Tenant(f"tenant-{i}", i, data / f"tenant_{i:03d}" / "train.jsonl"), worker=worker,
-                           flower_clientapp=flower_clientapp, warm=run_cfg if worker else None)
+                           warm=run_cfg if worker else None)
         fed.wait_online(tenants)
         warm = fed.wait_warm() if worker else {}
         up = time.perf_counter() - t
@@ -244,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of each arm (median reported)")
     p.add_argument("--no-worker-arm", action="store_true",
                    help="also run the deployment without tenant workers (a model load per message)")
-    p.add_argument("--flower-clientapp-arm", action="store_true",
-                   help="also run with workers behind Flower's own flwr-clientapp (a process per message)")
     p.add_argument("--evaluate-with-train-arm", action="store_true",
                    help="also run both engines with federation.evaluate-with-train (one exchange per round fewer)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -278,10 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     arms = {"deployment": arm("deployment", lambda: deployment_arm(cfg, data, out, tenants=args.tenants, worker=True,
                                                                     repeat=done("deployment"))),
             "simulation": arm("simulation", lambda: simulation_arm(cfg, data, out, repeat=done("simulation")))}
-    if args.flower_clientapp_arm:
-        arms["deployment_flower_clientapp"] = arm("deployment_flower_clientapp", lambda: deployment_arm(
-            cfg, data, out, tenants=args.tenants, worker=True, flower_clientapp=True,
-            repeat=done("deployment_flower_clientapp")))
     if args.evaluate_with_train_arm:
         fused = cfg.replace(**{"federation.evaluate-with-train": True})
         arms[FUSED + "deployment"] = arm(FUSED + "deployment", lambda: deployment_arm(

@@ -50,13 +50,20 @@ def add_commands(sub) -> None:
                       help="seconds between the idle SuperNode's requests for a message (default: "
                            f"{deployment.DEFAULT_POLL}; Flower's own is 3, which delays every message 1.5 s "
                            "on average)")
+    node.add_argument("--policy", metavar="FILE",
+                      help="this tenant's own privacy policy (`fedlora policy init FILE`): every task that breaks "
+                           "it is declined before any work, whatever the run config says. Without one the "
+                           "server's run config decides this node's privacy")
+    node.add_argument("--ledger-dir", metavar="DIR",
+                      help="where this tenant's privacy ledgers live, one per data digest, so a new --state-dir "
+                           "on the same data continues the same budget (default: the policy's ledger.dir, else "
+                           "~/.fedlora/ledgers)")
+    node.add_argument("--trusted-fab", action="append", default=[], metavar="SHA256",
+                      help="an app bundle (FAB) whose own ClientApp code this node may run, by the SHA-256 of its "
+                           "bytes; without it the node runs only its own installed fedlora, never a run's code")
     node.add_argument("--no-worker", action="store_true",
-                      help="no tenant worker: every ClientApp process imports torch and loads the model itself "
-                           "(Flower starts one per message)")
-    node.add_argument("--flower-clientapp", action="store_true",
-                      help="let Flower start its own flwr-clientapp for every message, which forwards it to the "
-                           "worker (seconds of start-up each); by default the worker pulls and answers each "
-                           "task itself")
+                      help="no tenant worker: every task runs in a fresh process of this node's fedlora, which "
+                           "imports torch and loads the model itself (slower)")
     node.add_argument("--warm", metavar="SCENARIO",
                       help="the worker loads the base and adapter this scenario (name or .toml, as `deploy run "
                            "--scenario` takes) names when it starts, so round 1 does not wait for it; later "
@@ -114,18 +121,20 @@ def _supernode(args: argparse.Namespace) -> int:
     from fedlora.simulations.cli.preflight import check_supernode
 
     socket = None
+    state_dir = _node_state_dir(args.state_dir, args.data)
     if not args.no_worker:
         try:
-            socket = worker_link.socket_path(_node_state_dir(args.state_dir, args.data))
+            socket = worker_link.socket_path(state_dir)
         except ValueError as err:
             raise deployment.DeploymentConfigError(str(err)) from None
+    policy = Path(args.policy).resolve() if args.policy else None
     cmd = deployment.supernode_command(  # refuses a bad --lora-rank before any file is read
         superlink=args.superlink, ca_cert=Path(args.ca).resolve(), private_key=Path(args.key).resolve(),
         data_path=Path(args.data).resolve(), tenant_id=args.tenant_id,
         holdout_path=Path(args.holdout).resolve() if args.holdout else None,
         runtime_port=args.runtime_port, lora_rank=args.lora_rank,
         state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket,
-        poll_interval=args.poll_interval)
+        poll_interval=args.poll_interval, policy=policy, ledger_dir=_ledger_dir(args, policy))
     warm = _warm_config(args, with_worker=socket is not None)
     if args.print:
         if socket is not None:
@@ -134,9 +143,10 @@ def _supernode(args: argparse.Namespace) -> int:
             print(shlex.join(worker_command(socket, "SUPERVISOR_PID")))
         return _exec(cmd, True)
     check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
-                    tenant_id=args.tenant_id)
-    if socket is None:
-        return _exec(cmd, False)
+                    tenant_id=args.tenant_id, policy=policy)
+    if policy is None:
+        print("fedlora deploy supernode: no --policy: the server's run config decides this node's privacy "
+              "(write one with `fedlora policy init policy.toml`)", file=sys.stderr, flush=True)
     if warm is not None:
         from fedlora.client.warm import write_warm
 
@@ -145,10 +155,26 @@ def _supernode(args: argparse.Namespace) -> int:
 
     try:
         return run_node(cmd, socket, env=deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME))),
-                        hand_over_tasks=not args.flower_clientapp)
+                        trusted_fabs=tuple(args.trusted_fab), bin_dir=state_dir / "worker" / "bin")
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1
+
+
+def _ledger_dir(args: argparse.Namespace, policy: Path | None) -> Path:
+    """``--ledger-dir``, else the policy's ``ledger.dir``, else ``<fedlora home>/ledgers``."""
+    if args.ledger_dir:
+        return Path(args.ledger_dir).expanduser().resolve()
+    if policy is not None and policy.is_file():
+        from fedlora.client.policy import PolicyError, load_policy
+
+        try:
+            return load_policy(policy).ledger_dir()
+        except PolicyError:
+            pass  # the preflight says what is wrong with it
+    from fedlora.common.files import fedlora_home
+
+    return fedlora_home() / "ledgers"
 
 
 def _warm_config(args: argparse.Namespace, *, with_worker: bool) -> dict | None:

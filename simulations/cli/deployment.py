@@ -75,14 +75,17 @@ def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1",
 
 def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
                 lora_rank: int | None = None, state_dir: Path | str | None = None,
-                worker_socket: Path | str | None = None) -> str:
+                worker_socket: Path | str | None = None, policy: Path | str | None = None,
+                ledger_dir: Path | str | None = None) -> str:
     """The ``--node-config`` string the ClientApp reads (``fedlora.client.task.tenant_from_node_config``).
 
     ``lora_rank``: the tenant's own LoRA rank (``lora-rank``; runs with ``federation.lora-rule
     = svd`` only, at most the run's ``adapter.r``, which the ClientApp checks); None: the run's rank.
     ``state_dir``: where the node keeps its privacy ledger and delta residuals (``state-dir``;
     default: ``.fedlora-state/`` beside the data file); ``worker_socket``: the tenant worker's
-    Unix socket (``worker-socket``; the ClientApp then forwards every message to it).
+    Unix socket (``worker-socket``; the ClientApp then forwards every message to it); ``policy``: the
+    tenant's own policy file (``policy``, :mod:`fedlora.client.policy`); ``ledger_dir``: where its
+    privacy ledgers live, one per data digest (``ledger-dir``).
     """
     data_path = Path(data_path)
     if not data_path.is_absolute():
@@ -95,7 +98,8 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
             raise DeploymentConfigError(f"LoRA rank {lora_rank!r} must be a positive integer "
                                         "(at most the run's adapter.r; federation.lora-rule = svd)")
         parts.append(f"lora-rank={lora_rank}")
-    for key, path in (("state-dir", state_dir), ("worker-socket", worker_socket)):
+    for key, path in (("state-dir", state_dir), ("worker-socket", worker_socket), ("policy", policy),
+                      ("ledger-dir", ledger_dir)):
         if path is not None:
             parts.append(f"{key}={json.dumps(str(Path(path).resolve()))}")
     return " ".join(parts)
@@ -105,7 +109,8 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
                       tenant_id: int, holdout_path: Path | str | None = None, runtime_port: int = 9094,
                       max_retries: int | None = None, lora_rank: int | None = None,
                       state_dir: Path | str | None = None, worker_socket: Path | str | None = None,
-                      poll_interval: float | None = None) -> list[str]:
+                      poll_interval: float | None = None, policy: Path | str | None = None,
+                      ledger_dir: Path | str | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
@@ -124,7 +129,8 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
     cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path,
-                                         lora_rank=lora_rank, state_dir=state_dir, worker_socket=worker_socket),
+                                         lora_rank=lora_rank, state_dir=state_dir, worker_socket=worker_socket,
+                                         policy=policy, ledger_dir=ledger_dir),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
@@ -184,6 +190,7 @@ class Tenant:
     tenant_id: int
     data_path: Path
     lora_rank: int | None = None  # its own LoRA rank (federation.lora-rule = svd); None: adapter.r
+    policy: Path | None = None  # its own tenant policy (fedlora.client.policy); None: the server decides
 
 
 @dataclass
@@ -267,19 +274,19 @@ class LocalFederation:
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
                    max_retries: int | None = None, worker: bool = True,
-                   poll_interval: float | None = DEFAULT_POLL, flower_clientapp: bool = False,
-                   warm=None) -> Proc:
+                   poll_interval: float | None = DEFAULT_POLL, warm=None, trusted_fabs: tuple[str, ...] = ()) -> Proc:
         """Start one tenant's node (registering its key first unless told not to): its SuperNode
         and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does;
-        ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``flower_clientapp``:
-        Flower's own ``flwr-clientapp`` per message, forwarding to the worker; ``warm``: a Config
-        whose model the worker loads as it starts (``fedlora deploy supernode --warm``)."""
+        ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``warm``: a Config
+        whose model the worker loads as it starts (``fedlora deploy supernode --warm``); the node's
+        ledgers go to its own directory (``ledgers-<name>``), as ``--ledger-dir`` would put them."""
         from fedlora.client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
         if register:
             self.register(tenant.name)
-        socket = socket_path(self.state_dir / f"node-{tenant.name}") if worker else None
+        node_dir = self.state_dir / f"node-{tenant.name}"
+        socket = socket_path(node_dir) if worker else None
         if warm is not None and socket is not None:
             from fedlora.client.warm import write_warm
 
@@ -287,10 +294,11 @@ class LocalFederation:
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
-                                worker_socket=socket, poll_interval=poll_interval)
-        if socket is not None:
-            cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.tenant_node", "--socket", str(socket),
-                   *(["--flower-clientapp"] if flower_clientapp else []), "--", *cmd]
+                                worker_socket=socket, poll_interval=poll_interval, policy=tenant.policy,
+                                ledger_dir=self.state_dir / f"ledgers-{tenant.name}")
+        where = ["--socket", str(socket)] if socket is not None else ["--no-worker", "--bin-dir", str(node_dir / "bin")]
+        cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.tenant_node", *where,
+               *(f"--trusted-fab={h}" for h in trusted_fabs), "--", *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc

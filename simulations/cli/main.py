@@ -13,7 +13,7 @@ from fedlora.common.offline import quiet_and_offline
 USER_ERRORS = frozenset({"ConfigError", "DataError", "PreflightError", "ResumeError", "ResumeRefused", "SourceError",
                          "PublishError", "ManifestError", "ModelNotFoundError", "DeploymentConfigError",
                          "TenantConfigError", "SafetensorError",
-                         "BaseImportError", "BaseMismatchError"})
+                         "BaseImportError", "BaseMismatchError", "PolicyError"})
 # A run that started and did not finish: its message, exit code 1.
 RUN_ERRORS = frozenset({"SimulationError", "DeploymentError", "MergeMismatch"})
 
@@ -28,8 +28,9 @@ examples:
   fedlora keys signing --out keys/          # Ed25519 key pair for signing published versions
   fedlora keys node hospital-a --out keys/  # SuperNode authentication key pair
   fedlora certs --out certs/ --host 127.0.0.1 --host superlink.example.org
+  fedlora policy init policy.toml           # a tenant's own privacy policy (then: policy check)
   fedlora deploy supernode --superlink superlink.example.org:9093 --ca ca.crt --key keys/hospital-a \
-      --data /data/train.jsonl           # a tenant joins (README, section Deployment)
+      --data /data/train.jsonl --policy policy.toml   # a tenant joins (README, section Deployment)
   fedlora dpo runs/20260101-120000          # DPO-refine a run's aggregate (also: merge, publish)
   fedlora publish runs/x --registry registry/ --signing-key keys/fedlora-signing.key
   fedlora verify registry/model/v1 --public-key keys/fedlora-signing.pub
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlora.simulations.cli.flwr_config import add_command as add_flwr_config_command
 
     add_flwr_config_command(sub)
+
+    from fedlora.simulations.cli.policy import add_command as add_policy_command
+
+    add_policy_command(sub)
     return parser
 
 
@@ -200,6 +205,10 @@ def _dispatch(args) -> int:
         from fedlora.simulations.cli.flwr_config import main_flwr_config
 
         return main_flwr_config(args)
+    if args.command == "policy":
+        from fedlora.simulations.cli.policy import main_policy
+
+        return main_policy(args)
     if args.command in ("dpo", "merge", "publish"):
         from fedlora.simulations.cli.release import main_release
 

@@ -73,6 +73,38 @@ class Preflight:
             self.tenant_file(holdout, tenant=str(t), fmt=fmt)
 
     # -- model ------------------------------------------------------------------
+    def tenant_policy(self, path: str | Path, *, where: str, data: Path | None = None) -> None:
+        """A tenant policy file that parses and keeps its own rules (and, with ``data``, can keep them
+        for that training file: its delta at most 1 / records)."""
+        from fedlora.client.policy import PolicyError, data_problems, load_policy
+
+        try:
+            policy = load_policy(path)
+        except PolicyError as err:
+            self.add(f"{where}: {err}")
+            return
+        if data is not None and data.is_file():
+            from fedlora.client.policy_mod import count_records
+
+            self.problems += [f"{where} {path} with {data}: {p}" for p in data_problems(policy, count_records(data))]
+
+    def tenant_policies(self, value: str, tenants: int, data_dir: str) -> None:
+        """``simulation.tenant-policy``: one file, or one entry per simulated tenant."""
+        from fedlora.common.data import tenant_paths
+
+        files = [f.strip() for f in value.split(",")]
+        if len(files) > 1 and len(files) != tenants:
+            self.add(f"simulation.tenant-policy names {len(files)} files for {tenants} tenants; give one file for "
+                     "all, or one entry per tenant (an empty entry: no policy)")
+            return
+        for t in range(tenants):
+            f = files[t] if len(files) > 1 else files[0]
+            if f:
+                self.tenant_policy(f, where=f"simulation.tenant-policy (tenant {t})",
+                                   data=tenant_paths(data_dir, t)[0] if data_dir else None)
+            if len(files) == 1:
+                break
+
     def base_model(self, name: str, *, load_config: bool = True, template: str = "auto") -> None:
         """The base resolves offline (a directory with config.json, or the HF cache), its
         config.json names a ``model_type`` and, with ``load_config``, ``AutoConfig`` loads it
@@ -212,6 +244,8 @@ def check_simulation(cfg) -> None:
     pf = Preflight()
     if cfg.data.dir:
         pf.simulation_tenants(cfg.data.dir, cfg.simulation.tenants, fmt=cfg.data.format)
+    if cfg.simulation.tenant_policy:
+        pf.tenant_policies(cfg.simulation.tenant_policy, cfg.simulation.tenants, cfg.data.dir)
     pf.writable_dir(Path(cfg.run.dir))
     if cfg.publish.enabled and cfg.publish.signing_key:
         pf.signing_key(cfg.publish.signing_key)
@@ -231,8 +265,8 @@ def check_deployment_run(cfg, *, ca_cert: str | Path) -> None:
 
 
 def check_supernode(*, ca_cert: str | Path, private_key: str | Path, data: str | Path,
-                    holdout: str | Path | None, tenant_id: int) -> None:
-    """``fedlora deploy supernode``: the tenant's files, its key and the federation's CA."""
+                    holdout: str | Path | None, tenant_id: int, policy: str | Path | None = None) -> None:
+    """``fedlora deploy supernode``: the tenant's files, its key, the federation's CA, its policy."""
     from fedlora.common.data import holdout_for
 
     pf = Preflight()
@@ -240,4 +274,6 @@ def check_supernode(*, ca_cert: str | Path, private_key: str | Path, data: str |
     pf.node_key(private_key)
     pf.tenant_file(Path(data), tenant=str(tenant_id))
     pf.tenant_file(Path(holdout) if holdout else holdout_for(data), tenant=str(tenant_id), required=bool(holdout))
+    if policy is not None:
+        pf.tenant_policy(policy, where="--policy", data=Path(data))
     pf.raise_if_any()

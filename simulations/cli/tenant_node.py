@@ -7,22 +7,24 @@ in the foreground:
 
 - Flower's SuperExec finds fedlora's ``flwr-clientapp`` (:mod:`fedlora.client.clientapp_shim`) first
   on the SuperNode's PATH, so each message's task is pulled and answered by the worker itself
-  instead of a fresh Flower process per message (``--flower-clientapp`` leaves Flower's);
-- the worker is restarted if it dies (tasks fall back to Flower's ``flwr-clientapp`` meanwhile,
-  whose ClientApp then handles the message in-process);
+  instead of a fresh Flower process per message; Flower's own ``flwr-clientapp``, which would
+  run the run's app bundle, is never started;
+- the worker is restarted if it dies (tasks run meanwhile in fresh processes of this node's
+  fedlora, :mod:`fedlora.client.standalone`: never the bundle's code); without a worker
+  (``--no-worker``) every task runs that way;
 - SIGTERM, SIGINT or SIGHUP stops the SuperNode first, then the worker;
 - when the SuperNode exits, the worker is stopped and its exit code is the node's;
 - both children get the kernel's parent-death signal, so even a SIGKILLed supervisor leaves
   nothing behind (the worker also watches its parent).
 
     python -m fedlora.simulations.cli.tenant_node --socket PATH -- flower-supernode ARGS...
+    python -m fedlora.simulations.cli.tenant_node --no-worker --bin-dir DIR -- flower-supernode ARGS...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedlora.client import clientapp_shim, worker_link
-from fedlora.simulations.cli.launcher import BIN, die_with_parent
+from fedlora.simulations.cli.launcher import die_with_parent
 
 READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
 RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
@@ -47,10 +49,15 @@ def worker_command(socket: Path, parent_pid: int | str, *, preload: bool = True)
 class TenantNode:
     """The two children and the supervisor's decisions about them."""
 
-    def __init__(self, supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None,
-                 say: Callable[[str], None] | None = None, preload: bool = True, hand_over_tasks: bool = True):
-        self.supernode_cmd, self.socket, self.env, self.preload = supernode_cmd, Path(socket), env, preload
-        self.hand_over_tasks = hand_over_tasks
+    def __init__(self, supernode_cmd: list[str], socket: Path | None, *, env: dict[str, str] | None = None,
+                 say: Callable[[str], None] | None = None, preload: bool = True,
+                 trusted_fabs: tuple[str, ...] = (), bin_dir: Path | None = None):
+        self.supernode_cmd, self.env, self.preload = supernode_cmd, env, preload
+        self.socket = Path(socket) if socket is not None else None  # None: no worker
+        self.trusted_fabs = tuple(trusted_fabs)
+        self.bin_dir = bin_dir or (self.socket.parent / "bin" if self.socket else None)
+        if self.bin_dir is None:
+            raise ValueError("a node without a worker needs a bin_dir for its flwr-clientapp")
         self.say = say or (lambda line: print(f"fedlora deploy supernode: {line}", file=sys.stderr, flush=True))
         self.worker: subprocess.Popen | None = None
         self.supernode: subprocess.Popen | None = None
@@ -63,12 +70,14 @@ class TenantNode:
                                 preexec_fn=partial(die_with_parent, signal.SIGTERM))
 
     def start_worker(self) -> None:
+        if self.socket is None:
+            return
         self.worker = self._spawn(worker_command(self.socket, os.getpid(), preload=self.preload))
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and not self.stopping:
             if self.worker.poll() is not None:
                 raise RuntimeError(f"the tenant worker exited with code {self.worker.returncode} before it served "
-                                   f"(its log is above); start with --no-worker to train in each ClientApp instead")
+                                   f"(its log is above); start with --no-worker to run each task in a fresh process")
             try:
                 health = worker_link.health(self.socket, timeout=2.0)
             except (worker_link.WorkerUnavailable, worker_link.WorkerFailed):
@@ -86,7 +95,7 @@ class TenantNode:
         self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
         if len(self.restarts) > RESTARTS:
             self.say(f"the tenant worker died {RESTARTS + 1} times in {RESTART_WINDOW:.0f} s; not restarting it "
-                     "(ClientApps now train in their own processes)")
+                     "(tasks now run in fresh processes of this node's fedlora, never the run's bundle)")
             self.worker = None
             return
         self.say(f"the tenant worker exited with code {self.worker.returncode}; restarting it")
@@ -97,16 +106,8 @@ class TenantNode:
 
     def supernode_env(self) -> dict[str, str]:
         """The SuperNode's environment: with fedlora's ``flwr-clientapp`` first on PATH (it hands
-        each task to the worker, and falls back to Flower's own, found on the PATH it had)."""
-        env = dict(os.environ if self.env is None else self.env)
-        if not self.hand_over_tasks:
-            return env
-        path = env.get("PATH", os.defpath)
-        flower = shutil.which(clientapp_shim.COMMAND, path=path) or str(BIN / clientapp_shim.COMMAND)
-        bin_dir = self.socket.parent / "bin"
-        clientapp_shim.install(bin_dir, worker_socket=self.socket, flower=flower)
-        env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
-        return env
+        each task to the worker, else to a fresh process of this node's fedlora)."""
+        return supernode_env(self.env, bin_dir=self.bin_dir, socket=self.socket, trusted_fabs=self.trusted_fabs)
 
     def stop(self, *_) -> None:
         self.stopping = True
@@ -136,26 +137,42 @@ class TenantNode:
         return self.supernode.returncode if self.supernode is not None else 0
 
 
-def run_node(supernode_cmd: list[str], socket: Path, *, env: dict[str, str] | None = None,
-             hand_over_tasks: bool = True) -> int:
-    """Run a tenant's SuperNode with its worker until the SuperNode exits or a signal comes."""
-    return TenantNode(supernode_cmd, socket, env=env, hand_over_tasks=hand_over_tasks).run()
+def supernode_env(env: dict[str, str] | None, *, bin_dir: Path, socket: Path | None,
+                  trusted_fabs: tuple[str, ...] = ()) -> dict[str, str]:
+    """``env`` (default: this process's) with fedlora's ``flwr-clientapp`` installed in ``bin_dir``
+    first on PATH, handing tasks to the worker on ``socket`` (None: none)."""
+    env = dict(os.environ if env is None else env)
+    path = env.get("PATH", os.defpath)
+    clientapp_shim.install(bin_dir, worker_socket=socket, fallback=clientapp_shim.fallback_command(trusted_fabs))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+    return env
+
+
+def run_node(supernode_cmd: list[str], socket: Path | None, *, env: dict[str, str] | None = None,
+             trusted_fabs: tuple[str, ...] = (), bin_dir: Path | None = None) -> int:
+    """Run a tenant's SuperNode with its worker (``socket``; None: none) until the SuperNode exits
+    or a signal comes."""
+    return TenantNode(supernode_cmd, socket, env=env, trusted_fabs=trusted_fabs, bin_dir=bin_dir).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedlora.simulations.cli.tenant_node", description=__doc__.split("\n\n")[0])
-    p.add_argument("--socket", required=True, type=Path, help="the tenant worker's Unix socket")
+    p.add_argument("--socket", type=Path, help="the tenant worker's Unix socket")
+    p.add_argument("--no-worker", action="store_true", help="no worker: every task runs in a fresh process")
+    p.add_argument("--bin-dir", type=Path, help="where fedlora's flwr-clientapp goes (default: beside the socket)")
+    p.add_argument("--trusted-fab", action="append", default=[], metavar="SHA256",
+                   help="an app bundle whose own ClientApp may run on this node")
     p.add_argument("--no-preload", action="store_true", help="the worker imports the ML stack at its first message")
-    p.add_argument("--flower-clientapp", action="store_true",
-                   help="leave Flower's flwr-clientapp (one process per message, forwarding to the worker)")
     p.add_argument("supernode", nargs=argparse.REMAINDER, help="-- then the flower-supernode command line")
     args = p.parse_args(argv)
     cmd = args.supernode[1:] if args.supernode[:1] == ["--"] else args.supernode
     if not cmd:
         p.error("give the flower-supernode command after --")
+    if (args.socket is None) != args.no_worker or (args.no_worker and args.bin_dir is None):
+        p.error("give --socket, or --no-worker with --bin-dir")
     try:
-        return TenantNode(cmd, args.socket, preload=not args.no_preload,
-                          hand_over_tasks=not args.flower_clientapp).run()
+        return TenantNode(cmd, None if args.no_worker else args.socket, preload=not args.no_preload,
+                          trusted_fabs=tuple(args.trusted_fab), bin_dir=args.bin_dir).run()
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1

@@ -62,20 +62,27 @@ class FakeWorker:
         self.sock.close()
 
 
+def _recorder(path: Path, out: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {out}\n")
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture
 def fake_flower(tmp_path):
-    """A stand-in for Flower's flwr-clientapp that writes its arguments to a file."""
-    out = tmp_path / "flower-args.json"
-    script = tmp_path / "real" / "flwr-clientapp"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {out}\n")
-    script.chmod(0o755)
-    return script, out
+    """(fallback, its record, Flower's flwr-clientapp's record): a stand-in for the node's fedlora
+    fallback runner, and a fake Flower ``flwr-clientapp`` on PATH; each writes its arguments."""
+    fallback = _recorder(tmp_path / "real" / "fedlora-standalone", tmp_path / "fallback-args.txt")
+    _recorder(tmp_path / "flower-bin" / "flwr-clientapp", tmp_path / "flower-args.txt")
+    return fallback, tmp_path / "fallback-args.txt", tmp_path / "flower-args.txt"
 
 
 def _run(tmp_path, fake_flower, args, sock_path):
-    script = shim.install(tmp_path / "bin", worker_socket=sock_path, flower=fake_flower[0])
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=30)
+    script = shim.install(tmp_path / "bin", worker_socket=sock_path, fallback=[str(fake_flower[0])])
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{tmp_path / 'flower-bin'}{os.pathsep}"
+                                 f"{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=30, env=env)
 
 
 def test_flower_command_line_becomes_the_task_spec():
@@ -111,7 +118,7 @@ def test_command_lines_the_worker_does_not_take_go_to_flower(args):
 
 def test_installed_script_is_private_and_executable(tmp_path, fake_flower):
     # Execute
-    script = shim.install(tmp_path / "bin", worker_socket=tmp_path / "w.sock", flower=fake_flower[0])
+    script = shim.install(tmp_path / "bin", worker_socket=tmp_path / "w.sock", fallback=[str(fake_flower[0])])
     # Assert
     assert script.name == "flwr-clientapp" and stat.S_IMODE(script.stat().st_mode) == 0o700
 
@@ -126,19 +133,40 @@ def test_task_is_handed_to_the_worker_and_its_success_is_exit_0(tmp_path, fake_f
     assert done.returncode == 0, done.stderr
     assert worker.requests == [{"kind": link.RUN_TASK, "address": "127.0.0.1:9094", "token": TOKEN,
                                 "insecure": True, "root_certificates": None}]
-    assert not fake_flower[1].exists()
+    assert not fake_flower[1].exists() and not fake_flower[2].exists()
 
 
-def test_no_worker_runs_flower_with_the_same_arguments(tmp_path, fake_flower):
-    # Execute: nothing listens on the socket
-    done = _run(tmp_path, fake_flower, FLOWER_ARGS, tmp_path / "none.sock")
-    # Assert
-    assert done.returncode == 0
+@pytest.mark.parametrize("sock", ["none.sock", None])
+def test_dead_or_absent_worker_runs_the_nodes_fallback_never_flowers_clientapp(tmp_path, fake_flower, sock):
+    # Execute: nothing listens on the socket (a dead worker), or the node has none (--no-worker)
+    done = _run(tmp_path, fake_flower, FLOWER_ARGS, tmp_path / sock if sock else None)
+    # Assert: the node's own fallback got Flower's arguments; Flower's flwr-clientapp (which would
+    # install and import the run's app bundle) was never called
+    assert done.returncode == 0, done.stderr
     assert fake_flower[1].read_text().split() == FLOWER_ARGS
-    assert "running Flower's flwr-clientapp" in done.stderr
+    assert not fake_flower[2].exists()
+    assert "never the run's app bundle" in done.stderr
 
 
-def test_worker_refusing_before_the_token_is_used_runs_flower(tmp_path, fake_flower):
+def test_command_line_the_worker_does_not_take_goes_to_the_fallback_too(tmp_path, fake_flower):
+    # Execute: a token on stdin, which the worker cannot take
+    done = _run(tmp_path, fake_flower, ["--runtime-api-address", "127.0.0.1:1", "--token-stdin"],
+                tmp_path / "none.sock")
+    # Assert
+    assert fake_flower[1].read_text().split() == ["--runtime-api-address", "127.0.0.1:1", "--token-stdin"]
+    assert not fake_flower[2].exists()
+
+
+def test_default_fallback_is_this_nodes_fedlora_in_a_fresh_process(tmp_path):
+    # Execute
+    script = shim.install(tmp_path / "bin", worker_socket=None)
+    # Assert: the script names the node's own runner (with the trusted hashes it was given), no Flower command
+    text = script.read_text()
+    assert "fedlora.client.standalone" in text and "--worker-socket" not in text
+    assert shim.fallback_command(("ab" * 32,))[-2:] == [f"--trusted-fab={'ab' * 32}", "--"]
+
+
+def test_worker_refusing_before_the_token_is_used_runs_the_fallback(tmp_path, fake_flower):
     # Prepare
     worker = FakeWorker(tmp_path / "w" / "w.sock", kind=link.REFUSED, body=b"shutting down")
     # Execute
@@ -159,9 +187,9 @@ def test_task_failing_after_the_hand_over_is_exit_1_and_never_a_second_attempt(t
     # Execute
     done = _run(tmp_path, fake_flower, FLOWER_ARGS, tmp_path / "w" / "w.sock")
     worker.close()
-    # Assert: the token may be spent, so Flower's command must not run
+    # Assert: the token may be spent, so no other command may run
     assert done.returncode == 1 and says in done.stderr
-    assert not fake_flower[1].exists()
+    assert not fake_flower[1].exists() and not fake_flower[2].exists()
 
 
 def test_waiting_stops_when_the_supernode_is_gone(tmp_path):
@@ -197,7 +225,7 @@ def test_fedlora_fab_is_served_by_the_worker():
     None,                                                          # no pyproject.toml
 ])
 def test_another_apps_fab_is_refused_with_what_to_do(pyproject):
-    with pytest.raises(ForeignApp, match="--no-worker"):
+    with pytest.raises(ForeignApp, match="--trusted-fab"):
         check_fab(_fab(pyproject))
 
 
@@ -211,11 +239,11 @@ def test_task_spec_with_certificates_is_tls():
     assert TaskSpec.from_dict({"address": "a:1", "token": TOKEN, "root_certificates": "/c.pem"}).insecure is False
 
 
-def test_missing_flower_command_is_a_clear_error(tmp_path):
-    # Prepare: no worker, and the Flower command it would fall back to is gone
-    script = shim.install(tmp_path / "bin", worker_socket=tmp_path / "none.sock", flower=tmp_path / "gone")
+def test_missing_fallback_command_is_a_clear_error(tmp_path):
+    # Prepare: no worker, and the command it would fall back to is gone
+    script = shim.install(tmp_path / "bin", worker_socket=tmp_path / "none.sock", fallback=[str(tmp_path / "gone")])
     # Execute
     done = subprocess.run([str(script), *FLOWER_ARGS], capture_output=True, text=True, timeout=30)
     # Assert: says what is missing and what to do, no traceback
-    assert done.returncode == 127 and "cannot run Flower's flwr-clientapp" in done.stderr
+    assert done.returncode == 127 and f"cannot run {tmp_path / 'gone'}" in done.stderr
     assert "Traceback" not in done.stderr

@@ -133,7 +133,7 @@ def test_another_apps_fab_gets_an_error_reply_and_the_handlers_never_run(runtime
     result = task_runner.run_task(_spec("a"), lambda m, c: called.append(m))
     # Assert
     assert result.status == "failed" and not called
-    assert rt.reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION and "--no-worker" in rt.reply.error.reason
+    assert rt.reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION and "--trusted-fab" in rt.reply.error.reason
 
 
 def test_handler_error_is_the_replys_error(runtimes):

@@ -128,14 +128,19 @@ def test_tenant_clips_its_delta_before_it_leaves(monkeypatch, tmp_path):
                             **{"central-clip": 0.01})
     # Execute: one training round
     reply = handle(_train_request(get_state(model)))
-    # Assert: the delta that left has L2 norm 0.01 (training moved it further); no ledger, epsilon 0
+    # Assert: the delta that left has L2 norm 0.01 (training moved it further); the reply's local epsilon
+    # is 0, the ledger records the release as epsilon = inf (no local DP)
     delta = from_arrayrecord(reply.content.array_records[keys.ARRAYS])
     norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in delta.values())))
     assert norm == pytest.approx(0.01, rel=1e-4)
     metrics = dict(reply.content.metric_records[keys.METRICS])
     assert metrics[keys.DP_EPSILON] == 0.0 and metrics["train-loss"] > 0  # nothing withheld: no local DP
     assert WITHHELD_UNDER_LOCAL_DP <= set(metrics)
-    assert not (tmp_path / "state").exists()
+    from fedlora.client.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "state")
+    assert [(e["kind"], e["mechanism"]) for e in ledger.entries()] == [("release", "central")]
+    assert ledger.epsilon(delta=1e-5) == float("inf")
 
 
 def test_server_clips_an_unclipped_update_so_the_noised_sum_moves_by_at_most_the_clip(tmp_path):

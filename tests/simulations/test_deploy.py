@@ -178,7 +178,25 @@ def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     assert rc == 0
     assert f"-m fedlora.client.worker --socket {socket} --parent-pid SUPERVISOR_PID" in worker
     assert f"--auth-supernode-private-key {tmp_path / 'hospital-a'}" in line
-    assert f"""--node-config 'data-path="{data}" tenant-id=4 worker-socket="{socket}"'""" in line
+    assert f"""--node-config 'data-path="{data}" tenant-id=4 worker-socket="{socket}" ledger-dir=""" in line
+
+
+def test_cli_supernode_policy_and_ledger_dir_reach_the_node_config(tmp_path, capsys, monkeypatch):
+    # Prepare: a node without --ledger-dir keeps its ledgers under the fedlora home, not its state dir
+    from fedlora.simulations.cli.main import main
+
+    monkeypatch.setenv("FEDLORA_HOME", str(tmp_path / "home"))
+    data, policy = tmp_path / "train.jsonl", tmp_path / "policy.toml"
+    # Execute
+    rc = main(["deploy", "supernode", "--superlink", "l:9093", "--ca", str(tmp_path / "ca.crt"), "--key",
+               str(tmp_path / "k"), "--data", str(data), "--policy", str(policy), "--print"])
+    rc2 = main(["deploy", "supernode", "--superlink", "l:9093", "--ca", str(tmp_path / "ca.crt"), "--key",
+                str(tmp_path / "k"), "--data", str(data), "--ledger-dir", str(tmp_path / "led"), "--print"])
+    # Assert
+    _, first, _, second = capsys.readouterr().out.strip().splitlines()  # each: the worker's, the SuperNode's
+    assert rc == rc2 == 0
+    assert f'policy="{policy}" ledger-dir="{tmp_path / "home" / "ledgers"}"' in first
+    assert f'ledger-dir="{tmp_path / "led"}"' in second and "policy=" not in second
 
 
 def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path, capsys):

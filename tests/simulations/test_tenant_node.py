@@ -124,7 +124,7 @@ def _other_worker(socket: Path, old: int) -> int | None:
     return pid if pid != old else None
 
 
-def test_supernode_finds_fedlora_clientapp_first_and_flowers_behind_it(tmp_path):
+def test_supernode_finds_fedlora_clientapp_first_and_never_flowers(tmp_path):
     # Prepare: a PATH whose flwr-clientapp is a known stand-in for Flower's
     from fedlora.simulations.cli.tenant_node import TenantNode
 
@@ -133,22 +133,25 @@ def test_supernode_finds_fedlora_clientapp_first_and_flowers_behind_it(tmp_path)
     (flower_bin / "flwr-clientapp").write_text("#!/bin/sh\n")
     (flower_bin / "flwr-clientapp").chmod(0o755)
     socket = worker_link.socket_path(tmp_path / "state")
-    node = TenantNode(["true"], socket, env={"PATH": f"{flower_bin}{os.pathsep}/usr/bin"})
+    node = TenantNode(["true"], socket, env={"PATH": f"{flower_bin}{os.pathsep}/usr/bin"}, trusted_fabs=("ab" * 32,))
     # Execute
     env = node.supernode_env()
-    # Assert: the node's script is what the SuperExec finds; it falls back to the PATH's own
+    # Assert: the node's script is what the SuperExec finds; its fallback is the node's own fedlora
+    # (with the trusted hashes), never the PATH's flwr-clientapp
     first = env["PATH"].split(os.pathsep)[0]
     script = Path(first) / "flwr-clientapp"
     assert first == str(socket.parent / "bin") and script.is_file()
-    assert f"--worker-socket {socket}" in script.read_text()
-    assert f"--flower {flower_bin / 'flwr-clientapp'}" in script.read_text()
+    text = script.read_text()
+    assert f"--worker-socket={socket}" in text
+    assert "--fallback=fedlora.client.standalone" in text and f"--fallback=--trusted-fab={'ab' * 32}" in text
+    assert str(flower_bin) not in text
     assert env["PATH"].split(os.pathsep)[1:] == [str(flower_bin), "/usr/bin"]
 
 
-def test_flower_clientapp_option_leaves_the_path_alone(tmp_path):
+def test_node_without_a_worker_still_installs_the_clientapp(tmp_path):
     from fedlora.simulations.cli.tenant_node import TenantNode
 
-    node = TenantNode(["true"], worker_link.socket_path(tmp_path / "state"), env={"PATH": "/usr/bin"},
-                      hand_over_tasks=False)
-    assert node.supernode_env()["PATH"] == "/usr/bin"
-    assert not (tmp_path / "state" / "worker" / "bin").exists()
+    node = TenantNode(["true"], None, env={"PATH": "/usr/bin"}, bin_dir=tmp_path / "bin")
+    env = node.supernode_env()
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
+    assert "--worker-socket" not in (tmp_path / "bin" / "flwr-clientapp").read_text()
