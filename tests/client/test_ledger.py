@@ -178,3 +178,88 @@ def _fake(glob, value, *, tenant):
 
         return Message(RecordDict({keys.ARRAYS: pack(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
     return reply
+
+
+_CONCURRENT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from fedlora.client.ledger import BudgetExhausted, PrivacyLedger, Spend
+    ledger = PrivacyLedger.for_data(sys.argv[1], Path(sys.argv[2]))
+    spend = Spend(1.0, 0.1, 30)
+    try:
+        with ledger.locked():                      # what train_round holds from check through record
+            ledger.check(spend, delta=1e-5, budget=float(sys.argv[3]))
+            Path(sys.argv[4]).touch()              # "checked": the other process may now try
+            time.sleep(1.5)                         # training
+            ledger.record(spend, delta=1e-5)
+        print("spent")
+    except BudgetExhausted:
+        print("declined")
+""")
+
+
+def test_two_concurrent_trainings_cannot_both_spend_past_the_budget(tmp_path):
+    # Prepare: a budget that holds one spend of epsilon ~1.6, not two (~2.3)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    one = epsilon_of([Spend(1.0, 0.1, 30)], delta=1e-5)
+    budget = (one + epsilon_of([Spend(1.0, 0.1, 60)], delta=1e-5)) / 2
+    # Execute: two processes against one ledger, the second started once the first has checked
+    args = [sys.executable, "-c", _CONCURRENT, str(tmp_path / "ledgers"), str(data), str(budget)]
+    first = subprocess.Popen([*args, str(tmp_path / "a")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if (tmp_path / "a").exists():
+            break
+        import time
+
+        time.sleep(0.05)
+    second = subprocess.Popen([*args, str(tmp_path / "b")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in (first, second))
+    # Assert: one spent, one declined; the ledger holds one spend
+    assert outs == ["declined", "spent"]
+    assert PrivacyLedger.for_data(tmp_path / "ledgers", data).epsilon(delta=1e-5) == pytest.approx(one)
+
+
+def test_a_new_state_dir_on_the_same_data_sees_the_old_spend(tmp_path):
+    # Prepare: a ledger directory the node keeps (the policy's ledger.dir), the data in one file
+    from fedlora.client.task import ledger_for
+
+    data, other = tmp_path / "train.jsonl", tmp_path / "other.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+    other.write_text('{"instruction": "q2", "output": "a2"}\n')
+    first = Tenant(0, data, None, state_dir=tmp_path / "state-a", ledger_dir=tmp_path / "ledgers")
+    ledger_for(first).record(Spend(1.0, 0.1, 30), delta=1e-5)
+    # Execute: the node restarts with a fresh state directory; a second data set is a second ledger
+    again = ledger_for(Tenant(0, data, None, state_dir=tmp_path / "state-b", ledger_dir=tmp_path / "ledgers"))
+    fresh = ledger_for(Tenant(0, other, None, state_dir=tmp_path / "state-b", ledger_dir=tmp_path / "ledgers"))
+    # Assert
+    assert again.epsilon(delta=1e-5) == pytest.approx(epsilon_of([Spend(1.0, 0.1, 30)], delta=1e-5))
+    assert fresh.epsilon(delta=1e-5) == 0.0
+    assert json.loads(again.path.read_text())["data"].startswith("sha256:")
+
+
+def test_a_ledger_of_other_data_is_refused(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    ledger = PrivacyLedger.for_data(tmp_path, data)
+    ledger.path.write_text(json.dumps({"version": 2, "data": "sha256:" + "0" * 64, "entries": []}))
+    with pytest.raises(LedgerError, match="accounts for data sha256:000"):
+        ledger.epsilon(delta=1e-5)
+
+
+def test_a_release_without_local_dp_makes_epsilon_infinite_and_declines_dp(tmp_path):
+    # Prepare: one DP-SGD spend, then an update that left in the clear (a non-DP run)
+    ledger = PrivacyLedger(tmp_path)
+    ledger.record(Spend(1.0, 0.1, 30), delta=1e-5)
+    ledger.record_release(mechanism="none", run="2", round=1)
+    # Execute / Assert: epsilon is infinite, and no later DP round can claim a finite budget
+    assert ledger.epsilon(delta=1e-5) == float("inf")
+    with pytest.raises(BudgetExhausted, match="released without local DP"):
+        ledger.check(Spend(5.0, 0.01, 1), delta=1e-5, budget=1e9)
+
+
+def test_a_version_1_ledger_still_reads(tmp_path):
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps(
+        {"version": 1, "entries": [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 30}]}))
+    assert PrivacyLedger(tmp_path).epsilon(delta=1e-5) == pytest.approx(epsilon_of([Spend(1.0, 0.1, 30)],
+                                                                                   delta=1e-5))
