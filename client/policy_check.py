@@ -136,4 +136,6 @@ def message_problems(policy: TenantPolicy, message_type: str, *, neighbours: int
 def check(problems: list[Problem]) -> None:
     """Raise one :class:`PolicyDeclined` naming every problem (its code: the first's)."""
     if problems:
-        raise PolicyDeclined(problems[0][0], "; ".join(f"{msg} [{code}]" for code, msg in problems))
+        seen: set[str] = set()
+        unique = [(c, m) for c, m in problems if not (c in seen or seen.add(c))]  # one reason per code
+        raise PolicyDeclined(unique[0][0], "; ".join(f"{msg} [{code}]" for code, msg in unique))

@@ -65,8 +65,9 @@ def tenant_policy(msg: Message, context: Context, call_next) -> Message:
         policy = load_policy(path)
     except PolicyError as err:  # fail closed: a node whose policy cannot be read answers nothing
         log.error("%s; declining every task", err)
-        return _error(msg, keys.POLICY_DECLINED, "policy: the tenant's policy cannot be read; it declines every "
-                                                 "task until its operator fixes it [policy-unreadable]")
+        return _error(msg, keys.POLICY_DECLINED, f"policy: tenant {_tenant_id(context)}: its policy cannot be "
+                                                 "read; it declines every task until its operator fixes it "
+                                                 "[policy-unreadable]")
     try:
         cfg, tenant, ledger = _tenant(context)
         with ledger.locked():  # evaluation count: check through record
@@ -75,11 +76,20 @@ def tenant_policy(msg: Message, context: Context, call_next) -> Message:
             _count_evaluation(policy, msg, reply, ledger, context)
     except PolicyDeclined as why:
         _record_decline(msg, context, why)
-        return _error(msg, keys.POLICY_DECLINED, str(why))
+        return _error(msg, keys.POLICY_DECLINED, f"policy: tenant {_tenant_id(context)}: {why.public}")
     except Exception:  # noqa: BLE001 - the tenant's own setup failed: details stay here
         log.exception("a %s message could not be checked against the policy", msg.metadata.message_type)
         return _error(msg, keys.TENANT_ERROR, _public_failure(policy, msg))
     return _public_reply(policy, msg, reply)
+
+
+def _tenant_id(context: Context) -> int:
+    """The tenant's public number (as every reply's ``tenant-id``), for the server's records."""
+    value = context.node_config.get("tenant-id", context.node_config.get("partition-id", 0))
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
 
 
 def _tenant(context: Context):
@@ -143,8 +153,7 @@ def _count_evaluation(policy: TenantPolicy, msg: Message, reply: Message, ledger
     kind = msg.metadata.message_type
     evaluated = kind == "evaluate" or keys.EVALUATION in reply.content.metric_records
     if evaluated:
-        ledger.record_evaluation(run=str(msg.metadata.run_id), tenant=int(context.node_config.get(
-            "tenant-id", context.node_config.get("partition-id", 0))), message=kind)
+        ledger.record_evaluation(run=str(msg.metadata.run_id), tenant=_tenant_id(context), message=kind)
 
 
 def _public_failure(policy: TenantPolicy, msg: Message) -> str:

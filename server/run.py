@@ -121,18 +121,21 @@ def optimizer_moments(run_dir: Path, server_state: dict, configured: str) -> dic
     return load_file(str(path))
 
 
-def finish(run: ServerRun, final_state, *, seconds: float) -> Path:
+def finish(run: ServerRun, final_state, *, seconds: float, stopped: str | None = None) -> Path:
     """Final adapter and the federated summary (``federation.json``).
 
     With fewer aggregated rounds than ``federation.min-successful-rounds`` the summary and
     the adapter's metadata carry the failure, and ``FEDERATION_FAILED`` is written instead
-    of ``FEDERATION_DONE``: nothing downstream refines, merges or publishes it."""
+    of ``FEDERATION_DONE``: nothing downstream refines, merges or publishes it. ``stopped``: why the
+    run ended before its last round (it then fails too)."""
     rounds = run.recorder.rounds
     tenants = sorted({t for r in rounds for t in r.finished if r.aggregated}, key=str)
     aggregated = sum(r.aggregated for r in rounds)
     need = run.cfg.federation.min_successful_rounds
     failure = (f"only {aggregated} of {len(rounds)} round(s) aggregated an update; federation.min-successful-rounds "
                f"is {need}" if aggregated < need else None)
+    if stopped:
+        failure = f"{stopped}; {failure}" if failure else stopped
     out = run.save(run.run_dir / "adapter", final_state, len(rounds), tenants=len(tenants),
                    aggregated_rounds=aggregated, failure=failure)
     summary = FederationSummary(

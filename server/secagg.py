@@ -42,7 +42,7 @@ from fedlora.common.adapter import from_arrayrecord
 from fedlora.common.config import SecAggConfig
 from fedlora.common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
 from fedlora.server.aggregation import WeightedSum
-from fedlora.server.transport import Collected, RoundFailed, Transport, sender
+from fedlora.server.transport import Collected, RoundFailed, Transport, error_reason, sender
 
 
 SecAggFailed = RoundFailed  # a secure round that could not be completed (secagg.on-failure = stop)
@@ -253,7 +253,7 @@ class SecAggTransport(Transport):
             if node not in asked or node in got:
                 continue
             if msg.has_error():
-                self._drop(out, stage, node, f"client error: {msg.error.reason}")
+                self._drop(out, stage, node, error_reason(msg.error))
                 continue
             out.bytes_up += wire.content_bytes(msg.content)
             try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import ERROR, INFO
 
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -23,6 +23,7 @@ from fedlora.server.optimizers import make_server_optimizer
 from fedlora.server.records import RoundRecorder
 from fedlora.server.run import finish, prepare
 from fedlora.server.strategy import FedLoraStrategy
+from fedlora.server.transport import TenantsDeclined
 
 app = ServerApp()
 
@@ -59,13 +60,18 @@ def main(grid: Grid, context: Context) -> None:
     if run.rounds_done >= cfg.federation.rounds:
         finish(run, start, seconds=0.0)
         return
-    result = strategy.start(
-        grid=PromptGrid(grid),
-        initial_arrays=to_arrayrecord(start),
-        num_rounds=cfg.federation.rounds - run.rounds_done,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-    )
+    try:
+        result = strategy.start(
+            grid=PromptGrid(grid),
+            initial_arrays=to_arrayrecord(start),
+            num_rounds=cfg.federation.rounds - run.rounds_done,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+        )
+    except TenantsDeclined as why:  # nothing later would differ: the run ends here, as failed
+        log(ERROR, "fedlora: %s", why)
+        finish(run, start, seconds=time.perf_counter() - t0, stopped=str(why))
+        return
     final = from_arrayrecord(result.arrays) if result.arrays is not None and len(result.arrays) else start
     finish(run, final, seconds=time.perf_counter() - t0)

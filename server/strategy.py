@@ -52,7 +52,8 @@ from fedlora.server.central_dp import NoServerPrivacy, ServerPrivacy
 from fedlora.server.lora_rules import AB, LoraRule
 from fedlora.server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
 from fedlora.server.records import RoundRecorder
-from fedlora.server.transport import Collected, PlainTransport, RoundFailed, Transport, sender
+from fedlora.server.transport import (POLICY_DECLINE, Collected, PlainTransport, RoundFailed, TenantsDeclined,
+                                      Transport, sender)
 
 
 class NotEnoughTenants(RuntimeError):
@@ -200,6 +201,10 @@ class FedLoraStrategy(Strategy):
             if got.failure and self.stop_on_failure:
                 self.recorder.end_round(self.resume_state())
                 raise RoundFailed(f"round {server_round}: {got.failure}")
+            if got.dropped and all(POLICY_DECLINE in why for _, why in got.dropped):
+                self.recorder.end_round(self.resume_state())
+                raise TenantsDeclined(f"round {server_round}: every tenant declined this run under its own policy "
+                                      f"(the reasons are in the round's record); the run stops")
             return None, None
         t = time.perf_counter()
         summed = self.privacy.on_server_aggregate(summed, received=summed.count, sampled=self._sampled,

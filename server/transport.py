@@ -33,6 +33,14 @@ class RoundFailed(RuntimeError):
     """A round that could not aggregate, where the configuration says to stop."""
 
 
+class TenantsDeclined(RoundFailed):
+    """Every tenant of a round declined under its own policy: later rounds of the same run
+    config would be declined again, so the run stops."""
+
+
+POLICY_DECLINE = "declined by the tenant: policy: "
+
+
 @dataclass
 class Collected:
     """What one round's replies yielded."""
@@ -79,6 +87,15 @@ class Transport:
         return self.name
 
 
+def error_reason(error) -> str:
+    """A tenant's error reply as a drop reason: a decline (its budget or its own policy) says so."""
+    if error.code == keys.POLICY_DECLINED:
+        return POLICY_DECLINE + error.reason.removeprefix("policy: ")
+    if error.code == keys.DECLINED:
+        return f"declined by the tenant: {error.reason}"
+    return f"client error: {error.reason}"
+
+
 class PlainTransport(Transport):
     """The global adapter out, each tenant's validated delta back."""
 
@@ -102,7 +119,7 @@ class PlainTransport(Transport):
             node = sender(self._sent, msg)
             try:
                 if msg.has_error():
-                    raise Rejected(f"client error: {msg.error.reason}")
+                    raise Rejected(error_reason(msg.error))
                 content = msg.content
                 out.bytes_up += array_bytes(content)
                 if keys.ARRAYS not in content.array_records or keys.METRICS not in content.metric_records:

@@ -9,6 +9,8 @@ can be rebuilt without re-running.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -154,6 +156,7 @@ def write_report(run_dir: Path, cfg: Config, *, comparison: list[dict], extra_se
         lines += ["## Dropped replies", "", "| round | tenant | reason |", "|---|---|---|"]
         lines += [f"| {d.round} | {d.tenant} | {d.reason} |" for d in fed.dropped]
         lines.append("")
+    lines += declines_section(fed.dropped)
     lines += privacy_section(run_dir, cfg, rounds, comparison)
     lines += secagg_section(cfg, rounds)
     lines += audit_section(cfg, rounds)
@@ -165,6 +168,30 @@ def write_report(run_dir: Path, cfg: Config, *, comparison: list[dict], extra_se
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+_DECLINE = re.compile(r"policy: tenant (\d+): ")
+
+
+def declines_section(dropped) -> list[str]:
+    """Each tenant's declines under its own policy: how many messages, and for which reasons (codes)."""
+    by: dict[str, Counter] = {}
+    for d in dropped:
+        m = _DECLINE.search(d.reason)
+        if m:
+            by.setdefault(m.group(1), Counter()).update(re.findall(r"\[([a-z0-9-]+)\]", d.reason[m.end():]))
+            by[m.group(1)]["_messages"] += 1
+    if not by:
+        return []
+    lines = ["## Declined by the tenants' own policies", "",
+             "A tenant node with a policy (`fedlora deploy supernode --policy`) declines, before any work, every "
+             "task whose run config or message breaks it; the reason codes are the tenant's.", "",
+             "| tenant | messages declined | reasons (code: count) |", "|---|---|---|"]
+    for tenant in sorted(by, key=int):
+        counts = by[tenant]
+        n = counts.pop("_messages")
+        lines.append(f"| {tenant} | {n} | {', '.join(f'{c}: {k}' for c, k in sorted(counts.items()))} |")
+    return [*lines, ""]
 
 
 def privacy_section(run_dir: Path, cfg: Config, rounds: list[RoundRecord], comparison: list[dict]) -> list[str]:
