@@ -182,7 +182,7 @@ def test_breach_is_declined_before_any_work_and_the_node_logs_the_whole_request(
     reply = tenant_policy(_message("train.secagg_upload"), _ctx(node, {**HONEST, "privacy.mode": "none"}), handler)
     # Assert: declined with the reason; the handler never ran; nothing charged; the request is in the node's log
     assert reply.has_error() and reply.error.code == keys.POLICY_DECLINED
-    assert reply.error.reason == "policy: privacy.mode 'none': the tenant requires local DP [privacy-mode]"
+    assert reply.error.reason == "policy: tenant 5: privacy.mode 'none': the tenant requires local DP [privacy-mode]"
     assert handler.calls == 0 and ledger.entries() == []
     logged = [json.loads(line) for line in (tmp_path / "state" / DECLINE_LOG).read_text().splitlines()]
     assert logged[0]["code"] == "privacy-mode" and logged[0]["run_config"]["privacy.mode"] == "none"
