@@ -75,8 +75,9 @@ def _cfg(tenants_dir, **extra):
                          "data.dir": str(tenants_dir), **extra})
 
 
-def _context(cfg, partition: int, socket: Path | None) -> Context:
-    node_config = {"partition-id": partition, "num-partitions": TENANTS}
+def _context(cfg, partition: int, socket: Path | None, state_dir: Path | None = None) -> Context:
+    node_config = {"partition-id": partition, "num-partitions": TENANTS,
+                   **({"state-dir": str(state_dir)} if state_dir else {})}
     if socket is not None:
         node_config[worker_link.NODE_CONFIG_KEY] = str(socket)
     return Context(run_id=1, node_id=100 + partition, node_config=node_config, state=RecordDict(),
@@ -128,7 +129,7 @@ def test_secure_round_under_local_dp_runs_through_the_workers(workers, tenants_d
     cfg = _cfg(tenants_dir, **{"secagg.enabled": True, "privacy.mode": "local", "privacy.target-epsilon": 8.0,
                                "privacy.delta": 1e-5, "privacy.budget": 100.0, "federation.rounds": 1,
                                "federation.min-train-nodes": TENANTS, "simulation.tenants": TENANTS})
-    contexts = {100 + i: _context(cfg, i, workers[i]) for i in range(TENANTS)}
+    contexts = {100 + i: _context(cfg, i, workers[i], tmp_path / f"state-{i}") for i in range(TENANTS)}  # fresh ledgers: other tests here released without DP (epsilon = inf)
     before = [worker_link.health(s)["served"] for s in workers]
     initial = get_state(load_model(cfg.model, cfg.adapter, for_training=False).model)
     strategy = make_strategy(cfg, RoundRecorder(tmp_path, save=lambda p, s, r: None))
@@ -147,7 +148,7 @@ def test_secure_round_under_local_dp_runs_through_the_workers(workers, tenants_d
     # ... and each tenant's ledger charged this round's epsilon
     for i in range(TENANTS):
         assert record["train"][str(i)]["dp-epsilon"] > 0
-        ledger = tenants_dir / f"tenant_{i:03d}" / ".fedlora-state"
+        ledger = tmp_path / f"state-{i}"
         assert any(ledger.iterdir()), f"tenant {i} has no ledger"
 
 
