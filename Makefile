@@ -64,6 +64,7 @@ bench: $(BIN)/fedlora
 	$(BIN)/python -m fedlora.simulations.bench.qlora
 	$(BIN)/python -m fedlora.simulations.bench.tenant
 	$(BIN)/python -m fedlora.simulations.bench.dp
+	$(BIN)/python -m fedlora.simulations.bench.policy
 	$(BIN)/python -m fedlora.simulations.bench.secagg
 	$(BIN)/python -m fedlora.simulations.bench.secagg --engine simulation
 	$(BIN)/python -m fedlora.simulations.bench.federation

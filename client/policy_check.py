@@ -9,6 +9,7 @@ evaluation over the run's budget). :func:`check` raises one
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from fedlora.client.policy import PolicyDeclined, TenantPolicy
@@ -53,7 +54,6 @@ def run_problems(policy: TenantPolicy, cfg: Config, *, num_records: int) -> list
 
 
 def _local_dp_problems(policy: TenantPolicy, cfg: Config, *, num_records: int) -> list[Problem]:
-    from fedlora.client.ledger import Spend, epsilon_of
     from fedlora.client.privacy import noise_multiplier_for, sample_rate_for
 
     pr, p, out = policy.privacy, cfg.privacy, []
@@ -77,11 +77,19 @@ def _local_dp_problems(policy: TenantPolicy, cfg: Config, *, num_records: int) -
         out.append(("noise-multiplier", f"noise multiplier {sigma:g} below the tenant's "
                                         f"{pr.min_noise_multiplier:g}"))
         return out  # a tiny sigma makes the accountant's epsilon meaningless (and slow)
-    eps = epsilon_of([Spend(sigma, q, cfg.federation.rounds * cfg.train.local_steps)], delta=pr.delta)
+    eps = _run_epsilon(sigma, q, cfg.federation.rounds * cfg.train.local_steps, pr.delta)
     if eps > pr.max_epsilon_per_run:
         out.append(("epsilon-per-run", f"the run would spend epsilon {eps:.3g} at the tenant's delta "
                                        f"{pr.delta:g}, above its {pr.max_epsilon_per_run:g} per run"))
     return out
+
+
+@lru_cache(maxsize=256)
+def _run_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """A whole run's epsilon at the tenant's delta (the accountant takes ~80 ms; every message asks)."""
+    from fedlora.client.ledger import Spend, epsilon_of
+
+    return epsilon_of([Spend(sigma, sample_rate, steps)], delta=delta)
 
 
 _FINGERPRINTS: dict[tuple, str] = {}

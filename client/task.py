@@ -71,7 +71,9 @@ def tenant_from_node_config(node_config: Mapping[str, object], cfg: Config) -> T
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])  # type: ignore[arg-type]
         train, holdout = tenant_paths(cfg.data.dir, pid) if cfg.data.dir else synthetic_tenant(pid, cfg)
-        return Tenant(pid, train, holdout, _state_dir(node_config, train), tenant_rank(node_config, cfg, partition=pid))
+        ledger_dir = Path(cfg.simulation.ledger_dir) / f"tenant_{pid:03d}" if cfg.simulation.ledger_dir else None
+        return Tenant(pid, train, holdout, _state_dir(node_config, train), tenant_rank(node_config, cfg, partition=pid),
+                      ledger_dir)
     raise TenantConfigError("node config has neither data-path (deployment) nor partition-id (simulation); "
                             "start the SuperNode with --node-config 'data-path=\"/path/train.jsonl\"'")
 

@@ -218,6 +218,10 @@ class SimulationConfig:
     # "F0,F1,..." one per tenant (an empty entry: none). Simulation only: a deployment node has its own
     # (`fedlora deploy supernode --policy`) and never takes one from the run config. Empty: none.
     tenant_policy: str = _opt("", "tenant policy file for every simulated tenant, or 'F0,F1,...' one each")
+    # Where simulated tenants keep their privacy ledgers (tenant_XXX/ inside it); empty: beside each
+    # tenant's files, as a real node does. Simulation only, like tenant-policy. `fedlora simulate`
+    # points its own without-DP comparison run here, so that run never charges the tenants' ledgers.
+    ledger_dir: str = _opt("", "simulated tenants' ledger directory (empty: beside each tenant's data)")
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,8 @@ def resolve(scenario: str, overrides: Mapping[str, Any], run_dir: str | None) ->
     if flat.get("simulation.tenant-policy"):  # the ClientApps run in another working directory
         flat["simulation.tenant-policy"] = ",".join(str(Path(f.strip()).resolve()) if f.strip() else ""
                                                     for f in str(flat["simulation.tenant-policy"]).split(","))
+    if flat.get("simulation.ledger-dir"):
+        flat["simulation.ledger-dir"] = str(Path(str(flat["simulation.ledger-dir"])).resolve())
     return parse_config(flat, source=f"scenario {scenario!r} with overrides")
 
 

@@ -32,17 +32,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: each module keeps its own order
 
 
+# Modules that share one session-scoped fixture run on one worker, so it is built once. (Named
+# here, not with ``xdist_group`` marks: pytest-xdist 3.8 tags a marked test by rewriting
+# ``item._nodeid``, which pytest 9 no longer reads, so the marks group nothing.)
+SHARED_FIXTURE = {"integration/test_simulation.py": "tiny_run", "integration/test_resume.py": "tiny_run"}
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup``, but a test without an ``xdist_group`` mark goes with its module, so
-    module- and session-scoped fixtures (a federation, a SuperLink) are built once per module;
-    tests that share one session fixture name the same group (``tiny_run``)."""
+    """``--dist loadgroup``, but by module: a module's tests go to one worker, so module- and
+    session-scoped fixtures (a federation, a SuperLink) are built once per module; the modules
+    of :data:`SHARED_FIXTURE` that share a session fixture go together."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleOrGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return nodeid.rsplit("@", 1)[1] if "@" in nodeid else nodeid.split("::", 1)[0]
+            module = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE.get(module.removeprefix("tests/"), module)
 
     return ModuleOrGroup(config, log)
 

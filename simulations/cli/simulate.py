@@ -166,7 +166,9 @@ def _without_dp(cfg: Config, out: Path) -> None:
     if (out / "FEDERATION_DONE").exists() and (out / "report.md").exists():
         return
     simulate(cfg.replace(**{"privacy.mode": "none", "run.baselines": False, "dpo.enabled": False,
-                            "publish.enabled": False, "run.dir": str(out), "run.resume": resumable(out)}))
+                            "publish.enabled": False, "run.dir": str(out), "run.resume": resumable(out),
+                            # its clear releases are not the tenants': they go to ledgers of its own
+                            "simulation.ledger-dir": str(out / "ledgers")}))
 
 
 def _report_failure(cfg: Config, run_dir: Path) -> None:

@@ -44,7 +44,6 @@ def _processes_of(run_dir: Path) -> list[str]:
     return found
 
 
-@pytest.mark.xdist_group("tiny_run")  # shares the tiny run with test_simulation
 @pytest.mark.timeout(2700)  # up to three tiny runs; 15 min on 2 busy cores
 def test_kill_9_in_round_2_leaves_nothing_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_run):
     # Prepare: the uninterrupted reference run (shared, same TINY settings and seed)

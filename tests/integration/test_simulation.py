@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]  # shares the tiny run with test_resume
+pytestmark = pytest.mark.slow  # shares the tiny run with test_resume (tests/conftest.py SHARED_FIXTURE)
 
 
 def _superlinks_on(port: int) -> list[str]:

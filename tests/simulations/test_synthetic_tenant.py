@@ -75,3 +75,18 @@ def test_a_given_data_dir_is_used_as_before(home, tmp_path):
     tenant = tenant_from_node_config({"partition-id": 3}, cfg)
     assert tenant.train_path == tmp_path / "mine" / "tenant_003" / "train.jsonl"
     assert not home.exists()
+
+
+def test_simulation_ledger_dir_moves_a_simulated_tenants_ledger_and_never_a_deployment_nodes(home, tmp_path):
+    # Prepare: a run config naming a ledger directory (as simulate's without-DP comparison run does)
+    from fedlora.client.task import ledger_for
+
+    cfg = parse_config({**SMALL, "data.dir": str(tmp_path / "mine"), "simulation.ledger-dir": str(tmp_path / "led")})
+    write_tenants(tmp_path / "mine", num_tenants=2, train_size=12, holdout_size=4, preference_size=0, seed=3)
+    # Execute
+    simulated = tenant_from_node_config({"partition-id": 1}, cfg)
+    deployed = tenant_from_node_config({"data-path": str(tmp_path / "mine" / "tenant_000" / "train.jsonl")}, cfg)
+    # Assert: the simulated tenant's ledger is inside it, one folder per tenant; a node's stays its own
+    assert ledger_for(simulated).path.parent == tmp_path / "led" / "tenant_001"
+    assert deployed.ledger_dir is None
+    assert tmp_path / "led" not in ledger_for(deployed).path.parents
