@@ -162,8 +162,9 @@ class PrivacyLedger:
         """Updates that left without local DP (each one makes epsilon infinite)."""
         return sum(e["kind"] == RELEASE and (run is None or e.get("run") == run) for e in self.entries())
 
-    def evaluations(self, *, run: str) -> int:
-        return sum(e["kind"] == EVALUATION and e.get("run") == run for e in self.entries())
+    def evaluations(self, *, run: str | None = None) -> int:
+        """Evaluations answered in ``run``, or in every run (None)."""
+        return sum(e["kind"] == EVALUATION and (run is None or e.get("run") == run) for e in self.entries())
 
     def epsilon(self, *, delta: float, run: str | None = None) -> float:
         """Epsilon spent so far (all rounds of all runs, or of one ``run``) at ``delta``."""

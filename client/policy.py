@@ -72,6 +72,8 @@ class ComputeRules:
 @dataclass(frozen=True)
 class EvaluationRules:
     max_per_run: int = _f(20, "most evaluations answered per run (the ledger counts them)")
+    max_lifetime: int = _f(1000, "most evaluations answered over all runs together: a server cannot "
+                                 "split its questions over many runs")
     metrics: tuple[str, ...] = _f(("eval-exact-match", "eval-json-valid", "eval-loss"),
                                   "evaluation metrics that leave the node (the others are withheld)")
     round_to: float = _f(0.01, "metrics leave rounded to this step (0 = exact)")
@@ -190,8 +192,10 @@ def _rule_problems(p: TenantPolicy) -> list[str]:
     for where, value in (("privacy.min-batch-size", pr.min_batch_size), ("secagg.min-neighbours",
                                                                         p.secagg.min_neighbours),
                          *((f"compute.{f.name.replace('_', '-')}", getattr(p.compute, f.name))
-                           for f in fields(ComputeRules)), ("evaluation.max-per-run", p.evaluation.max_per_run)):
-        if value < (0 if where in ("evaluation.max-per-run", "secagg.min-neighbours") else 1):
+                           for f in fields(ComputeRules)), ("evaluation.max-per-run", p.evaluation.max_per_run),
+                                         ("evaluation.max-lifetime", p.evaluation.max_lifetime)):
+        if value < (0 if where in ("evaluation.max-per-run", "evaluation.max-lifetime", "secagg.min-neighbours")
+                    else 1):
             out.append(f"{where}: {value} is too small")
     if pr.min_batch_size > p.compute.max_batch_size:
         out.append(f"privacy.min-batch-size ({pr.min_batch_size}) exceeds compute.max-batch-size "

@@ -125,8 +125,9 @@ def fingerprint(base: str) -> str:
 
 
 def message_problems(policy: TenantPolicy, message_type: str, *, neighbours: int | None = None,
-                     evaluations: int | None = None) -> list[Problem]:
-    """What only the message shows: its kind, its secure round's neighbourhood, the run's evaluations so far."""
+                     evaluations: int | None = None, lifetime_evaluations: int | None = None) -> list[Problem]:
+    """What only the message shows: its kind, its secure round's neighbourhood, the evaluations so
+    far (this run's, and all runs')."""
     from fedlora.common import secagg_wire as wire
 
     out: list[Problem] = []
@@ -138,6 +139,9 @@ def message_problems(policy: TenantPolicy, message_type: str, *, neighbours: int
     if evaluations is not None and evaluations >= policy.evaluation.max_per_run:
         out.append(("evaluations", f"this run had its {policy.evaluation.max_per_run} evaluation(s); the tenant "
                                    "answers no more"))
+    if lifetime_evaluations is not None and lifetime_evaluations >= policy.evaluation.max_lifetime:
+        out.append(("evaluations-lifetime", f"the tenant has answered its {policy.evaluation.max_lifetime} "
+                                            "evaluation(s) over all runs; it answers no more"))
     return out
 
 

@@ -114,10 +114,13 @@ def _check(policy: TenantPolicy, msg: Message, cfg, tenant, ledger) -> None:
             neighbours = None  # malformed: the handler refuses it
     run = str(msg.metadata.run_id)
     evaluations = ledger.evaluations(run=run) if kind == "evaluate" else None
+    lifetime = ledger.evaluations() if kind == "evaluate" else None
     check([*run_problems(policy, cfg, num_records=records),
            *[("data", p) for p in data_problems(policy, records)],
-           *message_problems(policy, kind, neighbours=neighbours, evaluations=evaluations)])
-    if _evaluates_first(msg) and ledger.evaluations(run=run) >= policy.evaluation.max_per_run:
+           *message_problems(policy, kind, neighbours=neighbours, evaluations=evaluations,
+                             lifetime_evaluations=lifetime)])
+    if _evaluates_first(msg) and (ledger.evaluations(run=run) >= policy.evaluation.max_per_run
+                                  or ledger.evaluations() >= policy.evaluation.max_lifetime):
         log.warning("round %s: the run's evaluation budget is spent; training without the evaluation it asked for",
                     msg.content.config_records[keys.CONFIG].get(keys.ROUND))
         msg.content.config_records[keys.CONFIG][keys.EVALUATE_FIRST] = False

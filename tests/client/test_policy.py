@@ -219,6 +219,19 @@ def test_evaluations_are_counted_in_the_ledger_and_the_budget_holds(tmp_path):
     assert ledger.evaluations(run="1") == 3 and ledger.evaluations(run="2") == 1
 
 
+def test_the_lifetime_evaluation_budget_holds_across_runs(tmp_path):
+    # Prepare: 3 per run, 4 in all
+    text = POLICY.replace("[evaluation]\n", "[evaluation]\nmax-lifetime = 4\n")
+    node, handler = _node(tmp_path, _policy(tmp_path, text)), Handler()
+    context = _ctx(node, HONEST)
+    # Execute: a server that splits its questions over three runs, two each
+    replies = [tenant_policy(_message("evaluate", run=r), context, handler) for r in (1, 1, 2, 2, 3, 3)]
+    # Assert: four answered, then every run is refused with the lifetime code
+    assert [r.has_error() for r in replies] == [False, False, False, False, True, True]
+    assert "[evaluations-lifetime]" in replies[4].error.reason and handler.calls == 4
+    assert PrivacyLedger.for_data(tmp_path / "ledgers", Path(node["data-path"])).evaluations() == 4
+
+
 def test_evaluation_metrics_leave_rounded_and_only_those_the_policy_names(tmp_path):
     reply = tenant_policy(_message("evaluate"), _ctx(_node(tmp_path, _policy(tmp_path)), HONEST), Handler())
     metrics = dict(reply.content.metric_records[keys.METRICS])
