@@ -66,7 +66,8 @@ def main_policy(args: argparse.Namespace) -> int:
     print(f"{path}: valid. privacy mode {pr.mode}, delta {pr.delta:g}, epsilon <= {pr.max_epsilon_per_run:g} per "
           f"run and {pr.lifetime_epsilon:g} in all, noise >= {pr.min_noise_multiplier:g}, batch >= "
           f"{pr.min_batch_size}; secure aggregation {'required' if policy.secagg.required else 'optional'}; "
-          f"{len(policy.bases) or 'any'} base(s); {policy.evaluation.max_per_run} evaluations per run, {policy.evaluation.max_lifetime} in all; "
+          f"{len(policy.bases) or 'any'} base(s); {policy.evaluation.max_per_run} evaluations per run, "
+          f"{policy.evaluation.max_lifetime} in all; "
           f"errors: {policy.reply.errors}; ledgers in {policy.ledger_dir()}")
     if not policy.bases:
         print("note: [bases] is empty, so the server may point model.base at any model on this node")
