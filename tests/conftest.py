@@ -19,7 +19,9 @@ quiet_and_offline()
 # The longest modules start first, so the workers finish together (a scheduling hint only:
 # a module missing here still runs, later).
 LONGEST_FIRST = ("integration/test_resume.py", "integration/test_deployment.py", "integration/test_lora_rules.py",
-                 "integration/test_attacks.py", "integration/test_flwr_cli.py", "integration/test_encoding.py")
+                 "integration/test_attacks.py", "integration/test_policy_deployment.py", "integration/test_secagg.py",
+                 "integration/test_flwr_cli.py", "integration/test_encoding.py",
+                 "integration/test_policy_simulation.py")
 
 
 def pytest_collection_modifyitems(config, items):
