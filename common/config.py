@@ -152,6 +152,10 @@ class FederationConfig:
     # written by `fedlora deploy register --max-examples`); the server credits a node at
     # most its cap, whatever it claims. Empty: none.
     example_caps: str = _opt("", "per-node example caps 'NODE-ID:N,...' (deployment)")
+    # The tenant behind each registered node, "NODE-ID:TENANT,..." (deployment; written by
+    # `fedlora deploy register --tenant-id`): a reply must claim its node's tenant, and a node
+    # without one is refused. Empty: each node's first claim binds it for the run.
+    tenant_nodes: str = _opt("", "tenant id of each registered node 'NODE-ID:TENANT,...' (deployment)")
     # Largest example count a reply may claim; more is refused as implausible.
     max_examples: int = _opt(100_000, "largest plausible example count per reply", lo=1)
     # A tenant's weight from its claimed example count: examples (FedAvg), sqrt-examples,

@@ -84,6 +84,33 @@ def check_metric_keys(metrics: Mapping[str, float], protocol: frozenset[str], *,
         raise Rejected(f"metric keys differ from the protocol: extra {extra}, missing {missing}")
 
 
+# What each metric can be: (smallest, largest, whole number). Anything else is a broken or a
+# lying tenant; a reply outside these is dropped, never averaged into the run's figures.
+METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
+    "eval-exact-match": (0.0, 1.0, False), "eval-json-valid": (0.0, 1.0, False),
+    "eval-loss": (0.0, math.inf, False), "eval-seconds": (0.0, math.inf, False),
+    "train-loss": (0.0, math.inf, False), "train-first-loss": (0.0, math.inf, False),
+    "train-steps": (0.0, math.inf, True), "train-tokens": (0.0, math.inf, True),
+    "train-seconds": (0.0, math.inf, False), "truncated": (0.0, math.inf, True),
+    "dp-epsilon": (0.0, math.inf, False), "tenant-id": (0.0, math.inf, True),
+}
+
+
+def check_metric_values(metrics: Mapping[str, float], *, max_examples: int) -> None:
+    """Every metric a finite number in its range (:data:`METRIC_RANGES`), the example count a
+    whole number in [1, ``max_examples``]; raises :class:`Rejected` naming the first that is not."""
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise Rejected(f"metric {k!r} is not a finite number: {v!r}")
+        if k == "num-examples":
+            if int(v) != v or not 1 <= v <= max_examples:
+                raise Rejected(f"num-examples {v!r} out of range [1, {max_examples}]")
+            continue
+        lo, hi, whole = METRIC_RANGES.get(k, (-math.inf, math.inf, False))
+        if not lo <= v <= hi or (whole and int(v) != v):
+            raise Rejected(f"metric {k!r} = {v!r} is not {'a whole number ' if whole else ''}in [{lo:g}, {hi:g}]")
+
+
 def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: Arrays,
                     expected_metrics: frozenset[str], max_examples: int,
                     weight_of: Callable[[int, int], float], node: int = 0,
@@ -93,12 +120,8 @@ def validate_update(arrays: Arrays, metrics: Mapping[str, float], *, reference: 
     Shapes must be the reference's, unless ``check_shapes(arrays, reference)`` is given: it
     then decides, raising :class:`Rejected` (``fedlora.server.lora_rules``: tenants of lower LoRA rank)."""
     check_metric_keys(metrics, expected_metrics)
-    for k, v in metrics.items():
-        if not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise Rejected(f"metric {k!r} is not a finite number: {v!r}")
+    check_metric_values(metrics, max_examples=max_examples)
     n = metrics["num-examples"]
-    if int(n) != n or not 1 <= n <= max_examples:
-        raise Rejected(f"num-examples {n!r} out of range [1, {max_examples}]")
     names, ref_names = set(arrays), set(reference)
     if names != ref_names:
         extra, missing = sorted(names - ref_names), sorted(ref_names - names)

@@ -41,7 +41,7 @@ from fedlora.common import secagg_wire as wire
 from fedlora.common.adapter import from_arrayrecord
 from fedlora.common.config import SecAggConfig
 from fedlora.common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
-from fedlora.server.aggregation import WeightedSum
+from fedlora.server.aggregation import Rejected, WeightedSum, check_metric_values
 from fedlora.server.transport import Collected, RoundFailed, Transport, error_reason, sender
 
 
@@ -209,6 +209,13 @@ class SecAggTransport(Transport):
         uploads = self._parse(out, wire.UPLOAD, {m.metadata.dst_node_id for m in st.sent}, replies, lambda c: (
             wire.read_upload_array(c, size=size, dtype=st.q.dtype), _secure_metrics(c)),
             sent=st.sent, timeout=None)
+        for node, (_, metrics) in list(uploads.items()):  # a node that claims another tenant drops out here
+            try:
+                if self.roster is not None:
+                    self.roster.tenant_of(node, metrics[keys.TENANT])
+            except Rejected as why:
+                del uploads[node]
+                self._drop(out, wire.UPLOAD, node, str(why))
         active = sorted(uploads)
         dead = sorted(set(st.members) - set(active))
         self._check_thresholds(active, dead, st.holders, st.thr, "before unmasking")
@@ -313,11 +320,11 @@ def _graph_seed(seed: int, server_round: int, attempt: int) -> int:
 
 
 def _secure_metrics(content: RecordDict) -> dict:
+    """An upload's public metrics, each a finite number in its range (``check_metric_values``)."""
     if keys.METRICS not in content.metric_records:
         raise ValueError(f"reply lacks '{keys.METRICS}'")
     m = dict(content.metric_records[keys.METRICS])
     if not set(m) <= keys.SECAGG_TRAIN_METRICS or keys.TENANT not in m:
         raise ValueError(f"metric keys {sorted(m)} differ from the secure protocol")
-    if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in m.values()):
-        raise ValueError("a metric is not a finite number")
+    check_metric_values(m, max_examples=1)  # no example count here: it is inside the masked vector
     return m

@@ -46,9 +46,11 @@ from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 from fedlora.common.config import FederationConfig
 from fedlora.common.encoding import encoding_for
 from fedlora.common.weighting import parse_caps
-from fedlora.server.aggregation import Aggregator, WeightedSum, l2_norm, mean_delta, weight_rule
+from fedlora.server.aggregation import (Aggregator, Rejected, WeightedSum, check_metric_values, l2_norm, mean_delta,
+                                        weight_rule)
 from fedlora.server.bounds import UpdateBounds, audit, bounds_info
 from fedlora.server.central_dp import NoServerPrivacy, ServerPrivacy
+from fedlora.server.identity import TenantRoster, parse_tenant_nodes
 from fedlora.server.lora_rules import AB, LoraRule
 from fedlora.server.optimizers import ServerOptimizer, make_server_optimizer, resume_mismatch
 from fedlora.server.records import RoundRecorder
@@ -103,10 +105,15 @@ class FedLoraStrategy(Strategy):
         if aggregator.needs_individual_updates and not self.transport.reveals_individual_updates:
             problems.append(f"federation.aggregator: {aggregator.name!r} needs individual updates, but "
                             f"{self.transport.name} reveals only their sum; use fedavg")
+        try:
+            self.roster = TenantRoster(parse_tenant_nodes(cfg.tenant_nodes))
+        except ValueError as why:
+            problems.append(str(why))
         if problems:
             from fedlora.common.config import ConfigError
 
             raise ConfigError(problems)
+        self.transport.roster = self.roster
         self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
         self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
         self._moments_file: str | None = None  # where the optimizer's moments were last saved
@@ -295,7 +302,8 @@ class FedLoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset  # Flower counts from 1 on every start
-        evaluated, dropped = _evaluations(self._sent, replies, keys.METRICS)
+        evaluated, dropped = _evaluations(self._sent, replies, keys.METRICS, roster=self.roster,
+                                          max_examples=self.cfg.max_examples)
         for node, reason in dropped:
             log(WARNING, "Round %d: evaluation from node %d dropped: %s", server_round, node, reason)
             self.recorder.drop(node, f"evaluation: {reason}")
@@ -307,7 +315,8 @@ class FedLoraStrategy(Strategy):
     def _evaluation_with_train(self, evaluated_round: int, replies: list[Message]) -> None:
         """The evaluation of round ``evaluated_round``'s adapter that this round's training
         replies carry: written into that round's record (``federation.evaluate-with-train``)."""
-        evaluated, dropped = _evaluations(self._train_sent, replies, keys.EVALUATION)
+        evaluated, dropped = _evaluations(self._train_sent, replies, keys.EVALUATION, roster=self.roster,
+                                          max_examples=self.cfg.max_examples)
         for node, reason in dropped:
             log(WARNING, "Round %d: evaluation from node %d dropped: %s", evaluated_round, node, reason)
         self.recorder.late_evaluation(evaluated_round, evaluated,
@@ -318,10 +327,11 @@ class FedLoraStrategy(Strategy):
                 dict(mean))
 
 
-def _evaluations(sent: list[Message], replies: Iterable[Message], record: str
-                 ) -> tuple[dict[int, dict], list[tuple[int, str]]]:
-    """Each reply's evaluation metrics (its ``record``), checked against the protocol; and
-    (node, reason) for each reply without a valid one."""
+def _evaluations(sent: list[Message], replies: Iterable[Message], record: str, *, roster: TenantRoster,
+                 max_examples: int) -> tuple[dict[int, dict], list[tuple[int, str]]]:
+    """Each reply's evaluation metrics (its ``record``), checked against the protocol (keys,
+    each value finite and in range, the example count at most ``max_examples``, the tenant the
+    node is); and (node, reason) for each reply without a valid one."""
     evaluated, dropped = {}, []
     for msg in replies:
         node = sender(sent, msg)
@@ -335,6 +345,12 @@ def _evaluations(sent: list[Message], replies: Iterable[Message], record: str
                   and keys.REQUIRED_METRICS <= set(metrics)):
             dropped.append((node, f"metric keys {sorted(metrics)} differ from the protocol"))
         else:
+            try:
+                check_metric_values(metrics, max_examples=max_examples)
+                roster.tenant_of(node, metrics[keys.TENANT])
+            except Rejected as why:
+                dropped.append((node, str(why)))
+                continue
             evaluated[node] = metrics
     return evaluated, dropped
 

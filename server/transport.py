@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from fedlora.common import messages as keys
 from fedlora.common.adapter import from_arrayrecord
 from fedlora.server.aggregation import Arrays, Rejected, Update, WeightedSum, validate_update
+from fedlora.server.identity import TenantRoster
 
 
 class RoundFailed(RuntimeError):
@@ -74,6 +75,7 @@ class Transport:
 
     name = "base"
     reveals_individual_updates = True
+    roster: TenantRoster | None = None  # set by the strategy: which tenant each node is
 
     def configure(self, server_round: int, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid) -> tuple[list[Message], int]:
@@ -128,6 +130,8 @@ class PlainTransport(Transport):
                     self._decode(content.array_records[keys.ARRAYS]), dict(content.metric_records[keys.METRICS]),
                     reference=reference, expected_metrics=keys.TRAIN_METRICS, max_examples=self.max_examples,
                     weight_of=self.weight_of, node=node, check_shapes=self.check_shapes)
+                if self.roster is not None:
+                    self.roster.tenant_of(node, update.metrics[keys.TENANT])
             except Rejected as why:
                 out.dropped.append((node, str(why)))
                 continue

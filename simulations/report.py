@@ -17,7 +17,7 @@ import matplotlib
 
 from fedlora.common.config import Config, parse_config
 from fedlora.common.records import FederationSummary, RoundRecord, read_rounds, read_summary
-from fedlora.server.release.tables import pct
+from fedlora.server.release.tables import md_text, pct
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -154,7 +154,7 @@ def write_report(run_dir: Path, cfg: Config, *, comparison: list[dict], extra_se
     lines.append("")
     if fed.dropped:
         lines += ["## Dropped replies", "", "| round | tenant | reason |", "|---|---|---|"]
-        lines += [f"| {d.round} | {d.tenant} | {d.reason} |" for d in fed.dropped]
+        lines += [f"| {d.round} | {md_text(d.tenant)} | {md_text(d.reason)} |" for d in fed.dropped]
         lines.append("")
     lines += declines_section(fed.dropped)
     lines += privacy_section(run_dir, cfg, rounds, comparison)
@@ -253,5 +253,5 @@ def secagg_section(cfg: Config, rounds: list[RoundRecord]) -> list[str]:
         s = r.secagg or {}
         per = s.get("dropped_per_stage", {})
         lines.append(f"| {r.round} | {s.get('attempts', '-')} | {s.get('finished', '-')} | "
-                     + " | ".join(str(per.get(st, 0)) for st in stages) + f" | {s.get('failure') or '-'} |")
+                     + " | ".join(str(per.get(st, 0)) for st in stages) + f" | {md_text(s.get('failure') or '-')} |")
     return lines + [""]

@@ -149,7 +149,9 @@ def _now() -> str:
 
 def model_card(f: dict, cfg: Config) -> str:
     """The README.md of a version: the facts ``f`` (``card.json``) and the run's config."""
-    eps = ", ".join(f"{k} = {v:.3g}" for k, v in f["epsilon"].items()) or "none recorded"
+    eps = ", ".join(f"{k} = {v:.3g}" + (" (reported by the tenant; the server cannot check it)"
+                                        if k.startswith("tenant") else " (the server's accountant)")
+                    for k, v in f["epsilon"].items()) or "none recorded"
     a, fed = cfg.adapter, cfg.federation
     lines = [f"# {f['name']} {f['version']}", "",
              "A LoRA-family adapter trained with federated learning (fedlora on Flower) and the same "

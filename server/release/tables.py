@@ -4,6 +4,16 @@ before/after table and the merge check, from the reports the stages wrote."""
 from __future__ import annotations
 
 
+_MD = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]",
+                     "#": "\\#", "<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "})
+
+
+def md_text(text: object) -> str:
+    """Text from outside (a tenant's error reason, a failure message) as literal Markdown in one
+    line or table cell: no markup, no HTML, no line breaks, no cell boundaries survive."""
+    return str(text).translate(_MD)
+
+
 def pct(x: float) -> str:
     """A fraction as a percentage with one decimal (0.9375 -> "93.8")."""
     return f"{100 * x:.1f}"

@@ -87,6 +87,11 @@ def add_commands(sub) -> None:
     cmds.choices["register"].add_argument("--max-examples", type=int, metavar="N",
                                           help="credit this tenant with at most N examples in the aggregate, "
                                                "whatever it claims (enforced by the server)")
+    cmds.choices["register"].add_argument("--tenant-id", type=int, metavar="N",
+                                          help="the tenant this key is (its node's --tenant-id); the server "
+                                               "then files every reply from this node under tenant N and "
+                                               "refuses a reply that claims another; two keys cannot be "
+                                               "one tenant")
     run = cmds.choices["run"]
     run.add_argument("--scenario", default="deployment", help="scenario name or .toml (default: deployment)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one run-config key")
@@ -234,10 +239,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(out)
         node = registry.node_id_from(out)
         if node is not None:
-            registry.record(home, node, public_key=Path(args.public_key).resolve(), max_examples=args.max_examples)
-        elif args.max_examples:
-            print("fedlora deploy register: Flower's output names no node id; the cap was not recorded",
-                  file=sys.stderr)
+            try:
+                registry.record(home, node, public_key=Path(args.public_key).resolve(),
+                                max_examples=args.max_examples, tenant_id=args.tenant_id)
+            except registry.RegistryError as why:
+                print(f"fedlora deploy register: {why} (the key is registered with Flower as node {node}; "
+                      "register it again with the right --tenant-id)", file=sys.stderr)
+                return 1
+        elif args.max_examples or args.tenant_id is not None:
+            print("fedlora deploy register: Flower's output names no node id; the cap and tenant id were not "
+                  "recorded", file=sys.stderr)
             return 1
         return 0
     from fedlora.simulations.scenario import parse_overrides, resolve
@@ -260,6 +271,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         caps = registry.example_caps(home)
         if caps and "federation.example-caps" not in overrides:  # the operator's caps from registration
             overrides["federation.example-caps"] = caps
+        tenants = registry.tenant_nodes(home)
+        if tenants and "federation.tenant-nodes" not in overrides:  # and which tenant each node is
+            overrides["federation.tenant-nodes"] = tenants
         cfg = resolve(args.scenario, overrides, args.run_dir)
     deployment.deployment_config(cfg, node_auth=not args.no_node_auth)  # what the engine cannot run, first
     check_deployment_run(cfg, ca_cert=args.ca)

@@ -173,6 +173,7 @@ def _without_dp(cfg: Config, out: Path) -> None:
 
 def _report_failure(cfg: Config, run_dir: Path) -> None:
     """A failed federation: a report that says why, then :class:`FederationFailed`."""
+    from fedlora.server.release.tables import md_text
     from fedlora.simulations.report import plot, write_report
 
     fed = read_summary(run_dir)
@@ -180,7 +181,7 @@ def _report_failure(cfg: Config, run_dir: Path) -> None:
     plot(run_dir)
     write_report(run_dir, cfg, comparison=[], extra_sections=[
         "## Nothing published", "",
-        f"The federation failed: {reason}. No baselines, DPO, merge or publish ran; "
+        f"The federation failed: {md_text(reason)}. No baselines, DPO, merge or publish ran; "
         "`fedlora merge` and `fedlora publish` refuse this run's adapter.", ""])
     raise FederationFailed(f"the federation failed: {reason}; nothing was refined, merged or published "
                            f"(report: {run_dir / 'report.md'})")

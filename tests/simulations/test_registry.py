@@ -18,3 +18,27 @@ def test_caps_recorded_at_registration_become_the_run_configs_example_caps(tmp_p
     assert caps == "8613:500"
     assert parse_config({"federation.example-caps": caps}).federation.example_caps == "8613:500"
     assert registry.node_id_from("no id here") is None
+
+
+def test_tenant_ids_recorded_at_registration_become_the_run_configs_tenant_nodes(tmp_path):
+    # Prepare / Execute: two sites registered with their tenant ids, one without
+    from fedlora.server.identity import parse_tenant_nodes
+
+    registry.record(tmp_path, 8613, public_key=tmp_path / "a.pub", max_examples=None, tenant_id=0)
+    registry.record(tmp_path, 42, public_key=tmp_path / "b.pub", max_examples=None, tenant_id=1)
+    registry.record(tmp_path, 7, public_key=tmp_path / "c.pub", max_examples=None)
+    # Assert: sorted by node id, in the form the server reads
+    value = registry.tenant_nodes(tmp_path)
+    assert value == "42:1,8613:0"
+    assert parse_tenant_nodes(parse_config({"federation.tenant-nodes": value}).federation.tenant_nodes) == {
+        42: 1, 8613: 0}
+
+
+def test_a_second_site_cannot_register_as_a_tenant_another_node_is(tmp_path):
+    import pytest
+
+    registry.record(tmp_path, 8613, public_key=tmp_path / "a.pub", max_examples=None, tenant_id=0)
+    with pytest.raises(registry.RegistryError, match="tenant 0 is already node 8613"):
+        registry.record(tmp_path, 42, public_key=tmp_path / "b.pub", max_examples=None, tenant_id=0)
+    registry.record(tmp_path, 8613, public_key=tmp_path / "a.pub", max_examples=None, tenant_id=0)  # again: fine
+    assert registry.tenant_nodes(tmp_path) == "8613:0"

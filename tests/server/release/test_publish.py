@@ -137,7 +137,8 @@ def test_card_states_epsilon_from_the_round_records(run_dir, keys, tmp_path):
     published = publish(locate(dp_run), registry=tmp_path / "reg", name="demo", signing_key=keys[0])
     # Assert
     card = (published.path / "README.md").read_text()
-    assert "central = 1.23" in card and "tenant 0 = 2.5" in card
+    assert "central = 1.23 (the server's accountant)" in card
+    assert "tenant 0 = 2.5 (reported by the tenant; the server cannot check it)" in card
 
 
 def test_the_merged_model_is_stored_once_per_run(version, run_dir):
