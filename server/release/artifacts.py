@@ -60,11 +60,12 @@ class Source:
     cfg: Config        # the configuration the adapter was trained with
     metadata: dict     # the final adapter's fedlora.json (base hash, rounds, ...)
     verified: bool = False  # a version whose signed manifest verified against a public key
+    snapshot: Path | None = None  # a verified version: the private copy of the bytes that verified
 
     @property
     def aggregate_dir(self) -> Path:
         """The federated aggregate (a version has only its published adapter)."""
-        return self.root / "adapter"
+        return (self.snapshot or self.root) / "adapter"
 
     @property
     def final_adapter_dir(self) -> Path:
@@ -72,7 +73,7 @@ class Source:
         refined = self.root / "dpo" / "adapter"
         if self.kind == "run" and (refined / "adapter_model.safetensors").is_file():
             return refined
-        return self.root / "adapter"
+        return (self.snapshot or self.root) / "adapter"
 
     @property
     def merged_dir(self) -> Path:
@@ -80,20 +81,32 @@ class Source:
 
     def read_json(self, rel: str) -> dict | list | None:
         """A JSON file of the run (``federation.json``, ...), or None when absent."""
-        path = self.root / rel
+        path = (self.snapshot or self.root) / rel
         return json.loads(path.read_text()) if path.is_file() else None
 
 
 def locate(path: str | Path, *, public_key: str | Path | None = None) -> Source:
     """Open ``path`` as a run directory or a published version, or say what is missing.
 
-    A failed federation's adapter is refused. A published version is verified with
-    ``public_key`` when one is given (refused if that fails); without one it is returned
-    unverified, and the stages that use its weights refuse it (:func:`require_verified`).
+    A failed federation's adapter is refused. With ``public_key`` the caller says ``path`` is a
+    published version: it must verify, whatever files it holds (a directory without a signed
+    manifest is refused, never read as a run), and the stages read a private copy of the bytes
+    that verified (:func:`fedlora.server.release.snapshot.verified_snapshot`). Without one, a
+    directory with a manifest is an unverified version, which the stages that use its weights
+    refuse (:func:`require_verified`).
     """
     root = Path(path).expanduser().resolve()
-    meta_path = root / "adapter" / METADATA_FILE
-    if not (root / "adapter" / "adapter_model.safetensors").is_file():
+    snapshot = None
+    if public_key is not None:
+        from fedlora.server.release.snapshot import SnapshotError, verified_snapshot
+
+        try:
+            snapshot = verified_snapshot(root, public_key)
+        except (SnapshotError, NotADirectoryError) as why:
+            raise SourceError(f"{why} (a public key was given: {root} must be a signed published version)") from None
+    files = snapshot or root
+    meta_path = files / "adapter" / METADATA_FILE
+    if not (files / "adapter" / "adapter_model.safetensors").is_file():
         raise SourceError(f"{root} has no adapter/adapter_model.safetensors; give a run directory whose "
                           "federation finished, or a published version <registry>/<name>/<version>")
     try:
@@ -101,29 +114,20 @@ def locate(path: str | Path, *, public_key: str | Path | None = None) -> Source:
     except ValueError as err:
         raise SourceError(f"{meta_path}: not valid JSON ({err})") from None
     refuse_failed(root, metadata)
-    if (root / "config.json").is_file():
+    if snapshot is None and (root / "config.json").is_file():
         flat, kind = json.loads((root / "config.json").read_text()), "run"
-    elif (root / VERSION_CONFIG).is_file():
-        flat, kind = json.loads((root / VERSION_CONFIG).read_text()), "version"
+    elif (files / VERSION_CONFIG).is_file():
+        flat, kind = json.loads((files / VERSION_CONFIG).read_text()), "version"
     elif "config" in metadata:
         flat, kind = metadata["config"], "version"
     else:
         raise SourceError(f"{root}: no config.json and no configuration in adapter/{METADATA_FILE}; "
                           "it was not written by fedlora")
-    if (root / "manifest.json").is_file():
+    if snapshot is not None or (root / "manifest.json").is_file():
         kind = "version"
-    verified = False
-    if kind == "version" and public_key is not None:
-        from fedlora.server.release.manifest import verify_version
-
-        result = verify_version(root, public_key)
-        if not result.ok:
-            raise SourceError(f"{root}: signature verification failed, refusing to use it: "
-                              + "; ".join(result.problems))
-        verified = True
     known = {k: v for k, v in flat.items() if k in Config().to_flat()}
     source = Source(kind=kind, root=root, cfg=parse_config(known, source=str(root)), metadata=metadata,
-                    verified=verified)
+                    verified=snapshot is not None, snapshot=snapshot)
     for weights in {source.aggregate_dir, source.final_adapter_dir}:
         check_safetensors(weights / "adapter_model.safetensors")
     return source

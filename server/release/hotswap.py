@@ -21,26 +21,34 @@ import torch
 from fedlora.common.config import EvalConfig, ModelConfig
 
 
-def check_adapter(adapter_dir: Path, *, public_key: str | Path | None) -> None:
-    """Refuse a failed federation's adapter, and a published version's before its signature verified."""
+def check_adapter(adapter_dir: Path, *, public_key: str | Path | None) -> Path:
+    """The directory to load ``adapter_dir`` from. With ``public_key`` it must be the adapter of a
+    signed published version (``<version>/adapter``), whatever files are present: the version is
+    verified and the adapter read from a private copy of the bytes that verified. Without one, a
+    published version's adapter is refused (it must be verified), a plain adapter is loaded as it
+    is. A failed federation's adapter is refused either way."""
     import json
 
     from fedlora.common.adapter import METADATA_FILE
     from fedlora.server.release.artifacts import SourceError, check_safetensors, refuse_failed
-    from fedlora.server.release.manifest import MANIFEST_NAME, verify_version
+    from fedlora.server.release.manifest import MANIFEST_NAME
 
-    meta = adapter_dir / METADATA_FILE
-    refuse_failed(adapter_dir.parent, json.loads(meta.read_text()) if meta.is_file() else {})
     version = adapter_dir.parent
-    if (version / MANIFEST_NAME).is_file():
-        if public_key is None:
-            raise SourceError(f"{adapter_dir} belongs to the published version {version}; hot-swap loads it only "
-                              "after verifying its signature: pass public_key")
-        result = verify_version(version, public_key)
-        if not result.ok:
-            raise SourceError(f"{version}: signature verification failed, refusing to load it: "
-                              + "; ".join(result.problems))
+    if public_key is not None:
+        from fedlora.server.release.snapshot import SnapshotError, verified_snapshot
+
+        try:
+            adapter_dir = verified_snapshot(version, public_key) / "adapter"
+        except (SnapshotError, NotADirectoryError) as why:
+            raise SourceError(f"{why} (a public key was given: {adapter_dir} must be a signed version's "
+                              "adapter)") from None
+    elif (version / MANIFEST_NAME).is_file():
+        raise SourceError(f"{adapter_dir} belongs to the published version {version}; hot-swap loads it only "
+                          "after verifying its signature: pass public_key")
+    meta = adapter_dir / METADATA_FILE
+    refuse_failed(version, json.loads(meta.read_text()) if meta.is_file() else {})
     check_safetensors(adapter_dir / "adapter_model.safetensors")
+    return adapter_dir
 
 
 def _recorded_base(adapter_dir: Path) -> str | None:
@@ -66,8 +74,7 @@ class HotSwap:
 
         if not adapters:
             raise ValueError("HotSwap needs at least one adapter directory")
-        for path in adapters.values():
-            check_adapter(Path(path), public_key=public_key)
+        adapters = {name: check_adapter(Path(path), public_key=public_key) for name, path in adapters.items()}
         for recorded, path in {_recorded_base(Path(p)): p for p in adapters.values()}.items():
             resolved = require_base(mcfg.base, recorded, override=base, what=str(path))
         if base is not None:

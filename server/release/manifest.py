@@ -277,6 +277,17 @@ def _check_entry(directory: Path, rel: str, entry: Any) -> tuple[list[str], bool
     return [], True
 
 
+def _place_problems(directory: Path, metadata: dict) -> list[str]:
+    """A version is bound to its place: ``<registry>/<name>/<version>`` must be the name and
+    version it was signed as (a signed v1 copied in as v2 is refused)."""
+    directory = directory.resolve()
+    name, version = metadata.get("name"), metadata.get("version")
+    if version is not None and directory.name != version or name is not None and directory.parent.name != name:
+        return [f"{MANIFEST_NAME}: signed as {name} {version}, but it lies at {directory.parent.name}/{directory.name}; "
+                "a version is not renamed or copied under another name or version"]
+    return []
+
+
 def verify_version(version_dir: Path | str, public_key_path: Path | str) -> VerifyResult:
     """Verify a signed version directory against ``public_key_path``.
 
@@ -311,6 +322,8 @@ def verify_version(version_dir: Path | str, public_key_path: Path | str) -> Veri
         except ValueError as err:
             problems.append(str(err))
 
+    if document is not None:
+        problems.extend(_place_problems(directory, document.get("metadata") or {}))
     scan = _scan_tree(directory)
     problems.extend(scan.problems)
     listed: set[str] = set()

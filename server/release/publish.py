@@ -77,8 +77,9 @@ def _round_epsilons(rounds: list[RoundRecord]) -> dict:
 
 def card_facts(source: Source, *, name: str, version: str) -> dict:
     """Everything the model card states, from the source's own files."""
-    if source.kind == "version" and (source.root / CARD_FACTS).is_file():
-        old = json.loads((source.root / CARD_FACTS).read_text())
+    files = source.snapshot or source.root  # a verified version: the bytes that verified
+    if source.kind == "version" and (files / CARD_FACTS).is_file():
+        old = json.loads((files / CARD_FACTS).read_text())
         return {**old, "name": name, "version": version, "date": _now(), "republished_from": old.get("version")}
     cfg, flat = source.cfg, source.cfg.to_flat()
     fed = read_summary(source.root)

@@ -124,3 +124,66 @@ def test_debug_shows_the_traceback(tmp_path):
     # Execute / Assert: --debug re-raises the error the plain command prints in one line
     with pytest.raises(NotADirectoryError):
         main(["--debug", "verify", str(tmp_path / "nope"), "--public-key", str(tmp_path / "k.pub")])
+
+
+def _as_run(version, tmp_path):
+    """The manifest-removed tamper: a version's files, its manifest gone, a config.json added."""
+    from fedlora.server.release.artifacts import VERSION_CONFIG
+
+    fake = shutil.copytree(version, tmp_path / "reg" / version.parent.name / version.name)
+    (fake / "manifest.json").unlink()
+    (fake / "config.json").write_text((fake / VERSION_CONFIG).read_text())
+    return fake
+
+
+def _copied_as_v2(version, tmp_path):
+    """The copied-version tamper: a signed v1 copied in as v2 of the same model."""
+    return shutil.copytree(version, tmp_path / "reg2" / version.parent.name / "v2")
+
+
+@pytest.mark.parametrize("tamper, says", [(_as_run, "manifest.json: missing"), (_copied_as_v2, "signed as")])
+def test_every_loader_refuses_a_tampered_version_when_a_key_is_given(version, keys, tmp_path, capsys, tamper, says):
+    from fedlora.server.release.hotswap import check_adapter
+    from fedlora.simulations.cli.main import main
+
+    # Prepare
+    bad = tamper(version, tmp_path)
+    # Execute / Assert: the library loaders...
+    with pytest.raises(SourceError, match=says):
+        locate(bad, public_key=keys[1])
+    with pytest.raises(SourceError, match=says):
+        check_adapter(bad / "adapter", public_key=keys[1])
+    # ... and each command, in one line, exit 2, nothing written
+    for cmd in (["merge", str(bad), "--out", str(tmp_path / "m")], ["dpo", str(bad), "--out", str(tmp_path / "d")]):
+        code = main([*cmd, "--public-key", str(keys[1])])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], (cmd, err)
+    assert main(["verify", str(bad), "--public-key", str(keys[1])]) == 1
+    assert not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_loaders_read_the_bytes_that_verified(version, keys, monkeypatch):
+    import fedlora.server.release.snapshot as snapshot
+
+    # Prepare: weights swapped on disk right after the check (a writer racing the loader)
+    weights = version / "adapter" / "adapter_model.safetensors"
+    signed = weights.read_bytes()
+    real = snapshot.verify_version
+
+    def swap_after_check(root, key):
+        result = real(root, key)
+        weights.write_bytes(signed[:-8] + b"\0" * 8)
+        return result
+
+    monkeypatch.setattr(snapshot, "verify_version", swap_after_check)
+    try:
+        # Execute / Assert: the copy is hashed against the signed manifest, so the swap is refused
+        with pytest.raises(SourceError, match="changed after it was verified"):
+            locate(version, public_key=keys[1])
+    finally:
+        weights.write_bytes(signed)
+    # and an honest load reads a private copy, which later writes to the registry do not reach
+    monkeypatch.setattr(snapshot, "verify_version", real)
+    source = locate(version, public_key=keys[1])
+    assert source.aggregate_dir != version / "adapter"
+    assert (source.aggregate_dir / "adapter_model.safetensors").read_bytes() == signed
