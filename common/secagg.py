@@ -141,11 +141,17 @@ def sized_bits(encoding: str, n: int, max_weight: int) -> tuple[int, int]:
 def quantizer_for(secagg, federation) -> Quantizer:
     """The quantizer of a run (``Config.secagg``, ``Config.federation``); both sides build the same one.
 
+    Every tenant weighs 1 under secure aggregation, whatever ``federation.weighting`` says: a weight
+    inside the masked vector is the tenant's word the server cannot check (one forged weight
+    element divides the whole mean by the wrong total), and a weight sent in the clear would
+    reveal the tenant's data size. With fixed weights the unmasked weight total must equal the
+    number of tenants summed, exactly, or the round fails.
+
     fp32: as configured. bf16 / int8: sized for 2 tenants here; :meth:`Quantizer.for_tenants`
     sizes it for the round."""
     encoding = getattr(federation, "delta_encoding", "fp32")
     q = Quantizer(clip=secagg.clip, bits=secagg.quantization_bits, modulus_bits=secagg.modulus_bits,
-                  max_weight=federation.max_weight, weighting=federation.weighting, encoding=encoding)
+                  max_weight=1, weighting="uniform", encoding=encoding)
     return q.for_tenants(2)
 
 

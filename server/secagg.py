@@ -236,6 +236,9 @@ class SecAggTransport(Transport):
             raise _RoundFailed(f"unmasking failed, a share was corrupted: {why}") from None
         n = len(active)
         top, weight_sum = int(total[:-1].max(initial=0)), int(total[-1])
+        if weight_sum != n * st.q.max_weight and st.q.weighting == "uniform":
+            raise _RoundFailed(f"unmasked weight total {weight_sum}, not {n}: every tenant weighs 1 under secure "
+                               "aggregation, so a tenant forged its weight element (or a share was corrupted)")
         if top > n * st.q.top or not n <= weight_sum <= n * st.q.max_weight:
             raise _RoundFailed("unmasked sum out of range: a share or a masked vector was corrupted")
         summed, weight = unpack(total, n, st.shapes, st.q)

@@ -27,12 +27,23 @@ from fedlora.common.secagg import Quantizer, dequantize, headroom_bits, pack, pr
 ])
 def test_quantizer_sized_from_the_encoding(encoding, tenants, max_weight, bits, modulus, dtype):
     # Prepare
-    base = quantizer_for(SecAggConfig(enabled=True), FederationConfig(delta_encoding=encoding, max_weight=max_weight))
+    s = SecAggConfig(enabled=True)
+    base = Quantizer(clip=s.clip, bits=s.quantization_bits, modulus_bits=s.modulus_bits, max_weight=max_weight,
+                     encoding=encoding).for_tenants(2)
     # Execute
     q = base.for_tenants(tenants)
     # Assert: as computed by hand, and the modulus holds the sum of the round's tenants
     assert (q.bits, q.modulus_bits, q.dtype) == (bits, modulus, dtype)
     assert q.capacity() >= tenants and q.centred
+
+
+def test_a_runs_quantizer_weighs_every_tenant_1_whatever_the_weighting():
+    # Execute: a run that asks for example weights capped at 1024
+    for encoding in ("fp32", "int8", "bf16"):
+        q = quantizer_for(SecAggConfig(enabled=True),
+                          FederationConfig(delta_encoding=encoding, max_weight=1024, weighting="examples"))
+        # Assert: fixed weights, so the weight total the server checks is exactly the tenant count
+        assert (q.max_weight, q.weighting) == (1, "uniform"), encoding
 
 
 def test_fp32_quantizer_is_as_configured():
@@ -58,8 +69,10 @@ def test_centred_grid_packs_uint16_hand_computed():
 def test_masked_int8_sized_vectors_unmask_to_the_exact_sum():
     # Prepare: three tenants through the real client state machine (complete graph), int8 for
     # 3 tenants; deltas on the grid (multiples of the step after weighting), so the sum is exact
-    fed = FederationConfig(delta_encoding="int8", max_weight=4)
-    q3 = quantizer_for(SecAggConfig(enabled=True, clip=1.0), fed).for_tenants(3)
+    s = SecAggConfig(enabled=True, clip=1.0)
+    q = Quantizer(clip=1.0, bits=s.quantization_bits, modulus_bits=s.modulus_bits, max_weight=4,
+                  encoding="int8").for_tenants(2)  # the packing with weights (a run's quantizer fixes them at 1)
+    q3 = q.for_tenants(3)
     step = q3.step
     weights = {1: 1, 2: 2, 3: 4}
     deltas = {n: OrderedDict(a=np.array([k * step * 4 / w for k in (-3, 0, 5)], np.float32)) for n, w in weights.items()}
@@ -70,7 +83,7 @@ def test_masked_int8_sized_vectors_unmask_to_the_exact_sum():
     inbox = {n: {src: cts[src][n] for src in stores if src != n} for n in stores}
     # Execute: masked uploads sized for 3 tenants; sum mod 2^m; remove the self masks (pairwise cancel)
     vecs = {n: client.masked_upload(stores[n], server_round=1, attempt=1, ciphertexts=inbox[n],
-                                    quantizer=quantizer_for(SecAggConfig(enabled=True, clip=1.0), fed), tenants=3,
+                                    quantizer=q, tenants=3,
                                     train=lambda n=n: (deltas[n], weights[n])) for n in stores}
     total = np.zeros(4, q3.dtype)
     for n, v in vecs.items():

@@ -120,7 +120,7 @@ def _fleet(fail: dict[int, str] | None = None, count: int = 5):
     deltas = _deltas(count)
     weights = [10, 20, 30, 40, 150][:count]  # the last one is capped at max-weight 100
     tenants = {101 + i: Tenant(101 + i, deltas[i], weights[i], (fail or {}).get(101 + i)) for i in range(count)}
-    return tenants, deltas, [min(w, FED.max_weight) for w in weights]
+    return tenants, deltas, [1] * count  # under secure aggregation every tenant weighs 1, whatever it claims
 
 
 def _bound(n, total_weight):
@@ -128,7 +128,7 @@ def _bound(n, total_weight):
 
 
 def test_five_tenants_equal_plaintext_weighted_mean_within_bound(tmp_path):
-    # Prepare: five tenants with random deltas and weights 10..150 (150 capped to 100)
+    # Prepare: five tenants with random deltas, claiming 10..150 examples (each weighs 1)
     tenants, deltas, weights = _fleet()
     # Execute
     result, record, _ = _run(tmp_path, tenants)
@@ -140,7 +140,7 @@ def test_five_tenants_equal_plaintext_weighted_mean_within_bound(tmp_path):
     assert record["secagg"] == {"enabled": True, "attempts": 1, "finished": 5, "failure": None,
                                 "dropped_per_stage": {"setup": 0, "key sharing": 0, "masked upload": 0,
                                                       "unmasking": 0}}
-    assert result.train_metrics_clientapp[1][keys.NUM_EXAMPLES] == 200  # 10+20+30+40+100, exact
+    assert result.train_metrics_clientapp[1][keys.NUM_EXAMPLES] == 5  # the weight total: one per tenant, exact
 
 
 @pytest.mark.parametrize("stage, attempts, finishers", [
