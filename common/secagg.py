@@ -1,7 +1,9 @@
 """Secure aggregation (SecAgg+, Bell et al. 2020): the arithmetic both sides share.
 
-The server must learn only ``sum_k w_k * delta_k`` and ``sum_k w_k``. Each tenant turns its
-delta and its capped FedAvg weight into one integer vector (:func:`pack`), adds masks
+The server must learn only ``sum_k w_k * delta_k`` and ``sum_k w_k``. A run fixes every
+``w_k`` at 1 (:func:`quantizer_for`: a weight inside the masked vector cannot be checked), so
+the server checks the weight total exactly; the packing below allows integer weights up to
+``max_weight``. Each tenant turns its delta and its weight into one integer vector (:func:`pack`), adds masks
 that cancel in the sum (:func:`prg_mask`), and the server removes what is left of the
 masks after the others reveal shares of the seeds (see ``fedlora.server.secagg``).
 
