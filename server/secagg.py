@@ -42,6 +42,7 @@ from fedlora.common.adapter import from_arrayrecord
 from fedlora.common.config import SecAggConfig
 from fedlora.common.secagg import Quantizer, mask_sign, neighbour_graph, prg_mask, threshold, unpack
 from fedlora.server.aggregation import Rejected, WeightedSum, check_metric_values
+from fedlora.server.secagg_recover import Unrecoverable, recover
 from fedlora.server.transport import Collected, RoundFailed, Transport, error_reason, sender
 
 
@@ -67,11 +68,14 @@ class SecAggOutcome:
     failure: str | None = None
     bytes_down: int = 0
     bytes_up: int = 0
+    culprits: dict[int, str] = field(default_factory=dict)  # node -> whose secret its share failed to rebuild
 
     def summary(self) -> dict:
-        return {"enabled": True, "attempts": self.attempts, "finished": len(self.metrics),
-                "dropped_per_stage": {s: len(d) for s, d in self.dropped.items()},
-                "failure": self.failure}
+        out = {"enabled": True, "attempts": self.attempts, "finished": len(self.metrics),
+               "dropped_per_stage": {s: len(d) for s, d in self.dropped.items()}, "failure": self.failure}
+        if self.culprits:  # identifiable abort: named in the round's record, excluded from later rounds
+            out["inconsistent_shares"] = {str(n): why for n, why in sorted(self.culprits.items())}
+        return out
 
 
 @dataclass
@@ -101,6 +105,7 @@ class SecAggTransport(Transport):
         self.scfg, self.q, self.seed = scfg, q, seed
         self._round: _Round | None = None
         self._out: SecAggOutcome | None = None
+        self.excluded: set[int] = set()  # nodes whose shares were inconsistent: never sampled again
         self._configured_bytes = 0
 
     def summary(self) -> str:
@@ -115,7 +120,9 @@ class SecAggTransport(Transport):
         self.grid = grid
         out = self._out = SecAggOutcome()
         shapes = {k: v.shape for k, v in from_arrayrecord(arrays).items()}
-        members = sorted(nodes)
+        for u in sorted(set(nodes) & self.excluded):
+            self._drop(out, wire.SETUP, u, "excluded: its shares were inconsistent in an earlier round")
+        members = sorted(set(nodes) - self.excluded)
         msgs = self._configure(out, server_round, members, arrays, config, shapes)
         self._configured_bytes = out.bytes_down
         return msgs, out.bytes_down
@@ -230,10 +237,12 @@ class SecAggTransport(Transport):
                 self._drop(out, wire.UNMASK, u, "shares for nodes outside its neighbourhood")
         self._check_thresholds(list(shares), dead, st.holders, st.thr, "after unmasking", owners=active)
         try:
-            total = self._unmask({u: uploads[u][0] for u in active}, shares, dead, st.graph, st.holders, st.thr,
-                                 st.pk_s, st.q)
-        except ValueError as why:  # shares that do not combine into a seed or a key
-            raise _RoundFailed(f"unmasking failed, a share was corrupted: {why}") from None
+            total = self._unmask(out, {u: uploads[u][0] for u in active}, shares, dead, st.graph, st.holders,
+                                 st.thr, st.pk_s, st.q)
+        except Unrecoverable as why:  # too few consistent shares left to rebuild a seed or a key
+            raise _RoundFailed(f"unmasking failed, shares were corrupted: {why}"
+                               + (f" (inconsistent: node(s) {sorted(out.culprits)}, excluded from later rounds)"
+                                  if out.culprits else "")) from None
         n = len(active)
         top, weight_sum = int(total[:-1].max(initial=0)), int(total[-1])
         if weight_sum != n * st.q.max_weight and st.q.weighting == "uniform":
@@ -299,23 +308,41 @@ class SecAggTransport(Transport):
                 raise _RoundFailed(f"{when}: only {have} of node {u}'s share holders left, below the "
                                    f"reconstruction threshold {thr[u]}")
 
-    def _unmask(self, vectors: dict[int, np.ndarray], shares: dict[int, dict[int, bytes]], dead: list[int],
-                graph: dict[int, list[int]], holders: dict[int, list[int]], thr: dict[int, int],
+    def _unmask(self, out: SecAggOutcome, vectors: dict[int, np.ndarray], shares: dict[int, dict[int, bytes]],
+                dead: list[int], graph: dict[int, list[int]], holders: dict[int, list[int]], thr: dict[int, int],
                 pk_s: dict[int, bytes], q: Quantizer) -> np.ndarray:
+        """The unmasked sum. Each secret is rebuilt from shares that agree (``secagg_recover``);
+        a holder whose share does not is named in ``out.culprits`` and excluded from later rounds."""
         total = np.zeros_like(next(iter(vectors.values())))
         for vec in vectors.values():
             total += vec
         n = total.size
+
+        def rebuild(node: int, what: str, check=None) -> bytes:
+            held = {r: shares[r][node] for r in holders[node] if r in shares}
+            secret, bad = recover(held, thr[node], check=check, what=f"node {node}'s {what}")
+            for r in bad:
+                out.culprits.setdefault(r, f"its share of node {node}'s {what} is inconsistent with the others'")
+            self.excluded.update(bad)
+            return secret
+
         for u in vectors:
-            b = crypto.combine([shares[r][u] for r in holders[u] if r in shares][:thr[u]])
-            total -= prg_mask(b, n, q)
+            total -= prg_mask(rebuild(u, "self-mask seed"), n, q)
         for d in dead:
-            sk = crypto.load_private(crypto.combine([shares[r][d] for r in holders[d] if r in shares][:thr[d]]))
+            sk = crypto.load_private(rebuild(d, "mask key", check=lambda s, d=d: _is_key_of(s, pk_s[d])))
             for u in graph[d]:
                 if u in vectors:  # u added sign(u, d) * mask(u, d); take it out
                     mask = prg_mask(crypto.mask_seed(sk, pk_s[u]), n, q)
                     total = total - mask if mask_sign(u, d) > 0 else total + mask
         return q.reduce(total)
+
+
+def _is_key_of(secret: bytes, public: bytes) -> bool:
+    """Whether ``secret`` is the private key of the announced ``public`` key."""
+    try:
+        return crypto.public_bytes(crypto.load_private(secret)) == public
+    except ValueError:
+        return False
 
 
 def _graph_seed(seed: int, server_round: int, attempt: int) -> int:

@@ -243,9 +243,13 @@ class _CorruptShares(Tenant):
         return reply
 
 
-def test_corrupted_shares_fail_the_round_loudly_instead_of_a_wrong_sum(tmp_path):
+def test_too_many_corrupted_shares_fail_the_round_loudly_instead_of_a_wrong_sum(tmp_path):
+    # Prepare: three of five share holders corrupt theirs: two honest shares, below the threshold of 3
     tenants, _, _ = _fleet()
-    tenants[101].__class__ = _CorruptShares  # the first share holder of every tenant
+    for node in (101, 102, 103):
+        tenants[node].__class__ = _CorruptShares
+    # Execute
     result, record, _ = _run(tmp_path, tenants)
+    # Assert (one corrupted holder is recovered from: tests/server/test_secagg_forgery.py)
     assert "corrupted" in record["secagg"]["failure"]
     assert len(result.arrays) == 0 and record["aggregated"] is False

@@ -11,12 +11,16 @@ by at most ``2 * clip / n``); no bound tighter than that holds without proofs of
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 
+from flwr.app import Message
+
 from fedlora.client import secagg as client
+from fedlora.common import secagg_wire as wire
 from fedlora.common.adapter import from_arrayrecord
 from fedlora.common.secagg import pack, quantizer_for
 from tests.server.test_secagg import FED, GLOBAL, SEC, Tenant, _run
@@ -106,3 +110,37 @@ def test_one_step_past_the_bound_fails_the_round(tmp_path):
 
     _, record, _ = _run(tmp_path, _fleet(forge))
     assert "out of range" in record["secagg"]["failure"] and record["aggregated"] is False
+
+
+class Corrupter(Tenant):
+    """An honest tenant, except that every share it reveals in the unmasking has one byte flipped."""
+
+    def __call__(self, msg):
+        reply = super().__call__(msg)
+        if msg.metadata.message_type.endswith(wire.UNMASK) and not reply.has_error():
+            shares = wire.read_unmask_reply(reply.content)
+            bad = {v: s[:-1] + bytes([s[-1] ^ 0x5A]) for v, s in shares.items()}
+            return Message(wire.unmask_reply(bad), reply_to=msg)
+        return reply
+
+
+def test_a_corrupted_share_is_named_the_round_completes_and_its_holder_is_left_out_after(tmp_path):
+    from tests.server.test_secagg import _deltas, _plain_mean, _bound
+
+    # Prepare: five tenants (everyone's neighbour), tenant 104 corrupts every share it reveals
+    deltas = _deltas(5)
+    tenants = {101 + i: (Corrupter if i == 3 else Tenant)(101 + i, deltas[i], 10) for i in range(5)}
+    # Execute: two rounds
+    result, record, _ = _run(tmp_path, tenants, rounds=2)
+    second = json.loads((tmp_path / "metrics" / "round_002.json").read_text())
+    # Assert: round 1 is the plaintext mean of all five, and the culprit is named
+    assert record["aggregated"] is True and record["secagg"]["failure"] is None
+    assert list(record["secagg"]["inconsistent_shares"]) == ["104"]
+    # round 2 leaves 104 out from the start and sums the other four
+    assert second["aggregated"] is True and second["secagg"]["finished"] == 4
+    assert any(d["node"] == 104 and "excluded" in d["reason"] for d in second["dropped"])
+    want = _plain_mean(deltas, [1] * 5)
+    want = {k: want[k] + (sum(d[k].astype(np.float64) for i, d in enumerate(deltas) if i != 3) / 4) for k in want}
+    got = from_arrayrecord(result.arrays)
+    for k in GLOBAL:
+        assert np.max(np.abs(got[k] - want[k])) <= 2 * _bound(5, 5)
