@@ -101,13 +101,42 @@ def _secure(stage):
 @_secure
 def secagg_setup(msg: Message, context: Context, store) -> RecordDict:
     node = msg.metadata.dst_node_id
-    return wire.setup_reply(*secagg.setup(store, node=node, **wire.read_setup_request(msg.content)))
+    identity = _identity(context)
+    return wire.setup_reply(*secagg.setup(store, node=node, identity=identity,
+                                          **wire.read_setup_request(msg.content)))
 
 
 @app.train(wire.SHARE)
 @_secure
 def secagg_share(msg: Message, context: Context, store) -> RecordDict:
-    return wire.share_reply(secagg.share_keys(store, **wire.read_share_request(msg.content)))
+    return wire.share_reply(secagg.share_keys(store, roster=_roster(context), **wire.read_share_request(msg.content)))
+
+
+def _identity(context: Context):
+    """The node's identity key (node config ``identity-key``: its SuperNode key), or None.
+    A node with a roster must have one: its neighbours refuse unsigned keys."""
+    path = context.node_config.get("identity-key")
+    if not path:
+        if context.node_config.get("secagg-roster"):
+            raise secagg.SecAggRefused("this node has a roster but no identity-key to sign its own keys with; "
+                                       "start it with `fedlora deploy supernode --key ... --roster ...`")
+        return None
+    from fedlora.common.secagg_identity import load_identity_key
+
+    try:
+        return load_identity_key(str(path))
+    except OSError as err:
+        raise secagg.SecAggRefused(f"identity-key {path}: {err.strerror or err}") from None
+
+
+def _roster(context: Context):
+    """The federation's admitted node keys (node config ``secagg-roster``), or None (unauthenticated)."""
+    path = context.node_config.get("secagg-roster")
+    if not path:
+        return None
+    from fedlora.common.secagg_identity import load_roster
+
+    return load_roster(str(path))
 
 
 @app.train(wire.UPLOAD)

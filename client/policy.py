@@ -58,6 +58,8 @@ class PrivacyRules:
 class SecAggRules:
     required: bool = _f(True, "train only under secure aggregation (no plain training reply)")
     min_neighbours: int = _f(2, "fewest neighbours a secure round may give this tenant")
+    signed: bool = _f(False, "take part only in authenticated rounds: the node has a roster (--roster) and "
+                             "refuses neighbours whose keys are not signed by their rostered identity key")
 
 
 @dataclass(frozen=True)

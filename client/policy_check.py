@@ -125,9 +125,10 @@ def fingerprint(base: str) -> str:
 
 
 def message_problems(policy: TenantPolicy, message_type: str, *, neighbours: int | None = None,
-                     evaluations: int | None = None, lifetime_evaluations: int | None = None) -> list[Problem]:
+                     evaluations: int | None = None, lifetime_evaluations: int | None = None,
+                     signed: bool = True) -> list[Problem]:
     """What only the message shows: its kind, its secure round's neighbourhood, the evaluations so
-    far (this run's, and all runs')."""
+    far (this run's, and all runs'); ``signed``: whether the node checks its neighbours' keys (a roster)."""
     from fedlora.common import secagg_wire as wire
 
     out: list[Problem] = []
@@ -136,6 +137,9 @@ def message_problems(policy: TenantPolicy, message_type: str, *, neighbours: int
     if message_type == f"train.{wire.SETUP}" and neighbours is not None and neighbours < policy.secagg.min_neighbours:
         out.append(("secagg-neighbours", f"a secure round with {neighbours} neighbour(s); the tenant needs "
                                          f"{policy.secagg.min_neighbours}"))
+    if message_type.startswith("train.secagg") and policy.secagg.signed and not signed:
+        out.append(("secagg-unsigned", "the tenant takes part only in authenticated secure rounds, and this node "
+                                       "has no roster to check its neighbours' keys against (--roster)"))
     if evaluations is not None and evaluations >= policy.evaluation.max_per_run:
         out.append(("evaluations", f"this run had its {policy.evaluation.max_per_run} evaluation(s); the tenant "
                                    "answers no more"))

@@ -71,7 +71,7 @@ def tenant_policy(msg: Message, context: Context, call_next) -> Message:
     try:
         cfg, tenant, ledger = _tenant(context)
         with ledger.locked():  # evaluation count: check through record
-            _check(policy, msg, cfg, tenant, ledger)
+            _check(policy, msg, cfg, tenant, ledger, signed=bool(context.node_config.get("secagg-roster")))
             reply = _handle(policy, msg, context, call_next)
             _count_evaluation(policy, msg, reply, ledger, context)
     except PolicyDeclined as why:
@@ -101,7 +101,7 @@ def _tenant(context: Context):
     return cfg, tenant, ledger_for(tenant)
 
 
-def _check(policy: TenantPolicy, msg: Message, cfg, tenant, ledger) -> None:
+def _check(policy: TenantPolicy, msg: Message, cfg, tenant, ledger, *, signed: bool) -> None:
     from fedlora.client.policy_check import check, message_problems, run_problems
 
     records = count_records(tenant.train_path)
@@ -118,7 +118,7 @@ def _check(policy: TenantPolicy, msg: Message, cfg, tenant, ledger) -> None:
     check([*run_problems(policy, cfg, num_records=records),
            *[("data", p) for p in data_problems(policy, records)],
            *message_problems(policy, kind, neighbours=neighbours, evaluations=evaluations,
-                             lifetime_evaluations=lifetime)])
+                             lifetime_evaluations=lifetime, signed=signed)])
     if _evaluates_first(msg) and (ledger.evaluations(run=run) >= policy.evaluation.max_per_run
                                   or ledger.evaluations() >= policy.evaluation.max_lifetime):
         log.warning("round %s: the run's evaluation budget is spent; training without the evaluation it asked for",

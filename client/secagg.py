@@ -75,8 +75,10 @@ def _expect(store: Mapping[str, bytes], stage: str, server_round: int, attempt: 
 
 
 def setup(store: MutableMapping[str, bytes], *, node: int, server_round: int, attempt: int,
-          neighbours: list[int], threshold: int) -> tuple[bytes, bytes]:
-    """Fresh key pairs and self-mask seed for this attempt; returns (c_pk, s_pk)."""
+          neighbours: list[int], threshold: int, identity=None) -> tuple[bytes, bytes, bytes]:
+    """Fresh key pairs and self-mask seed for this attempt; returns (c_pk, s_pk, signature):
+    the signature by ``identity`` (the node's identity key, :mod:`fedlora.common.secagg_identity`)
+    over both keys, or empty without one."""
     old = _load(store)
     if old is not None and (old.round, old.attempt) >= (server_round, attempt):
         raise SecAggRefused(f"stale setup: round {server_round} attempt {attempt} is not after "
@@ -95,16 +97,33 @@ def setup(store: MutableMapping[str, bytes], *, node: int, server_round: int, at
                 threshold=threshold, c_sk=crypto.private_bytes(c_sk).hex(), s_sk=crypto.private_bytes(s_sk).hex(),
                 b=crypto.new_seed().hex(), uploaded_round=uploaded)
     _save(store, st)
-    return crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)
+    c_pk, s_pk = crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)
+    if identity is None:
+        return c_pk, s_pk, b""
+    from fedlora.common.secagg_identity import sign, statement
+
+    return c_pk, s_pk, sign(identity, statement(server_round, attempt, node, c_pk, s_pk))
 
 
 def share_keys(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
-               public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+               public_keys: Mapping[int, tuple[bytes, bytes]], signatures: Mapping[int, bytes] | None = None,
+               roster=None) -> dict[int, bytes]:
     """Shamir-share the self-mask seed and the mask key among the neighbourhood;
-    returns {neighbour: ciphertext only that neighbour can open}."""
+    returns {neighbour: ciphertext only that neighbour can open}. With a ``roster``
+    (:func:`fedlora.common.secagg_identity.load_roster`) every neighbour must be on it and its
+    keys must carry its signature, or nothing is shared (a server that substituted keys)."""
     st = _expect(store, "setup", server_round, attempt)
+    public_keys = {n: (pk[0], pk[1]) for n, pk in public_keys.items()}  # (c_pk, s_pk[, signature])
     if set(public_keys) != set(st.holders):
         raise SecAggRefused(f"public keys for {sorted(public_keys)} but the neighbourhood is {st.holders}")
+    if roster is not None:
+        from fedlora.common.secagg_identity import check_signature
+
+        for v in st.neighbours:
+            why = check_signature(roster, v, (signatures or {}).get(v, b""), server_round=server_round,
+                                  attempt=attempt, c_pk=public_keys[v][0], s_pk=public_keys[v][1])
+            if why is not None:
+                raise SecAggRefused(f"no share leaves this tenant: {why}")
     c_sk, s_sk = crypto.load_private(bytes.fromhex(st.c_sk)), crypto.load_private(bytes.fromhex(st.s_sk))
     if public_keys[st.node] != (crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)):
         raise SecAggRefused("the server relayed public keys for this tenant that it did not send")

@@ -65,30 +65,37 @@ def read_setup_request(content: RecordDict) -> dict:
             "threshold": int(_get(content, "threshold"))}
 
 
-def setup_reply(c_pk: bytes, s_pk: bytes) -> RecordDict:
-    return _record(c_pk=c_pk, s_pk=s_pk)
+def setup_reply(c_pk: bytes, s_pk: bytes, sig: bytes = b"") -> RecordDict:
+    """The tenant's two public keys and (authenticated SecAgg+) its identity signature over them."""
+    return _record(c_pk=c_pk, s_pk=s_pk, **({"sig": sig} if sig else {}))
 
 
-def read_setup_reply(content: RecordDict) -> tuple[bytes, bytes]:
+def read_setup_reply(content: RecordDict) -> tuple[bytes, bytes, bytes]:
     c_pk, s_pk = _get(content, "c_pk"), _get(content, "s_pk")
-    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes):
-        raise ValueError("public keys are not bytes")
-    return c_pk, s_pk
+    sig = content.config_records[RECORD].get("sig", b"")
+    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes) or not isinstance(sig, bytes):
+        raise ValueError("public keys or signature are not bytes")
+    return c_pk, s_pk, sig
 
 
 # -- key sharing --------------------------------------------------------------------
-def share_request(server_round: int, attempt: int, keys: dict[int, tuple[bytes, bytes]]) -> RecordDict:
+def share_request(server_round: int, attempt: int, keys: dict[int, tuple[bytes, ...]]) -> RecordDict:
+    """The neighbourhood's public keys as each node sent them: (c_pk, s_pk[, signature])."""
     nodes = sorted(keys)
+    sigs = [keys[n][2] if len(keys[n]) > 2 else b"" for n in nodes]
     return _record(round=server_round, attempt=attempt, nodes=_strs(nodes),
-                   c_pk=[keys[n][0] for n in nodes], s_pk=[keys[n][1] for n in nodes])
+                   c_pk=[keys[n][0] for n in nodes], s_pk=[keys[n][1] for n in nodes],
+                   **({"sig": [s or b"-" for s in sigs]} if any(sigs) else {}))
 
 
 def read_share_request(content: RecordDict) -> dict:
     r, a = header(content)
     nodes, c_pk, s_pk = _ids(_get(content, "nodes")), _get(content, "c_pk"), _get(content, "s_pk")
-    if not len(nodes) == len(c_pk) == len(s_pk):
+    sigs = content.config_records[RECORD].get("sig", [b""] * len(nodes))
+    if not len(nodes) == len(c_pk) == len(s_pk) == len(sigs):
         raise ValueError("public key lists differ in length")
-    return {"server_round": r, "attempt": a, "public_keys": {n: (c, s) for n, c, s in zip(nodes, c_pk, s_pk)}}
+    return {"server_round": r, "attempt": a, "public_keys": {n: (c, s) for n, c, s in zip(nodes, c_pk, s_pk)},
+            "signatures": {n: (b"" if g == b"-" else g) for n, g in zip(nodes, sigs)}}
 
 
 def share_reply(ciphertexts: dict[int, bytes]) -> RecordDict:

@@ -58,6 +58,10 @@ def add_commands(sub) -> None:
                       help="where this tenant's privacy ledgers live, one per data digest, so a new --state-dir "
                            "on the same data continues the same budget (default: the policy's ledger.dir, else "
                            "~/.fedlora/ledgers)")
+    node.add_argument("--roster", metavar="FILE",
+                      help="the federation's admitted node keys (from the operator: `fedlora deploy roster`): "
+                           "this node signs its secure-aggregation keys with --key and refuses a round whose "
+                           "neighbours' keys are not signed by their rostered key (a server substituting keys)")
     node.add_argument("--trusted-fab", action="append", default=[], metavar="SHA256",
                       help="an app bundle (FAB) whose own ClientApp code this node may run, by the SHA-256 of its "
                            "bytes; without it the node runs only its own installed fedlora, never a run's code")
@@ -78,6 +82,11 @@ def add_commands(sub) -> None:
     worker.add_argument("--state-dir", help="the node's --state-dir (default: .fedlora-state/ beside --data)")
     worker.add_argument("--data", help="the node's --data, to find the default state dir")
 
+    roster = cmds.add_parser("roster", help="write the admitted nodes' keys for the tenants (authenticated SecAgg+)",
+                             description="Write every registered node's public key, by node id, to FILE: give it "
+                                         "to each tenant (out of band) for `deploy supernode --roster FILE`.")
+    roster.add_argument("--out", required=True, metavar="FILE", help="where to write the roster (JSON)")
+    roster.add_argument("--flwr-home", default=str(DEFAULT_HOME), help=f"flwr CLI home (default: {DEFAULT_HOME})")
     for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
         p = cmds.add_parser(name, help=text)
         p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
@@ -139,7 +148,8 @@ def _supernode(args: argparse.Namespace) -> int:
         holdout_path=Path(args.holdout).resolve() if args.holdout else None,
         runtime_port=args.runtime_port, lora_rank=args.lora_rank,
         state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket,
-        poll_interval=args.poll_interval, policy=policy, ledger_dir=_ledger_dir(args, policy))
+        poll_interval=args.poll_interval, policy=policy, ledger_dir=_ledger_dir(args, policy),
+        roster=Path(args.roster).resolve() if args.roster else None)
     warm = _warm_config(args, with_worker=socket is not None)
     if args.print:
         if socket is not None:
@@ -231,6 +241,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.deploy_command == "worker-status":
         return _worker_status(args)
     home = Path(args.flwr_home)
+    if args.deploy_command == "roster":
+        from fedlora.simulations.cli import registry
+
+        count = registry.write_roster(home, Path(args.out))
+        if not count:
+            print(f"fedlora deploy roster: no node is registered in {home}; `fedlora deploy register` each "
+                  "tenant's key first", file=sys.stderr)
+            return 1
+        print(f"{args.out}: {count} node key(s); give it to every tenant for `deploy supernode --roster`")
+        return 0
     deployment.write_cli_config(home, superlink=args.superlink, ca_cert=Path(args.ca))
     if args.deploy_command == "register":
         from fedlora.simulations.cli import registry

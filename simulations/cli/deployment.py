@@ -76,7 +76,8 @@ def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1",
 def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
                 lora_rank: int | None = None, state_dir: Path | str | None = None,
                 worker_socket: Path | str | None = None, policy: Path | str | None = None,
-                ledger_dir: Path | str | None = None) -> str:
+                ledger_dir: Path | str | None = None, roster: Path | str | None = None,
+                identity_key: Path | str | None = None) -> str:
     """The ``--node-config`` string the ClientApp reads (``fedlora.client.task.tenant_from_node_config``).
 
     ``lora_rank``: the tenant's own LoRA rank (``lora-rank``; runs with ``federation.lora-rule
@@ -85,7 +86,9 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
     default: ``.fedlora-state/`` beside the data file); ``worker_socket``: the tenant worker's
     Unix socket (``worker-socket``; the ClientApp then forwards every message to it); ``policy``: the
     tenant's own policy file (``policy``, :mod:`fedlora.client.policy`); ``ledger_dir``: where its
-    privacy ledgers live, one per data digest (``ledger-dir``).
+    privacy ledgers live, one per data digest (``ledger-dir``); ``roster``: the federation's admitted
+    node keys (``secagg-roster``) and ``identity_key`` the node's own key (``identity-key``): secure
+    rounds are then authenticated (:mod:`fedlora.common.secagg_identity`).
     """
     data_path = Path(data_path)
     if not data_path.is_absolute():
@@ -99,7 +102,7 @@ def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | s
                                         "(at most the run's adapter.r; federation.lora-rule = svd)")
         parts.append(f"lora-rank={lora_rank}")
     for key, path in (("state-dir", state_dir), ("worker-socket", worker_socket), ("policy", policy),
-                      ("ledger-dir", ledger_dir)):
+                      ("ledger-dir", ledger_dir), ("secagg-roster", roster), ("identity-key", identity_key)):
         if path is not None:
             parts.append(f"{key}={json.dumps(str(Path(path).resolve()))}")
     return " ".join(parts)
@@ -110,7 +113,7 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
                       max_retries: int | None = None, lora_rank: int | None = None,
                       state_dir: Path | str | None = None, worker_socket: Path | str | None = None,
                       poll_interval: float | None = None, policy: Path | str | None = None,
-                      ledger_dir: Path | str | None = None) -> list[str]:
+                      ledger_dir: Path | str | None = None, roster: Path | str | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
     The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
@@ -130,7 +133,8 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
         cmd += ["--auth-supernode-private-key", str(private_key)]
     cmd += ["--node-config", node_config(data_path, tenant_id=tenant_id, holdout_path=holdout_path,
                                          lora_rank=lora_rank, state_dir=state_dir, worker_socket=worker_socket,
-                                         policy=policy, ledger_dir=ledger_dir),
+                                         policy=policy, ledger_dir=ledger_dir, roster=roster,
+                                         identity_key=private_key if roster is not None else None),
             "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
@@ -191,6 +195,7 @@ class Tenant:
     data_path: Path
     lora_rank: int | None = None  # its own LoRA rank (federation.lora-rule = svd); None: adapter.r
     policy: Path | None = None  # its own tenant policy (fedlora.client.policy); None: the server decides
+    roster: Path | None = None  # the admitted nodes' keys: its secure rounds are authenticated; None: not
 
 
 @dataclass
@@ -295,7 +300,7 @@ class LocalFederation:
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
                                 runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
                                 worker_socket=socket, poll_interval=poll_interval, policy=tenant.policy,
-                                ledger_dir=self.state_dir / f"ledgers-{tenant.name}")
+                                ledger_dir=self.state_dir / f"ledgers-{tenant.name}", roster=tenant.roster)
         where = ["--socket", str(socket)] if socket is not None else ["--no-worker", "--bin-dir", str(node_dir / "bin")]
         cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.tenant_node", *where,
                *(f"--trusted-fab={h}" for h in trusted_fabs), "--", *cmd]

@@ -21,7 +21,7 @@ def main(tag: str) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal must not skip the clean-up
     while sys.stdin.buffer.read(4096):
         pass
-    kill_tagged(tag, grace=0.0)
+    kill_tagged(tag, grace=0.0, quiet=2.0)  # a Ray agent started in the last instant is caught too
     return 0
 
 

@@ -56,6 +56,16 @@ def record(flwr_home: Path, node_id: int, *, public_key: Path, max_examples: int
     return path
 
 
+def write_roster(flwr_home: Path, out: Path) -> int:
+    """The roster tenants check their neighbours' secure-aggregation keys against (``{node id: public
+    key line}``, :mod:`fedlora.common.secagg_identity`), from every registered node; returns how many."""
+    entries = {}
+    for node, e in sorted(read(flwr_home).items(), key=lambda kv: int(kv[0])):
+        entries[node] = Path(e["public_key"]).read_text(encoding="utf-8").strip()
+    write_json_atomic(out, entries)
+    return len(entries)
+
+
 def tenant_nodes(flwr_home: Path) -> str:
     """The ``federation.tenant-nodes`` value: each node registered with a tenant id ("" when none)."""
     return ",".join(f"{node}:{e['tenant_id']}" for node, e in sorted(read(flwr_home).items(), key=lambda kv: int(kv[0]))

@@ -137,6 +137,16 @@ def test_messages_only_show_some_breaches(tmp_path):
     assert message_problems(policy, "evaluate", evaluations=2) == []
 
 
+def test_a_policy_requiring_signed_rounds_declines_a_node_without_a_roster(tmp_path):
+    # Prepare
+    policy = load_policy(_policy(tmp_path, POLICY.replace("[secagg]\n", "[secagg]\nsigned = true\n")))
+    # Execute / Assert: every secure stage is declined without a roster, none with one
+    for stage in ("train.secagg_setup", "train.secagg_share"):
+        problems = message_problems(policy, stage, neighbours=2, signed=False)
+        assert [c for c, _ in problems] == ["secagg-unsigned"], problems
+        assert message_problems(policy, stage, neighbours=2, signed=True) == []
+
+
 # -- the mod --------------------------------------------------------------------------
 def _node(tmp_path: Path, policy: Path | None, **extra) -> dict:
     data = tmp_path / "data" / "train.jsonl"

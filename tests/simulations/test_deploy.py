@@ -199,6 +199,19 @@ def test_cli_supernode_policy_and_ledger_dir_reach_the_node_config(tmp_path, cap
     assert f'ledger-dir="{tmp_path / "led"}"' in second and "policy=" not in second
 
 
+def test_cli_supernode_roster_makes_the_node_sign_with_its_own_key(tmp_path, capsys):
+    # Execute
+    from fedlora.simulations.cli.main import main
+
+    rc = main(["deploy", "supernode", "--superlink", "l:9093", "--ca", str(tmp_path / "ca.crt"), "--key",
+               str(tmp_path / "k"), "--data", str(tmp_path / "train.jsonl"), "--roster", str(tmp_path / "r.json"),
+               "--print"])
+    # Assert: the roster and the SuperNode's own key (its identity) reach the node config
+    supernode = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 0
+    assert f'secagg-roster="{tmp_path / "r.json"}" identity-key="{tmp_path / "k"}"' in supernode
+
+
 def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path, capsys):
     # Prepare
     from fedlora.simulations.cli.main import main

@@ -42,3 +42,18 @@ def test_a_second_site_cannot_register_as_a_tenant_another_node_is(tmp_path):
         registry.record(tmp_path, 42, public_key=tmp_path / "b.pub", max_examples=None, tenant_id=0)
     registry.record(tmp_path, 8613, public_key=tmp_path / "a.pub", max_examples=None, tenant_id=0)  # again: fine
     assert registry.tenant_nodes(tmp_path) == "8613:0"
+
+
+def test_the_roster_lists_every_registered_nodes_key_by_node_id(tmp_path):
+    # Prepare: two registered keys
+    from fedlora.common.credentials import write_node_keypair
+    from fedlora.common.secagg_identity import load_roster
+
+    a, b = write_node_keypair(tmp_path, "a")[1], write_node_keypair(tmp_path, "b")[1]
+    registry.record(tmp_path, 8613, public_key=a, max_examples=None, tenant_id=0)
+    registry.record(tmp_path, 42, public_key=b, max_examples=None, tenant_id=1)
+    # Execute
+    count = registry.write_roster(tmp_path, tmp_path / "roster.json")
+    # Assert: what a tenant's --roster reads back, one key per node id
+    roster = load_roster(tmp_path / "roster.json")
+    assert count == 2 and sorted(roster) == [42, 8613]
