@@ -12,12 +12,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_scaled_update_is_dropped_and_flagged_and_the_honest_tenants_keep_their_quality(tmp_path):
-    # Prepare: the default scenario, shortened
+    # Prepare: the default scenario, shortened; no evaluation each round (the honest EM is scored
+    # on the final adapter, by the harness)
     from fedlora.simulations.scenario import resolve
     from fedlora.simulations.synthetic import write_tenants
 
     cfg = resolve("default", {"run.baselines": False, "dpo.enabled": False, "publish.enabled": False,
-                              "federation.rounds": 3, "data.train-size": 256, "data.holdout-size": 48},
+                              "federation.rounds": 3, "data.train-size": 256, "data.holdout-size": 48,
+                              "federation.fraction-evaluate": 0.0},
                   str(tmp_path / "base"))
     data = tmp_path / "data"
     write_tenants(data, num_tenants=4, train_size=256, holdout_size=48, seed=0)
