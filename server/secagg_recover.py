@@ -66,12 +66,14 @@ def recover(shares: Mapping[int, bytes], threshold: int, *, check: Callable[[byt
     holders = sorted(shares)
     if len(holders) < threshold:
         raise Unrecoverable(f"{what}: {len(holders)} share(s), fewer than the threshold {threshold}", [])
-    # the honest case costs two combinations: the first and the last threshold shares agree (a
-    # wrong share among them rebuilds a different wrong value from each), or pass the check
+    # the honest case costs one combination that passes the check, or two that agree (the first
+    # and the last threshold shares: a wrong share among them rebuilds a different value from each)
     first = _combine(shares, holders[:threshold])
-    if first is not None and (check is None or check(first)):
-        if len(holders) == threshold or _combine(shares, holders[-threshold:]) == first:
-            return first, []
+    if first is not None and check is not None and check(first):
+        return first, []  # provably right (the holders left unused are not judged)
+    if first is not None and check is None and (len(holders) == threshold
+                                                or _combine(shares, holders[-threshold:]) == first):
+        return first, []
     votes: Counter = Counter()
     support: dict[bytes, set[int]] = {}
     for subset in islice(_subsets(holders, threshold), MAX_SUBSETS):

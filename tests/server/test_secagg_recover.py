@@ -1,0 +1,60 @@
+"""Identifiable abort: a secret rebuilt from the shares that agree, and the holders of the others named."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fedlora.common import secagg_crypto as crypto
+from fedlora.server.secagg_recover import Unrecoverable, recover
+
+HOLDERS = [10, 11, 12, 13, 14]
+
+
+def _shares(secret: bytes, threshold: int = 3) -> dict[int, bytes]:
+    return dict(zip(HOLDERS, crypto.split(secret, threshold=threshold, holders=len(HOLDERS))))
+
+
+def _corrupt(shares: dict[int, bytes], holder: int) -> None:
+    """A well-formed share of the right index, of a secret of its own (what a lying holder sends)."""
+    shares[holder] = dict(zip(HOLDERS, crypto.split(os.urandom(32), threshold=3, holders=len(HOLDERS))))[holder]
+
+
+def test_honest_shares_rebuild_the_secret_and_name_no_one():
+    secret = os.urandom(32)
+    assert recover(_shares(secret), 3) == (secret, [])
+
+
+@pytest.mark.parametrize("bad", [[12], [10, 14]])
+def test_corrupted_shares_are_named_while_enough_agree(bad):
+    # Prepare: five shares, threshold 3; one or two corrupted (three honest still rebuild it)
+    secret = os.urandom(32)
+    shares = _shares(secret)
+    for h in bad:
+        _corrupt(shares, h)
+    # Execute / Assert
+    assert recover(shares, 3) == (secret, bad)
+
+
+def test_a_mask_key_is_checked_against_its_public_key():
+    # Prepare: a mask key shared five ways, one share corrupted
+    key = crypto.new_private_key()
+    secret, public = crypto.private_bytes(key), crypto.public_bytes(key)
+    shares = _shares(secret)
+    _corrupt(shares, 11)
+    # Execute
+    got, bad = recover(shares, 3, check=lambda s: crypto.public_bytes(crypto.load_private(s)) == public)
+    # Assert
+    assert got == secret and bad == [11]
+
+
+def test_too_few_consistent_shares_fail_loudly():
+    secret = os.urandom(32)
+    shares = _shares(secret)
+    for h in (10, 11, 12):
+        _corrupt(shares, h)
+    with pytest.raises(Unrecoverable, match="no .*rebuild|disagree"):
+        recover(shares, 3, what="node 7's self-mask seed")
+    with pytest.raises(Unrecoverable, match="fewer than the threshold 3"):
+        recover({10: shares[13], 11: shares[14]}, 3)
