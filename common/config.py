@@ -160,7 +160,8 @@ class FederationConfig:
     max_examples: int = _opt(100_000, "largest plausible example count per reply", lo=1)
     # A tenant's weight from its claimed example count: examples (FedAvg), sqrt-examples,
     # or uniform (fedlora.common.weighting); capped at max-weight either way.
-    weighting: str = _opt("examples", "tenant weight rule", choices=WEIGHTINGS)
+    weighting: str = _opt("examples", "tenant weight rule (under secure aggregation every tenant weighs 1)",
+                          choices=WEIGHTINGS)
     # Adaptive weight bound: no tenant weighs more than this x the round's median weight
     # (0 = off); a tenant over it is capped and flagged.
     weight_multiplier: float = _opt(2.0, "cap on a tenant's weight, x the round's median weight (0 = off)", lo=0.0)
