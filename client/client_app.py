@@ -61,5 +61,5 @@ def handle(msg: Message, context: Context) -> Message:
 
 train = app.train()(handle)
 evaluate = app.evaluate()(handle)
-for _stage in (wire.SETUP, wire.SHARE, wire.UPLOAD, wire.UNMASK):  # secure aggregation's four stages
+for _stage in wire.STAGES:  # secure aggregation's stages
     app.train(_stage)(handle)

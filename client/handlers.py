@@ -82,7 +82,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-# -- secure aggregation (SecAgg+): four stages instead of one train message ---------------
+# -- secure aggregation (SecAgg+): four stages (five when authenticated) instead of one train message
 def _secure(stage):
     """Run a stage on the node's secagg state; a refusal becomes an error reply with its reason."""
     def wrapped(msg: Message, context: Context) -> Message:
@@ -160,7 +160,14 @@ def secagg_upload(msg: Message, context: Context, store) -> RecordDict:
     return RecordDict({keys.ARRAYS: wire.upload_array(vector), keys.METRICS: MetricRecord(metrics), **evaluation})
 
 
+@app.train(wire.CONSISTENCY)
+@_secure
+def secagg_consistency(msg: Message, context: Context, store) -> RecordDict:
+    return wire.consistency_reply(secagg.consistency(store, identity=_identity(context),
+                                                     **wire.read_consistency_request(msg.content)))
+
+
 @app.train(wire.UNMASK)
 @_secure
 def secagg_unmask(msg: Message, context: Context, store) -> RecordDict:
-    return wire.unmask_reply(secagg.unmask(store, **wire.read_unmask_request(msg.content)))
+    return wire.unmask_reply(secagg.unmask(store, roster=_roster(context), **wire.read_unmask_request(msg.content)))

@@ -1,6 +1,8 @@
-"""A tenant's side of secure aggregation: one state machine, four stages, no Flower.
+"""A tenant's side of secure aggregation: one state machine, four or five stages, no Flower.
 
-setup -> share keys -> masked upload -> unmask, all within one (round, attempt). The
+setup -> share keys -> masked upload -> [consistency] -> unmask, all within one (round, attempt);
+the consistency stage (survivors sign who uploaded) runs in authenticated rounds, where a
+tenant with a roster requires it before any unmask share leaves. The
 per-round secrets live in ``store`` — the node's ``context.state`` record in the
 ClientApp, which Flower keeps per node between messages in simulation and deployment —
 serialized as one JSON blob, and are wiped after the unmask stage.
@@ -49,6 +51,7 @@ class _State:
     b_shares: dict[str, str] = field(default_factory=dict)   # src -> hex share held for src
     sk_shares: dict[str, str] = field(default_factory=dict)
     uploaded_round: int = 0
+    survivors: list[int] = field(default_factory=list)  # the set this tenant signed (consistency)
 
     @property
     def holders(self) -> list[int]:
@@ -64,13 +67,15 @@ def _save(store: MutableMapping[str, bytes], st: _State) -> None:
     store[STATE_KEY] = json.dumps(asdict(st)).encode()
 
 
-def _expect(store: Mapping[str, bytes], stage: str, server_round: int, attempt: int) -> _State:
+def _expect(store: Mapping[str, bytes], stage: str | tuple[str, ...], server_round: int, attempt: int) -> _State:
     st = _load(store)
     if st is None or (st.round, st.attempt) != (server_round, attempt):
         have = "nothing" if st is None else f"round {st.round} attempt {st.attempt}"
         raise SecAggRefused(f"message for round {server_round} attempt {attempt}, but this tenant holds {have}")
-    if st.stage != stage:
-        raise SecAggRefused(f"stage out of order: expected after '{stage}', this tenant is at '{st.stage}'")
+    stages = (stage,) if isinstance(stage, str) else stage
+    if st.stage not in stages:
+        raise SecAggRefused(f"stage out of order: expected after '{' or '.join(stages)}', "
+                            f"this tenant is at '{st.stage}'")
     return st
 
 
@@ -207,11 +212,68 @@ def masked_upload(store: MutableMapping[str, bytes], *, server_round: int, attem
     return quantizer.reduce(vector)
 
 
-def unmask(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
-           active: list[int], dead: list[int]) -> dict[int, bytes]:
-    """Shares of the self-mask seed of each active node and of the mask key of each
-    dropped node — never both for one node; then forget this round's secrets."""
+def consistency(store: MutableMapping[str, bytes], *, server_round: int, attempt: int, survivors: list[int],
+                identity=None) -> bytes:
+    """Sign the set of nodes the server says uploaded (with ``identity``; empty without one) and
+    keep it: this tenant's unmask shares will follow that set and no other."""
     st = _expect(store, "upload", server_round, attempt)
+    if len(set(survivors)) != len(survivors):
+        raise SecAggRefused(f"survivor set {survivors} names a node twice")
+    if st.node not in survivors:
+        raise SecAggRefused("the survivor set leaves out this tenant, but it uploaded")
+    alive = len(set(survivors) & set(st.holders))
+    if alive < st.threshold:
+        raise SecAggRefused(f"only {alive} survivor(s) in the neighbourhood, below the threshold {st.threshold}; "
+                            "revealing shares could expose an individual update")
+    st.survivors, st.stage = sorted(survivors), "consistent"
+    _save(store, st)
+    if identity is None:
+        return b""
+    from fedlora.common.secagg_identity import sign, survivors_statement
+
+    return sign(identity, survivors_statement(server_round, attempt, st.survivors))
+
+
+def _check_consistency(st: _State, survivors: list[int] | None, signatures: Mapping[int, bytes] | None,
+                       roster, *, server_round: int, attempt: int) -> None:
+    """An authenticated unmask request: the survivor set this tenant signed, signed by at least its
+    threshold of share holders (itself included); any bad signature refuses the whole request."""
+    from fedlora.common.secagg_identity import check_survivors
+
+    if st.stage != "consistent":
+        raise SecAggRefused("no consistency round before unmasking: this tenant reveals shares only for a survivor "
+                            "set its neighbours signed")
+    if survivors is None or sorted(survivors) != st.survivors:
+        raise SecAggRefused(f"the unmask request's survivor set {survivors} is not the one this tenant signed "
+                            f"({st.survivors})")
+    signed = {st.node}
+    for v, sig in (signatures or {}).items():
+        if v not in st.holders or v not in st.survivors or v == st.node:
+            raise SecAggRefused(f"a survivor signature from node {v}, which is not another surviving share holder")
+        why = check_survivors(roster, v, sig, server_round=server_round, attempt=attempt, survivors=st.survivors)
+        if why is not None:
+            raise SecAggRefused(f"no unmask share leaves this tenant: {why}")
+        signed.add(v)
+    if len(signed) < st.threshold:
+        raise SecAggRefused(f"only {len(signed)} of this tenant's share holders signed the survivor set, below the "
+                            f"threshold {st.threshold}")
+
+
+def unmask(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,
+           active: list[int], dead: list[int], survivors: list[int] | None = None,
+           signatures: Mapping[int, bytes] | None = None, roster=None) -> dict[int, bytes]:
+    """Shares of the self-mask seed of each active node and of the mask key of each
+    dropped node — never both for one node; then forget this round's secrets.
+
+    With a ``roster`` (authenticated rounds) only after the consistency stage, for the survivor
+    set this tenant signed, and with at least its threshold of holders' signatures on that set."""
+    st = _expect(store, ("upload", "consistent"), server_round, attempt)
+    if roster is not None:
+        _check_consistency(st, survivors, signatures, roster, server_round=server_round, attempt=attempt)
+    if st.survivors and (sorted(active) != sorted(set(st.holders) & set(st.survivors))
+                         or sorted(dead) != sorted(set(st.holders) - set(st.survivors))):
+        raise SecAggRefused(f"unmask request (active {sorted(active)}, dropped {sorted(dead)}) does not follow the "
+                            f"survivor set {st.survivors} this tenant signed")
     both = sorted(set(active) & set(dead))
     if both:
         raise SecAggRefused(f"contradictory unmask request: node(s) {both} listed as both active and dropped")

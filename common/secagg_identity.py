@@ -13,7 +13,13 @@ server: keys signed under a PKI):
   out of band (``fedlora deploy supernode --roster FILE``): the server cannot add a key to it;
 * a tenant signs :func:`statement` (round, attempt, its node id and both public keys) in setup,
   and refuses key sharing when a neighbour is not on its roster or its keys do not carry its
-  signature. No share leaves the tenant before that check.
+  signature. No share leaves the tenant before that check;
+* after the masked upload each survivor signs :func:`survivors_statement`, the set of nodes the
+  server says uploaded (the consistency round). A tenant with a roster reveals unmask shares only
+  for that set, and only when at least its threshold of share holders signed the very same set:
+  a server that tells one tenant a node dropped (to get its mask key) and another that it
+  survived (to get its self-mask seed) cannot gather both for one node, as two signed views
+  would need an honest holder to sign twice.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 DOMAIN = b"fedlora-secagg-keys/1"
+SURVIVORS_DOMAIN = b"fedlora-secagg-survivors/1"
 
 
 class RosterError(ValueError):
@@ -36,6 +43,12 @@ def statement(server_round: int, attempt: int, node: int, c_pk: bytes, s_pk: byt
     """The bytes a tenant signs: its two public keys for one attempt of one round."""
     return b"|".join([DOMAIN, str(int(server_round)).encode(), str(int(attempt)).encode(), str(int(node)).encode(),
                       c_pk.hex().encode(), s_pk.hex().encode()])
+
+
+def survivors_statement(server_round: int, attempt: int, survivors: list[int]) -> bytes:
+    """The bytes each survivor signs in the consistency round: the set of nodes that uploaded."""
+    return b"|".join([SURVIVORS_DOMAIN, str(int(server_round)).encode(), str(int(attempt)).encode(),
+                      ",".join(str(int(n)) for n in sorted(survivors)).encode()])
 
 
 def load_identity_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
@@ -87,13 +100,26 @@ def load_roster(path: str | Path) -> dict[int, ec.EllipticCurvePublicKey]:
 def check_signature(roster: dict[int, ec.EllipticCurvePublicKey], node: int, signature: bytes, *,
                     server_round: int, attempt: int, c_pk: bytes, s_pk: bytes) -> str | None:
     """None if ``node``'s keys carry its rostered signature, else why not (a refusal reason)."""
+    return _verify(roster, node, signature, statement(server_round, attempt, node, c_pk, s_pk),
+                   what="keys", forged="substituted or forged", plural=True)
+
+
+def check_survivors(roster: dict[int, ec.EllipticCurvePublicKey], node: int, signature: bytes, *,
+                    server_round: int, attempt: int, survivors: list[int]) -> str | None:
+    """None if ``node`` signed exactly this survivor set, else why not (a refusal reason)."""
+    return _verify(roster, node, signature, survivors_statement(server_round, attempt, survivors),
+                   what="survivor set", forged="it signed a different set, or the signature is forged")
+
+
+def _verify(roster: dict[int, ec.EllipticCurvePublicKey], node: int, signature: bytes, message: bytes, *,
+            what: str, forged: str, plural: bool = False) -> str | None:
     key = roster.get(node)
     if key is None:
         return f"node {node} is not on this tenant's roster"
     if not signature:
-        return f"node {node}'s keys carry no signature"
+        return f"node {node}'s {what} {'carry' if plural else 'carries'} no signature"
     try:
-        key.verify(signature, statement(server_round, attempt, node, c_pk, s_pk), ec.ECDSA(hashes.SHA384()))
+        key.verify(signature, message, ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
-        return f"node {node}'s keys are not signed by its rostered identity key (substituted or forged)"
+        return f"node {node}'s {what} {'are' if plural else 'is'} not signed by its rostered identity key ({forged})"
     return None

@@ -15,7 +15,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 SETUP, SHARE, UPLOAD, UNMASK = "secagg_setup", "secagg_share", "secagg_upload", "secagg_unmask"
-STAGE_NAMES = {SETUP: "setup", SHARE: "key sharing", UPLOAD: "masked upload", UNMASK: "unmasking"}
+CONSISTENCY = "secagg_consistency"  # authenticated rounds only: survivors sign who uploaded
+STAGES = (SETUP, SHARE, UPLOAD, CONSISTENCY, UNMASK)
+STAGE_NAMES = {SETUP: "setup", SHARE: "key sharing", UPLOAD: "masked upload", CONSISTENCY: "consistency",
+               UNMASK: "unmasking"}
 RECORD = "secagg"   # ConfigRecord with the stage payload, both directions
 MASKED = "masked"   # ArrayRecord key of the masked vector
 
@@ -147,15 +150,53 @@ def read_upload_array(content: RecordDict, *, size: int, dtype) -> np.ndarray:
     return vec
 
 
+# -- consistency (authenticated rounds) ---------------------------------------------
+def consistency_request(server_round: int, attempt: int, survivors: list[int]) -> RecordDict:
+    """The nodes whose masked vectors the server holds, for each survivor to sign."""
+    return _record(round=server_round, attempt=attempt, survivors=_strs(sorted(survivors)))
+
+
+def read_consistency_request(content: RecordDict) -> dict:
+    r, a = header(content)
+    return {"server_round": r, "attempt": a, "survivors": _ids(_get(content, "survivors"))}
+
+
+def consistency_reply(sig: bytes) -> RecordDict:
+    return _record(sig=sig or b"-")
+
+
+def read_consistency_reply(content: RecordDict) -> bytes:
+    sig = _get(content, "sig")
+    if not isinstance(sig, bytes):
+        raise ValueError("signature is not bytes")
+    return b"" if sig == b"-" else sig
+
+
 # -- unmasking ----------------------------------------------------------------------
-def unmask_request(server_round: int, attempt: int, active: list[int], dead: list[int]) -> RecordDict:
-    return _record(round=server_round, attempt=attempt, active=_strs(sorted(active)), dead=_strs(sorted(dead)))
+def unmask_request(server_round: int, attempt: int, active: list[int], dead: list[int], *,
+                   survivors: list[int] | None = None, signatures: dict[int, bytes] | None = None) -> RecordDict:
+    """Whose self-mask seeds (``active``) and mask keys (``dead``) to reveal; in an authenticated
+    round also the survivor set and the survivors' signatures over it (the consistency round)."""
+    extra = {}
+    if survivors is not None:
+        signers = sorted(signatures or {})
+        extra = {"survivors": _strs(sorted(survivors)), "signers": _strs(signers),
+                 **({"sigs": [signatures[n] for n in signers]} if signers else {})}
+    return _record(round=server_round, attempt=attempt, active=_strs(sorted(active)), dead=_strs(sorted(dead)),
+                   **extra)
 
 
 def read_unmask_request(content: RecordDict) -> dict:
     r, a = header(content)
-    return {"server_round": r, "attempt": a, "active": _ids(_get(content, "active")),
-            "dead": _ids(_get(content, "dead"))}
+    out = {"server_round": r, "attempt": a, "active": _ids(_get(content, "active")),
+           "dead": _ids(_get(content, "dead")), "survivors": None, "signatures": None}
+    rec = content.config_records[RECORD]
+    if "survivors" in rec:
+        signers, sigs = _ids(_get(content, "signers")), rec.get("sigs", [])
+        if len(signers) != len(sigs) or not all(isinstance(g, bytes) for g in sigs):
+            raise ValueError("signature list malformed")
+        out.update(survivors=_ids(rec["survivors"]), signatures=dict(zip(signers, sigs)))
+    return out
 
 
 def unmask_reply(shares: dict[int, bytes]) -> RecordDict:

@@ -3,7 +3,10 @@
 One training round is four message exchanges (``fedlora.common.secagg_wire``): setup (public
 keys), key sharing (encrypted Shamir shares, relayed), masked upload (each tenant trains
 and sends its masked vector) and unmasking (shares of the finishers' self-mask seeds and
-of the dropped tenants' mask keys). Dropout, stage by stage:
+of the dropped tenants' mask keys). In an authenticated round (the tenants sign their keys,
+``fedlora.common.secagg_identity``) a consistency stage comes before the unmasking: each survivor
+signs the set of nodes that uploaded, and the unmask request carries those signatures, without
+which a tenant with a roster reveals nothing. Dropout, stage by stage:
 
 * lost in setup or key sharing: the round restarts **once** with the survivors (nothing
   was uploaded yet, so nothing counts twice); lost again: the round fails;
@@ -69,10 +72,13 @@ class SecAggOutcome:
     bytes_down: int = 0
     bytes_up: int = 0
     culprits: dict[int, str] = field(default_factory=dict)  # node -> whose secret its share failed to rebuild
+    authenticated: bool = False  # the tenants signed their keys (and the survivor set)
 
     def summary(self) -> dict:
-        out = {"enabled": True, "attempts": self.attempts, "finished": len(self.metrics),
-               "dropped_per_stage": {s: len(d) for s, d in self.dropped.items()}, "failure": self.failure}
+        stages = {s: len(d) for s, d in self.dropped.items()
+                  if self.authenticated or s != wire.STAGE_NAMES[wire.CONSISTENCY]}
+        out = {"enabled": True, "authenticated": self.authenticated, "attempts": self.attempts,
+               "finished": len(self.metrics), "dropped_per_stage": stages, "failure": self.failure}
         if self.culprits:  # identifiable abort: named in the round's record, excluded from later rounds
             out["inconsistent_shares"] = {str(n): why for n, why in sorted(self.culprits.items())}
         return out
@@ -91,6 +97,7 @@ class _Round:
     pk_s: dict[int, bytes]
     shapes: dict[str, tuple[int, ...]]
     q: Quantizer                  # sized for this attempt's members (Quantizer.for_tenants)
+    signed: bool = False          # the tenants signed their keys: run the consistency stage
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # u -> {v: share for u}
     sent: list[Message] = field(default_factory=list)
 
@@ -164,6 +171,7 @@ class SecAggTransport(Transport):
         replies = self._exchange(out, wire.SETUP, {
             u: wire.setup_request(rnd, attempt, graph[u], thr[u]) for u in members}, wire.read_setup_reply)
         self._after_key_stage(out, replies, members, restartable)
+        out.authenticated = any(replies[u][2] for u in members)
         # 2. key sharing: relay the neighbourhood's public keys, collect encrypted shares
         shares = self._exchange(out, wire.SHARE, {
             u: wire.share_request(rnd, attempt, {v: replies[v] for v in holders[u]}) for u in members},
@@ -174,6 +182,7 @@ class SecAggTransport(Transport):
                 self._drop(out, wire.SHARE, u, f"shares addressed to {sorted(cts)}, not its neighbours")
         self._after_key_stage(out, shares, members, restartable)
         return _Round(rnd, attempt, members, graph, holders, thr, {u: replies[u][1] for u in members}, shapes, q,
+                      signed=out.authenticated,
                       ciphertexts={u: {v: shares[v][u] for v in graph[u]} for u in members})
 
     def _upload_messages(self, st: _Round, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
@@ -226,11 +235,21 @@ class SecAggTransport(Transport):
         active = sorted(uploads)
         dead = sorted(set(st.members) - set(active))
         self._check_thresholds(active, dead, st.holders, st.thr, "before unmasking")
+        asked, signatures = active, None
+        if st.signed:  # 3b. consistency: each survivor signs the set of nodes that uploaded
+            signatures = self._exchange(out, wire.CONSISTENCY, {
+                u: wire.consistency_request(st.number, st.attempt, active) for u in active},
+                wire.read_consistency_reply)
+            asked = sorted(signatures)
+            self._check_thresholds(asked, dead, st.holders, st.thr, "after the consistency round", owners=active)
+
+        def request(u: int):
+            survivors = {} if signatures is None else {"survivors": active, "signatures": {
+                v: signatures[v] for v in st.holders[u] if v in signatures and v != u}}
+            return wire.unmask_request(st.number, st.attempt, [v for v in st.holders[u] if v in uploads],
+                                       [v for v in st.holders[u] if v not in uploads], **survivors)
         # 4. unmasking
-        shares = self._exchange(out, wire.UNMASK, {
-            u: wire.unmask_request(st.number, st.attempt, [v for v in st.holders[u] if v in uploads],
-                                   [v for v in st.holders[u] if v not in uploads]) for u in active},
-            wire.read_unmask_reply)
+        shares = self._exchange(out, wire.UNMASK, {u: request(u) for u in asked}, wire.read_unmask_reply)
         for u, got in list(shares.items()):
             if set(got) != set(st.holders[u]):
                 del shares[u]

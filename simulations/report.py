@@ -241,12 +241,17 @@ def secagg_section(cfg: Config, rounds: list[RoundRecord]) -> list[str]:
     sa = cfg.secagg
     if not sa.enabled:
         return ["## Secure aggregation", "", "Off: the server saw each tenant's individual delta.", ""]
-    stages = ("setup", "key sharing", "masked upload", "unmasking")
+    signed = any((r.secagg or {}).get("authenticated") for r in rounds)
+    stages = ("setup", "key sharing", "masked upload", *(("consistency",) if signed else ()), "unmasking")
     lines = ["## Secure aggregation", "",
              f"On (SecAgg+): the server learned only the sum of the weighted deltas and the total weight. "
              f"Neighbours per tenant: {sa.neighbours or 'all'}; a secret needs more than "
              f"{sa.threshold:g} of its holders; values clipped to +-{sa.clip:g}, "
-             f"{sa.quantization_bits} bits, mod 2^{sa.modulus_bits}.", "",
+             f"{sa.quantization_bits} bits, mod 2^{sa.modulus_bits}. "
+             + ("Authenticated: each tenant signed its keys and the survivor set with its node key and checked "
+                "its neighbours' against its roster." if signed else
+                "Not authenticated (no tenant signed its keys): this holds against a server that follows the "
+                "protocol."), "",
              "| round | attempts | finished | " + " | ".join(f"dropped in {s}" for s in stages) + " | failure |",
              "|---|---|---|" + "---|" * len(stages) + "---|"]
     for r in rounds:

@@ -2,7 +2,8 @@
 
 One SuperLink (TLS, node auth) and two tenant nodes (SuperNode + worker, as ``fedlora deploy
 supernode --policy`` runs them), each under a policy that requires local DP with epsilon <= 2
-per run at the tenant's delta, sigma >= 0.8, batch >= 8 and secure aggregation. Runs submitted
+per run at the tenant's delta, sigma >= 0.8, batch >= 8 and authenticated secure aggregation (each
+node holds the operator's roster and signs its keys and the survivor set). Runs submitted
 through ``flwr run`` whose config breaks the policy in one way each are declined by both tenants,
 with the reason in the server's records, no training and no ledger charge; then an honest run
 under the same policy completes, and its training and evaluation are what the ledger holds.
@@ -22,6 +23,7 @@ from fedlora.client.policy_check import fingerprint
 from fedlora.common.config import parse_config
 from fedlora.simulations.cli.deployment import LocalFederation, Tenant
 from fedlora.simulations.cli.launcher import DeploymentError
+from fedlora.simulations.cli.registry import node_id_from
 
 pytestmark = pytest.mark.slow
 TENANTS = 2
@@ -43,6 +45,7 @@ min-batch-size = 8
 [secagg]
 required = true
 min-neighbours = 1
+signed = true
 [compute]
 max-rounds = 5
 max-local-steps = 8
@@ -63,10 +66,14 @@ def federation(tmp_path_factory):
     policy = _policy(root / "policy.toml")
     fed = LocalFederation(root / "federation")
     with fed:
-        fed.tenants = [Tenant(f"tenant-{t}", t, root / "data" / f"tenant_{t:03d}" / "train.jsonl", policy=policy)
-                       for t in range(TENANTS)]  # type: ignore[attr-defined]
+        names = [f"tenant-{t}" for t in range(TENANTS)]
+        roster = root / "roster.json"  # what `fedlora deploy roster` hands the tenants: node id -> key
+        roster.write_text(json.dumps({str(node_id_from(fed.register(n))): fed.node_key(n)[1].read_text().strip()
+                                      for n in names}))
+        fed.tenants = [Tenant(n, t, root / "data" / f"tenant_{t:03d}" / "train.jsonl", policy=policy, roster=roster)
+                       for t, n in enumerate(names)]  # type: ignore[attr-defined]
         for tenant in fed.tenants:
-            fed.start_node(tenant, warm=parse_config({}))
+            fed.start_node(tenant, register=False, warm=parse_config({}))
         fed.wait_online(TENANTS)
         fed.wait_warm()
         fed.root = root  # type: ignore[attr-defined]
@@ -145,6 +152,7 @@ def test_honest_run_under_the_same_policy_completes(federation, hostile, tmp_pat
     # Assert: both tenants trained under local DP and secure aggregation; the ledger holds that and the evaluation
     record = json.loads((run_dir / "metrics" / "round_001.json").read_text())
     assert sorted(record["finished"]) == ["0", "1"] and (run_dir / "FEDERATION_DONE").is_file()
+    assert record["secagg"]["authenticated"] is True and record["secagg"]["dropped_per_stage"]["consistency"] == 0
     for tenant in federation.tenants:
         entries = _ledger(federation, tenant).entries()
         assert [e["kind"] for e in entries] == ["dp-sgd", "evaluation"]

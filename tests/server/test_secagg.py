@@ -137,7 +137,7 @@ def test_five_tenants_equal_plaintext_weighted_mean_within_bound(tmp_path):
     bound = _bound(5, sum(weights))
     for k in GLOBAL:
         assert np.max(np.abs(got[k] - want[k])) <= bound
-    assert record["secagg"] == {"enabled": True, "attempts": 1, "finished": 5, "failure": None,
+    assert record["secagg"] == {"enabled": True, "authenticated": False, "attempts": 1, "finished": 5, "failure": None,
                                 "dropped_per_stage": {"setup": 0, "key sharing": 0, "masked upload": 0,
                                                       "unmasking": 0}}
     assert result.train_metrics_clientapp[1][keys.NUM_EXAMPLES] == 5  # the weight total: one per tenant, exact

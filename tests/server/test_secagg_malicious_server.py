@@ -1,6 +1,7 @@
 """A server that substitutes one tenant's neighbours' keys, against tenants with a roster: every
 tenant handed a substituted key refuses key sharing with the reason, the round records why, and
-no share leaves those tenants (the server never holds a share it could open)."""
+no share leaves those tenants (the server never holds a share it could open). A server that skips
+the consistency round, or lies in it, gets no unmask share either."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class SignedTenant(Tenant):
 
     def __init__(self, node, delta, identity, roster) -> None:
         super().__init__(node, delta, 10)
-        self.identity, self.roster, self.shared = identity, roster, False
+        self.identity, self.roster, self.shared, self.unmasked = identity, roster, False, False
 
     def __call__(self, msg):
         stage, c = msg.metadata.message_type.split(".", 1)[1], msg.content
@@ -43,6 +44,12 @@ class SignedTenant(Tenant):
                 out = wire.share_reply(client.share_keys(self.store, roster=self.roster,
                                                          **wire.read_share_request(c)))
                 self.shared = True
+            elif stage == wire.CONSISTENCY:
+                out = wire.consistency_reply(client.consistency(self.store, identity=self.identity,
+                                                                **wire.read_consistency_request(c)))
+            elif stage == wire.UNMASK:
+                out = wire.unmask_reply(client.unmask(self.store, roster=self.roster, **wire.read_unmask_request(c)))
+                self.unmasked = True
             else:
                 return super().__call__(msg)
         except client.SecAggRefused as why:
@@ -59,9 +66,42 @@ def tenants(tmp_path):
     return {n: SignedTenant(n, deltas[i], load_identity_key(pairs[n][0]), roster) for i, n in enumerate(pairs)}
 
 
-def test_an_authenticated_round_completes(tmp_path, tenants):
-    _, record, _ = _run(tmp_path, tenants)
+def test_an_authenticated_round_completes_through_the_consistency_round(tmp_path, tenants):
+    _, record, grid = _run(tmp_path, tenants)
     assert record["aggregated"] is True and record["secagg"]["finished"] == 4
+    stages = [t.split(".", 1)[1] for t in grid.sent]
+    assert stages.count(wire.CONSISTENCY) == 4 and stages.index(wire.CONSISTENCY) < stages.index(wire.UNMASK)
+
+
+def test_a_server_that_skips_the_consistency_round_gets_no_unmask_share(tmp_path, tenants, monkeypatch):
+    # Prepare: the server sends the unmask requests without the survivors' signatures
+    real = wire.unmask_request
+    monkeypatch.setattr(wire, "unmask_request", lambda r, a, active, dead, **_: real(r, a, active, dead))
+    # Execute
+    result, record, _ = _run(tmp_path, tenants)
+    # Assert: every tenant refused to unmask, with the reason; the round failed, nothing revealed
+    refused = [d for d in record["dropped"] if "unmasking" in d["reason"]]
+    assert len(refused) == 4 and all("the unmask request's survivor set None is not the one" in d["reason"]
+                                     for d in refused)
+    assert record["aggregated"] is False and not any(t.unmasked for t in tenants.values())
+
+
+def test_a_survivor_set_signature_swapped_in_transit_is_refused(tmp_path, tenants, monkeypatch):
+    # Prepare: the server hands each tenant node 102's signature in place of node 103's
+    real = wire.unmask_request
+
+    def swap(r, a, active, dead, *, survivors=None, signatures=None):
+        if signatures and 103 in signatures and 102 in signatures:
+            signatures = {**signatures, 103: signatures[102]}
+        return real(r, a, active, dead, survivors=survivors, signatures=signatures)
+
+    monkeypatch.setattr(wire, "unmask_request", swap)
+    # Execute
+    _, record, _ = _run(tmp_path, tenants)
+    # Assert: the tenants shown the swapped signature refuse; too few are left to unmask
+    reasons = [d["reason"] for d in record["dropped"] if d["node"] in (101, 104)]
+    assert reasons and all("node 103's survivor set is not signed by its rostered identity key" in r for r in reasons)
+    assert record["aggregated"] is False
 
 
 def test_substituted_keys_are_refused_and_no_share_leaves(tmp_path, tenants, monkeypatch):
