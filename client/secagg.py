@@ -80,10 +80,10 @@ def _expect(store: Mapping[str, bytes], stage: str | tuple[str, ...], server_rou
 
 
 def setup(store: MutableMapping[str, bytes], *, node: int, server_round: int, attempt: int,
-          neighbours: list[int], threshold: int, identity=None) -> tuple[bytes, bytes, bytes]:
-    """Fresh key pairs and self-mask seed for this attempt; returns (c_pk, s_pk, signature):
-    the signature by ``identity`` (the node's identity key, :mod:`fedlora.common.secagg_identity`)
-    over both keys, or empty without one."""
+          neighbours: list[int], threshold: int, identity=None) -> tuple[bytes, bytes, bytes, bytes]:
+    """Fresh key pairs and self-mask seed for this attempt; returns (c_pk, s_pk, signature,
+    seed commitment): the signature by ``identity`` (the node's identity key,
+    :mod:`fedlora.common.secagg_identity`) over both keys, or empty without one."""
     old = _load(store)
     if old is not None and (old.round, old.attempt) >= (server_round, attempt):
         raise SecAggRefused(f"stale setup: round {server_round} attempt {attempt} is not after "
@@ -103,11 +103,12 @@ def setup(store: MutableMapping[str, bytes], *, node: int, server_round: int, at
                 b=crypto.new_seed().hex(), uploaded_round=uploaded)
     _save(store, st)
     c_pk, s_pk = crypto.public_bytes(c_sk), crypto.public_bytes(s_sk)
+    commitment = crypto.seed_commitment(bytes.fromhex(st.b))
     if identity is None:
-        return c_pk, s_pk, b""
+        return c_pk, s_pk, b"", commitment
     from fedlora.common.secagg_identity import sign, statement
 
-    return c_pk, s_pk, sign(identity, statement(server_round, attempt, node, c_pk, s_pk))
+    return c_pk, s_pk, sign(identity, statement(server_round, attempt, node, c_pk, s_pk)), commitment
 
 
 def share_keys(store: MutableMapping[str, bytes], *, server_round: int, attempt: int,

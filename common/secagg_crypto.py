@@ -41,6 +41,15 @@ def new_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
+def seed_commitment(seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed (domain-separated): sent in setup, so the server can check a
+    seed rebuilt from shares (one combination, and a wrong share is provably wrong); the seed's
+    256 bits of entropy keep it hidden."""
+    import hashlib
+
+    return hashlib.sha256(b"fedlora-secagg-seed/1|" + seed).digest()
+
+
 def public_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.X962,
                                          serialization.PublicFormat.UncompressedPoint)

@@ -68,17 +68,21 @@ def read_setup_request(content: RecordDict) -> dict:
             "threshold": int(_get(content, "threshold"))}
 
 
-def setup_reply(c_pk: bytes, s_pk: bytes, sig: bytes = b"") -> RecordDict:
-    """The tenant's two public keys and (authenticated SecAgg+) its identity signature over them."""
-    return _record(c_pk=c_pk, s_pk=s_pk, **({"sig": sig} if sig else {}))
+def setup_reply(c_pk: bytes, s_pk: bytes, sig: bytes = b"", commitment: bytes = b"") -> RecordDict:
+    """The tenant's two public keys, (authenticated SecAgg+) its identity signature over them,
+    and the commitment to its self-mask seed (``secagg_crypto.seed_commitment``)."""
+    return _record(c_pk=c_pk, s_pk=s_pk, **({"sig": sig} if sig else {}),
+                   **({"commit": commitment} if commitment else {}))
 
 
-def read_setup_reply(content: RecordDict) -> tuple[bytes, bytes, bytes]:
+def read_setup_reply(content: RecordDict) -> tuple[bytes, bytes, bytes, bytes]:
+    """(c_pk, s_pk, signature or b"", seed commitment or b"")."""
     c_pk, s_pk = _get(content, "c_pk"), _get(content, "s_pk")
     sig = content.config_records[RECORD].get("sig", b"")
-    if not isinstance(c_pk, bytes) or not isinstance(s_pk, bytes) or not isinstance(sig, bytes):
-        raise ValueError("public keys or signature are not bytes")
-    return c_pk, s_pk, sig
+    commitment = content.config_records[RECORD].get("commit", b"")
+    if not all(isinstance(v, bytes) for v in (c_pk, s_pk, sig, commitment)):
+        raise ValueError("public keys, signature or commitment are not bytes")
+    return c_pk, s_pk, sig, commitment
 
 
 # -- key sharing --------------------------------------------------------------------

@@ -98,6 +98,7 @@ class _Round:
     shapes: dict[str, tuple[int, ...]]
     q: Quantizer                  # sized for this attempt's members (Quantizer.for_tenants)
     signed: bool = False          # the tenants signed their keys: run the consistency stage
+    commitments: dict[int, bytes] = field(default_factory=dict)  # node -> its self-mask seed's commitment
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # u -> {v: share for u}
     sent: list[Message] = field(default_factory=list)
 
@@ -182,7 +183,7 @@ class SecAggTransport(Transport):
                 self._drop(out, wire.SHARE, u, f"shares addressed to {sorted(cts)}, not its neighbours")
         self._after_key_stage(out, shares, members, restartable)
         return _Round(rnd, attempt, members, graph, holders, thr, {u: replies[u][1] for u in members}, shapes, q,
-                      signed=out.authenticated,
+                      signed=out.authenticated, commitments={u: replies[u][3] for u in members},
                       ciphertexts={u: {v: shares[v][u] for v in graph[u]} for u in members})
 
     def _upload_messages(self, st: _Round, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
@@ -256,8 +257,7 @@ class SecAggTransport(Transport):
                 self._drop(out, wire.UNMASK, u, "shares for nodes outside its neighbourhood")
         self._check_thresholds(list(shares), dead, st.holders, st.thr, "after unmasking", owners=active)
         try:
-            total = self._unmask(out, {u: uploads[u][0] for u in active}, shares, dead, st.graph, st.holders,
-                                 st.thr, st.pk_s, st.q)
+            total = self._unmask(out, {u: uploads[u][0] for u in active}, shares, dead, st)
         except Unrecoverable as why:  # too few consistent shares left to rebuild a seed or a key
             raise _RoundFailed(f"unmasking failed, shares were corrupted: {why}"
                                + (f" (inconsistent: node(s) {sorted(out.culprits)}, excluded from later rounds)"
@@ -328,30 +328,40 @@ class SecAggTransport(Transport):
                                    f"reconstruction threshold {thr[u]}")
 
     def _unmask(self, out: SecAggOutcome, vectors: dict[int, np.ndarray], shares: dict[int, dict[int, bytes]],
-                dead: list[int], graph: dict[int, list[int]], holders: dict[int, list[int]], thr: dict[int, int],
-                pk_s: dict[int, bytes], q: Quantizer) -> np.ndarray:
-        """The unmasked sum. Each secret is rebuilt from shares that agree (``secagg_recover``);
-        a holder whose share does not is named in ``out.culprits`` and excluded from later rounds."""
+                dead: list[int], st: _Round) -> np.ndarray:
+        """The unmasked sum. Each secret is rebuilt from shares that agree (``secagg_recover``), checked
+        against what its node announced in setup (a seed against its commitment, a mask key against
+        its public key); a holder whose share does not agree is named in ``out.culprits`` and
+        excluded from later rounds."""
         total = np.zeros_like(next(iter(vectors.values())))
         for vec in vectors.values():
             total += vec
-        n = total.size
+        n, q = total.size, st.q
 
         def rebuild(node: int, what: str, check=None) -> bytes:
-            held = {r: shares[r][node] for r in holders[node] if r in shares}
-            secret, bad = recover(held, thr[node], check=check, what=f"node {node}'s {what}")
+            held = {r: shares[r][node] for r in st.holders[node] if r in shares}
+            try:
+                secret, bad = recover(held, st.thr[node], check=check, what=f"node {node}'s {what}")
+            except Unrecoverable:
+                if check is None or what != "self-mask seed":
+                    raise
+                secret, bad = recover(held, st.thr[node], what=f"node {node}'s {what}")  # majority of the shares
+                out.culprits.setdefault(node, "its self-mask seed does not match the commitment it sent in setup")
+                self.excluded.add(node)
             for r in bad:
                 out.culprits.setdefault(r, f"its share of node {node}'s {what} is inconsistent with the others'")
             self.excluded.update(bad)
             return secret
 
         for u in vectors:
-            total -= prg_mask(rebuild(u, "self-mask seed"), n, q)
+            commitment = st.commitments.get(u, b"")
+            total -= prg_mask(rebuild(u, "self-mask seed", check=(
+                lambda s, c=commitment: crypto.seed_commitment(s) == c) if commitment else None), n, q)
         for d in dead:
-            sk = crypto.load_private(rebuild(d, "mask key", check=lambda s, d=d: _is_key_of(s, pk_s[d])))
-            for u in graph[d]:
+            sk = crypto.load_private(rebuild(d, "mask key", check=lambda s, d=d: _is_key_of(s, st.pk_s[d])))
+            for u in st.graph[d]:
                 if u in vectors:  # u added sign(u, d) * mask(u, d); take it out
-                    mask = prg_mask(crypto.mask_seed(sk, pk_s[u]), n, q)
+                    mask = prg_mask(crypto.mask_seed(sk, st.pk_s[u]), n, q)
                     total = total - mask if mask_sign(u, d) > 0 else total + mask
         return q.reduce(total)
 

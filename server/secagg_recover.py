@@ -6,11 +6,12 @@ shares rebuild it. A corrupted share rebuilds a wrong secret (or none), and taki
 ``threshold`` shares let one bad share abort every secure round without saying whose it was.
 :func:`recover` tries threshold-sized subsets of the shares the server holds:
 
-* a *mask key* is checked against the public key the node announced in setup, so any subset
+* a *mask key* is checked against the public key the node announced in setup, and a *self-mask
+  seed* against the commitment it sent there (``secagg_crypto.seed_commitment``), so any subset
   that rebuilds it proves its holders honest;
-* a *self-mask seed* has no public check, so the value most subsets agree on wins, and only
-  when at least two disjoint-enough subsets agree (with exactly ``threshold`` shares there is
-  no second opinion: :class:`Unrecoverable`).
+* without a check (a tenant that sent no commitment) the value most subsets agree on wins, and
+  only when at least two disjoint-enough subsets agree (with exactly ``threshold`` shares there
+  is no second opinion: :class:`Unrecoverable`).
 
 Holders that appear in no subset rebuilding the winner are the culprits. The number of subsets
 tried is capped (:data:`MAX_SUBSETS`); leave-one-out subsets come first, which find a single
@@ -66,13 +67,12 @@ def recover(shares: Mapping[int, bytes], threshold: int, *, check: Callable[[byt
     holders = sorted(shares)
     if len(holders) < threshold:
         raise Unrecoverable(f"{what}: {len(holders)} share(s), fewer than the threshold {threshold}", [])
-    # the honest case costs one combination that passes the check, or two that agree (the first
-    # and the last threshold shares: a wrong share among them rebuilds a different value from each)
+    # the honest case costs two combinations that agree (the first and the last threshold shares,
+    # which together cover every holder: a wrong share among them rebuilds a different value from
+    # each), or one when there are only threshold shares (then only a check can prove it)
     first = _combine(shares, holders[:threshold])
-    if first is not None and check is not None and check(first):
-        return first, []  # provably right (the holders left unused are not judged)
-    if first is not None and check is None and (len(holders) == threshold
-                                                or _combine(shares, holders[-threshold:]) == first):
+    if first is not None and (check is None or check(first)) and (
+            len(holders) == threshold or _combine(shares, holders[-threshold:]) == first):
         return first, []
     votes: Counter = Counter()
     support: dict[bytes, set[int]] = {}

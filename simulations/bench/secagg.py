@@ -13,7 +13,12 @@ aggregation. Every message is serialized to Flower's protobuf form and back in b
 directions (as the simulation engine does), and bytes are counted on that form. Tenants
 run one after another, or ``--parallel N`` at a time (threads) as the simulation engine
 runs N ClientApps at once; Flower's polling waits between exchanges are not included.
-Plain and secure rounds (or runs, on the simulation engine) alternate, the order reversed
+On the grid a third arm runs authenticated rounds: every tenant signs its keys and the survivor
+set with its node identity key and checks its neighbours' against a roster (the consistency
+round included). Each grid round is also timed as its critical path: the server's own work
+plus, per exchange, only the slowest tenant's part (reading the request, handling it, writing
+the reply), i.e. the round with each tenant on a machine of its own as in a deployment,
+where the timed round has one CPU play every tenant in turn. Plain and secure rounds (or runs, on the simulation engine) alternate, the order reversed
 every other repeat; the ratio is the median of the repeats' secure / plain, with its
 spread. Prints a Markdown table and the load average at start and end; ``--json`` writes
 the numbers.
@@ -49,6 +54,8 @@ class _Grid:
         self.tenants = tenants
         self.parallel = parallel
         self.bytes = {n: 0 for n in tenants}
+        self.tenant_seconds = 0.0   # every tenant's share of every exchange, summed
+        self.slowest_seconds = 0.0  # the slowest tenant's share of each exchange, summed
 
     def get_node_ids(self):
         return list(self.tenants)
@@ -61,14 +68,18 @@ class _Grid:
         def one(m):
             node = m.metadata.dst_node_id
             down = message_to_proto(m)
+            start = time.perf_counter()  # the tenant's part: read the message, handle it, write the reply
             reply = message_to_proto(self.tenants[node](message_from_proto(down)))
-            return node, down.ByteSize() + reply.ByteSize(), reply
+            return node, down.ByteSize() + reply.ByteSize(), reply, time.perf_counter() - start
 
         with ThreadPoolExecutor(max_workers=self.parallel) as pool:
             done = list(pool.map(one, list(messages)))
-        for node, size, _ in done:
+        for node, size, _, _ in done:
             self.bytes[node] += size
-        return [message_from_proto(reply) for _, _, reply in done]
+        if done:
+            self.tenant_seconds += sum(d[3] for d in done)
+            self.slowest_seconds += max(d[3] for d in done)
+        return [message_from_proto(reply) for _, _, reply, _ in done]
 
 
 def _plain_tenant(node: int, delta):
@@ -84,7 +95,7 @@ def _plain_tenant(node: int, delta):
     return reply
 
 
-def _secure_tenant(node: int, delta, q):
+def _secure_tenant(node: int, delta, q, identity=None, roster=None):
     from flwr.app import Message, MetricRecord, RecordDict
 
     from fedlora.client import secagg as client
@@ -97,22 +108,40 @@ def _secure_tenant(node: int, delta, q):
     def reply(msg):
         stage, c = msg.metadata.message_type.split(".", 1)[1], msg.content
         if stage == wire.SETUP:
-            out = wire.setup_reply(*client.setup(store, node=node, **wire.read_setup_request(c)))
+            out = wire.setup_reply(*client.setup(store, node=node, identity=identity, **wire.read_setup_request(c)))
         elif stage == wire.SHARE:
-            out = wire.share_reply(client.share_keys(store, **wire.read_share_request(c)))
+            out = wire.share_reply(client.share_keys(store, roster=roster, **wire.read_share_request(c)))
+        elif stage == wire.CONSISTENCY:
+            out = wire.consistency_reply(client.consistency(store, identity=identity,
+                                                            **wire.read_consistency_request(c)))
         elif stage == wire.UPLOAD:
             from_arrayrecord(c.array_records[keys.ARRAYS])
             vec = client.masked_upload(store, quantizer=q, train=lambda: (delta, 100), **wire.read_upload_request(c))
             m = {k: 1.0 for k in keys.SECAGG_TRAIN_METRICS} | {keys.TENANT: node}
             out = RecordDict({keys.ARRAYS: wire.upload_array(vec), keys.METRICS: MetricRecord(m)})
         else:
-            out = wire.unmask_reply(client.unmask(store, **wire.read_unmask_request(c)))
+            out = wire.unmask_reply(client.unmask(store, roster=roster, **wire.read_unmask_request(c)))
         return Message(out, reply_to=msg)
     return reply
 
 
-def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, parallel: int = 1) -> tuple[float, float]:
-    """Seconds of one training round and bytes per tenant (down + up)."""
+def _identities(tenants: int) -> tuple[dict[int, object], dict[int, object]]:
+    """Node identity keys and the roster of them (authenticated rounds), as a deployment has them."""
+    from fedlora.common.credentials import write_node_keypair
+    from fedlora.common.secagg_identity import load_identity_key, load_roster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = {1000 + i: write_node_keypair(Path(tmp), f"n{i}") for i in range(tenants)}
+        (Path(tmp) / "roster.json").write_text(json.dumps({str(n): pub.read_text() for n, (_, pub) in pairs.items()}))
+        return {n: load_identity_key(priv) for n, (priv, _) in pairs.items()}, load_roster(Path(tmp) / "roster.json")
+
+
+def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, parallel: int = 1,
+           identities=None) -> tuple[float, float]:
+    """Seconds of one training round, bytes per tenant (down + up) and the round's critical path:
+    its seconds with each tenant on a machine of its own (the server's work plus, per exchange, the
+    slowest tenant's); ``identities``: (keys, roster) for an authenticated secure round (signed
+    keys, consistency round)."""
     from fedlora.common.adapter import to_arrayrecord
     from fedlora.common.config import FederationConfig, SecAggConfig
     from fedlora.common.secagg import quantizer_for
@@ -128,8 +157,9 @@ def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, paralle
     rng = np.random.default_rng(0)
     deltas = [OrderedDict((k, rng.normal(0, 0.01, v.shape).astype(np.float32)) for k, v in base.items())
               for _ in range(tenants)]
-    nodes = {1000 + i: (_secure_tenant(1000 + i, deltas[i], q) if secure else _plain_tenant(1000 + i, deltas[i]))
-             for i in range(tenants)}
+    ids, roster = identities or ({}, None)
+    nodes = {1000 + i: (_secure_tenant(1000 + i, deltas[i], q, ids.get(1000 + i), roster) if secure
+                        else _plain_tenant(1000 + i, deltas[i])) for i in range(tenants)}
     grid = _Grid(nodes, parallel)
     with tempfile.TemporaryDirectory() as tmp:
         transport = SecAggTransport(sec, q, seed=0) if secure else None  # None: the plain transport
@@ -137,28 +167,40 @@ def _round(secure: bool, tenants: int, floats: int, neighbours: int = 0, paralle
         start = time.perf_counter()
         strategy.start(grid=grid, initial_arrays=to_arrayrecord(base), num_rounds=1, timeout=60)
         seconds = time.perf_counter() - start
-    return seconds, sum(grid.bytes.values()) / tenants
+    return seconds, sum(grid.bytes.values()) / tenants, seconds - grid.tenant_seconds + grid.slowest_seconds
 
 
 def bench(tenants: int, floats: int, repeats: int, neighbours: int = 0, parallel: int = 1) -> dict:
-    """Plain and secure rounds interleaved (order reversed every other repeat); the ratio
-    is the median of each repeat's secure / plain, with its spread."""
-    _round(False, tenants, floats, 0, parallel), _round(True, tenants, floats, neighbours, parallel)  # warm-up
-    runs: dict[str, list] = {"plain": [], "secure": []}
+    """Plain, secure and authenticated secure rounds interleaved (order reversed every other
+    repeat); each ratio is the median of each repeat's secure / plain, with its spread, for the
+    round as timed (one CPU plays every tenant in turn) and for its critical path."""
+    identities = _identities(tenants)
+    kinds = {"plain": dict(secure=False), "secure": dict(secure=True),
+             "signed": dict(secure=True, identities=identities)}
+    for kind in kinds.values():  # warm-up
+        _round(tenants=tenants, floats=floats, neighbours=neighbours, parallel=parallel, **kind)
+    sizes: dict[str, list] = {k: [] for k in kinds}
+    critical: dict[str, list] = {k: [] for k in kinds}
 
-    def arm(secure: bool):
+    def arm(name: str):
         def run() -> float:
-            seconds, size = _round(secure, tenants, floats, neighbours if secure else 0, parallel)
-            runs["secure" if secure else "plain"].append(size)
+            seconds, size, path = _round(tenants=tenants, floats=floats, parallel=parallel,
+                                         neighbours=neighbours if name != "plain" else 0, **kinds[name])
+            sizes[name].append(size)
+            critical[name].append(path)
             return seconds
         return run
 
-    t = interleave({"plain": arm(False), "secure": arm(True)}, repeats)
-    ratio = ratio_summary(t["secure"], t["plain"])
-    return {"tenants": tenants, "neighbours": neighbours or tenants - 1, "floats": floats,
-            "plain_seconds": statistics.median(t["plain"]), "secure_seconds": statistics.median(t["secure"]),
-            "ratio": ratio["median"], "ratio_spread": ratio,
-            "plain_bytes_per_tenant": runs["plain"][0], "secure_bytes_per_tenant": runs["secure"][0]}
+    t = interleave({k: arm(k) for k in kinds}, repeats)
+    row = {"tenants": tenants, "neighbours": neighbours or tenants - 1, "floats": floats,
+           "plain_bytes_per_tenant": sizes["plain"][0], "secure_bytes_per_tenant": sizes["secure"][0],
+           "signed_bytes_per_tenant": sizes["signed"][0]}
+    for timing, prefix in ((t, ""), (critical, "critical_")):
+        row.update({f"{prefix}{k}_seconds": statistics.median(timing[k]) for k in kinds})
+        for k, key in (("secure", "ratio"), ("signed", "signed_ratio")):
+            spread = ratio_summary(timing[k], timing["plain"])
+            row[f"{prefix}{key}"], row[f"{prefix}{key}_spread"] = spread["median"], spread
+    return row
 
 
 def _adapter_rank_for(floats: int) -> int:
@@ -269,8 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # messages outside a run
     load0 = loadavg()
     rows = [bench(n, args.floats, args.repeats or 3, args.neighbours, args.parallel) for n in args.tenants]
+    def ratio(key: str):
+        return lambda r: (f"{r[key]:.2f}x ({r[key + '_spread']['min']:.2f}-{r[key + '_spread']['max']:.2f}, "
+                          f"{r[key + '_spread']['spread_pct']:.0f} %)")
+
     _report(rows, [("tenants", lambda r: r["tenants"]), ("neighbours", lambda r: r["neighbours"]),
-                   ("floats", lambda r: f"{r['floats']:,}"), *_timing_columns(3, "tenant")], args.json)
+                   ("floats", lambda r: f"{r['floats']:,}"),
+                   ("plain / secure / authenticated round s", lambda r: " / ".join(
+                       f"{r[k + '_seconds']:.3f}" for k in ("plain", "secure", "signed"))),
+                   ("secure / plain", ratio("ratio")), ("authenticated / plain", ratio("signed_ratio")),
+                   ("critical path s", lambda r: " / ".join(
+                       f"{r['critical_' + k + '_seconds']:.3f}" for k in ("plain", "secure", "signed"))),
+                   ("secure / plain, critical path", ratio("critical_ratio")),
+                   ("authenticated / plain, critical path", ratio("critical_signed_ratio")),
+                   ("bytes/tenant plain / secure / authenticated", lambda r: " / ".join(
+                       f"{r[k + '_bytes_per_tenant']:,.0f}" for k in ("plain", "secure", "signed")))], args.json)
     print(load_line(load0, loadavg()))
     return 0
 
