@@ -24,11 +24,19 @@ def add_commands(sub) -> None:
                                      "Tenant: `deploy supernode`. See README, section Deployment.")
     cmds = dep.add_subparsers(dest="deploy_command", required=True, metavar="STEP")
 
-    link = cmds.add_parser("superlink", help="start the SuperLink (TLS, node auth, SQLite state)")
+    link = cmds.add_parser("superlink", help="start the SuperLink (TLS, node auth, SQLite state) behind its Fleet proxy",
+                           description="Starts three processes and supervises them: flower-superlink on "
+                                       "127.0.0.1:--internal-port (Control, Fleet and Runtime APIs; the operator's "
+                                       "`deploy register` / `deploy run` connect there), its ServerApp executor "
+                                       "(process isolation, SuperExec secret beside --database), and nginx on "
+                                       "--host:--port passing only Flower's Fleet API, which the tenants dial. "
+                                       "Needs nginx (apt-get install nginx-light).")
     link.add_argument("--certs", required=True, help="directory with ca.crt, server.crt, server.key (`fedlora certs`)")
     link.add_argument("--database", required=True, help="SQLite state file, e.g. state/superlink.db")
-    link.add_argument("--host", default="0.0.0.0", help="address to serve on (default: 0.0.0.0)")
-    link.add_argument("--port", type=int, default=9093, help="HTTPS port of the SuperLink (default: 9093)")
+    link.add_argument("--host", default="0.0.0.0", help="address the Fleet proxy serves the tenants on (default: 0.0.0.0)")
+    link.add_argument("--port", type=int, default=9093, help="the tenants' HTTPS port: Fleet API only (default: 9093)")
+    link.add_argument("--internal-port", type=int, default=deployment.INTERNAL_PORT,
+                      help=f"the SuperLink's own port, on 127.0.0.1: the operator's (default: {deployment.INTERNAL_PORT})")
     link.add_argument("--no-node-auth", action="store_true", help="admit any SuperNode (not recommended)")
     link.add_argument("--print", action="store_true", help="print the command instead of running it")
 
@@ -89,7 +97,9 @@ def add_commands(sub) -> None:
     roster.add_argument("--flwr-home", default=str(DEFAULT_HOME), help=f"flwr CLI home (default: {DEFAULT_HOME})")
     for name, text in (("register", "admit a tenant's public key"), ("run", "run the fedlora apps")):
         p = cmds.add_parser(name, help=text)
-        p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
+        p.add_argument("--superlink", default=f"127.0.0.1:{deployment.INTERNAL_PORT}",
+                       help="the SuperLink's own address, on its host's loopback (default: "
+                            f"127.0.0.1:{deployment.INTERNAL_PORT}); the tenants' public port serves Fleet only")
         p.add_argument("--ca", required=True, help="the federation's CA certificate (ca.crt)")
         p.add_argument("--flwr-home", default=str(DEFAULT_HOME), help=f"flwr CLI home (default: {DEFAULT_HOME})")
     cmds.choices["register"].add_argument("public_key", help="the tenant's NAME.pub")
@@ -108,15 +118,6 @@ def add_commands(sub) -> None:
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run after its last complete round, with its own config.json")
     run.add_argument("--no-node-auth", action="store_true", help="the SuperLink runs without node auth")
-
-
-def _exec(cmd: list[str], print_only: bool, *, task_poll: float | None = deployment.TASK_POLL_SECONDS) -> int:
-    if print_only:
-        print(shlex.join(cmd))
-        return 0
-    env = deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)), task_poll=task_poll)
-    os.execve(cmd[0], cmd, env)
-    return 1  # not reached
 
 
 def _node_state_dir(state_dir: str | None, data: str | None) -> Path:
@@ -149,14 +150,17 @@ def _supernode(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port, lora_rank=args.lora_rank,
         state_dir=Path(args.state_dir).resolve() if args.state_dir else None, worker_socket=socket,
         poll_interval=args.poll_interval, policy=policy, ledger_dir=_ledger_dir(args, policy),
-        roster=Path(args.roster).resolve() if args.roster else None)
+        roster=Path(args.roster).resolve() if args.roster else None,
+        superexec_secret=state_dir / "superexec.secret")  # tenant_node makes it and runs the executor
     warm = _warm_config(args, with_worker=socket is not None)
-    if args.print:
-        if socket is not None:
-            from fedlora.simulations.cli.tenant_node import worker_command
+    if args.print:  # what the node's supervisor (fedlora.simulations.cli.tenant_node) starts
+        from fedlora.simulations.cli.tenant_node import executor_command, worker_command
 
+        if socket is not None:
             print(shlex.join(worker_command(socket, "SUPERVISOR_PID")))
-        return _exec(cmd, True)
+        print(shlex.join(cmd))
+        print(shlex.join(executor_command(cmd, "SUPERVISOR_PID")))
+        return 0
     check_supernode(ca_cert=args.ca, private_key=args.key, data=args.data, holdout=args.holdout,
                     tenant_id=args.tenant_id, policy=policy)
     if policy is None:
@@ -174,6 +178,27 @@ def _supernode(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         print(f"fedlora deploy supernode: {err}", file=sys.stderr)
         return 1
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    """The SuperLink on loopback, its ServerApp executor and the Fleet proxy (``superlink_node``)."""
+    tls = deployment.TlsFiles.from_dir(args.certs)
+    db = Path(args.database).resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    secret = deployment.superexec_secret(db.parent / "superexec.secret")
+    link = deployment.superlink_command(tls=tls, database=db, port=args.internal_port,
+                                        node_auth=not args.no_node_auth, superexec_secret=secret)
+    executor = deployment.serverapp_executor_command(tls=tls, superexec_secret=secret, port=args.internal_port)
+    proxy = deployment.fleet_proxy_files(db.parent / "fleet-proxy", tls=tls, host=args.host, port=args.port,
+                                         internal_port=args.internal_port)
+    if args.print:
+        for cmd in (link, executor, proxy):
+            print(shlex.join(cmd))
+        return 0
+    from fedlora.simulations.cli.superlink_node import run_superlink
+
+    env = deployment.flower_env(Path(os.environ.get("FLWR_HOME", DEFAULT_HOME)), task_poll=None)
+    return run_superlink(link, executor, proxy, internal_port=args.internal_port, env=env)
 
 
 def _ledger_dir(args: argparse.Namespace, policy: Path | None) -> Path:
@@ -231,11 +256,7 @@ def main_deploy(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.deploy_command == "superlink":
-        db = Path(args.database).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return _exec(deployment.superlink_command(tls=deployment.TlsFiles.from_dir(args.certs), database=db,
-                                              host=args.host, port=args.port, node_auth=not args.no_node_auth),
-                     args.print, task_poll=None)  # its SuperExec starts one ServerApp per run
+        return _superlink(args)
     if args.deploy_command == "supernode":
         return _supernode(args)
     if args.deploy_command == "worker-status":

@@ -15,6 +15,7 @@ absolute because the ServerApp runs in the SuperLink's working directory.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -55,22 +56,57 @@ class TlsFiles:
         return files
 
 
-def superlink_command(*, tls: TlsFiles, database: Path, host: str = "127.0.0.1", port: int = 9093,
-                      node_auth: bool = True, health_port: int | None = None) -> list[str]:
-    """``flower-superlink`` with TLS, node authentication, SQLite state and no runtime installs.
+INTERNAL_PORT = 9095  # the SuperLink's own port, on loopback: Control and Runtime live there
 
-    Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTPS port (``host``:
-    ``port``); the optional health server is bound to loopback.
+
+def superlink_command(*, tls: TlsFiles, database: Path, port: int = INTERNAL_PORT, node_auth: bool = True,
+                      superexec_secret: Path, health_port: int | None = None) -> list[str]:
+    """``flower-superlink`` with TLS, node authentication, SQLite state and no runtime installs,
+    on **loopback** only: Flower 1.42 serves Fleet, Control and the ServerApp's Runtime API on one
+    port, and the tenants reach Fleet through the proxy (:mod:`fedlora.simulations.cli.fleet_proxy`).
+    Process isolation: the ServerApp runs under :func:`serverapp_executor_command`, which must
+    hold ``superexec_secret`` to claim its task. The optional health server is on loopback too.
     """
     cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert),
            "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
-           "--database", str(database), "--host", host, "--port", str(port),
-           "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+           "--database", str(database), "--host", "127.0.0.1", "--port", str(port),
+           "--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret),
+           "--disable-runtime-dependency-installation"]
     if node_auth:
         cmd.append("--enable-supernode-auth")
     if health_port:
         cmd += ["--health-server-address", f"127.0.0.1:{health_port}"]
     return cmd
+
+
+def serverapp_executor_command(*, tls: TlsFiles, superexec_secret: Path, port: int = INTERNAL_PORT) -> list[str]:
+    """``flower-superexec``: pulls each run's ServerApp task from the SuperLink's loopback Runtime
+    API with the SuperExec secret and starts it (the installed fedlora's ``flwr-serverapp``)."""
+    return [str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
+            "--root-certificates", str(tls.ca_cert), "--superexec-auth-secret-file", str(superexec_secret)]
+
+
+def fleet_proxy_files(prefix: Path, *, tls: TlsFiles, host: str, port: int, internal_port: int = INTERNAL_PORT) -> list[str]:
+    """Write the proxy's nginx config under ``prefix``; returns its command line (the public
+    ``host:port`` passes Flower's Fleet API to the loopback SuperLink, and nothing else)."""
+    from fedlora.simulations.cli.fleet_proxy import proxy_command, write_proxy
+
+    conf = write_proxy(prefix, listen=f"{host}:{port}", upstream=f"127.0.0.1:{internal_port}",
+                       server_cert=tls.server_cert, server_key=tls.server_key, ca_cert=tls.ca_cert)
+    return proxy_command(conf)
+
+
+def superexec_secret(path: Path) -> Path:
+    """The SuperExec shared secret at ``path`` (32 random bytes, hex, mode 0600), made on first use."""
+    path = Path(path)
+    if not path.is_file():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.resolve()
 
 
 def node_config(data_path: Path | str, *, tenant_id: int, holdout_path: Path | str | None = None,
@@ -113,10 +149,14 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
                       max_retries: int | None = None, lora_rank: int | None = None,
                       state_dir: Path | str | None = None, worker_socket: Path | str | None = None,
                       poll_interval: float | None = None, policy: Path | str | None = None,
-                      ledger_dir: Path | str | None = None, roster: Path | str | None = None) -> list[str]:
+                      ledger_dir: Path | str | None = None, roster: Path | str | None = None,
+                      superexec_secret: Path | None = None) -> list[str]:
     """``flower-supernode`` for one tenant: TLS to the SuperLink, its auth key, its own data file.
 
-    The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1.
+    The SuperNode's Runtime API (where its ClientApp processes connect) stays on 127.0.0.1; with
+    ``superexec_secret`` it runs under process isolation, so only an executor holding that secret
+    (the one :mod:`fedlora.simulations.cli.tenant_node` starts) can claim a task and the context
+    it carries (the node's SecAgg secrets): not any local user of the host.
     ``ca_cert=None`` or ``private_key=None`` leave those flags out (only to show refusals);
     ``poll_interval``: seconds between the idle SuperNode's polls for a message, below Flower's
     fixed 3 s (through :mod:`fedlora.simulations.cli.supernode_poll`; None: Flower's own);
@@ -135,7 +175,9 @@ def supernode_command(*, superlink: str, ca_cert: Path | None, private_key: Path
                                          lora_rank=lora_rank, state_dir=state_dir, worker_socket=worker_socket,
                                          policy=policy, ledger_dir=ledger_dir, roster=roster,
                                          identity_key=private_key if roster is not None else None),
-            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
+            "--host", "127.0.0.1", "--port", str(runtime_port)]
+    cmd += (["--isolation", "process", "--superexec-auth-secret-file", str(Path(superexec_secret).resolve())]
+            if superexec_secret is not None else ["--isolation", "subprocess"])
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
@@ -207,10 +249,12 @@ class LocalFederation:
 
     state_dir: Path
     node_auth: bool = True
-    port: int = 0
+    port: int = 0   # the public (proxy) port the tenants dial
+    host: str = "127.0.0.1"  # the address the proxy listens on (and the certificate names)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: dict[str, Proc] = field(default_factory=dict)
     worker_sockets: dict[str, Path] = field(default_factory=dict)  # node name -> its worker socket
+    runtime_ports: dict[str, int] = field(default_factory=dict)  # tenant name -> its SuperNode's Runtime API port
 
     def __post_init__(self) -> None:
         from fedlora.common.tls import write_tls_certificates
@@ -218,14 +262,16 @@ class LocalFederation:
         self.state_dir = Path(self.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        self.superlink = f"127.0.0.1:{self.port}"
+        self.internal_port = free_port()
+        self.superlink = f"{self.host}:{self.port}"  # the proxy: Fleet only
+        self.internal = f"127.0.0.1:{self.internal_port}"  # the SuperLink itself: the operator's
         certs = self.state_dir / "certs"
         if not (certs / "ca.crt").is_file():
-            write_tls_certificates(certs, hosts=("127.0.0.1", "localhost"))
+            write_tls_certificates(certs, hosts=tuple(dict.fromkeys(("127.0.0.1", "localhost", self.host))))
         self.tls = TlsFiles.from_dir(certs)
         self.keys = self.state_dir / "keys"
         self.cli_home = self.state_dir / "operator-home"
-        write_cli_config(self.cli_home, superlink=self.superlink, ca_cert=self.tls.ca_cert)
+        write_cli_config(self.cli_home, superlink=self.internal, ca_cert=self.tls.ca_cert)
 
     # -- lifecycle ----------------------------------------------------------------
     def __enter__(self) -> "LocalFederation":
@@ -242,16 +288,29 @@ class LocalFederation:
         self.close()
 
     def _start_superlink(self) -> None:
-        cmd = superlink_command(tls=self.tls, database=self.state_dir / "superlink.db", port=self.port,
-                                node_auth=self.node_auth)
-        link = start("superlink", cmd, state_dir=self.state_dir,
-                     env=flower_env(self.state_dir / "superlink-home", self.tag, task_poll=None))
+        secret = superexec_secret(self.state_dir / "superexec.secret")
+        env = flower_env(self.state_dir / "superlink-home", self.tag, task_poll=None)
+        cmd = superlink_command(tls=self.tls, database=self.state_dir / "superlink.db", port=self.internal_port,
+                                node_auth=self.node_auth, superexec_secret=secret)
+        link = start("superlink", cmd, state_dir=self.state_dir, env=env)
         self.procs["superlink"] = link
         wait_for(lambda: link.popen.poll() is not None or flwr_cli(
             ["supernode", "list", CONNECTION], flwr_home=self.cli_home).returncode == 0,
-            timeout=60, what=f"the SuperLink on {self.superlink} (see {link.log})")
+            timeout=60, what=f"the SuperLink on {self.internal} (see {link.log})")
         if link.popen.poll() is not None:
             raise DeploymentError(f"flower-superlink exited with code {link.popen.returncode}:\n{link.text()[-2000:]}")
+        self.procs["serverapp-executor"] = start(
+            "serverapp-executor", serverapp_executor_command(tls=self.tls, superexec_secret=secret,
+                                                             port=self.internal_port),
+            state_dir=self.state_dir, env=env)
+        proxy = start("fleet-proxy", fleet_proxy_files(self.state_dir / "fleet-proxy", tls=self.tls, host=self.host,
+                                                       port=self.port, internal_port=self.internal_port),
+                      state_dir=self.state_dir, env=env)
+        self.procs["fleet-proxy"] = proxy
+        wait_for(lambda: proxy.popen.poll() is not None or _accepts(self.host, self.port), timeout=30,
+                 what=f"the Fleet proxy on {self.superlink} (see {proxy.log})")
+        if proxy.popen.poll() is not None:
+            raise DeploymentError(f"nginx exited with code {proxy.popen.returncode}:\n{proxy.text()[-2000:]}")
 
     def close(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -279,12 +338,14 @@ class LocalFederation:
 
     def start_node(self, tenant: Tenant, *, register: bool = True, with_ca: bool = True,
                    max_retries: int | None = None, worker: bool = True,
-                   poll_interval: float | None = DEFAULT_POLL, warm=None, trusted_fabs: tuple[str, ...] = ()) -> Proc:
+                   poll_interval: float | None = DEFAULT_POLL, warm=None, trusted_fabs: tuple[str, ...] = (),
+                   netns: str | None = None) -> Proc:
         """Start one tenant's node (registering its key first unless told not to): its SuperNode
         and, unless ``worker=False``, its tenant worker, supervised as ``fedlora deploy supernode`` does;
         ``poll_interval``: see :func:`supernode_command` (None: Flower's 3 s); ``warm``: a Config
         whose model the worker loads as it starts (``fedlora deploy supernode --warm``); the node's
-        ledgers go to its own directory (``ledgers-<name>``), as ``--ledger-dir`` would put them."""
+        ledgers go to its own directory (``ledgers-<name>``), as ``--ledger-dir`` would put them;
+        ``netns``: run the node in that network namespace (``ip netns exec``), a tenant's own host."""
         from fedlora.client.worker_link import socket_path
 
         priv, _ = self.node_key(tenant.name)
@@ -298,12 +359,16 @@ class LocalFederation:
             write_warm(socket.parent, warm.to_flat())
         cmd = supernode_command(superlink=self.superlink, ca_cert=self.tls.ca_cert if with_ca else None,
                                 private_key=priv, data_path=tenant.data_path, tenant_id=tenant.tenant_id,
-                                runtime_port=free_port(), max_retries=max_retries, lora_rank=tenant.lora_rank,
+                                runtime_port=self.runtime_ports.setdefault(tenant.name, free_port()),
+                                max_retries=max_retries, lora_rank=tenant.lora_rank,
                                 worker_socket=socket, poll_interval=poll_interval, policy=tenant.policy,
-                                ledger_dir=self.state_dir / f"ledgers-{tenant.name}", roster=tenant.roster)
+                                ledger_dir=self.state_dir / f"ledgers-{tenant.name}", roster=tenant.roster,
+                                superexec_secret=node_dir / "superexec.secret")
         where = ["--socket", str(socket)] if socket is not None else ["--no-worker", "--bin-dir", str(node_dir / "bin")]
         cmd = [str(BIN / "python"), "-m", "fedlora.simulations.cli.tenant_node", *where,
                *(f"--trusted-fab={h}" for h in trusted_fabs), "--", *cmd]
+        if netns is not None:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         proc = start(f"supernode-{tenant.name}", cmd, state_dir=self.state_dir,
                      env=flower_env(self.state_dir / f"home-{tenant.name}", self.tag))
         self.procs[proc.name] = proc
@@ -337,6 +402,16 @@ class LocalFederation:
         """Run the fedlora apps with ``cfg`` (``run.dir`` absolute); returns the report path."""
         return run_deployment(cfg, flwr_home=self.cli_home, node_auth=self.node_auth, timeout=timeout,
                               on_line=on_line, env_extra={TAG_ENV: self.tag})
+
+
+def _accepts(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: float = 3600.0,

@@ -321,16 +321,31 @@ def simulation_superlink(state_dir: Path, *, http_port: int = 0, control_port: i
 def run_simulation(run_config_toml: Path, *, state_dir: Path, num_supernodes: int, cpus_per_client: int = 1,
                    http_port: int = 0, control_port: int = 0, timeout: float = 3600.0,
                    on_line: Callable[[str], None] | None = None, app_dir: Path | None = None,
-                   tag: str | None = None) -> None:
+                   tag: str | None = None, private: bool = True) -> None:
     """Submit the fedlora apps to a fresh simulation SuperLink and stream the run's log.
 
     ``on_line`` receives every log line (the caller shows progress); the full log is
     also written to ``state_dir/flower.log``. ``app_dir``: the Flower app to submit (default: the
     installed fedlora's, :func:`~fedlora.simulations.cli.flower_app.app_dir`). Every process of the run carries ``tag``
     (default: a fresh one) and none outlives this call or the launcher (:func:`watchdog`).
+    ``private``: all of it runs in a network of its own (:mod:`fedlora.simulations.cli.private_net`),
+    where no other user of the machine reaches the SuperLink; where none can be made, on 127.0.0.1.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tag = tag or new_tag()
+    if private:
+        from fedlora.simulations.cli import private_net
+
+        why = private_net.unavailable()
+        if why is None:
+            spec = {"run_config_toml": str(run_config_toml), "state_dir": str(state_dir),
+                    "num_supernodes": num_supernodes, "cpus_per_client": cpus_per_client, "http_port": http_port,
+                    "control_port": control_port, "timeout": timeout,
+                    "app_dir": str(app_dir) if app_dir else None, "tag": tag}
+            with watchdog(tag):
+                return private_net.run_private(spec, on_line=on_line, error=SimulationError)
+        print(f"fedlora: this run's SuperLink listens on 127.0.0.1, where other users of this machine can reach "
+              f"it while the run lasts ({why})", file=sys.stderr, flush=True)
     with watchdog(tag), simulation_superlink(state_dir, http_port=http_port, control_port=control_port,
                                              tag=tag) as link:
         from fedlora.simulations.cli.flower_app import app_dir as installed_app

@@ -64,10 +64,14 @@ def _cmd_keys(args) -> int:
 def _cmd_certs(args) -> int:
     from fedlora.common.tls import write_tls_certificates
 
-    paths = write_tls_certificates(args.out, hosts=tuple(args.host or ("127.0.0.1", "localhost")),
-                                   days=args.days, force=args.force)
+    # the SuperLink itself listens on loopback behind its Fleet proxy, which checks it as "localhost"
+    hosts = tuple(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
+    paths = write_tls_certificates(args.out, hosts=hosts, days=args.days, force=args.force)
     for role, path in paths.items():
         print(f"{role:12} {path}")
+    if not args.host:
+        print("note: the certificate names only 127.0.0.1 and localhost; tenants on other hosts need "
+              "--host <address they dial>", file=sys.stderr)
     return 0
 
 
@@ -127,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser("certs", help="make a CA and a SuperLink TLS certificate")
     certs.add_argument("--out", default="certs", help="directory for the certificates (default: certs/)")
-    certs.add_argument("--host", action="append", help="a name or IP the SuperLink is reached at (repeatable)")
+    certs.add_argument("--host", action="append", help="a name or IP the tenants reach the SuperLink at (repeatable; "
+                       "127.0.0.1 and localhost are always included: the SuperLink itself listens there)")
     certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
 

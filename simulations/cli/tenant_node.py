@@ -12,6 +12,10 @@ in the foreground:
 - the worker is restarted if it dies (tasks run meanwhile in fresh processes of this node's
   fedlora, :mod:`fedlora.client.standalone`: never the bundle's code); without a worker
   (``--no-worker``) every task runs that way;
+- under process isolation (``--isolation process`` with a SuperExec secret, as ``fedlora deploy
+  supernode`` starts it) the node's own ``flower-superexec`` is the only process that can claim
+  a task from the SuperNode's loopback Runtime API: it holds the secret (mode 0600, made here on
+  first use), so another local user of the host cannot take a task and the context it carries;
 - SIGTERM, SIGINT or SIGHUP stops the SuperNode first, then the worker;
 - when the SuperNode exits, the worker is stopped and its exit code is the node's;
 - both children get the kernel's parent-death signal, so even a SIGKILLed supervisor leaves
@@ -61,6 +65,7 @@ class TenantNode:
         self.say = say or (lambda line: print(f"fedlora deploy supernode: {line}", file=sys.stderr, flush=True))
         self.worker: subprocess.Popen | None = None
         self.supernode: subprocess.Popen | None = None
+        self.executor: subprocess.Popen | None = None
         self.restarts: list[float] = []
         self.stopping = False
 
@@ -91,9 +96,7 @@ class TenantNode:
         """Restart a worker that died, a bounded number of times."""
         if self.worker is None or self.worker.poll() is None or self.stopping:
             return
-        now = time.monotonic()
-        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
-        if len(self.restarts) > RESTARTS:
+        if self._too_many_restarts():
             self.say(f"the tenant worker died {RESTARTS + 1} times in {RESTART_WINDOW:.0f} s; not restarting it "
                      "(tasks now run in fresh processes of this node's fedlora, never the run's bundle)")
             self.worker = None
@@ -104,14 +107,30 @@ class TenantNode:
         except RuntimeError as err:
             self.say(str(err))
 
+    def _too_many_restarts(self) -> bool:
+        """Count one restart; whether more than RESTARTS happened within RESTART_WINDOW."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
+        return len(self.restarts) > RESTARTS
+
     def supernode_env(self) -> dict[str, str]:
         """The SuperNode's environment: with fedlora's ``flwr-clientapp`` first on PATH (it hands
         each task to the worker, else to a fresh process of this node's fedlora)."""
         return supernode_env(self.env, bin_dir=self.bin_dir, socket=self.socket, trusted_fabs=self.trusted_fabs)
 
+    def executor_command(self) -> list[str] | None:
+        """The node's task executor under process isolation (None: Flower's own, in the SuperNode),
+        its SuperExec secret made on first use."""
+        cmd = executor_command(self.supernode_cmd, os.getpid())
+        if cmd is not None:
+            from fedlora.simulations.cli.deployment import superexec_secret
+
+            superexec_secret(Path(_flag(cmd, "--superexec-auth-secret-file")))
+        return cmd
+
     def stop(self, *_) -> None:
         self.stopping = True
-        for child, grace in ((self.supernode, 15.0), (self.worker, 10.0)):
+        for child, grace in ((self.executor, 10.0), (self.supernode, 15.0), (self.worker, 10.0)):
             if child is None or child.poll() is not None:
                 continue
             child.terminate()
@@ -128,13 +147,46 @@ class TenantNode:
             self.start_worker()
             if self.stopping:
                 return 0
-            self.supernode = self._spawn(self.supernode_cmd, env=self.supernode_env())
+            executor = self.executor_command()
+            env = self.supernode_env()
+            self.supernode = self._spawn(self.supernode_cmd, env=env)
+            if executor is not None:
+                self.executor = self._spawn(executor, env=env)
             while self.supernode.poll() is None and not self.stopping:
                 self._keep_worker()
+                if self.executor is not None and self.executor.poll() is not None and not self.stopping:
+                    if self._too_many_restarts():
+                        self.say("the node's task executor keeps exiting; stopping the node")
+                        break
+                    self.say(f"the node's task executor exited with code {self.executor.returncode}; restarting it")
+                    self.executor = self._spawn(executor, env=env)
                 time.sleep(0.5)
         finally:
             self.stop()
         return self.supernode.returncode if self.supernode is not None else 0
+
+
+def executor_command(supernode_cmd: list[str], parent_pid: int | str) -> list[str] | None:
+    """``flower-superexec`` for a SuperNode under process isolation: it claims the node's tasks from
+    its loopback Runtime API with the SuperExec secret and starts fedlora's ``flwr-clientapp``
+    (first on its PATH); None for a SuperNode that runs its tasks itself (subprocess isolation)."""
+    if _flag(supernode_cmd, "--isolation") != "process":
+        return None
+    secret, port = _flag(supernode_cmd, "--superexec-auth-secret-file"), _flag(supernode_cmd, "--port")
+    if not secret or not port:
+        raise RuntimeError("process isolation needs --superexec-auth-secret-file and --port on the SuperNode")
+    return [str(Path(sys.executable).parent / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
+            "--insecure", "--superexec-auth-secret-file", secret, "--parent-pid", str(parent_pid)]
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    """The value of ``name`` in a command line (``--name VALUE`` or ``--name=VALUE``)."""
+    for i, arg in enumerate(cmd):
+        if arg == name and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def supernode_env(env: dict[str, str] | None, *, bin_dir: Path, socket: Path | None,

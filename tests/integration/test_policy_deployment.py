@@ -1,4 +1,5 @@
-"""A tenant's policy holds against the server, on Flower's Deployment Engine on 127.0.0.1.
+"""A tenant's policy holds against the server, and the server's control plane is closed to the
+tenants, on Flower's Deployment Engine on this machine.
 
 One SuperLink (TLS, node auth) and two tenant nodes (SuperNode + worker, as ``fedlora deploy
 supernode --policy`` runs them), each under a policy that requires local DP with epsilon <= 2
@@ -7,6 +8,12 @@ node holds the operator's roster and signs its keys and the survivor set). Runs 
 through ``flwr run`` whose config breaks the policy in one way each are declined by both tenants,
 with the reason in the server's records, no training and no ledger charge; then an honest run
 under the same policy completes, and its training and evaluation are what the ledger holds.
+
+The tenant nodes run in a network namespace of their own (a tenant's host; where root can make
+one), reaching the SuperLink only through its public port, the Fleet proxy (nginx). From there,
+holding ca.crt and a registered node key, every Control and Runtime route is refused, the flwr
+CLI with it, and the SuperLink's own port is unreachable; without the SuperExec secret neither
+the SuperLink nor a tenant's SuperNode hands out a task.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,8 @@ from fedlora.common.config import parse_config
 from fedlora.simulations.cli.deployment import LocalFederation, Tenant
 from fedlora.simulations.cli.launcher import DeploymentError
 from fedlora.simulations.cli.registry import node_id_from
+from tests.integration import netns
+from tests.integration.netns import tenant_namespace
 
 pytestmark = pytest.mark.slow
 TENANTS = 2
@@ -64,16 +74,18 @@ def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("policy-deployment")
     write_tenants(root / "data", num_tenants=TENANTS, train_size=48, holdout_size=8, preference_size=8, seed=0)
     policy = _policy(root / "policy.toml")
-    fed = LocalFederation(root / "federation")
-    with fed:
+    with ExitStack() as stack:
+        ns = stack.enter_context(tenant_namespace()) if netns.available() is None else None
+        fed = stack.enter_context(LocalFederation(root / "federation", host=ns.host_ip if ns else "127.0.0.1"))
+        fed.netns = ns  # type: ignore[attr-defined]
         names = [f"tenant-{t}" for t in range(TENANTS)]
         roster = root / "roster.json"  # what `fedlora deploy roster` hands the tenants: node id -> key
         roster.write_text(json.dumps({str(node_id_from(fed.register(n))): fed.node_key(n)[1].read_text().strip()
                                       for n in names}))
         fed.tenants = [Tenant(n, t, root / "data" / f"tenant_{t:03d}" / "train.jsonl", policy=policy, roster=roster)
                        for t, n in enumerate(names)]  # type: ignore[attr-defined]
-        for tenant in fed.tenants:
-            fed.start_node(tenant, register=False, warm=parse_config({}))
+        for tenant in fed.tenants:  # each in the tenants' own network, where root can make one
+            fed.start_node(tenant, register=False, warm=parse_config({}), netns=ns.name if ns else None)
         fed.wait_online(TENANTS)
         fed.wait_warm()
         fed.root = root  # type: ignore[attr-defined]
@@ -159,3 +171,92 @@ def test_honest_run_under_the_same_policy_completes(federation, hostile, tmp_pat
         assert entries[0]["delta"] == 1e-4 and entries[0]["epsilon_after"] <= 2.0  # the tenant's delta, its cap
     assert "train-first-loss" not in record["train"]["0"] and "train-loss" not in record["train"]["0"]
     assert report.is_file()
+
+
+# -- the control plane, from a tenant's network: Fleet only ------------------------------------------
+PROBE = """
+import json, ssl, sys, urllib.request, urllib.error
+ca, base, paths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ctx = ssl.create_default_context(cafile=ca) if ca != "-" else None  # "-": plain HTTP
+out = {}
+for path in paths:
+    req = urllib.request.Request(base + path, data=b"", method="POST",
+                                 headers={"content-type": "application/protobuf", "accept": "application/protobuf"})
+    try:
+        out[path] = urllib.request.urlopen(req, context=ctx, timeout=10).status
+    except urllib.error.HTTPError as err:
+        out[path] = err.code
+    except OSError as err:  # URLError wraps the socket's own error
+        out[path] = type(getattr(err, "reason", err)).__name__
+print(json.dumps(out))
+"""
+
+
+def _probe(fed, paths: list[str], *, base: str, inside: bool = True, tls: bool = True) -> dict[str, object]:
+    """POST an empty protobuf body to each path; status codes (or the connection error) by path."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", PROBE, str(fed.tls.ca_cert) if tls else "-", base, json.dumps(paths)]
+    out = subprocess.run(fed.netns.command(*cmd) if inside else cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _routes(router) -> list[str]:
+    return sorted({r.path for r in router.routes if "POST" in getattr(r, "methods", ())})
+
+
+@pytest.fixture
+def tenant_network(federation):
+    if federation.netns is None:
+        pytest.skip(netns.available())
+    return federation
+
+
+def test_from_a_tenants_network_every_control_and_runtime_route_is_refused(tenant_network):
+    from flwr.superlink.routers.control.router import router as control
+    from flwr.superlink.routers.fleet.router import router as fleet
+    from flwr.supercore.routers.runtime.router import router as runtime
+
+    fed = tenant_network
+    closed = _routes(control) + _routes(runtime) + ["/docs", "/openapi.json", "/health"]
+    # Execute: every route Flower serves, from inside the tenants' namespace, through the public port
+    got = _probe(fed, closed + _routes(fleet), base=f"https://{fed.superlink}")
+    # Assert: nginx refuses Control (register / list / start / stop / logs) and Runtime (acquire-task)
+    assert len(_routes(control)) >= 15 and "/v1/runtime/acquire-task" in closed
+    assert {p: got[p] for p in closed} == {p: 403 for p in closed}
+    # ...and passes the Fleet API to the SuperLink, which answers for itself (never nginx's 403)
+    assert all(got[p] != 403 for p in _routes(fleet)), got
+
+
+def test_from_a_tenants_network_the_flwr_cli_is_refused(tenant_network, tmp_path):
+    import subprocess
+
+    from fedlora.simulations.cli.deployment import CONNECTION, flower_env, write_cli_config
+    from fedlora.simulations.cli.launcher import BIN
+
+    fed = tenant_network
+    write_cli_config(tmp_path, superlink=fed.superlink, ca_cert=fed.tls.ca_cert)  # a tenant holds ca.crt
+    public = fed.node_key("tenant-0")[1]  # and a registered node key
+    for args in (["supernode", "register", str(public), CONNECTION], ["supernode", "list", CONNECTION],
+                 ["ls", CONNECTION], ["stop", "1", CONNECTION], ["log", "1", CONNECTION, "--show"]):
+        out = subprocess.run(fed.netns.command(str(BIN / "flwr"), *args), env=flower_env(tmp_path), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert out.returncode != 0 and "403" in out.stdout + out.stderr, (args, out.stdout[-800:], out.stderr[-800:])
+
+
+def test_the_superlinks_own_port_is_not_reachable_from_a_tenants_network(tenant_network):
+    fed = tenant_network
+    got = _probe(fed, ["/v1/control/list-runs"], base=f"https://{fed.netns.host_ip}:{fed.internal_port}")
+    assert got == {"/v1/control/list-runs": "ConnectionRefusedError"}
+
+
+def test_without_the_superexec_secret_no_task_is_handed_out(tenant_network):
+    # Prepare: a local user of the SuperLink's host, and one of a tenant's host (its own loopback)
+    fed = tenant_network
+    # Execute / Assert: the Runtime API hands no ServerApp or ClientApp task to a caller without the secret
+    assert _probe(fed, ["/v1/runtime/acquire-task"], base=f"https://localhost:{fed.internal_port}",
+                  inside=False) == {"/v1/runtime/acquire-task": 401}
+    assert _probe(fed, ["/v1/runtime/acquire-task"], base=f"http://127.0.0.1:{fed.runtime_ports['tenant-0']}",
+                  tls=False) == {"/v1/runtime/acquire-task": 401}  # the node's Runtime API: loopback, plain HTTP

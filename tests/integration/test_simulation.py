@@ -46,3 +46,14 @@ def test_simulation_learns_and_leaves_artifacts(tiny_run):
     assert out.stdout.strip().endswith("PeftModelForCausalLM")
     # Nothing left running
     assert _superlinks_on(port) == []
+
+
+def test_the_simulations_superlink_ran_in_a_network_of_its_own(tiny_run):
+    import os
+
+    from fedlora.simulations.cli.private_net import NETNS_FILE, unavailable
+
+    if unavailable() is not None:
+        pytest.skip(unavailable())
+    theirs = (tiny_run.run_dir / "flower" / NETNS_FILE).read_text()
+    assert theirs.startswith("net:[") and theirs != os.readlink("/proc/self/ns/net")

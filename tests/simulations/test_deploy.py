@@ -40,17 +40,50 @@ def tls(tmp_path_factory):
 
 
 def test_superlink_command_has_tls_auth_database_and_no_runtime_installs(tls, tmp_path):
-    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", port=9093)
+    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", port=9095, superexec_secret=tmp_path / "s")
     assert cmd[cmd.index("--ssl-ca-certfile") + 1] == str(tls.ca_cert)
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "s.db")
     assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(cmd)
     assert "--insecure" not in cmd
 
 
+def test_superlink_listens_on_loopback_only_under_process_isolation(tls, tmp_path):
+    # the tenants reach it through the Fleet proxy; only the executor holding the secret claims a ServerApp task
+    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", superexec_secret=tmp_path / "s")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "s")
+    executor = deploy.serverapp_executor_command(tls=tls, superexec_secret=tmp_path / "s", port=9095)
+    assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9095"
+    assert executor[executor.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "s")
+
+
+def test_superexec_secret_is_private_and_kept(tmp_path):
+    path = deploy.superexec_secret(tmp_path / "state" / "superexec.secret")
+    first = path.read_text()
+    assert len(first) == 64 and (path.stat().st_mode & 0o777) == 0o600
+    assert deploy.superexec_secret(path).read_text() == first  # made once, then reused
+
+
+def test_fleet_proxy_config_passes_fleet_only_and_nginx_accepts_it(tls, tmp_path):
+    # Prepare / Execute
+    import subprocess
+
+    cmd = deploy.fleet_proxy_files(tmp_path / "proxy", tls=tls, host="0.0.0.0", port=9093, internal_port=9095)
+    conf = (tmp_path / "proxy" / "nginx.conf").read_text()
+    # Assert: Fleet to the loopback SuperLink, verified against the CA; everything else 403; nginx -t passes
+    assert "location /v1/fleet/ {" in conf and "server 127.0.0.1:9095;" in conf and "listen 0.0.0.0:9093 ssl;" in conf
+    assert f"proxy_ssl_trusted_certificate {tls.ca_cert};" in conf and "proxy_ssl_verify on;" in conf
+    assert 'location / { return 403' in conf and conf.count("location") == 2
+    check = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
 @pytest.mark.slow
 def test_superlink_flags_exist_in_flower(tls, tmp_path):
-    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", health_port=9098)
+    cmd = deploy.superlink_command(tls=tls, database=tmp_path / "s.db", health_port=9098, superexec_secret=tmp_path / "s")
     assert _used(cmd) <= _flags("flower-superlink")
+    executor = deploy.serverapp_executor_command(tls=tls, superexec_secret=tmp_path / "s")
+    assert _used(executor) <= _flags("flower-superexec")
 
 
 @pytest.mark.slow
@@ -172,10 +205,14 @@ def test_cli_prints_the_tenant_supernode_command(tmp_path, capsys):
     # Execute
     rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
                "--key", str(tmp_path / "hospital-a"), "--data", str(data), "--tenant-id", "4", "--print"])
-    # Assert: the tenant worker's command, then the SuperNode's naming the worker's socket
-    worker, line = capsys.readouterr().out.strip().splitlines()
+    # Assert: the tenant worker's command, the SuperNode's naming the worker's socket, its task executor
+    worker, line, executor = capsys.readouterr().out.strip().splitlines()
     socket = tmp_path / ".fedlora-state" / "worker" / "worker.sock"
+    secret = tmp_path / ".fedlora-state" / "superexec.secret"
     assert rc == 0
+    assert f"--isolation process --superexec-auth-secret-file {secret}" in line
+    assert "flower-superexec --runtime-api-address 127.0.0.1:9094 --insecure" in executor
+    assert f"--superexec-auth-secret-file {secret}" in executor
     assert f"-m fedlora.client.worker --socket {socket} --parent-pid SUPERVISOR_PID" in worker
     assert f"--auth-supernode-private-key {tmp_path / 'hospital-a'}" in line
     assert f"""--node-config 'data-path="{data}" tenant-id=4 worker-socket="{socket}" ledger-dir=""" in line
@@ -193,7 +230,7 @@ def test_cli_supernode_policy_and_ledger_dir_reach_the_node_config(tmp_path, cap
     rc2 = main(["deploy", "supernode", "--superlink", "l:9093", "--ca", str(tmp_path / "ca.crt"), "--key",
                 str(tmp_path / "k"), "--data", str(data), "--ledger-dir", str(tmp_path / "led"), "--print"])
     # Assert
-    _, first, _, second = capsys.readouterr().out.strip().splitlines()  # each: the worker's, the SuperNode's
+    _, first, _, _, second, _ = capsys.readouterr().out.strip().splitlines()  # each: worker, SuperNode, executor
     assert rc == rc2 == 0
     assert f'policy="{policy}" ledger-dir="{tmp_path / "home" / "ledgers"}"' in first
     assert f'ledger-dir="{tmp_path / "led"}"' in second and "policy=" not in second
@@ -207,7 +244,7 @@ def test_cli_supernode_roster_makes_the_node_sign_with_its_own_key(tmp_path, cap
                str(tmp_path / "k"), "--data", str(tmp_path / "train.jsonl"), "--roster", str(tmp_path / "r.json"),
                "--print"])
     # Assert: the roster and the SuperNode's own key (its identity) reach the node config
-    supernode = capsys.readouterr().out.strip().splitlines()[-1]
+    supernode = capsys.readouterr().out.strip().splitlines()[-2]
     assert rc == 0
     assert f'secagg-roster="{tmp_path / "r.json"}" identity-key="{tmp_path / "k"}"' in supernode
 
@@ -221,7 +258,7 @@ def test_cli_supernode_state_dir_holds_the_ledger_and_the_worker_socket(tmp_path
     rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
                "--key", str(tmp_path / "k"), "--data", str(data), "--state-dir", str(state), "--print"])
     # Assert
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = capsys.readouterr().out.strip().splitlines()[-2]
     assert rc == 0
     assert f'state-dir="{state}" worker-socket="{state / "worker" / "worker.sock"}"' in line
 
@@ -234,10 +271,10 @@ def test_cli_supernode_without_worker_is_the_plain_supernode(tmp_path, capsys):
     # Execute
     rc = main(["deploy", "supernode", "--superlink", "link.example.org:9093", "--ca", str(tmp_path / "ca.crt"),
                "--key", str(tmp_path / "k"), "--data", str(data), "--no-worker", "--print"])
-    # Assert: one command, and its node config names no worker
+    # Assert: the SuperNode and its executor, and the node config names no worker
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 1
-    assert "worker-socket" not in lines[0] and "-m fedlora.client.worker" not in lines[0]
+    assert rc == 0 and len(lines) == 2 and "flower-superexec" in lines[1]
+    assert "worker-socket" not in lines[0] and "-m fedlora.client.worker" not in "\n".join(lines)
 
 
 def test_cli_supernode_polls_at_the_given_interval_or_as_flower_does(tmp_path, capsys):
