@@ -238,17 +238,17 @@ if [ "$BUILD" = 1 ]; then
   if [ "$BASE_ONLY" = 1 ]; then say "base $BASE_NOTE"; exit 0; fi
   stage_context
   say "base $BASE_NOTE; sources: $SOURCE_NOTE; torch: $TORCH_NOTE"
-  for name in superlink apps supernode; do build_image "$name"; done
+  for name in superlink fleet-proxy apps supernode; do build_image "$name"; done
   rm -rf "$STAGE/context"
 fi
-for name in superlink apps supernode; do
+for name in superlink fleet-proxy apps supernode; do
   docker image inspect "fedlora-$name" >/dev/null 2>&1 || die "image fedlora-$name does not exist: run without --run-only"
 done
 
 print_images() {
   local name size
   printf '%-20s %10s %10s\n' image "build s" "size MB"
-  for name in superlink apps supernode; do
+  for name in superlink fleet-proxy apps supernode; do
     size=$(docker image inspect -f '{{.Size}}' "fedlora-$name")
     printf '%-20s %10s %10s\n' "fedlora-$name" "${BUILD_SECONDS[$name]:--}" "$(( size / 1000000 ))"
   done
@@ -302,8 +302,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say "compose up: superlink, serverapp, register, tenant-a, tenant-b"
-"${COMPOSE[@]}" up -d superlink serverapp register tenant-a tenant-b
+say "compose up: superlink, serverapp, fleet-proxy, register, tenant-a, tenant-b"
+"${COMPOSE[@]}" up -d superlink serverapp fleet-proxy register tenant-a tenant-b
 
 SET_ARGS=(--set "federation.rounds=$ROUNDS")
 for kv in "${RUN_DEFAULTS[@]}" "${SETS[@]}"; do SET_ARGS+=(--set "$kv"); done
@@ -317,7 +317,7 @@ set -e
 RUN_SECONDS=$(( $(date +%s) - start ))
 if [ "$run_code" != 0 ]; then
   say "the run failed (exit $run_code after $RUN_SECONDS s); the containers' last lines:"
-  "${COMPOSE[@]}" logs --no-color --tail 40 superlink serverapp register tenant-a tenant-b >&2 || true
+  "${COMPOSE[@]}" logs --no-color --tail 40 superlink serverapp fleet-proxy register tenant-a tenant-b >&2 || true
 fi
 
 worker_status() {  # one line per tenant: what its tenant worker says of itself
@@ -330,6 +330,30 @@ worker_status() {  # one line per tenant: what its tenant worker says of itself
   done
 }
 
+control_plane() {  # from a tenant's container: Control and Runtime refused, the SuperLink itself unreachable
+  "${COMPOSE[@]}" exec -T tenant-a python3 -c '
+import socket, ssl, urllib.error, urllib.request
+ctx = ssl.create_default_context(cafile="/certs/ca.crt")
+got = {}
+for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/stop-run",
+             "/v1/control/stream-logs", "/v1/runtime/acquire-task", "/v1/fleet/get-run"):
+    req = urllib.request.Request("https://fleet-proxy:9093" + path, data=b"", method="POST",
+                                 headers={"content-type": "application/protobuf"})
+    try:
+        got[path] = urllib.request.urlopen(req, context=ctx, timeout=10).status
+    except urllib.error.HTTPError as err:
+        got[path] = err.code
+try:
+    socket.create_connection(("superlink", 9093), timeout=5).close()
+    direct = "reachable"
+except OSError as err:
+    direct = type(err).__name__
+closed = all(code == 403 for path, code in got.items() if "/fleet/" not in path)
+print("control plane from tenant-a:", "closed" if closed and got["/v1/fleet/get-run"] != 403 and
+      direct != "reachable" else "OPEN", got, "superlink:9093 directly:", direct)
+' || echo "control plane from tenant-a: (check failed to run)"
+}
+
 echo
 echo "== fedlora on Docker: $ROUNDS round(s), two tenants, TLS + SuperNode authentication =="
 print_images
@@ -339,5 +363,6 @@ docker run --rm --entrypoint python3 -v "$HERE/runs:/runs:ro" fedlora-apps \
   /src/docker/scripts/summary.py "/runs/$RUN_NAME"
 summary_code=$?
 worker_status
+control_plane
 set -e
 [ "$run_code" = 0 ] && [ "$summary_code" = 0 ] || exit 1

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Make what docker/compose.yaml mounts: a CA + SuperLink certificate valid for the compose
-# service name, two tenant key pairs and the SuperExec secret. Run from the repository root
+# service names (superlink, and fleet-proxy which the tenants dial; certificates made before the
+# proxy existed lack it: delete docker/secrets/certs to make new ones), two tenant key pairs and the SuperExec secret. Run from the repository root
 # with fedlora installed (or in the apps image). Makes only what is missing and never
 # overwrites: delete a file (or use fedlora's --force) to replace it.
 set -eu
 OUT="${1:-docker/secrets}"
-[ -e "$OUT/certs/ca.crt" ] || fedlora certs --out "$OUT/certs" --host superlink --host localhost --host 127.0.0.1
+[ -e "$OUT/certs/ca.crt" ] || fedlora certs --out "$OUT/certs" --host superlink --host fleet-proxy --host localhost --host 127.0.0.1
 for tenant in tenant-a tenant-b; do
   [ -e "$OUT/keys/$tenant" ] || fedlora keys node "$tenant" --out "$OUT/keys"
 done

@@ -7,7 +7,7 @@ where a deployment message's round trip goes.
 
 1. Writes synthetic tenants once; every run uses the same files and the same config.
 2. Deployment: a SuperLink with TLS + node auth + SQLite and one tenant node per tenant on
-   127.0.0.1 (``fedlora.simulations.cli.deployment.LocalFederation``: SuperNode + tenant worker, as
+   127.0.0.1 (``fedlora.simulations.cli.local_federation.LocalFederation``: SuperNode + tenant worker, as
    ``fedlora deploy supernode`` runs them: the worker pulls and answers each task itself,
    and has loaded the run's model before the run starts, as ``--warm`` makes it do);
    2 rounds. With ``--no-worker-arm`` also without workers (each task runs in a fresh
@@ -179,7 +179,7 @@ def deployment_arm(cfg, data: Path, out: Path, *, tenants: int, worker: bool, re
                    prefix: str = "") -> dict:
     """One 2-round run on a fresh local federation (TLS + node auth); per-round seconds, the
     message breakdown and each node's peak memory."""
-    from fedlora.simulations.cli.deployment import LocalFederation, Tenant
+    from fedlora.simulations.cli.local_federation import LocalFederation, Tenant
 
     name = "deployment" if worker else "deployment_no_worker"
     name += f"_{repeat}" if repeat else ""

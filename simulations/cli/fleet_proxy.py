@@ -22,7 +22,11 @@ secret cannot claim the ServerApp's task either; Control itself is open to them:
 SuperLink on a host or in a container of its own (``docker/compose.yaml`` does).
 
 nginx is a system package (``apt-get install nginx-light``); :func:`nginx_binary` says how to get
-it when it is missing.
+it when it is missing. ``docker/fleet-proxy.conf`` is :func:`main`'s output for the compose
+federation (``tests/simulations/test_deploy.py`` keeps the two the same).
+
+    python -m fedlora.simulations.cli.fleet_proxy --upstream superlink:9093 --upstream-name superlink \\
+        --certs /certs --prefix /var/lib/fleet-proxy --user "nobody nogroup" > docker/fleet-proxy.conf
 """
 
 from __future__ import annotations
@@ -47,11 +51,14 @@ def nginx_binary() -> str:
 
 
 def nginx_config(*, prefix: Path, listen: str, upstream: str, server_cert: Path, server_key: Path,
-                 ca_cert: Path, upstream_name: str = "localhost") -> str:
+                 ca_cert: Path, upstream_name: str = "localhost", user: str | None = None) -> str:
     """nginx.conf for the proxy: ``listen`` (HOST:PORT, TLS with the SuperLink's certificate)
     passes ``/v1/fleet/`` to ``upstream`` (the SuperLink's loopback HOST:PORT, verified as
-    ``upstream_name`` against ``ca_cert``) and refuses everything else with 403."""
-    user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""  # workers drop root
+    ``upstream_name`` against ``ca_cert``) and refuses everything else with 403. ``user``: the
+    workers' user (default: ``nobody nogroup`` when started as root, else the caller's)."""
+    if user is None:
+        user = "nobody nogroup" if os.geteuid() == 0 else ""
+    user = f"user {user};\n" if user else ""  # workers drop root
     return f"""# written by fedlora deploy: the SuperLink's public port passes the Fleet API only
 {user}worker_processes 1;
 daemon off;
@@ -114,3 +121,26 @@ def proxy_command(conf: Path) -> list[str]:
     """nginx in the foreground on ``conf`` (its own prefix: no system config is read)."""
     conf = Path(conf).resolve()
     return [nginx_binary(), "-p", str(conf.parent), "-c", str(conf), "-e", str(conf.parent / "error.log")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the proxy's nginx.conf for a host of its own (``docker/fleet-proxy.conf`` is this)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fedlora.simulations.cli.fleet_proxy", description=main.__doc__)
+    p.add_argument("--listen", default="0.0.0.0:9093", help="the tenants' HOST:PORT (default: 0.0.0.0:9093)")
+    p.add_argument("--upstream", required=True, help="the SuperLink's HOST:PORT")
+    p.add_argument("--upstream-name", required=True, help="the name the SuperLink's certificate is checked for")
+    p.add_argument("--certs", required=True, help="directory holding ca.crt, server.crt and server.key there")
+    p.add_argument("--prefix", required=True, help="nginx's working directory there (pid, logs, temp files)")
+    p.add_argument("--user", default="", help="the workers' user, e.g. 'nobody nogroup' (default: none)")
+    args = p.parse_args(argv)
+    certs, prefix = Path(args.certs), Path(args.prefix)
+    print(nginx_config(prefix=prefix, listen=args.listen, upstream=args.upstream, server_cert=certs / "server.crt",
+                       server_key=certs / "server.key", ca_cert=certs / "ca.crt", upstream_name=args.upstream_name,
+                       user=args.user), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,8 @@ import time
 import pytest
 
 from fedlora.common.config import parse_config
-from fedlora.simulations.cli.deployment import LocalFederation, Tenant, tagged_pids
+from fedlora.simulations.cli.launcher import tagged_pids
+from fedlora.simulations.cli.local_federation import LocalFederation, Tenant
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,7 @@
-"""docker/build-local.sh end to end: the three images from a local base, the compose
-federation (SuperLink, ServerApp executor, two tenants, TLS, SuperNode authentication),
-one round, the final adapter, and everything torn down again.
+"""docker/build-local.sh end to end: the four images from a local base, the compose
+federation (SuperLink, ServerApp executor, Fleet proxy, two tenants, TLS, SuperNode
+authentication), one round, the final adapter, a tenant reaching only the Fleet API, and
+everything torn down again.
 
 Opt in: ``FEDLORA_DOCKER_TESTS=1 pytest -m docker tests/integration/test_docker.py``. It
 needs a Docker engine (``docker info`` answers) and takes minutes (a first build tens of
@@ -57,6 +58,14 @@ def test_one_round_with_two_tenants_leaves_a_final_adapter(docker_round):
     assert sorted(round_1["finished"]) == ["0", "1"] and round_1["aggregated"]
     assert set(round_1["train"]) == {"0", "1"}
     assert "fedlora-supernode" in proc.stdout and "round 1: sampled" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_tenant_container_reaches_only_the_fleet_api(docker_round):
+    proc, _ = docker_round
+    # the script probes from tenant-a: Control and Runtime routes 403 at the proxy, Fleet passed,
+    # the SuperLink itself not even resolvable from the tenants' network
+    assert "control plane from tenant-a: closed" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.timeout(120)

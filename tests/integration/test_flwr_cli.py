@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.simulations.cli.deployment import LocalFederation, Tenant, flower_env
+from fedlora.simulations.cli.deployment import flower_env
+from fedlora.simulations.cli.local_federation import LocalFederation, Tenant
 from fedlora.simulations.cli import flower_app
 from fedlora.simulations.cli.flwr_config import offline_env
 from fedlora.simulations.cli.launcher import BIN, TAG_ENV, free_port, kill_tagged, new_tag, tagged_pids, watchdog

@@ -29,7 +29,7 @@ import pytest
 from fedlora.client.ledger import PrivacyLedger
 from fedlora.client.policy_check import fingerprint
 from fedlora.common.config import parse_config
-from fedlora.simulations.cli.deployment import LocalFederation, Tenant
+from fedlora.simulations.cli.local_federation import LocalFederation, Tenant
 from fedlora.simulations.cli.launcher import DeploymentError
 from fedlora.simulations.cli.registry import node_id_from
 from tests.integration import netns

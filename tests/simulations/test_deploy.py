@@ -358,3 +358,17 @@ def test_cli_warm_mistakes_are_one_clear_error_before_anything_starts(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and says in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_compose_proxy_config_is_the_generators_output():
+    # docker/fleet-proxy.conf is committed; regenerate it with the command its module's docstring gives
+    from pathlib import Path
+
+    from fedlora.simulations.cli import fleet_proxy
+
+    ours = Path(__file__).resolve().parents[2] / "docker" / "fleet-proxy.conf"
+    want = fleet_proxy.nginx_config(prefix=Path("/var/lib/fleet-proxy"), listen="0.0.0.0:9093",
+                                    upstream="superlink:9093", upstream_name="superlink",
+                                    server_cert=Path("/certs/server.crt"), server_key=Path("/certs/server.key"),
+                                    ca_cert=Path("/certs/ca.crt"), user="nobody nogroup")
+    assert ours.read_text() == want
