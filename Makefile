@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   - create .venv, install CPU torch then the locked set and fedlora, run the default simulation
-#   make test   - the same install, then the whole suite
+#   make test   - the same install (and nginx, which the deployment tests start), then the whole suite
 # Dev loop: `make test-fast` runs the unit tier (not slow: no Flower, no processes, no long training).
 # Both spread over the cores; `make test JOBS=0` runs in this process, one test after another.
 # On a CUDA machine install a CUDA torch instead: `make demo TORCH=torch`.
@@ -21,7 +21,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test test-fast install lock wheel bench clean
+.PHONY: demo test test-fast install nginx lock wheel bench clean
 
 # A new or changed lock rebuilds the venv from empty, so what runs is exactly the lock.
 $(BIN)/fedlora: pyproject.toml $(LOCK)
@@ -38,12 +38,24 @@ install: $(BIN)/fedlora
 demo: $(BIN)/fedlora
 	$(BIN)/fedlora simulate
 
+# The deployment tests start nginx, the SuperLink's Fleet proxy (a system package): installed here
+# with apt when missing and run as root, else the command to install it is printed.
+nginx:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx-light (the SuperLink's Fleet proxy, which the deployment tests start)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light; \
+	  else \
+	    echo "the deployment tests need nginx: install it (Debian/Ubuntu: sudo apt-get install nginx-light)" >&2; exit 2; \
+	  fi; \
+	fi
+
 # one worker per core (pytest-xdist); a module's tests stay on one worker (tests/conftest.py)
 JOBS ?= auto
-test: $(BIN)/fedlora
+test: $(BIN)/fedlora nginx
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder --durations=20
 
-test-fast: $(BIN)/fedlora
+test-fast: $(BIN)/fedlora nginx
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 # Resolve the newest set that fits pyproject's ranges (Linux, Python 3.11, against $(TORCH)),

@@ -187,7 +187,8 @@ stage_context() {
   rm -rf "$ctx"
   mkdir -p "$ctx/docker/build-context/wheels" "$ctx/docker/build-context/certs"
   paths=(pyproject.toml README.md requirements-lock.txt common client server simulations docker/scripts
-         docker/superlink.Dockerfile docker/apps.Dockerfile docker/supernode.Dockerfile)
+         docker/superlink.Dockerfile docker/apps.Dockerfile docker/supernode.Dockerfile
+         docker/fleet-proxy.Dockerfile docker/fleet-proxy.conf)
   if [ -n "$GIT_REF" ]; then
     git rev-parse --verify --quiet "$GIT_REF^{commit}" >/dev/null || die "--git $GIT_REF: no such commit"
     git archive --format=tar "$GIT_REF" -- "${paths[@]}" | tar -x -C "$ctx"

@@ -209,8 +209,17 @@ def register_node(public_key: Path, *, flwr_home: Path) -> str:
     """``flwr supernode register KEY.pub``: admit one tenant's key; returns Flower's output."""
     out = flwr_cli(["supernode", "register", str(public_key), CONNECTION], flwr_home=flwr_home)
     if out.returncode != 0:
-        raise DeploymentError(f"registering {public_key} failed (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+        raise DeploymentError(f"registering {public_key} failed (exit {out.returncode}):\n{out.stdout}{out.stderr}"
+                              + _public_port_hint(out.stdout + out.stderr))
     return out.stdout
+
+
+def _public_port_hint(text: str) -> str:
+    """What to do when the operator dialled the tenants' port (the Fleet proxy answers 403)."""
+    if "403" not in text:
+        return ""
+    return (f"\nthat address is the tenants' port, which serves Flower's Fleet API only: run this on the "
+            f"SuperLink's host with --superlink 127.0.0.1:{INTERNAL_PORT} (its --internal-port)")
 
 
 def online_nodes(*, flwr_home: Path) -> int:
@@ -234,7 +243,7 @@ def submit_run(run_config_toml: Path, *, flwr_home: Path, log: Path, timeout: fl
                             timeout=timeout, on_line=on_line, timeout_error=DeploymentError, line_format=stamp)
     if code != 0 or "Exit Code:" in text or "ServerApp raised an exception" in text:
         raise DeploymentError(f"the Flower run failed (exit code {code}); see {log}\n"
-                              + "\n".join(text.splitlines()[-25:]))
+                              + "\n".join(text.splitlines()[-25:]) + _public_port_hint(text))
 
 
 # --------------------------------------------------------------------------- #

@@ -155,3 +155,20 @@ def test_node_without_a_worker_still_installs_the_clientapp(tmp_path):
     env = node.supernode_env()
     assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
     assert "--worker-socket" not in (tmp_path / "bin" / "flwr-clientapp").read_text()
+
+
+def test_process_isolation_gets_the_nodes_own_executor_holding_the_secret(tmp_path):
+    # Prepare: a SuperNode command under process isolation, and one that runs its tasks itself
+    from fedlora.simulations.cli.tenant_node import TenantNode, executor_command
+
+    secret = tmp_path / "state" / "superexec.secret"
+    isolated = ["flower-supernode", "--port", "9123", "--isolation", "process", "--superexec-auth-secret-file",
+                str(secret)]
+    # Execute
+    node = TenantNode(isolated, None, bin_dir=tmp_path / "bin")
+    cmd = node.executor_command()
+    # Assert: flower-superexec on the node's loopback Runtime API with the secret, made private on first use
+    assert cmd[0].endswith("flower-superexec") and cmd[cmd.index("--runtime-api-address") + 1] == "127.0.0.1:9123"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert secret.is_file() and (secret.stat().st_mode & 0o777) == 0o600
+    assert executor_command(["flower-supernode", "--port", "9123", "--isolation", "subprocess"], 1) is None
