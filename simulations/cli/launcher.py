@@ -107,6 +107,18 @@ def stop_group(proc: subprocess.Popen, *, grace: float = 15.0) -> None:
     proc.wait(timeout=5)
 
 
+def stop_child(child: subprocess.Popen | None, *, grace: float) -> None:
+    """SIGTERM one child (not its group), then SIGKILL it after ``grace`` seconds; a supervisor's stop."""
+    if child is None or child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 BIN = Path(sys.executable).parent  # where flower-superlink, flower-superexec, flwr live
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from functools import partial
 
-from fedlora.simulations.cli.launcher import die_with_parent
+from fedlora.simulations.cli.launcher import die_with_parent, stop_child
 
 READY_TIMEOUT = 60.0
 
@@ -56,15 +56,7 @@ class SuperLinkHost:
     def stop(self, *_) -> None:
         self.stopping = True
         for name in ("fleet proxy", "serverapp executor", "superlink"):
-            child = self.children.get(name)
-            if child is None or child.poll() is not None:
-                continue
-            child.terminate()
-            try:
-                child.wait(timeout=15.0)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_child(self.children.get(name), grace=15.0)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

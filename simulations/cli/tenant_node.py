@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedlora.client import clientapp_shim, worker_link
-from fedlora.simulations.cli.launcher import die_with_parent
+from fedlora.simulations.cli.launcher import die_with_parent, stop_child
 
 READY_TIMEOUT = 600.0  # a cold import of torch + transformers on a slow disk
 RESTARTS = 5           # worker restarts allowed within RESTART_WINDOW seconds
@@ -131,14 +131,7 @@ class TenantNode:
     def stop(self, *_) -> None:
         self.stopping = True
         for child, grace in ((self.executor, 10.0), (self.supernode, 15.0), (self.worker, 10.0)):
-            if child is None or child.poll() is not None:
-                continue
-            child.terminate()
-            try:
-                child.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_child(child, grace=grace)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
