@@ -72,10 +72,12 @@ class UpdateBounds:
         return "; ".join(parts) or "none"
 
     def norm_bound(self, norms: list[float]) -> float:
+        """The tighter of the absolute and the adaptive bound (0: none). A median norm of 0 (half
+        the round sent nothing) gives no adaptive bound, and never switches the absolute one off."""
         bounds = []
         if self.max_norm:
             bounds.append(self.max_norm)
-        if self.norm_multiplier and norms:
+        if self.norm_multiplier and norms and statistics.median(norms) > 0:
             bounds.append(self.norm_multiplier * statistics.median(norms))
         return min(bounds) if bounds else 0.0
 

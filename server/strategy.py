@@ -333,8 +333,7 @@ def _evaluations(sent: list[Message], replies: Iterable[Message], record: str, *
     each value finite and in range, the example count at most ``max_examples``, the tenant the
     node is); and (node, reason) for each reply without a valid one."""
     evaluated, dropped = {}, []
-    for msg in replies:
-        node = sender(sent, msg)
+    for node, msg in sorted(((sender(sent, m), m) for m in replies), key=lambda nm: nm[0]):  # not by arrival
         if msg.has_error():
             dropped.append((node, msg.error.reason if record == keys.METRICS else
                             f"lost with the training reply, an error: {msg.error.reason}"))

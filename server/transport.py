@@ -117,8 +117,8 @@ class PlainTransport(Transport):
 
     def collect(self, server_round, replies, *, reference):
         out = Collected(updates=[])
-        for msg in replies:
-            node = sender(self._sent, msg)
+        # by node, not by arrival: float32 sums depend on their order, and so would a resumed run
+        for node, msg in sorted(((sender(self._sent, m), m) for m in replies), key=lambda nm: nm[0]):
             try:
                 if msg.has_error():
                     raise Rejected(error_reason(msg.error))

@@ -137,3 +137,13 @@ def test_audit_flags_an_update_that_agrees_with_the_consensus_far_less_than_the_
     assert not alone[4].outlier
     assert ratio[4].outlier and "x the round's median cosine" in ratio[4].why
     assert not any(ratio[n].outlier for n in (1, 2, 3))
+
+
+def test_a_round_of_mostly_zero_updates_keeps_the_absolute_bound():
+    # Prepare: three zero updates make the median norm 0; the fourth has norm 500, the absolute bound is 10
+    updates = [_u([0, 0], node=1), _u([0, 0], node=2), _u([0, 0], node=3), _u([300, 400], node=4)]
+    # Execute
+    out = UpdateBounds(max_norm=10.0, norm_multiplier=3.0, policy="drop").apply(updates)
+    # Assert: no adaptive bound from a zero median, and the absolute one still drops the norm-500 update
+    assert out.norm_bound == pytest.approx(10.0)
+    assert out.actions[4][0] == "dropped" and [u.node for u in out.kept] == [1, 2, 3]

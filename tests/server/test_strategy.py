@@ -289,3 +289,49 @@ def test_a_resume_with_another_server_optimizer_is_refused(tmp_path):
     second, _ = _strategy(tmp_path, server_optimizer="sgd")
     with pytest.raises(ValueError, match="resume it with 'fedadam' or start a new run"):
         second.resume(1, state)
+
+
+class ShuffledGrid(FakeGrid):
+    """Hands the replies back in a given order of the nodes, as arrivals may come."""
+
+    def __init__(self, behaviour, order):
+        super().__init__(behaviour)
+        self.order = order
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        rank = {n: i for i, n in enumerate(self.order)}
+        return sorted(replies, key=lambda r: rank[r.metadata.src_node_id])
+
+
+def _noisy(seed, tenant):
+    rng = np.random.default_rng(seed)
+
+    def reply(msg):
+        if msg.metadata.message_type == "evaluate":
+            return good(0.0, tenant=tenant)(msg)
+        delta = OrderedDict((k, (rng.normal(0, 1e-3, v.shape) * 10.0 ** rng.integers(0, 5, v.shape)).astype(np.float32))
+                            for k, v in GLOBAL.items())  # magnitudes far apart: float32 sums that depend on order
+        m = {k: 1.0 for k in keys.TRAIN_METRICS} | {keys.NUM_EXAMPLES: 7 + tenant, keys.TENANT: tenant}
+        reply = Message(RecordDict({keys.ARRAYS: to_arrayrecord(delta), keys.METRICS: MetricRecord(m)}), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return reply
+    return reply
+
+
+def test_the_aggregate_is_the_same_bytes_whatever_order_the_replies_arrive_in(tmp_path):
+    # Prepare: four tenants with deltas of very different magnitudes, every order of their replies
+    from itertools import permutations
+
+    nodes = [11, 12, 13, 14]
+    results = set()
+    for i, order in enumerate(permutations(nodes)):
+        behaviour = {n: _noisy(n, tenant=t) for t, n in enumerate(nodes)}
+        strategy, _ = _strategy(tmp_path / str(i), norm_multiplier=0.0)
+        # Execute
+        result = strategy.start(grid=ShuffledGrid(behaviour, order), initial_arrays=to_arrayrecord(GLOBAL),
+                                num_rounds=1, timeout=2, evaluate_config=ConfigRecord())
+        arrays = from_arrayrecord(result.arrays)
+        results.add(b"".join(v.tobytes() for v in arrays.values()))
+    # Assert: 24 arrival orders, one result
+    assert len(results) == 1
