@@ -195,6 +195,11 @@ def _check_optimizers(sections: dict[str, dict[str, Any]], problems: list[str]) 
         if sections.get("privacy", {}).get("mode", "none") == "central":
             problems.append("federation.server-optimizer: 'fedexp' sizes its step from the un-noised norms of the "
                             "updates, which central DP does not account for; use sgd or fedavgm with central DP")
+        if fed["aggregator"] != "fedavg":
+            problems.append(f"federation.server-optimizer: 'fedexp' sizes its step as the updates' mean squared norm "
+                            f"over the squared norm of their mean, which holds for the mean (fedavg), not for "
+                            f"{fed['aggregator']!r}: the updates it leaves out would still set the step; use fedavg, "
+                            "or sgd / fedavgm with a robust aggregator")
     train = {**dataclasses.asdict(TrainConfig()), **sections.get("train", {})}
     if train["prox_mu"] * train["learning_rate"] > 1.0:
         problems.append(f"train.prox-mu: prox-mu x train.learning-rate = {train['prox_mu'] * train['learning_rate']:g} "

@@ -21,8 +21,12 @@ unchanged, so the strategy has no ``if dp`` branch.
   ``sigma * C / received``, matched to the mean's sensitivity ``C / received``. (Scaling
   noise by the *sampled* count, as Flower's wrappers do, under-noises a round in which
   tenants drop out.)
+* only data-independent bounds act on individual updates (:meth:`CentralGaussian.bounds`:
+  the absolute ``federation.max-update-norm``, never the adaptive ones, which depend on the
+  round's median and so on the other tenants);
 * epsilon is accounted over rounds by Opacus' RDP accountant with sampling rate
-  ``sampled / connected``. Flower samples a fixed number of tenants without replacement,
+  ``sampled / connected``, the tenants drawn from the OS entropy pool (the run seed is in
+  the published config: a draw from it would be predictable, and amplification with it). Flower samples a fixed number of tenants without replacement,
   whereas the accountant assumes Poisson sampling; with ``fraction-train = 1`` (rate 1,
   no amplification) the accounting is exact, below 1 it is the usual DP-FedAvg
   approximation.
@@ -49,6 +53,11 @@ class ServerPrivacy:
     def bound_update(self, update: Update) -> Update:
         """An individual update as the mechanism needs it before the sum (plain transport)."""
         return update
+
+    def bounds(self, bounds):
+        """The server's bounds on individual updates (``fedlora.server.bounds.UpdateBounds``) that
+        this mechanism's sensitivity allows."""
+        return bounds
 
     def on_server_aggregate(self, agg: WeightedSum, *, received: int, sampled: int, connected: int) -> WeightedSum:
         return agg
@@ -92,6 +101,14 @@ class CentralGaussian(ServerPrivacy):
         """Standard deviation of the noise on the sum (sensitivity ``clip`` times sigma)."""
         return self.noise_multiplier * self.clip
 
+    def bounds(self, bounds):
+        """Only data-independent bounds: the adaptive ones (x the round's median norm or weight)
+        would let one tenant added or removed drop or re-admit *other* tenants, moving the sum by
+        more than ``clip``. The absolute norm bound stays; the clip is the adaptive bound's job."""
+        from fedlora.server.bounds import UpdateBounds
+
+        return UpdateBounds(max_norm=bounds.max_norm, policy=bounds.policy)
+
     def bound_update(self, update: Update) -> Update:
         """Clip the whole delta to L2 norm ``clip`` (the sensitivity the noise is sized for)."""
         norm = l2_norm(update.delta)
@@ -122,6 +139,9 @@ class CentralGaussian(ServerPrivacy):
             "received": received, "sampled": sampled, "sample_rate": rate,
             "noise_std_sum": self.noise_std, "noise_std_mean": self.noise_std / received,
             "delta": self.delta, "epsilon": self.epsilon(),
+            "assumptions": "each delta clipped to the clip (by the server where it sees updates, else by the "
+                           "tenants), every tenant weighs 1, only data-independent bounds, tenants drawn from OS "
+                           "randomness at the sample rate (a fixed-size draw; the accountant assumes Poisson)",
         }
         return WeightedSum(noisy, agg.weight, agg.count)
 

@@ -41,7 +41,8 @@ def make_strategy(cfg: Config, recorder: RoundRecorder, *, initial=None) -> FedL
                            bounds=UpdateBounds.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
                            optimizer=make_server_optimizer(cfg.federation),
                            rule=make_lora_rule(cfg, initial=initial), seed=cfg.train.seed,
-                           stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop")
+                           stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop",
+                           unpredictable_sampling=cfg.privacy.mode != "none")
 
 
 @app.main()

@@ -86,7 +86,8 @@ class FedLoraStrategy(Strategy):
     def __init__(self, cfg: FederationConfig, aggregator: Aggregator, recorder: RoundRecorder, *,
                  transport: Transport | None = None, bounds: UpdateBounds | None = None,
                  privacy: ServerPrivacy | None = None, optimizer: ServerOptimizer | None = None,
-                 rule: LoraRule | None = None, seed: int = 0, stop_on_failure: bool = False) -> None:
+                 rule: LoraRule | None = None, seed: int = 0, stop_on_failure: bool = False,
+                 unpredictable_sampling: bool = False) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
@@ -114,10 +115,13 @@ class FedLoraStrategy(Strategy):
 
             raise ConfigError(problems)
         self.transport.roster = self.roster
-        self.bounds = bounds if bounds is not None else UpdateBounds()  # no bounds unless given
         self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
+        # no bounds unless given; the privacy mechanism keeps only those its sensitivity allows
+        self.bounds = self.privacy.bounds(bounds if bounds is not None else UpdateBounds())
         self._moments_file: str | None = None  # where the optimizer's moments were last saved
-        self.rng = random.Random(seed)
+        # which tenants take part: from the seed, or (under DP: amplification by sampling needs a
+        # draw nobody can predict, and the seed is in the published config) from the OS
+        self.rng = random.SystemRandom() if unpredictable_sampling else random.Random(seed)
         self.seed = seed
         self.stop_on_failure = stop_on_failure
         self._global: dict | None = None
@@ -131,8 +135,12 @@ class FedLoraStrategy(Strategy):
         """Everything besides the global adapter that the next round depends on (JSON). The
         optimizer's moments are adapter-sized: the state names their safetensors file
         (``checkpoints/round_XXX/server_optimizer.safetensors``; None before the first step)."""
-        version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "privacy": self.privacy.state(),
+        if isinstance(self.rng, random.SystemRandom):
+            rng = None  # nothing to resume: the next draw is as unpredictable as the first
+        else:
+            version, internal, gauss = self.rng.getstate()
+            rng = [version, list(internal), gauss]
+        return {"rng": rng, "privacy": self.privacy.state(),
                 "optimizer": {"name": self.optimizer.name, "file": self._moments_file}}
 
     def resume(self, rounds_done: int, state: dict, *, optimizer_arrays: dict | None = None) -> None:
@@ -145,8 +153,9 @@ class FedLoraStrategy(Strategy):
         if saved.get("file") and optimizer_arrays is None:
             raise ValueError(f"the recorded state names the server optimizer's moments {saved['file']}, "
                              "but none were given")
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        if state.get("rng") is not None and not isinstance(self.rng, random.SystemRandom):
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((version, tuple(internal), gauss))
         self.privacy.restore(state.get("privacy", {}))
         self.optimizer.load_state_arrays(optimizer_arrays or {})
         self._moments_file = saved.get("file")
@@ -268,10 +277,10 @@ class FedLoraStrategy(Strategy):
             summed = replace(summed, sq_norm_mean=sum(u.weight * l2_norm(u.delta) ** 2 for u in kept) / summed.weight)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
-        info["server_seconds"] = round(time.perf_counter() - t, 6)
         audits = audit(received, bounded, self.rule.comparable(kept, self._global), mean_delta(summed),
                        outlier_cosine=self.cfg.outlier_cosine,
                        outlier_cosine_ratio=self.cfg.outlier_cosine_ratio, excluded=excluded)
+        info["server_seconds"] = round(time.perf_counter() - t, 6)  # the audit included: it is server work
         for node, a in audits.items():
             if a.outlier:
                 log(WARNING, "Round audit: node %d flagged: %s", node, a.why)

@@ -181,6 +181,10 @@ def test_config_parses_the_server_optimizer_keys():
     ({"federation.server-optimizer": "fedadam", "federation.server-tau": 0.0},
      "federation.server-tau: fedadam needs tau > 0"),
     ({"federation.server-optimiser": "fedadam"}, "did you mean 'federation.server-optimizer'"),
+    ({"federation.server-optimizer": "fedexp", "federation.aggregator": "krum"},
+     "'fedexp' sizes its step as the updates' mean squared norm over the squared norm of their mean, which holds "
+     "for the mean (fedavg), not for 'krum'"),
+    ({"federation.server-optimizer": "fedexp", "federation.aggregator": "median"}, "not for 'median'"),
 ])
 def test_bad_server_optimizer_settings_are_refused(flat, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
