@@ -37,6 +37,7 @@ class _Round:
     train: dict[str, dict] = field(default_factory=dict)
     eval: dict[str, dict] = field(default_factory=dict)
     dropped: list[Drop] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)  # trained, but a server bound kept its update out
     aggregated: bool = False
     checkpoint: str | None = None
     privacy: dict = field(default_factory=dict)
@@ -66,9 +67,13 @@ class RoundRecorder:
         self._cur.bytes_down += down
         self._cur.bytes_up += up
 
-    def drop(self, node: int, reason: str) -> None:
+    def drop(self, node: int, reason: str, *, after_training: bool = False) -> None:
+        """A tenant left out of the round with the reason; ``after_training``: its reply came
+        and its metrics are kept, but its update is not in the sum (it did not finish)."""
         assert self._cur is not None
         self._cur.dropped.append(Drop(node=node, tenant=self._tenant(node), reason=reason))
+        if after_training:
+            self._cur.excluded.add(self._tenant(node))
 
     def train_reply(self, node: int, metrics: Mapping[str, float]) -> None:
         """A tenant that finished training (under secure aggregation its weight stays inside
@@ -151,7 +156,7 @@ class RoundRecorder:
         assert cur is not None
         record = RoundRecord(
             round=cur.number, connected=cur.connected, sampled=[self._tenant(n) for n in cur.sampled],
-            finished=sorted(cur.train), dropped=cur.dropped, aggregated=cur.aggregated,
+            finished=sorted(set(cur.train) - cur.excluded), dropped=cur.dropped, aggregated=cur.aggregated,
             checkpoint=cur.checkpoint, bytes_down=cur.bytes_down, bytes_up=cur.bytes_up,
             seconds=round(time.perf_counter() - cur.started, 3), train=cur.train, eval=cur.eval,
             secagg=cur.secagg or {"enabled": False}, privacy=cur.privacy, audit=cur.audit,

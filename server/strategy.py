@@ -264,7 +264,7 @@ class FedLoraStrategy(Strategy):
         info.update(bounds_info(self.bounds, bounded))
         for node, (action, why) in bounded.actions.items():
             if action == "dropped":
-                self.recorder.drop(node, f"server bound: {why}")
+                self.recorder.drop(node, f"server bound: {why}", after_training=True)
         kept = [self.privacy.bound_update(u) for u in bounded.kept]
         for u in kept:
             self.recorder.weight(u.node, u.weight)

@@ -335,3 +335,21 @@ def test_the_aggregate_is_the_same_bytes_whatever_order_the_replies_arrive_in(tm
         results.add(b"".join(v.tobytes() for v in arrays.values()))
     # Assert: 24 arrival orders, one result
     assert len(results) == 1
+
+
+def test_a_tenant_dropped_by_a_bound_trained_but_did_not_finish(tmp_path):
+    # Prepare: three tenants send delta 1, a fourth 100x that; the adaptive bound (3 x median) drops it
+    from fedlora.server.bounds import UpdateBounds
+
+    rec = RoundRecorder(tmp_path, save=lambda p, s, r: None)
+    strategy = FedLoraStrategy(FederationConfig(min_train_nodes=2, round_timeout=2.0), FedAvg(), rec, seed=0,
+                               bounds=UpdateBounds(norm_multiplier=3.0))
+    grid = FakeGrid({101: good(1.0, tenant=0), 102: good(1.0, tenant=1), 103: good(1.0, tenant=2),
+                     104: good(100.0, tenant=3)})
+    # Execute
+    strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    # Assert: not among the finished, dropped with the bound's reason, its training metrics kept
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert record["finished"] == ["0", "1", "2"]
+    assert [d["node"] for d in record["dropped"]] == [104] and "server bound" in record["dropped"][0]["reason"]
+    assert "3" in record["train"]

@@ -41,7 +41,8 @@ def _flags(args: list[str]) -> set[str]:
 
 
 def test_compose_has_one_superlink_an_executor_two_tenants_and_an_operator(compose):
-    assert set(compose["services"]) == {"superlink", "serverapp", "register", "tenant-a", "tenant-b", "operator"}
+    assert set(compose["services"]) == {"superlink", "serverapp", "fleet-proxy", "register", "tenant-a", "tenant-b",
+                                        "operator"}
     assert compose["services"]["operator"]["profiles"] == ["operator"]  # `up` leaves it out; `run --rm operator`
 
 
@@ -106,8 +107,21 @@ def test_the_ca_key_and_tenant_private_keys_are_mounted_only_where_needed(compos
                 assert name == volume.split(":")[0].rsplit("/", 1)[1] and volume.endswith(":ro"), (name, volume)
 
 
+def test_the_tenants_reach_only_the_fleet_proxy(compose):
+    services = compose["services"]
+    nets = {name: set(s.get("networks", [])) for name, s in services.items()}
+    assert compose["networks"]["internal"] == {"internal": True}  # no way out of it
+    assert nets["tenant-a"] == nets["tenant-b"] == {"fleet"} and nets["superlink"] == {"internal"}
+    assert nets["fleet-proxy"] == {"internal", "fleet"}
+    assert all(nets[n] == {"internal"} for n in ("serverapp", "register", "operator"))
+    assert [n for n, s in services.items() if s.get("ports")] == ["fleet-proxy"]  # the one published port
+    assert services["tenant-a"]["environment"]["SUPERLINK"] == "fleet-proxy:9093"
+
+
 def test_every_service_turns_telemetry_and_update_checks_off(compose):
     for name, service in compose["services"].items():
+        if name == "fleet-proxy":
+            continue  # nginx: no Flower in it, nothing that calls home
         env = service["environment"]
         assert (env["FLWR_TELEMETRY_ENABLED"], env["FLWR_DISABLE_UPDATE_CHECK"]) == ("0", "1"), name
 
@@ -154,7 +168,9 @@ def test_images_build_from_any_base_with_the_public_one_as_default(dockerfile, d
 def test_build_inputs_and_credentials_never_reach_an_image(dockerfile):
     stages = _stages(dockerfile)
     final = stages[-1][1]
-    assert all("--from=build" in line for line in final if line.startswith("COPY ")), final
+    # the final stage copies from the build stage only, or a committed config file (the proxy's nginx.conf)
+    assert all("--from=build" in line or line.split()[1].endswith(".conf") for line in final
+               if line.startswith("COPY ")), final
     for header, lines in stages:
         copies = " ".join(line for line in lines if line.startswith("COPY "))
         assert "secrets" not in copies and ".key" not in copies
