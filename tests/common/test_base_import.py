@@ -14,7 +14,7 @@ from fedlora.common.config import AdapterConfig, ModelConfig
 from fedlora.common.files import file_digest
 from fedlora.common.model import BASE_RECORD, base_fingerprint, base_name, embedded_base_dir, load_model
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a dependency: GGUF bases are imported with it)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -42,15 +42,6 @@ def _fp32_reply_bytes(run_dir) -> int:
     return to_arrayrecord({k: np.zeros_like(v) for k, v in state.items()}).count_bytes()
 
 
-def _transport_decodes() -> bool:
-    import inspect
-
-    from fedlora.server.transport import PlainTransport
-
-    return "encoding" in inspect.signature(PlainTransport).parameters
-
-
-@pytest.mark.skipif(not _transport_decodes(), reason="the plain transport does not take the run's delta encoding yet")
 def test_int8_replies_are_about_a_third_of_fp32(tmp_path):
     # Execute
     run_dir, rounds = _simulate(tmp_path, "federation.delta-encoding=int8")

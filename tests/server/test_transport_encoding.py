@@ -3,11 +3,9 @@ a malformed one is dropped with the tenant and the reason, and the round goes on
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 
 import numpy as np
-import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.common import messages as keys
@@ -19,9 +17,6 @@ from tests.server.test_strategy import _task_identity  # noqa: F401  (fixture)
 
 GLOBAL = OrderedDict(w=np.zeros((2, 4), np.float32))
 INT8 = Encoding("int8", "row")
-
-pytestmark = pytest.mark.skipif("encoding" not in inspect.signature(PlainTransport).parameters,
-                                reason="the plain transport does not take the run's delta encoding yet")
 
 
 def _reply(msg: Message, arrays: ArrayRecord, tenant: int) -> Message:

@@ -178,8 +178,7 @@ def test_corpus_and_probe():
 
 @pytest.fixture(scope="module")
 def base():
-    if not (BASE_DIR / "model.safetensors").is_file():
-        pytest.skip("simulations/base_model not built")
+    assert (BASE_DIR / "model.safetensors").is_file(), "the embedded base model is part of the package"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
