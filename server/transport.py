@@ -117,7 +117,7 @@ class PlainTransport(Transport):
 
     def collect(self, server_round, replies, *, reference):
         out = Collected(updates=[])
-        # by node, not by arrival: float32 sums depend on their order, and so would a resumed run
+        # by node, not by arrival (float32 sums depend on their order; a node's first tenant claim binds it)
         for node, msg in sorted(((sender(self._sent, m), m) for m in replies), key=lambda nm: nm[0]):
             try:
                 if msg.has_error():
@@ -137,6 +137,9 @@ class PlainTransport(Transport):
                 continue
             out.updates.append(update)
             out.metrics[node] = update.metrics
+        # summed in the order of the tenants (node ids change from run to run; tenants do not), so the
+        # same replies give the same bytes, and a resumed run the uninterrupted run's
+        out.updates.sort(key=lambda u: (int(u.metrics[keys.TENANT]), u.node))
         return out
 
     def _decode(self, record) -> Arrays:

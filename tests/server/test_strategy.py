@@ -320,20 +320,21 @@ def _noisy(seed, tenant):
 
 
 def test_the_aggregate_is_the_same_bytes_whatever_order_the_replies_arrive_in(tmp_path):
-    # Prepare: four tenants with deltas of very different magnitudes, every order of their replies
+    # Prepare: four tenants with deltas of very different magnitudes, every order of their replies,
+    # and the tenants on other node ids (as a resumed run's simulation gives them)
     from itertools import permutations
 
-    nodes = [11, 12, 13, 14]
     results = set()
-    for i, order in enumerate(permutations(nodes)):
-        behaviour = {n: _noisy(n, tenant=t) for t, n in enumerate(nodes)}
+    for i, (order, nodes) in enumerate([(o, [11, 12, 13, 14]) for o in permutations([11, 12, 13, 14])]
+                                       + [([27, 25, 26, 28], [28, 25, 27, 26])]):
+        behaviour = {n: _noisy(t, tenant=t) for t, n in enumerate(nodes)}
         strategy, _ = _strategy(tmp_path / str(i), norm_multiplier=0.0)
         # Execute
         result = strategy.start(grid=ShuffledGrid(behaviour, order), initial_arrays=to_arrayrecord(GLOBAL),
                                 num_rounds=1, timeout=2, evaluate_config=ConfigRecord())
         arrays = from_arrayrecord(result.arrays)
         results.add(b"".join(v.tobytes() for v in arrays.values()))
-    # Assert: 24 arrival orders, one result
+    # Assert: 24 arrival orders and other node ids, one result
     assert len(results) == 1
 
 
