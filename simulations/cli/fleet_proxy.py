@@ -57,7 +57,7 @@ def nginx_config(*, prefix: Path, listen: str, upstream: str, server_cert: Path,
     ``upstream_name`` against ``ca_cert``) and refuses everything else with 403. ``user``: the
     workers' user (default: ``nobody nogroup`` when started as root, else the caller's)."""
     if user is None:
-        user = "nobody nogroup" if os.geteuid() == 0 else ""
+        user = f"nobody {_nobody_group()}" if os.geteuid() == 0 else ""
     user = f"user {user};\n" if user else ""  # workers drop root
     return f"""# written by fedlora deploy: the SuperLink's public port passes the Fleet API only
 {user}worker_processes 1;
@@ -99,6 +99,17 @@ http {{
     }}
 }}
 """
+
+
+def _nobody_group() -> str:
+    """The unprivileged group: ``nogroup`` (Debian, Ubuntu) or ``nobody`` (Fedora, Arch...)."""
+    import grp
+
+    try:
+        grp.getgrnam("nogroup")
+        return "nogroup"
+    except KeyError:
+        return "nobody"
 
 
 def write_proxy(prefix: Path, **kwargs) -> Path:

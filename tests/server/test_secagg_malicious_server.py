@@ -36,6 +36,9 @@ class SignedTenant(Tenant):
 
     def __call__(self, msg):
         stage, c = msg.metadata.message_type.split(".", 1)[1], msg.content
+        if stage == self.fail_at:
+            self.fail_at = None  # lost once: no reply, as a node that went away
+            return None
         try:
             if stage == wire.SETUP:
                 out = wire.setup_reply(*client.setup(self.store, node=self.node, identity=self.identity,
@@ -124,3 +127,16 @@ def test_substituted_keys_are_refused_and_no_share_leaves(tmp_path, tenants, mon
     assert refused and "node 102's keys are not signed by its rostered identity key" in refused[0]["reason"]
     assert tenants[101].shared is False
     assert 101 not in [int(t) for t in record["finished"]]
+
+
+def test_a_tenant_lost_in_the_consistency_round_still_counts_and_the_others_unmask(tmp_path, tenants):
+    # Prepare: node 103 uploads, then goes away before it signs the survivor set
+    tenants[103].fail_at = wire.CONSISTENCY
+    # Execute
+    _, record, grid = _run(tmp_path, tenants)
+    # Assert: its vector is in the sum (it uploaded); the three others signed, which meets every
+    # threshold (3 of 4 holders), and unmasked; the record names the stage it was lost in
+    assert record["aggregated"] is True and record["secagg"]["finished"] == 4
+    assert record["secagg"]["dropped_per_stage"]["consistency"] == 1
+    stages = [t.split(".", 1)[1] for t in grid.sent]
+    assert stages.count(wire.UNMASK) == 3
