@@ -338,12 +338,14 @@ class SecAggTransport(Transport):
             total += vec
         n, q = total.size, st.q
 
-        def rebuild(node: int, what: str, check=None) -> bytes:
+        def rebuild(node: int, what: str, check=None, *, own_claim: bool = False) -> bytes:
+            """``own_claim``: ``check`` is the node's own claim (its seed commitment), so when no
+            subset passes it the node lied, and the shares' majority value is taken instead."""
             held = {r: shares[r][node] for r in st.holders[node] if r in shares}
             try:
                 secret, bad = recover(held, st.thr[node], check=check, what=f"node {node}'s {what}")
             except Unrecoverable:
-                if check is None or what != "self-mask seed":
+                if not own_claim:
                     raise
                 secret, bad = recover(held, st.thr[node], what=f"node {node}'s {what}")  # majority of the shares
                 out.culprits.setdefault(node, "its self-mask seed does not match the commitment it sent in setup")
@@ -355,8 +357,8 @@ class SecAggTransport(Transport):
 
         for u in vectors:
             commitment = st.commitments.get(u, b"")
-            total -= prg_mask(rebuild(u, "self-mask seed", check=(
-                lambda s, c=commitment: crypto.seed_commitment(s) == c) if commitment else None), n, q)
+            check = (lambda s, c=commitment: crypto.seed_commitment(s) == c) if commitment else None
+            total -= prg_mask(rebuild(u, "self-mask seed", check, own_claim=check is not None), n, q)
         for d in dead:
             sk = crypto.load_private(rebuild(d, "mask key", check=lambda s, d=d: _is_key_of(s, st.pk_s[d])))
             for u in st.graph[d]:

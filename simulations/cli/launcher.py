@@ -73,14 +73,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port`` (a TCP connection succeeds)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if accepts(port):
+            return
         time.sleep(0.2)
     raise SimulationError(f"flower-superlink did not open port {port} within {timeout:.0f}s; see {log}")
 

@@ -14,8 +14,8 @@ from fedlora.simulations.cli.deployment import (CONNECTION, DEFAULT_POLL, TlsFil
                                                 flwr_cli, online_nodes, register_node, run_deployment,
                                                 serverapp_executor_command, superexec_secret, superlink_command,
                                                 supernode_command, write_cli_config)
-from fedlora.simulations.cli.launcher import (BIN, TAG_ENV, DeploymentError, Proc, free_port, kill_tagged, start,
-                                              tagged_pids, wait_for, watchdog)
+from fedlora.simulations.cli.launcher import (BIN, TAG_ENV, DeploymentError, Proc, accepts, free_port, kill_tagged,
+                                              start, tagged_pids, wait_for, watchdog)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class LocalFederation:
                                                        port=self.port, internal_port=self.internal_port),
                       state_dir=self.state_dir, env=env)
         self.procs["fleet-proxy"] = proxy
-        wait_for(lambda: proxy.popen.poll() is not None or _accepts(self.host, self.port), timeout=30,
+        wait_for(lambda: proxy.popen.poll() is not None or accepts(self.port, self.host), timeout=30,
                  what=f"the Fleet proxy on {self.superlink} (see {proxy.log})")
         if proxy.popen.poll() is not None:
             raise DeploymentError(f"nginx exited with code {proxy.popen.returncode}:\n{proxy.text()[-2000:]}")
@@ -192,13 +192,3 @@ class LocalFederation:
         """Run the fedlora apps with ``cfg`` (``run.dir`` absolute); returns the report path."""
         return run_deployment(cfg, flwr_home=self.cli_home, node_auth=self.node_auth, timeout=timeout,
                               on_line=on_line, env_extra={TAG_ENV: self.tag})
-
-
-def _accepts(host: str, port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False

@@ -17,23 +17,14 @@ code is the command's.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
 from functools import partial
 
-from fedlora.simulations.cli.launcher import die_with_parent, stop_child
+from fedlora.simulations.cli.launcher import accepts, die_with_parent, stop_child
 
 READY_TIMEOUT = 60.0
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 class SuperLinkHost:
@@ -64,7 +55,7 @@ class SuperLinkHost:
         try:
             link = self._spawn("superlink")
             deadline = time.monotonic() + READY_TIMEOUT
-            while not self.stopping and link.poll() is None and not _listening(self.internal_port):
+            while not self.stopping and link.poll() is None and not accepts(self.internal_port):
                 if time.monotonic() > deadline:
                     self.say(f"the SuperLink did not listen on 127.0.0.1:{self.internal_port} within "
                              f"{READY_TIMEOUT:.0f} s")
