@@ -9,9 +9,11 @@ shares rebuild it. A corrupted share rebuilds a wrong secret (or none), and taki
 * a *mask key* is checked against the public key the node announced in setup, and a *self-mask
   seed* against the commitment it sent there (``secagg_crypto.seed_commitment``), so any subset
   that rebuilds it proves its holders honest;
-* without a check (a tenant that sent no commitment) the value most subsets agree on wins, and
-  only when at least two disjoint-enough subsets agree (with exactly ``threshold`` shares there
-  is no second opinion: :class:`Unrecoverable`).
+* without a check (the fallback for a node whose own commitment matches no rebuild) a value wins
+  only when it is consistent with at least (holders + threshold) / 2 shares, the most wrong shares
+  that still leave one answer (Reed-Solomon's unique decoding radius); with fewer the shares
+  cannot tell which is right: :class:`Unrecoverable`. (Exactly ``threshold`` shares give one
+  answer and no second opinion.)
 
 Holders that appear in no subset rebuilding the winner are the culprits. The number of subsets
 tried is capped (:data:`MAX_SUBSETS`); leave-one-out subsets come first, which find a single
@@ -20,7 +22,6 @@ bad share among any number of holders.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping
 from itertools import combinations, islice
 
@@ -63,7 +64,7 @@ def recover(shares: Mapping[int, bytes], threshold: int, *, check: Callable[[byt
             what: str = "the secret") -> tuple[bytes, list[int]]:
     """(the secret, the holders whose shares are inconsistent with it) from ``shares`` (holder ->
     share). ``check(secret)`` says whether a candidate is right (a mask key against its public
-    key); without it the candidate most subsets rebuild wins. Raises :class:`Unrecoverable`."""
+    key); without it a candidate that enough shares agree on wins. Raises :class:`Unrecoverable`."""
     holders = sorted(shares)
     if len(holders) < threshold:
         raise Unrecoverable(f"{what}: {len(holders)} share(s), fewer than the threshold {threshold}", [])
@@ -74,7 +75,6 @@ def recover(shares: Mapping[int, bytes], threshold: int, *, check: Callable[[byt
     if first is not None and (check is None or check(first)) and (
             len(holders) == threshold or _combine(shares, holders[-threshold:]) == first):
         return first, []
-    votes: Counter = Counter()
     support: dict[bytes, set[int]] = {}
     for subset in islice(_subsets(holders, threshold), MAX_SUBSETS):
         secret = _combine(shares, subset)
@@ -86,12 +86,15 @@ def recover(shares: Mapping[int, bytes], threshold: int, *, check: Callable[[byt
                 if _combine(shares, other) == secret:
                     good |= set(other)
             return secret, sorted(set(holders) - good)
-        votes[secret] += 1
         support.setdefault(secret, set()).update(subset)
-    if check is not None or not votes:
+    if check is not None or not support:
         raise Unrecoverable(f"{what}: no {threshold} of the {len(holders)} shares rebuild it", [])
-    (best, n), *rest = votes.most_common()
-    if rest and (n < 2 or rest[0][1] == n):
-        raise Unrecoverable(f"{what}: the shares disagree and no value has a majority "
-                            f"({len(holders)} shares, threshold {threshold})", [])
+    # unchecked, a value is certain only when it is consistent with at least (holders + threshold) / 2
+    # shares: then no other value can be (two such would share threshold shares, so be the same);
+    # with more wrong shares than that leaves, which one is right cannot be told from the shares
+    best = max(support, key=lambda value: len(support[value]))
+    if 2 * len(support[best]) < len(holders) + threshold:
+        raise Unrecoverable(f"{what}: the shares disagree and no value is consistent with enough of them "
+                            f"({len(support[best])} of {len(holders)} shares, threshold {threshold}: "
+                            f"{-(-(len(holders) + threshold) // 2)} needed)", [])
     return best, sorted(set(holders) - support[best])

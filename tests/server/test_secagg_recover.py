@@ -26,15 +26,29 @@ def test_honest_shares_rebuild_the_secret_and_name_no_one():
     assert recover(_shares(secret), 3) == (secret, [])
 
 
-@pytest.mark.parametrize("bad", [[12], [10, 14]])
-def test_corrupted_shares_are_named_while_enough_agree(bad):
-    # Prepare: five shares, threshold 3; one or two corrupted (three honest still rebuild it)
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_one_corrupted_share_of_five_is_named_without_a_check(holder):
+    # Prepare: five shares, threshold 3, one corrupted: the secret agrees with 4 shares, (5 + 3) / 2
+    secret = os.urandom(32)
+    shares = _shares(secret)
+    _corrupt(shares, holder)
+    # Execute / Assert
+    assert recover(shares, 3) == (secret, [holder])
+
+
+@pytest.mark.parametrize("bad", [[12, 13], [10, 14]])
+def test_two_corrupted_shares_of_five_are_named_with_a_check_and_refused_without(bad):
+    # Prepare: five shares, threshold 3, two corrupted: the three honest shares rebuild the secret,
+    # but so do other triples rebuild values of their own, each agreeing with 3 shares < (5 + 3) / 2
     secret = os.urandom(32)
     shares = _shares(secret)
     for h in bad:
         _corrupt(shares, h)
-    # Execute / Assert
-    assert recover(shares, 3) == (secret, bad)
+    # Execute / Assert: the commitment tells which is right; without it nothing can
+    assert recover(shares, 3, check=lambda s: crypto.seed_commitment(s) == crypto.seed_commitment(secret)) \
+        == (secret, bad)
+    with pytest.raises(Unrecoverable, match="3 of 5 shares, threshold 3: 4 needed"):
+        recover(shares, 3)
 
 
 def test_a_mask_key_is_checked_against_its_public_key():
