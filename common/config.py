@@ -201,14 +201,19 @@ class FederationConfig:
                                   lo=0.0)
     # What happens to an update over the bound: dropped, or scaled down to the bound.
     bound_policy: str = _opt("drop", "update over the norm bound", choices=("drop", "clip"))
-    # Outlier rule of the audit: flagged when the cosine similarity of a tenant's update to
-    # the round's coordinate-wise median update is below this (besides being clipped,
-    # dropped or capped).
-    outlier_cosine: float = _opt(0.0, "audit: flag an update whose cosine to the round's median update is below this",
-                                 lo=-1.0, hi=1.0)
-    # ... or below this x the round's median of those cosines (0 = off).
-    outlier_cosine_ratio: float = _opt(0.5, "audit: flag an update whose cosine is below this x the round's median "
-                                       "cosine (0 = off)", lo=0.0, hi=1.0)
+    # The direction screen (fedlora.server.screen): an update whose cosine similarity to the
+    # round's coordinate-wise median update is below this ...
+    outlier_cosine: float = _opt(0.0, "direction screen: an update whose cosine to the round's median update is "
+                                 "below this is an outlier", lo=-1.0, hi=1.0)
+    # ... or below this x the round's median of those cosines (0 = off) ...
+    outlier_cosine_ratio: float = _opt(0.5, "direction screen: ... or below this x the round's median cosine "
+                                       "(0 = off)", lo=0.0, hi=1.0)
+    # ... is dropped, or only flagged in the audit (always only flagged under central DP).
+    outlier_action: str = _opt("drop", "direction screen: what happens to an outlier", choices=("drop", "flag"))
+    # The screen's median and cosines on this many coordinates, drawn per round with a key
+    # nobody else knows (0 = every coordinate).
+    audit_coordinates: int = _opt(65536, "coordinates the direction screen and the audit sample each round "
+                                  "(0 = all)", lo=0)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,13 @@ The median is over the round's validated updates, so the adaptive bounds hold wh
 than half of a round's tenants collude; the absolute bound holds regardless.
 
 :func:`audit` then records, per tenant: its norm as received, its cosine similarity to the
-aggregate and to the round's coordinate-wise median update, its share of the weight, what
-was done to it, and whether the outlier rule flags it (README, "A federation survives its
-worst tenant").
+aggregate and to the round's coordinate-wise median update (on the screen's sampled
+coordinates, :mod:`fedlora.server.screen`), its share of the weight, what was done to it, and
+whether it was flagged (README, "A federation survives its worst tenant").
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.common.records import TenantAudit
-from fedlora.server.aggregation import Update, coordinate_median, l2_norm
+from fedlora.server.aggregation import Update, l2_norm
+from fedlora.server.screen import Sample
 
 
 @dataclass
@@ -108,53 +108,31 @@ def _scaled(delta, factor: float) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, (v * np.float32(factor)).astype(v.dtype)) for k, v in delta.items())
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate_mean, *, view: Sample,
+          outliers: dict[int, str], excluded: dict[int, str] | None = None) -> dict[int, TenantAudit]:
+    """Per-tenant audit of one round: ``received`` as validated, ``kept`` as summed, ``view``
+    their sampled coordinates (:func:`fedlora.server.screen.sample`) and ``outliers`` what the
+    direction screen found (:class:`fedlora.server.screen.DirectionScreen`).
 
-
-def _flat(delta) -> np.ndarray:
-    return np.concatenate([v.ravel() for v in delta.values()])
-
-
-def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate_mean, *,
-          outlier_cosine: float, outlier_cosine_ratio: float = 0.0,
-          excluded: dict[int, str] | None = None) -> dict[int, TenantAudit]:
-    """Per-tenant audit of one round: ``received`` as validated, ``kept`` as summed.
-
-    Outlier rule: a tenant is flagged when a bound acted on it (dropped, clipped, weight
-    capped), when the aggregator left it out (``excluded``), or, with three or more
-    updates, when the cosine similarity of its update to the coordinate-wise median of the
-    round's received updates is below ``outlier_cosine`` or below ``outlier_cosine_ratio``
-    x the round's median of those cosines (an update that agrees with the consensus much
-    less than the others do)."""
+    A tenant is flagged when a bound acted on it (dropped, clipped, weight capped), when the
+    aggregator left it out (``excluded``), or when the screen found its direction disagrees
+    with the round's median update (dropped too under ``federation.outlier-action = drop``)."""
     excluded = excluded or {}
-    flats = {u.node: _flat(u.delta) for u in received}
-    # The reference is the coordinate-wise median of what was received: fewer than half of
-    # the tenants cannot move it far, so an attacker does not drag the honest ones' score.
-    reference = coordinate_median(np.stack(list(flats.values()))) if flats else None
-    agg = _flat(aggregate_mean) if aggregate_mean is not None else None
+    to_aggregate = view.cosine_to(aggregate_mean)
     total_weight = sum(u.weight for u in kept if u.node not in excluded) or 1.0
     weights = {u.node: u.weight for u in kept}
-    cosines = {n: _cosine(x, reference) if len(flats) > 2 else 1.0 for n, x in flats.items()}
-    typical = statistics.median(cosines.values()) if cosines else 1.0
     out = {}
     for u in received:
-        x = flats[u.node]
-        loo = cosines[u.node]
         action, why = bounded.actions.get(u.node, ("accepted", ""))
         if u.node in excluded:
             action, why = "excluded", excluded[u.node]
         reasons = [why] if action != "accepted" else []
-        if loo < outlier_cosine:
-            reasons.append(f"cosine {loo:.2f} to the round's median update is below {outlier_cosine:g}")
-        elif outlier_cosine_ratio and typical > 0 and loo < outlier_cosine_ratio * typical:
-            reasons.append(f"cosine {loo:.2f} to the round's median update is below {outlier_cosine_ratio:g} x "
-                           f"the round's median cosine {typical:.2f}")
+        if u.node in outliers and outliers[u.node] not in why:
+            reasons.append(outliers[u.node])
         w = weights.get(u.node, 0.0) if action not in ("dropped", "excluded") else 0.0
         out[u.node] = TenantAudit(
-            norm=round(bounded.norms.get(u.node, 0.0), 6), cosine=round(_cosine(x, agg), 4) if agg is not None else 0.0,
-            cosine_median=round(loo, 4), weight_share=round(w / total_weight, 4), weight=w,
+            norm=round(bounded.norms.get(u.node, 0.0), 6), cosine=round(to_aggregate.get(u.node, 0.0), 4),
+            cosine_median=round(view.cosines.get(u.node, 1.0), 4), weight_share=round(w / total_weight, 4), weight=w,
             claimed_examples=u.num_examples, action=action, bound=round(bounded.norm_bound, 6),
             outlier=bool(reasons), why="; ".join(reasons))
     return out
@@ -162,3 +140,13 @@ def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregat
 
 def bounds_info(bounds: UpdateBounds, bounded: Bounded) -> dict[str, Any]:
     return {"bounds": bounds.describe(), "norm_bound": bounded.norm_bound, "weight_bound": bounded.weight_bound}
+
+
+def screen_out(bounded: Bounded, outliers: dict[int, str]) -> list[int]:
+    """Drop the screen's ``outliers`` from ``bounded`` (those a bound had not dropped already);
+    the nodes newly dropped."""
+    newly = [n for n in outliers if bounded.actions.get(n, ("", ""))[0] != "dropped"]
+    for node in newly:
+        bounded.actions[node] = ("dropped", f"direction: {outliers[node]}")
+    bounded.kept = [u for u in bounded.kept if u.node not in outliers]
+    return newly

@@ -59,6 +59,10 @@ class ServerPrivacy:
         this mechanism's sensitivity allows."""
         return bounds
 
+    def screen(self, screen):
+        """The direction screen (``fedlora.server.screen.DirectionScreen``) this mechanism allows."""
+        return screen
+
     def on_server_aggregate(self, agg: WeightedSum, *, received: int, sampled: int, connected: int) -> WeightedSum:
         return agg
 
@@ -108,6 +112,11 @@ class CentralGaussian(ServerPrivacy):
         from fedlora.server.bounds import UpdateBounds
 
         return UpdateBounds(max_norm=bounds.max_norm, policy=bounds.policy)
+
+    def screen(self, screen):
+        """Flagging only: which updates the screen drops depends on the others' updates, so one
+        tenant added or removed could drop or re-admit another (as with the adaptive bounds)."""
+        return screen.flag_only()
 
     def bound_update(self, update: Update) -> Update:
         """Clip the whole delta to L2 norm ``clip`` (the sensitivity the noise is sized for)."""

@@ -15,6 +15,7 @@ from fedlora.common.model import set_threads
 from fedlora.common.offline import quiet_and_offline
 from fedlora.server.aggregation import make_aggregator
 from fedlora.server.bounds import UpdateBounds
+from fedlora.server.screen import DirectionScreen
 from fedlora.server.central_dp import make_server_privacy
 from fedlora.server.grid import PromptGrid
 from fedlora.server.lora_rules import make_lora_rule
@@ -38,7 +39,8 @@ def make_strategy(cfg: Config, recorder: RoundRecorder, *, initial=None) -> FedL
 
         transport = SecAggTransport(cfg.secagg, quantizer_for(cfg.secagg, cfg.federation), seed=cfg.train.seed)
     return FedLoraStrategy(cfg.federation, make_aggregator(cfg.federation), recorder, transport=transport,
-                           bounds=UpdateBounds.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
+                           bounds=UpdateBounds.from_config(cfg.federation),
+                           screen=DirectionScreen.from_config(cfg.federation), privacy=make_server_privacy(cfg.privacy),
                            optimizer=make_server_optimizer(cfg.federation),
                            rule=make_lora_rule(cfg, initial=initial), seed=cfg.train.seed,
                            stop_on_failure=cfg.secagg.enabled and cfg.secagg.on_failure == "stop",

@@ -29,6 +29,7 @@ Differences from Flower's stock FedAvg, each for a reason:
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import replace
@@ -48,7 +49,8 @@ from fedlora.common.encoding import encoding_for
 from fedlora.common.weighting import parse_caps
 from fedlora.server.aggregation import (Aggregator, Rejected, WeightedSum, check_metric_values, l2_norm, mean_delta,
                                         weight_rule)
-from fedlora.server.bounds import UpdateBounds, audit, bounds_info
+from fedlora.server.bounds import UpdateBounds, audit, bounds_info, screen_out
+from fedlora.server.screen import DirectionScreen, sample
 from fedlora.server.central_dp import NoServerPrivacy, ServerPrivacy
 from fedlora.server.identity import TenantRoster, parse_tenant_nodes
 from fedlora.server.lora_rules import AB, LoraRule
@@ -87,7 +89,7 @@ class FedLoraStrategy(Strategy):
                  transport: Transport | None = None, bounds: UpdateBounds | None = None,
                  privacy: ServerPrivacy | None = None, optimizer: ServerOptimizer | None = None,
                  rule: LoraRule | None = None, seed: int = 0, stop_on_failure: bool = False,
-                 unpredictable_sampling: bool = False) -> None:
+                 unpredictable_sampling: bool = False, screen: DirectionScreen | None = None) -> None:
         self.cfg = cfg
         self.aggregator = aggregator
         self.recorder = recorder
@@ -118,6 +120,9 @@ class FedLoraStrategy(Strategy):
         self.privacy = NoServerPrivacy() if privacy is None else privacy  # central DP, or nothing
         # no bounds unless given; the privacy mechanism keeps only those its sensitivity allows
         self.bounds = self.privacy.bounds(bounds if bounds is not None else UpdateBounds())
+        # updates pointing away from the round's consensus: dropped (or, under central DP, flagged)
+        self.screen = self.privacy.screen(screen if screen is not None else DirectionScreen.from_config(cfg))
+        self._audit_key = os.urandom(16)  # which coordinates the screen samples: nobody can predict them
         self._moments_file: str | None = None  # where the optimizer's moments were last saved
         # which tenants take part: from the seed, or (under DP: amplification by sampling needs a
         # draw nobody can predict, and the seed is in the published config) from the OS
@@ -140,7 +145,7 @@ class FedLoraStrategy(Strategy):
         else:
             version, internal, gauss = self.rng.getstate()
             rng = [version, list(internal), gauss]
-        return {"rng": rng, "privacy": self.privacy.state(),
+        return {"rng": rng, "privacy": self.privacy.state(), "audit_key": self._audit_key.hex(),
                 "optimizer": {"name": self.optimizer.name, "file": self._moments_file}}
 
     def resume(self, rounds_done: int, state: dict, *, optimizer_arrays: dict | None = None) -> None:
@@ -157,6 +162,8 @@ class FedLoraStrategy(Strategy):
             version, internal, gauss = state["rng"]
             self.rng.setstate((version, tuple(internal), gauss))
         self.privacy.restore(state.get("privacy", {}))
+        if state.get("audit_key"):
+            self._audit_key = bytes.fromhex(state["audit_key"])
         self.optimizer.load_state_arrays(optimizer_arrays or {})
         self._moments_file = saved.get("file")
         self.round_offset = rounds_done
@@ -207,7 +214,7 @@ class FedLoraStrategy(Strategy):
             self._evaluation_with_train(server_round - 1, replies)
         got = self.transport.collect(server_round, replies, reference=self.rule.reference(self._global))
         self._record_collected(server_round, got)
-        summed, audits, info = self._aggregate(got)
+        summed, audits, info = self._aggregate(got, server_round)
         if summed is None:
             reason = got.failure or "no valid update"
             log(ERROR if got.failure else WARNING, "Round %d: %s; the global adapter stays as it was",
@@ -251,7 +258,7 @@ class FedLoraStrategy(Strategy):
         if got.report is not None:
             self.recorder.secagg(got.report)
 
-    def _aggregate(self, got: Collected) -> tuple[WeightedSum | None, dict, dict]:
+    def _aggregate(self, got: Collected, server_round: int) -> tuple[WeightedSum | None, dict, dict]:
         """The round's sum: the transport's (secure) or bounded and aggregated here (plain)."""
         t = time.perf_counter()
         info: dict = {"aggregator": self.aggregator.describe(), "transport": self.transport.name,
@@ -261,25 +268,28 @@ class FedLoraStrategy(Strategy):
         if not got.updates:
             return None, {}, info
         bounded = self.bounds.apply(got.updates)
-        info.update(bounds_info(self.bounds, bounded))
+        received = self.rule.comparable(got.updates, self._global)  # of one shape, for the screen and audit
+        view = sample(received, coordinates=self.screen.coordinates, key=self._audit_key, server_round=server_round)
+        outliers = self.screen.outliers(view)
+        if self.screen.action == "drop":
+            screen_out(bounded, outliers)
+        info.update(bounds_info(self.bounds, bounded), screen=self.screen.describe(),
+                    audit_coordinates=f"{view.coordinates} of {view.total}")
         for node, (action, why) in bounded.actions.items():
             if action == "dropped":
                 self.recorder.drop(node, f"server bound: {why}", after_training=True)
         kept = [self.privacy.bound_update(u) for u in bounded.kept]
         for u in kept:
             self.recorder.weight(u.node, u.weight)
-        received = self.rule.comparable(got.updates, self._global)  # of one shape, for the audit
         if not kept:
-            return None, audit(received, bounded, [], None, outlier_cosine=self.cfg.outlier_cosine,
-                               outlier_cosine_ratio=self.cfg.outlier_cosine_ratio), info
+            return None, audit(received, bounded, [], None, view=view, outliers=outliers), info
         summed, decided = self.rule.combine(self.aggregator, kept, self._global)
         if self.optimizer.needs_update_norms:  # fedexp: sum_k w_k ||delta_k||^2 / sum_k w_k
             summed = replace(summed, sq_norm_mean=sum(u.weight * l2_norm(u.delta) ** 2 for u in kept) / summed.weight)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
         audits = audit(received, bounded, self.rule.comparable(kept, self._global), mean_delta(summed),
-                       outlier_cosine=self.cfg.outlier_cosine,
-                       outlier_cosine_ratio=self.cfg.outlier_cosine_ratio, excluded=excluded)
+                       view=view, outliers=outliers, excluded=excluded)
         info["server_seconds"] = round(time.perf_counter() - t, 6)  # the audit included: it is server work
         for node, a in audits.items():
             if a.outlier:

@@ -6,10 +6,13 @@ each under two server settings: the defaults (bounds on) and ``fedavg`` with eve
 off. The attacker is tenant 3; its ClientApp is fedlora's own, wrapped
 (:mod:`fedlora.simulations.attacks.hostile_app`), or, for ``label-flip``, fedlora's own on a
 training file whose answers are another domain's. The final adapter is scored on the
-three honest tenants' holdouts, and the table says whether the attacker was flagged.
+honest tenants' holdouts, and the table says whether the attacker was flagged.
 
 Attacks: scale (delta x100), sign-flip (x-10), noise (Gaussian at 10x the honest norm),
-max-examples (the largest example count the server accepts), label-flip.
+max-examples (the largest example count the server accepts), label-flip, and the ones that stay
+under every norm bound: flip-1, flip-2, flip-2.9 (sign-flipped at 1, 2 and 2.9 x its own norm,
+about the round's median; the default bound is 3x) and shift (each coordinate moved by its own
+magnitude, one fixed way every round, "a little is enough").
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import statistics
 import time
 from pathlib import Path
 
-ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples", "label-flip")
+ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples", "label-flip", "flip-1", "flip-2", "flip-2.9", "shift")
 SETTINGS = {
     "defaults": {},
+    "flag-only": {"federation.outlier-action": "flag"},  # the direction screen only reports
     "fedavg-no-bounds": {"federation.aggregator": "fedavg", "federation.norm-multiplier": 0.0,
                           "federation.max-update-norm": 0.0, "federation.weight-multiplier": 0.0},
 }
 ATTACKER = 3
-HONEST = (0, 1, 2)
 
 
 def hostile_app_dir() -> Path:
@@ -70,7 +73,7 @@ def honest_em(cfg, run_dir: Path, data_dir: Path) -> dict[str, float]:
     fmt = make_format(cfg.data, loaded.tokenizer)
     return {str(t): evaluate(loaded.model, loaded.tokenizer, read_examples(tenant_paths(data_dir, t)[1]), cfg.eval,
                              max_length=cfg.data.max_length, device=loaded.device, template=fmt).exact_match
-            for t in HONEST}
+            for t in range(cfg.simulation.tenants) if t != ATTACKER}
 
 
 def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, app_dir: Path) -> dict:
@@ -108,11 +111,15 @@ def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, 
     actions = [r.audit[who].action for r in rounds if who in r.audit]
     shares = [r.audit[who].weight_share for r in rounds if who in r.audit]
     honest_flags = sum(1 for r in rounds for t, a in r.audit.items() if t != who and a.outlier)
+    honest_dropped = sum(1 for r in rounds for t, a in r.audit.items() if t != who and a.action == "dropped")
+    ratios = [r.audit[who].norm / statistics.median(a.norm for a in r.audit.values())
+              for r in rounds if who in r.audit and len(r.audit) > 1]
     return {"attack": attack, "setting": setting, "honest_em": em, "mean_honest_em": statistics.mean(em.values()),
             "rounds": len(rounds), "aggregated": sum(r.aggregated for r in rounds), "attacker_flagged": flagged,
             "attacker_actions": {a: actions.count(a) for a in sorted(set(actions))},
             "attacker_weight_share": round(statistics.mean(shares), 3) if shares else 0.0,
-            "honest_flags": honest_flags,
+            "honest_flags": honest_flags, "honest_dropped": honest_dropped,
+            "attacker_norm_x_median": round(statistics.mean(ratios), 2) if ratios else 0.0,
             "server_seconds": round(statistics.median(r.aggregation.get("server_seconds", 0.0) for r in rounds), 4),
             "seconds": round(seconds, 1)}
 
@@ -120,14 +127,14 @@ def run_one(base_cfg, attack: str, setting: str, *, root: Path, data_dir: Path, 
 def table(rows: list[dict]) -> str:
     base = {r["setting"]: r["mean_honest_em"] for r in rows if r["attack"] == "none"}
     lines = ["| attack | server | honest mean EM % | vs no attacker | attacker flagged (rounds) | "
-             "attacker's treatment | attacker weight share | honest tenants flagged |",
-             "|---|---|---|---|---|---|---|---|"]
+             "attacker's treatment | attacker norm / median | attacker weight share | honest flagged (dropped) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["mean_honest_em"] / base[r["setting"]] if base.get(r["setting"]) else float("nan")
         acts = ", ".join(f"{k} {v}" for k, v in r["attacker_actions"].items())
         lines.append(f"| {r['attack']} | {r['setting']} | {100 * r['mean_honest_em']:.1f} | {ratio:.3f} | "
-                     f"{r['attacker_flagged']}/{r['rounds']} | {acts} | {r['attacker_weight_share']:.2f} | "
-                     f"{r['honest_flags']} |")
+                     f"{r['attacker_flagged']}/{r['rounds']} | {acts} | {r.get('attacker_norm_x_median', 0):.2f} | "
+                     f"{r['attacker_weight_share']:.2f} | {r['honest_flags']} ({r.get('honest_dropped', 0)}) |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """A ClientApp that is fedlora's own, except on one tenant whose training reply it rewrites.
 
 The attack and the attacker come from the environment (the simulation engine's workers
-inherit it): ``FEDLORA_ATTACK`` (``scale``, ``sign-flip``, ``noise``, ``max-examples``, or
-``none``), ``FEDLORA_ATTACKER`` (the tenant id, default 3) and ``FEDLORA_MAX_EXAMPLES``
+inherit it): ``FEDLORA_ATTACK`` (``scale``, ``sign-flip``, ``noise``, ``max-examples``,
+``flip-K`` (sign-flipped at K x its own norm, which is about the round's median), ``shift``
+(each coordinate moved by its own magnitude, the same way every round), or ``none``), ``FEDLORA_ATTACKER`` (the tenant id, default 3) and ``FEDLORA_MAX_EXAMPLES``
 (the count the ``max-examples`` attacker claims). The honest reply is computed by the
 project's unchanged ClientApp handlers; only the delta or the claimed count is changed.
 """
@@ -20,7 +21,7 @@ from fedlora.client import client_app as honest
 from fedlora.common import messages as keys
 from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 
-ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples")
+ATTACKS = ("none", "scale", "sign-flip", "noise", "max-examples", "flip-1", "flip-2", "flip-2.9", "shift")
 
 app = ClientApp(mods=[honest.packed_arrays])  # the server packs its arrays for every ClientApp
 
@@ -38,6 +39,13 @@ def rewrite(delta: "OrderedDict[str, np.ndarray]", metrics: dict, attack: str, *
         norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
         nnorm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in noise.values()))
         return OrderedDict((k, v * np.float32(10.0 * norm / nnorm)) for k, v in noise.items()), metrics
+    if attack.startswith("flip-"):  # at the bounds: sign-flipped at k x its own (about the median) norm
+        k = np.float32(-float(attack.removeprefix("flip-")))
+        return OrderedDict((key, v * k) for key, v in delta.items()), metrics
+    if attack == "shift":  # a little is enough: each coordinate moved by its own size, one fixed way every round
+        signs = np.random.default_rng(12345)  # the same direction in every round
+        return OrderedDict((key, v + np.abs(v) * signs.choice(np.array([-1, 1], v.dtype), size=v.shape))
+                           for key, v in delta.items()), metrics
     if attack == "max-examples":
         return delta, {**metrics, keys.NUM_EXAMPLES: max_examples}
     return delta, metrics

@@ -1,7 +1,7 @@
 """What the server's defences cost per round, as a ratio to plain FedAvg in the same run.
 
 ``python -m fedlora.simulations.attacks.server_cost`` times the server's work on one round's
-individual updates (bounds, robust aggregator, audit, apply) for each setting, on random
+individual updates (bounds, the direction screen, robust aggregator, audit, apply) for each setting, on random
 updates shaped like the embedded model's adapter (about 120k floats) and a 17 MB one.
 The arms alternate round by round; the median over the repeats and the spread (min-max
 over median) are printed, with the load average at start and end.
@@ -18,7 +18,10 @@ from collections import OrderedDict
 import numpy as np
 
 from fedlora.server.aggregation import FedAvg, Median, MultiKrum, TrimmedMean, Update, apply_mean, mean_delta
-from fedlora.server.bounds import UpdateBounds, audit
+from fedlora.server.bounds import UpdateBounds, audit, screen_out
+from fedlora.server.screen import DirectionScreen, sample
+
+SCREEN = DirectionScreen()  # the default: drop, on 65,536 sampled coordinates
 
 ARMS = {
     "fedavg, no bounds": (FedAvg(), UpdateBounds()),
@@ -41,8 +44,11 @@ def updates(n: int, floats: int, *, seed: int = 0) -> tuple[OrderedDict, list[Up
 def server_round(glob, ups, aggregator, bounds) -> None:
     """The strategy's work between collecting the replies and checkpointing."""
     bounded = bounds.apply(ups)
+    view = sample(ups, coordinates=SCREEN.coordinates, key=b"bench", server_round=1)
+    outliers = SCREEN.outliers(view)
+    screen_out(bounded, outliers)
     summed, _ = aggregator.combine(bounded.kept)
-    audit(ups, bounded, bounded.kept, mean_delta(summed), outlier_cosine=0.0)
+    audit(ups, bounded, bounded.kept, mean_delta(summed), view=view, outliers=outliers)
     apply_mean(glob, summed, server_lr=1.0)
 
 

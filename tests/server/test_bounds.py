@@ -11,6 +11,7 @@ import pytest
 from fedlora.common.weighting import tenant_weight
 from fedlora.server.aggregation import Update, l2_norm, weighted_sum
 from fedlora.server.bounds import UpdateBounds, audit
+from fedlora.server.screen import DirectionScreen, sample
 
 
 def _u(vec, weight=1.0, node=0, n=None):
@@ -20,6 +21,12 @@ def _u(vec, weight=1.0, node=0, n=None):
 
 HONEST = [_u([3, 4], node=1), _u([0, 5], node=2), _u([4, 3], node=3)]  # norms 5, 5, 5
 
+
+
+def _audit(updates, bounded, mean, screen):
+    """The audit as the strategy runs it, with ``screen`` flagging (every coordinate sampled)."""
+    view = sample(updates, coordinates=0, key=b"k", server_round=1)
+    return audit(updates, bounded, bounded.kept, mean, view=view, outliers=screen.outliers(view))
 
 def test_adaptive_bound_drops_an_update_over_multiplier_times_the_median():
     # Prepare: a fourth update of norm 500 (x100); median of (5, 5, 5, 500) = 5, bound 3 x 5 = 15
@@ -86,7 +93,7 @@ def test_audit_flags_a_sign_flipped_update_and_not_the_honest_ones():
     agg = weighted_sum(bounded.kept)
     mean = OrderedDict((k, v / agg.weight) for k, v in agg.total.items())
     # Execute
-    report = audit(updates, bounded, bounded.kept, mean, outlier_cosine=0.0)
+    report = _audit(updates, bounded, mean, DirectionScreen(ratio=0.0, action="flag"))
     # Assert: the coordinate-wise median is (0.95, 0): node 4's cosine to it is -1 (flagged);
     # the honest ones' is near 1 (not flagged)
     assert report[4].outlier and report[4].cosine_median == pytest.approx(-1.0, abs=1e-6)
@@ -99,8 +106,8 @@ def test_audit_records_dropped_updates_with_no_weight():
     updates = [*HONEST, _u([300, 400], node=4)]
     bounded = UpdateBounds(norm_multiplier=3.0).apply(updates)
     agg = weighted_sum(bounded.kept)
-    report = audit(updates, bounded, bounded.kept, OrderedDict((k, v / agg.weight) for k, v in agg.total.items()),
-                   outlier_cosine=0.0)
+    report = _audit(updates, bounded, OrderedDict((k, v / agg.weight) for k, v in agg.total.items()),
+                    DirectionScreen(ratio=0.0, action="flag"))
     assert report[4].action == "dropped" and report[4].weight_share == 0.0 and report[4].outlier
     assert report[4].norm == pytest.approx(500.0) and report[4].bound == pytest.approx(15.0)
     assert report[1].weight_share == pytest.approx(1 / 3, abs=1e-3)
@@ -131,8 +138,8 @@ def test_audit_flags_an_update_that_agrees_with_the_consensus_far_less_than_the_
     agg = weighted_sum(bounded.kept)
     mean = OrderedDict((k, v / agg.weight) for k, v in agg.total.items())
     # Execute: the absolute rule alone, then with the ratio rule (0.5 x the round's median cosine ~1)
-    alone = audit(updates, bounded, bounded.kept, mean, outlier_cosine=0.0)
-    ratio = audit(updates, bounded, bounded.kept, mean, outlier_cosine=0.0, outlier_cosine_ratio=0.5)
+    alone = _audit(updates, bounded, mean, DirectionScreen(ratio=0.0, action="flag"))
+    ratio = _audit(updates, bounded, mean, DirectionScreen(ratio=0.5, action="flag"))
     # Assert
     assert not alone[4].outlier
     assert ratio[4].outlier and "x the round's median cosine" in ratio[4].why

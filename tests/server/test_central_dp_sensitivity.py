@@ -42,7 +42,7 @@ def _pre_noise_sum(cfg, updates: list[Update], tmp_path) -> np.ndarray:
     recorder.start_round(1, sampled=[u.node for u in updates], connected=len(updates))
     strategy = make_strategy(cfg, recorder)
     strategy._global = OrderedDict((k, np.zeros(s, np.float32)) for k, s in SHAPES.items())
-    summed, _, _ = strategy._aggregate(Collected(updates=list(updates)))
+    summed, _, _ = strategy._aggregate(Collected(updates=list(updates)), 1)
     if summed is None:
         return np.zeros(sum(int(np.prod(s)) for s in SHAPES.values()))
     return np.concatenate([v.astype(np.float64).ravel() for v in summed.total.values()])

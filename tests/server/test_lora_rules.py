@@ -103,7 +103,8 @@ def run_rounds(tmp_path, rule, deltas, examples, *, rounds=1, initial=None, **fe
     """(final adapter, saved checkpoints by round, last round record) of ``rounds`` rounds."""
     saved = {}
     rec = RoundRecorder(tmp_path, save=lambda p, s, r: saved.__setitem__(r, {k: v.copy() for k, v in s.items()}))
-    cfg = FederationConfig(**{"min_train_nodes": 1, "round_timeout": 2.0, **fed})
+    # unrelated random deltas: the direction screen would rightly drop some; the math is the point here
+    cfg = FederationConfig(**{"min_train_nodes": 1, "round_timeout": 2.0, "outlier_action": "flag", **fed})
     strategy = FedLoraStrategy(cfg, FedAvg(), rec, rule=rule, seed=0)
     start = global_adapter() if initial is None else initial
     result = strategy.start(grid=FakeGrid(deltas, examples), initial_arrays=to_arrayrecord(start),
