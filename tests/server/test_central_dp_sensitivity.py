@@ -25,8 +25,8 @@ from fedlora.simulations.scenario import load_scenario
 SHAPES = {"x.lora_A.weight": (2, 4), "x.lora_B.weight": (4, 2)}
 HONEST_NORMS = (0.1, 0.1, 0.2, 2.0, 2.0)
 SETTINGS = [dict(zip(("federation.max-update-norm", "federation.norm-multiplier", "federation.weight-multiplier",
-                      "federation.bound-policy"), v))
-            for v in product((0.0, 0.3, 10.0), (0.0, 3.0), (0.0, 2.0), ("drop", "clip"))]
+                      "federation.bound-policy", "federation.outlier-action"), v))
+            for v in product((0.0, 0.3, 10.0), (0.0, 3.0), (0.0, 2.0), ("drop", "clip"), ("drop", "flag"))]
 
 
 def _update(node: int, norm: float, seed: int) -> Update:
@@ -62,7 +62,7 @@ ACCEPTED = _accepted()
 
 
 def test_every_bound_setting_is_accepted_under_central_dp():
-    assert len(ACCEPTED) == len(SETTINGS) == 24
+    assert len(ACCEPTED) == len(SETTINGS) == 48
 
 
 @pytest.mark.parametrize("setting, cfg", ACCEPTED, ids=["-".join(map(str, s.values())) for s, _ in ACCEPTED])
