@@ -215,11 +215,16 @@ class FedLoraStrategy(Strategy):
         got = self.transport.collect(server_round, replies, reference=self.rule.reference(self._global))
         self._record_collected(server_round, got)
         summed, audits, info = self._aggregate(got, server_round)
+        short = None
+        if summed is not None and summed.count < self.cfg.min_train_nodes:  # a floor on what is summed too
+            short = (f"{summed.count} valid update(s), fewer than federation.min-train-nodes = "
+                     f"{self.cfg.min_train_nodes}")
+            summed = None
         if summed is None:
-            reason = got.failure or "no valid update"
+            reason = got.failure or short or "no valid update"
             log(ERROR if got.failure else WARNING, "Round %d: %s; the global adapter stays as it was",
                 server_round, reason)
-            self.recorder.audit(audits, info)
+            self.recorder.audit(audits, {**info, "not_aggregated": reason})
             self.recorder.end_train(None)
             if got.failure and self.stop_on_failure:
                 self.recorder.end_round(self.resume_state())

@@ -112,11 +112,27 @@ def test_client_error_reply_is_dropped(tmp_path):
     from flwr.app import Error
 
     strategy, _ = _strategy(tmp_path)
-    grid = FakeGrid({1: good(2.0), 2: lambda m: Message(Error(code=0, reason="out of memory"), reply_to=m)})
+    grid = FakeGrid({1: good(2.0, tenant=0), 3: good(2.0, tenant=1),
+                     2: lambda m: Message(Error(code=0, reason="out of memory"), reply_to=m)})
     result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
     np.testing.assert_allclose(from_arrayrecord(result.arrays)["x.lora_A.weight"], 2.0)
     record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
     assert "out of memory" in record["dropped"][0]["reason"]
+
+
+def test_a_round_with_fewer_valid_updates_than_min_train_nodes_is_not_aggregated(tmp_path):
+    # Prepare: min-train-nodes 2; two tenants sampled, one reply an error: one valid update
+    from flwr.app import Error
+
+    strategy, _ = _strategy(tmp_path)
+    grid = FakeGrid({1: good(2.0), 2: lambda m: Message(Error(code=0, reason="out of memory"), reply_to=m)})
+    # Execute
+    result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(GLOBAL), num_rounds=1, timeout=5)
+    # Assert: no round moved the global adapter (Flower returns none); the record says so
+    assert len(result.arrays) == 0
+    record = json.loads((tmp_path / "metrics" / "round_001.json").read_text())
+    assert record["aggregated"] is False
+    assert record["aggregation"]["not_aggregated"] == "1 valid update(s), fewer than federation.min-train-nodes = 2"
 
 
 def test_superlink_error_reply_is_filed_under_the_dead_tenant(tmp_path):
