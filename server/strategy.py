@@ -272,6 +272,9 @@ class FedLoraStrategy(Strategy):
             return self.rule.restrict(got.total), {}, {**info, "server_seconds": round(time.perf_counter() - t, 6)}
         if not got.updates:
             return None, {}, info
+        # in the order of the tenants (node ids change from run to run; tenants do not), whatever the
+        # order of arrival: the same replies give the same bytes, and a resumed run the uninterrupted one's
+        got = replace(got, updates=sorted(got.updates, key=lambda u: (int(u.metrics.get(keys.TENANT, 0)), u.node)))
         bounded = self.bounds.apply(got.updates)
         received = self.rule.comparable(got.updates, self._global)  # of one shape, for the screen and audit
         view = sample(received, coordinates=self.screen.coordinates, key=self._audit_key, server_round=server_round)

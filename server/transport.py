@@ -137,9 +137,6 @@ class PlainTransport(Transport):
                 continue
             out.updates.append(update)
             out.metrics[node] = update.metrics
-        # summed in the order of the tenants (node ids change from run to run; tenants do not), so the
-        # same replies give the same bytes, and a resumed run the uninterrupted run's
-        out.updates.sort(key=lambda u: (int(u.metrics[keys.TENANT]), u.node))
         return out
 
     def _decode(self, record) -> Arrays:
