@@ -11,9 +11,10 @@ that agrees with the consensus much less than the others do). With ``flag`` the 
 reports it. Three updates or more are needed; with fewer there is no consensus to compare.
 
 The median and the cosines are taken on ``federation.audit-coordinates`` coordinates drawn per
-round with a key the server draws from OS randomness at the start of the run and keeps in its
-resume state: cheap (the median of K x M values, not of K x N), and an attacker who cannot
-know the sample cannot hide its update in the coordinates left out. 0 takes every coordinate.
+round (in runs of 64 neighbours) with a key the server draws from OS randomness at the start of
+the run and keeps in its resume state: cheap (the median of K x M values, not of K x N), and an
+attacker who cannot know the sample cannot hide its update in the coordinates left out. 0 takes
+every coordinate.
 
 Under central DP the screen only flags (``ServerPrivacy.bounds``): which updates it drops
 depends on the other tenants' updates, so adding one tenant could drop or re-admit another
@@ -32,6 +33,7 @@ import numpy as np
 from fedlora.server.aggregation import Update, coordinate_median
 
 ACTIONS = ("drop", "flag")
+BLOCK = 64  # sampled coordinates come in runs of this many neighbours
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Sample:
     index: np.ndarray | None = None     # the sampled flat indices (None: every coordinate)
 
     def cosine_to(self, delta) -> dict[int, float]:
-        """Each update's cosine to ``delta`` (an adapter-shaped mean) on the same coordinates."""
+        """Each update's cosine to ``delta`` (adapter-shaped: the round's sum or mean, the cosine is
+        the same) on the same coordinates."""
         if delta is None or not self.vectors:
             return {n: 0.0 for n in self.vectors}
         target = _gather(delta, self.index)
@@ -64,7 +67,11 @@ def _index(delta, count: int, key: bytes, server_round: int):
     if not count or count >= total:
         return None, total
     seed = int.from_bytes(hashlib.sha256(key + server_round.to_bytes(8, "big")).digest()[:8], "big")
-    return np.sort(np.random.default_rng(seed).integers(0, total, size=count)), total
+    # runs of BLOCK neighbours at random places: the same coordinates' worth of reading as single
+    # ones, in a fraction of the cache misses
+    block = min(BLOCK, count)
+    starts = np.sort(np.random.default_rng(seed).integers(0, total - block + 1, size=max(1, count // block)))
+    return (starts[:, None] + np.arange(block)).ravel(), total
 
 
 def _gather(delta, index) -> np.ndarray:

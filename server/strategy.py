@@ -47,7 +47,7 @@ from fedlora.common.adapter import from_arrayrecord, to_arrayrecord
 from fedlora.common.config import FederationConfig
 from fedlora.common.encoding import encoding_for
 from fedlora.common.weighting import parse_caps
-from fedlora.server.aggregation import (Aggregator, Rejected, WeightedSum, check_metric_values, l2_norm, mean_delta,
+from fedlora.server.aggregation import (Aggregator, Rejected, WeightedSum, check_metric_values, l2_norm,
                                         weight_rule)
 from fedlora.server.bounds import UpdateBounds, audit, bounds_info, screen_out
 from fedlora.server.screen import DirectionScreen, sample
@@ -296,7 +296,7 @@ class FedLoraStrategy(Strategy):
             summed = replace(summed, sq_norm_mean=sum(u.weight * l2_norm(u.delta) ** 2 for u in kept) / summed.weight)
         info.update(decided)
         excluded = {n: "left out by the aggregator" for n in decided.get("rejected", [])}
-        audits = audit(received, bounded, self.rule.comparable(kept, self._global), mean_delta(summed),
+        audits = audit(received, bounded, self.rule.comparable(kept, self._global), summed.total,
                        view=view, outliers=outliers, excluded=excluded)
         info["server_seconds"] = round(time.perf_counter() - t, 6)  # the audit included: it is server work
         for node, a in audits.items():

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fedlora.server.aggregation import FedAvg, Median, MultiKrum, TrimmedMean, Update, apply_mean, mean_delta
+from fedlora.server.aggregation import FedAvg, Median, MultiKrum, TrimmedMean, Update, apply_mean
 from fedlora.server.bounds import UpdateBounds, audit, screen_out
 from fedlora.server.screen import DirectionScreen, sample
 
@@ -48,7 +48,7 @@ def server_round(glob, ups, aggregator, bounds) -> None:
     outliers = SCREEN.outliers(view)
     screen_out(bounded, outliers)
     summed, _ = aggregator.combine(bounded.kept)
-    audit(ups, bounded, bounded.kept, mean_delta(summed), view=view, outliers=outliers)
+    audit(ups, bounded, bounded.kept, summed.total, view=view, outliers=outliers)
     apply_mean(glob, summed, server_lr=1.0)
 
 

@@ -7,6 +7,11 @@ What is timed (the functions the round runs, ``fedlora.server.aggregation`` and 
 - **aggregate**: ``validate_update`` of each of K updates, ``weighted_sum`` of them and
   ``apply_mean`` onto the global adapter. Bytes touched: K*N read by validation, K*N read
   and N written by the sum, 2N read and N written by the step (N = adapter bytes).
+- **aggregate with the defences** (the plain transport's default round): the same, plus the
+  norm and weight bounds (K*N read for the norms), the direction screen and the audit (a
+  coordinate-wise median and cosines on 65,536 sampled coordinates,
+  ``fedlora.server.screen``). Its bandwidth counts the same bytes as **aggregate**'s, so the
+  extra work shows as a lower ratio.
 - **to_arrayrecord** (adapter -> Flower ``ArrayRecord``): N read, N written.
 - **from_arrayrecord** (``ArrayRecord`` -> arrays): what it makes available is N bytes;
   the arrays are views of the record, so next to nothing is moved.
@@ -71,9 +76,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_aggregate(pool, glob, count: int, repeats: int) -> dict:
+def bench_aggregate(pool, glob, count: int, repeats: int, *, defended: bool = False) -> dict:
+    """``defended``: the plain transport's whole round as the strategy runs it by default: the
+    norm bounds, the direction screen on sampled coordinates, the sum, the audit and the step."""
     from fedlora.common.messages import TRAIN_METRICS
     from fedlora.server.aggregation import apply_mean, validate_update, weight_rule, weighted_sum
+    from fedlora.server.bounds import UpdateBounds, audit, screen_out
+    from fedlora.server.screen import DirectionScreen, sample
 
     n = sum(v.nbytes for v in glob.values())
     metrics = [{**{k: 1.0 for k in TRAIN_METRICS}, "num-examples": 100 + i, "tenant-id": i} for i in range(count)]
@@ -83,10 +92,21 @@ def bench_aggregate(pool, glob, count: int, repeats: int) -> dict:
         for v in d.values():
             v.fill(0)
 
+    bounds, screen = UpdateBounds(norm_multiplier=3.0, weight_multiplier=2.0), DirectionScreen()
+
     def server_round():
         updates = [validate_update(pool[i % POOL], metrics[i], reference=glob, expected_metrics=TRAIN_METRICS,
                                    max_examples=100_000, weight_of=weight_of, node=i) for i in range(count)]
-        apply_mean(glob, weighted_sum(updates), server_lr=1.0)
+        if not defended:
+            apply_mean(glob, weighted_sum(updates), server_lr=1.0)
+            return
+        bounded = bounds.apply(updates)
+        view = sample(updates, coordinates=screen.coordinates, key=b"bench", server_round=1)
+        outliers = screen.outliers(view)
+        screen_out(bounded, outliers)
+        summed = weighted_sum(bounded.kept)
+        audit(updates, bounded, bounded.kept, summed.total, view=view, outliers=outliers)
+        apply_mean(glob, summed, server_lr=1.0)
 
     def memcpy():
         for i in range(count):
@@ -98,7 +118,8 @@ def bench_aggregate(pool, glob, count: int, repeats: int) -> dict:
     t = interleave({"aggregate": lambda: _timed(server_round), "memcpy": lambda: _timed(memcpy)}, repeats)
     touched, copied = 2 * count * n + 4 * n, 2 * count * n
     bw = {"aggregate": [touched / s for s in t["aggregate"]], "memcpy": [copied / s for s in t["memcpy"]]}
-    return _row("validate + sum + apply", count, n, t, bw, "aggregate")
+    what = "validate + bounds + screen + sum + audit + apply" if defended else "validate + sum + apply"
+    return _row(what, count, n, t, bw, "aggregate")
 
 
 def bench_serialisation(pool, repeats: int) -> list[dict]:
@@ -156,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         pool = [adapter(LAYOUTS[size], seed) for seed in range(POOL)]
         glob = adapter(LAYOUTS[size], POOL)
-        rows += [bench_aggregate(pool, glob, k, args.repeats) for k in args.updates]
+        rows += [bench_aggregate(pool, glob, k, args.repeats, defended=d) for k in args.updates for d in (False, True)]
         rows += bench_serialisation(pool, args.repeats)
         del pool, glob
     load1 = loadavg()
