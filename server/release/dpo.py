@@ -165,6 +165,16 @@ def _reference_drift(model, aggregate: Mapping[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(ref[k].detach().float().cpu().numpy() - aggregate[k]))) for k in aggregate)
 
 
+def _check_reference(drift: float, aggregate: Mapping[str, np.ndarray]) -> None:
+    """DPO's loss is relative to the reference: one that moved during training is not the
+    aggregate's, and the refinement's figures mean nothing. Allowed: bf16 rounding of the
+    copy (TRL casts trainable LoRA weights on a 4-bit base to bf16), 2^-8 of the largest value."""
+    peak = max((float(np.max(np.abs(v))) for v in aggregate.values() if v.size), default=0.0)
+    if drift > peak * 2.0**-8:
+        raise RuntimeError(f"the DPO reference adapter moved by up to {drift:.3g} during training (the aggregate's "
+                           f"largest value is {peak:.3g}); it must stay the frozen aggregate")
+
+
 def _freeze_a(model) -> None:
     """``ffa``: turn off ``requires_grad`` on every ``lora_A`` (before TRL builds its
     optimizer, and before it casts trainable LoRA weights of a 4-bit base to bf16, which
@@ -224,6 +234,7 @@ def refine(adapter_dir: str | Path, preferences: PreferenceSets, cfg: Config, *,
     pol_c, pol_r = sequence_logps(model, tokenizer, preferences.holdout, **measure)
     after = score(pol_c, pol_r, ref_c, ref_r, beta=cfg.dpo.beta)
     drift = _reference_drift(model, aggregate)
+    _check_reference(drift, aggregate)
     state = get_state(model)
     if frozen_a:
         _check_a_unchanged(state, aggregate)

@@ -88,3 +88,15 @@ def test_ffa_keeps_every_lora_a_byte_identical_and_trains_b(tmp_path_factory, te
                for k in a_names)
     assert any(not np.array_equal(state[k], aggregate[k]) for k in b_names)
     assert (report.trained_factors, report.reference_drift) == ("B", 0.0)
+
+
+def test_a_reference_that_moved_is_refused_and_bf16_rounding_is_not():
+    from fedlora.server.release.dpo import _check_reference
+
+    # Prepare: an aggregate whose largest value is 0.5; bf16 rounding is at most 0.5 x 2^-8 ~ 0.00195
+    aggregate = {"x.lora_A.weight": np.array([[0.5, -0.25]], np.float32)}
+    # Execute / Assert
+    _check_reference(0.0, aggregate)
+    _check_reference(0.0019, aggregate)
+    with pytest.raises(RuntimeError, match="reference adapter moved by up to 0.01"):
+        _check_reference(0.01, aggregate)
