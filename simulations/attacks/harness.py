@@ -2,8 +2,9 @@
 
 ``python -m fedlora.simulations.attacks.harness`` runs the default scenario through the real
 ServerApp on Flower's simulation engine, once without an attacker and once per attack,
-each under two server settings: the defaults (bounds on) and ``fedavg`` with every bound
-off. The attacker is tenant 3; its ClientApp is fedlora's own, wrapped
+each under the server settings named: the defaults (bounds and the direction screen on),
+``flag-only`` (the screen only flags) and ``fedavg-no-bounds`` (every bound off, the screen
+only flags). The attacker is tenant 3; its ClientApp is fedlora's own, wrapped
 (:mod:`fedlora.simulations.attacks.hostile_app`), or, for ``label-flip``, fedlora's own on a
 training file whose answers are another domain's. The final adapter is scored on the
 honest tenants' holdouts, and the table says whether the attacker was flagged.
@@ -31,7 +32,8 @@ SETTINGS = {
     "defaults": {},
     "flag-only": {"federation.outlier-action": "flag"},  # the direction screen only reports
     "fedavg-no-bounds": {"federation.aggregator": "fedavg", "federation.norm-multiplier": 0.0,
-                          "federation.max-update-norm": 0.0, "federation.weight-multiplier": 0.0},
+                          "federation.max-update-norm": 0.0, "federation.weight-multiplier": 0.0,
+                          "federation.outlier-action": "flag"},
 }
 ATTACKER = 3
 
