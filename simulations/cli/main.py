@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fedlora.common.offline import quiet_and_offline
 
@@ -164,13 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a missing or unreadable file raises: the user's to fix, like the errors above.
+FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def _kind(err: BaseException) -> str | None:
     names = {cls.__name__ for cls in type(err).__mro__}
-    if names & USER_ERRORS or isinstance(err, (OSError, ValueError)):
+    if names & USER_ERRORS or isinstance(err, FILE_ERRORS):
         return "user"
     if names & RUN_ERRORS:
         return "run"
+    if isinstance(err, (OSError, ValueError)):
+        # fedlora's own raise says what to change; one from inside a library may be a defect
+        return "user" if _raised_here(err) else "unexpected"
     return None
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by fedlora's own code (its last frame is in the package)."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    root = Path(__file__).resolve().parents[2]  # the package: simulations/cli/main.py is inside it
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(root) and \
+        not Path(frames[-1].filename).resolve().is_relative_to(root / "tests")
+
+
+def _origin(err: BaseException) -> str:
+    """``file.py:LINE in function``, where ``err`` was raised."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return type(err).__name__
+    last = frames[-1]
+    return f"{type(err).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
 def _command(args) -> str:
@@ -190,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         name = _command(args)
         for line in str(err).splitlines() or [type(err).__name__]:
             print(line if line.startswith("  ") else f"{name}: {line}", file=sys.stderr)
-        return 2 if kind == "user" else 1
+        if kind == "unexpected":
+            print(f"{name}: ({_origin(err)}; if the message does not say what to change, rerun with --debug "
+                  "for the traceback and report it)", file=sys.stderr)
+        return 1 if kind == "run" else 2
 
 
 def _dispatch(args) -> int:
