@@ -71,7 +71,7 @@ def _index(delta, count: int, key: bytes, server_round: int):
     # ones, in a fraction of the cache misses
     block = min(BLOCK, count)
     starts = np.sort(np.random.default_rng(seed).integers(0, total - block + 1, size=max(1, count // block)))
-    return (starts[:, None] + np.arange(block)).ravel(), total
+    return np.sort((starts[:, None] + np.arange(block)).ravel()), total  # runs may overlap: sorted again
 
 
 def _gather(delta, index) -> np.ndarray:

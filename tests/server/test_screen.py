@@ -46,6 +46,20 @@ def test_sampled_coordinates_are_read_across_tensors_without_concatenating():
     assert _gather(delta, None).tolist() == [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]
 
 
+def test_a_sample_of_many_runs_reads_the_same_values_as_the_concatenated_tensors():
+    # Prepare: tensors of 6144 and 600 elements; 4,096 coordinates in 64 runs of 64 (some overlap)
+    from fedlora.server.screen import _index
+
+    rng = np.random.default_rng(1)
+    delta = OrderedDict([("a", rng.normal(size=(12, 512))), ("b", rng.normal(size=(600,)))])
+    flat = np.concatenate([v.ravel() for v in delta.values()])
+    # Execute
+    index, total = _index(delta, 4096, b"k", 3)
+    # Assert
+    assert total == 6744 and index.size == 4096 and np.all(np.diff(index) >= 0) and index.max() < total
+    assert np.array_equal(_gather(delta, index), flat[index])
+
+
 def test_the_sample_depends_on_the_key_and_the_round_and_is_the_same_for_both():
     # Prepare: updates of 1,000 coordinates, 64 sampled
     rng = np.random.default_rng(0)
