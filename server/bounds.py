@@ -108,17 +108,18 @@ def _scaled(delta, factor: float) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, (v * np.float32(factor)).astype(v.dtype)) for k, v in delta.items())
 
 
-def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate_mean, *, view: Sample,
+def audit(received: list[Update], bounded: Bounded, kept: list[Update], aggregate, *, view: Sample,
           outliers: dict[int, str], excluded: dict[int, str] | None = None) -> dict[int, TenantAudit]:
-    """Per-tenant audit of one round: ``received`` as validated, ``kept`` as summed, ``view``
-    their sampled coordinates (:func:`fedlora.server.screen.sample`) and ``outliers`` what the
-    direction screen found (:class:`fedlora.server.screen.DirectionScreen`).
+    """Per-tenant audit of one round: ``received`` as validated, ``kept`` as summed, ``aggregate``
+    their sum (or mean: the cosine is the same), ``view`` their sampled coordinates
+    (:func:`fedlora.server.screen.sample`) and ``outliers`` what the direction screen found
+    (:class:`fedlora.server.screen.DirectionScreen`).
 
     A tenant is flagged when a bound acted on it (dropped, clipped, weight capped), when the
     aggregator left it out (``excluded``), or when the screen found its direction disagrees
     with the round's median update (dropped too under ``federation.outlier-action = drop``)."""
     excluded = excluded or {}
-    to_aggregate = view.cosine_to(aggregate_mean)
+    to_aggregate = view.cosine_to(aggregate)
     total_weight = sum(u.weight for u in kept if u.node not in excluded) or 1.0
     weights = {u.node: u.weight for u in kept}
     out = {}
